@@ -1,0 +1,284 @@
+"""The one op contract of fastfair, with several backends behind it.
+
+``cross_attention(q, k, v, *, map_tokens=None, map_keys=None, scale=None, head_reduce="sum",
+backend="auto") -> (out, maps)`` and ``soft_iou(a, b, *, top_k=0.3, ...) -> (N,)``.
+
+Backends (chosen here and nowhere else):
+
+* ``"reference"``: exact chunked PyTorch (``fastfair/kernels/naive.py``); any device.
+* ``"triton"``: fused Triton kernels (``fastfair/kernels/``); CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` when asked for by name.
+* ``"native"``: the C++/CUDA extension from ``csrc/`` when it is built.
+
+``backend="auto"`` picks triton on CUDA tensors and the reference on CPU; the environment
+variable ``FASTFAIR_BACKEND`` overrides ``auto``. Every backend implements the same row math
+(see ``naive.py``) and is wrapped here once, as a ``torch.library.custom_op`` with a fake
+implementation and a registered autograd formula, so ``torch.compile`` can trace it. Backward
+recomputes probabilities from the saved log-sum-exp: no backend keeps ``Nq x Nk``
+probabilities for autograd.
+
+This module imports neither diffusers nor transformers.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import naive
+
+__all__ = ["cross_attention", "soft_iou", "available_backends", "resolve_backend", "register_backend"]
+
+
+@dataclass
+class Backend:
+    """A backend: module path of an object exposing the naive.py functions, and a device test."""
+
+    name: str
+    module: str
+    usable: Callable[[torch.device], bool]
+    _mod: object = None
+
+    def load(self):
+        if self._mod is None:
+            self._mod = importlib.import_module(self.module)
+        return self._mod
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _native_usable(device: torch.device) -> bool:
+    try:
+        mod = importlib.import_module("fastfair.native")
+    except ImportError:
+        return False
+    return bool(getattr(mod, "usable", lambda d: False)(device))
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "fastfair.kernels.naive", lambda d: True),
+    "triton": Backend("triton", "fastfair.kernels.triton_ops", _triton_usable),
+    "native": Backend("native", "fastfair.native", _native_usable),
+}
+
+
+def register_backend(name: str, module: str, usable: Callable[[torch.device], bool]) -> None:
+    """Register a backend: ``module`` must provide naive.py's functions with the same signatures."""
+    _BACKENDS[name] = Backend(name, module, usable)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    out = []
+    for name, be in _BACKENDS.items():
+        try:
+            if be.usable(device):
+                out.append(name)
+        except Exception:  # pragma: no cover - a broken optional backend is simply unavailable
+            pass
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` (or the FASTFAIR_BACKEND override) to a concrete, usable backend name."""
+    if backend == "auto":
+        backend = os.environ.get("FASTFAIR_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        if device.type == "cuda" and _triton_usable(device):
+            return "triton"
+        return "reference"
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)} or 'auto'")
+    if not _BACKENDS[backend].usable(device):
+        hint = {
+            "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)",
+            "native": "build the extension: pip install --no-build-isolation -e . (needs cmake and a C++ compiler)",
+        }.get(backend, "")
+        raise RuntimeError(f"backend {backend!r} is not usable on {device.type} tensors: {hint}")
+    return backend
+
+
+def _mod(backend: str):
+    return _BACKENDS[backend].load()
+
+
+# --------------------------------------------------------------------------------------------
+# cross_attention as a custom op
+# --------------------------------------------------------------------------------------------
+
+def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if (t is not None and t.numel() > 0) else None
+
+
+@torch.library.custom_op("fastfair::xattn_fwd", mutates_args=())
+def _xattn_fwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], tok: Optional[Tensor],
+               scale: float, per_head: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_mod(backend).cross_attention_fwd(q, k, v, mk, tok, scale, per_head))
+
+
+@_xattn_fwd.register_fake
+def _(q, k, v, mk, tok, scale, per_head, backend):
+    B, H, Nq, _ = q.shape
+    acc = naive.acc_dtype(q, k, v, mk)
+    out = q.new_empty(B, H, Nq, v.shape[-1])
+    lse = q.new_empty(B, H, Nq, dtype=acc)
+    mlse = q.new_empty(B, H, Nq if mk is not None else 0, dtype=acc)
+    if tok is None:
+        maps = q.new_empty(0, dtype=acc)
+    else:
+        T = tok.shape[1]
+        maps = q.new_empty((B, H, T, Nq) if per_head else (B, T, Nq), dtype=acc)
+    return out, lse, mlse, maps
+
+
+@torch.library.custom_op("fastfair::xattn_bwd", mutates_args=())
+def _xattn_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], tok: Optional[Tensor],
+               scale: float, per_head: bool, backend: str, out: Tensor, lse: Tensor, mlse: Tensor,
+               dout: Optional[Tensor], dmaps: Optional[Tensor], needs: list[bool]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _mod(backend).cross_attention_bwd(q, k, v, mk, tok, scale, per_head, out, lse, _opt(mlse),
+                                              dout, dmaps, tuple(needs))
+    like = (q, k, v, mk if mk is not None else q)
+    return tuple(g if g is not None else l.new_empty(0) for g, l in zip(grads, like))
+
+
+@_xattn_bwd.register_fake
+def _(q, k, v, mk, tok, scale, per_head, backend, out, lse, mlse, dout, dmaps, needs):
+    like = (q, k, v, mk)
+    return tuple(l.new_empty(l.shape) if (n and l is not None) else q.new_empty(0) for n, l in zip(needs, like))
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, mk, tok, scale, per_head, backend = inputs
+    out, lse, mlse, maps = output
+    ctx.save_for_backward(q, k, v, mk, tok, out, lse, mlse)
+    ctx.scale, ctx.per_head, ctx.backend = scale, per_head, backend
+    ctx.has_mk = mk is not None
+
+
+def _fwd_backward(ctx, dout, dlse, dmlse, dmaps):
+    q, k, v, mk, tok, out, lse, mlse = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    if not ctx.has_mk:
+        needs[3] = False
+    if dmaps is not None and dmaps.numel() == 0:
+        dmaps = None
+    dq, dk, dv, dmk = _xattn_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, ctx.backend, out, lse, mlse,
+                                 dout, dmaps, needs)
+    pick = lambda g, n: g if n else None  # noqa: E731
+    return (pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]), pick(dmk, needs[3]),
+            None, None, None, None)
+
+
+torch.library.register_autograd("fastfair::xattn_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def _normalise_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
+    tok = torch.as_tensor(map_tokens, device=device)
+    if tok.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise TypeError(f"map_tokens must be integer key positions, got dtype {tok.dtype}")
+    if tok.dim() == 1:
+        tok = tok[None].expand(B, -1)
+    if tok.dim() != 2 or tok.shape[0] != B:
+        raise ValueError(f"map_tokens must be (T,) or (B={B}, T); got shape {tuple(tok.shape)}")
+    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= nk):
+        raise IndexError(f"map_tokens must lie in [0, {nk}) (the number of keys the maps use); "
+                         f"got values in [{int(tok.min())}, {int(tok.max())}]")
+    return tok.to(torch.int64).contiguous()
+
+
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_keys: Tensor | None = None,
+                    scale: float | None = None, head_reduce: str = "sum", backend: str = "auto"
+                    ) -> tuple[Tensor, Tensor | None]:
+    """out = softmax(q k^T scale) v, plus per-token attention maps, without materialising P.
+
+    q (B,H,Nq,D); k, v (B,H,Nk,D); ``map_tokens`` (T,) or (B,T) integer key positions;
+    ``map_keys`` (B,H,Nm,D): keys of a separate attribution prompt -- the maps' softmax then runs
+    over ``map_keys`` and ``map_tokens`` index it. ``head_reduce="sum"`` gives maps (B,T,Nq),
+    ``"none"`` gives (B,H,T,Nq). Maps are float32 (float64 for float64 inputs); ``maps`` is None
+    when no tokens are asked for. Differentiable in q, k, v and map_keys.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B,H,N,D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Nq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError("cross_attention needs at least one key")
+    if head_reduce not in ("sum", "none"):
+        raise ValueError(f"head_reduce must be 'sum' or 'none', got {head_reduce!r}")
+    if map_keys is not None:
+        if map_keys.dim() != 4 or map_keys.shape[:2] != (B, H) or map_keys.shape[3] != D:
+            raise ValueError(f"map_keys must be (B={B}, H={H}, Nm, D={D}); got {tuple(map_keys.shape)}")
+        if map_tokens is None:
+            raise ValueError("map_keys given without map_tokens: say which attribution-prompt tokens to map")
+    tok = None
+    if map_tokens is not None:
+        nk = map_keys.shape[2] if map_keys is not None else k.shape[2]
+        tok = _normalise_tokens(map_tokens, B, nk, q.device)
+    scale = naive.default_scale(D) if scale is None else float(scale)
+    name = resolve_backend(backend, q.device)
+    out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, map_keys, tok, scale, head_reduce == "none", name)
+    return out, (maps if tok is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# soft_iou
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastfair::soft_iou", mutates_args=())
+def _soft_iou_op(a: Tensor, b: Tensor, top_k: float, gamma: float, iters: int, eps: float, backend: str) -> Tensor:
+    return _mod(backend).soft_iou_fwd(a, b, None if top_k <= 0 else top_k, gamma, iters, eps)
+
+
+@_soft_iou_op.register_fake
+def _(a, b, top_k, gamma, iters, eps, backend):
+    return a.new_empty(a.shape[0])
+
+
+def _siou_setup(ctx, inputs, output):
+    a, b, top_k, gamma, iters, eps, backend = inputs
+    ctx.save_for_backward(a, b)
+    ctx.args = (None if top_k <= 0 else top_k, gamma, iters, eps)
+    ctx.backend = backend
+
+
+def _siou_backward(ctx, d):
+    a, b = ctx.saved_tensors
+    da, db = _mod(ctx.backend).soft_iou_bwd(a, b, *ctx.args, d)
+    return da, db, None, None, None, None, None
+
+
+torch.library.register_autograd("fastfair::soft_iou", _siou_backward, setup_context=_siou_setup)
+
+
+def soft_iou(a: Tensor, b: Tensor, *, top_k: float | None = 0.3, gamma: float = 0.01, iters: int = 20,
+             eps: float = 1e-8, backend: str = "auto") -> Tensor:
+    """BiasMap's differentiable SoftIoU of maps batched over a leading dimension.
+
+    a, b: (N, ...) maps (trailing dims are flattened) -> (N,). See ``naive.soft_iou``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"soft_iou needs maps of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() < 2:
+        raise ValueError(f"soft_iou expects a batch of maps (N, ...); got shape {tuple(a.shape)}")
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if not a2.is_floating_point():
+        a2, b2 = a2.float(), b2.float()
+    if top_k is not None and not 0.0 < top_k < 1.0:
+        raise ValueError(f"top_k must be in (0, 1) or None; got {top_k}")
+    name = resolve_backend(backend, a.device)
+    if name == "reference":
+        return naive.soft_iou(a2, b2, top_k, gamma, iters, eps)
+    return torch.ops.fastfair.soft_iou(a2.contiguous(), b2.contiguous(), -1.0 if top_k is None else float(top_k),
+                                       float(gamma), int(iters), float(eps), name)
