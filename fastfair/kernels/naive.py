@@ -173,7 +173,11 @@ def sinkhorn_topk_mask(x: torch.Tensor, top_k: float, gamma: float, iters: int) 
 
     The n values (uniform mass 1/n) are transported onto the two anchors {0, 1}, with mass
     (n-k)/n on 0 and k/n on 1, k = floor(top_k * n), and cost C_ij = (x_i - y_j)^2 / gamma.
-    The mask is n * Gamma[:, 1]: ~1 on the k largest values, ~0 elsewhere.
+    The mask is n * Gamma[:, 1]: ~1 on the k largest values, ~0 elsewhere. The iteration ends
+    with the row update, so every row of the plan has mass exactly 1/n and the mask lies in [0, 1].
+    BiasMap (differentiable_topk_mask) runs the same iteration on raw maps; fastfair applies it to
+    min-max-normalised maps (see soft_iou), so the mask depends on the ranking of the values, not
+    on their magnitude, and cannot overflow in half precision.
     """
     N, n = x.shape
     k = math.floor(top_k * n)
@@ -185,9 +189,9 @@ def sinkhorn_topk_mask(x: torch.Tensor, top_k: float, gamma: float, iters: int) 
     log_nu = torch.tensor([math.log((n - k) / n), math.log(k / n)], dtype=x.dtype, device=x.device)
     f = torch.zeros(N, n, dtype=x.dtype, device=x.device)
     g = torch.zeros(N, 2, dtype=x.dtype, device=x.device)
-    for _ in range(iters):
-        f = log_mu - torch.logsumexp(g[:, None, :] - cost, dim=2)
+    for _ in range(iters):  # BiasMap's order: column (anchor) update first, then rows
         g = log_nu - torch.logsumexp(f[:, :, None] - cost, dim=1)
+        f = log_mu - torch.logsumexp(g[:, None, :] - cost, dim=2)
     log_plan = f[:, :, None] + g[:, None, :] - cost
     return n * torch.exp(log_plan[..., 1])
 
