@@ -1,0 +1,309 @@
+"""``fastfair.generate``: batched generation over prompts x seeds with per-word attention maps."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import concepts, metrics
+from .maps import Aggregation, MapRecorder
+from .processors import is_patched, patch, unpatch
+
+
+class NonFiniteError(FloatingPointError):
+    """Latents, images or maps became NaN/Inf: fastfair refuses to return them."""
+
+
+def parse_seeds(seeds) -> list[int]:
+    """``[0, 1]``, ``3``, ``"0-3"`` or ``"0,2,5-7"`` -> list of ints."""
+    if isinstance(seeds, int):
+        return [seeds]
+    if isinstance(seeds, str):
+        out: list[int] = []
+        for part in seeds.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                lo, hi = int(lo), int(hi)
+                if hi < lo:
+                    raise ValueError(f"seed range {part!r} is empty (end before start)")
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        seeds = out
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seeds given; pass e.g. seeds=[0, 1] or seeds='0-3'")
+    return seeds
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _colormap(x: np.ndarray) -> np.ndarray:
+    """[0,1] -> RGB uint8 with a 'jet'-like ramp (no matplotlib needed)."""
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def overlay(image, heat: torch.Tensor, alpha: float = 0.5):
+    """Blend a min-max-normalised heat map over a PIL image."""
+    from PIL import Image
+
+    W, H = image.size
+    h = F.interpolate(heat[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    h = (h - h.min()) / (h.max() - h.min() + 1e-8)
+    rgb = _colormap(h.numpy())
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + rgb * alpha).astype(np.uint8))
+
+
+@dataclass
+class Generation:
+    """Images, final latents and per-word maps of one ``generate`` call, item by item
+    (items are prompts x seeds, prompt-major)."""
+
+    images: list
+    latents: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    prompts: list[str]
+    seeds: list[int]
+    config: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _map(self, word: str) -> torch.Tensor:
+        if word not in self.maps:
+            raise KeyError(f"no map for {word!r}; this generation has maps for {sorted(self.maps)}")
+        return self.maps[word]
+
+    def iou(self, a: str, b: str, percentile: float = 70.0) -> torch.Tensor:
+        """Per-item IoU of two words' maps, each binarised at its own percentile."""
+        return metrics.iou(self._map(a), self._map(b), percentile)
+
+    def soft_iou(self, a: str, b: str, **kwargs) -> torch.Tensor:
+        """Per-item SoftIoU of two words' maps (see ``fastfair.metrics.soft_iou``)."""
+        return metrics.soft_iou(self._map(a), self._map(b), **kwargs)
+
+    def save(self, out_dir: str | os.PathLike, overlays: bool = True) -> Path:
+        """Write images/, maps.safetensors, overlays/ and generation.json under ``out_dir``.
+        Each file is written atomically (temporary file + rename)."""
+        from safetensors.torch import save as st_save
+
+        out = Path(out_dir)
+        names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
+        for name, img in zip(names, self.images):
+            _atomic_bytes(out / "images" / f"{name}.png", _png(img))
+        if self.maps:
+            tensors = {w: m.contiguous() for w, m in self.maps.items()}
+            tensors["latents"] = self.latents.float().contiguous()
+            _atomic_bytes(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
+            if overlays:
+                for w, m in self.maps.items():
+                    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
+                    for i, (name, img) in enumerate(zip(names, self.images)):
+                        _atomic_bytes(out / "overlays" / f"{name}_{safe}.png", _png(overlay(img, m[i])))
+        meta = dict(self.config, prompts=self.prompts, seeds=self.seeds, words=list(self.maps),
+                    images=[f"images/{n}.png" for n in names])
+        _atomic_bytes(out / "generation.json", json.dumps(meta, indent=2).encode())
+        return out
+
+
+def _encode_attribution(pipe, text: str, device) -> torch.Tensor:
+    """Encoder states (1, L+2, C) of the attribution prompt: BOS, its tokens, EOS (no padding).
+    CLIP's text encoder is causal, so these equal the first L+2 positions of the padded encoding."""
+    n = len(concepts.prompt_tokens(concepts.pipeline_tokenizers(pipe)[0], text)) + 2
+    with torch.no_grad():
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            emb = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)[0]
+        else:
+            emb = pipe.encode_prompt(text, device, 1, False)[0]
+    return emb[:, :n]
+
+
+def _token_layout(pipe, texts: Sequence[str], words: Sequence[str]):
+    """Per item: key positions (B, T) and word weights (B, W, T) with a word's map = mean of its tokens."""
+    per_item = [[concepts.resolve(pipe, t, w).positions for w in words] for t in texts]
+    T = max(sum(len(p) for p in item) for item in per_item)
+    tok = torch.zeros(len(texts), T, dtype=torch.long)
+    wts = torch.zeros(len(texts), len(words), T)
+    for b, item in enumerate(per_item):
+        col = 0
+        for w, pos in enumerate(item):
+            tok[b, col:col + len(pos)] = torch.tensor(pos)
+            wts[b, w, col:col + len(pos)] = 1.0 / len(pos)
+            col += len(pos)
+    return tok, wts
+
+
+def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[str] = (),
+             attribution_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
+             height: int | None = None, width: int | None = None, batch_size: int = 8,
+             aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
+             negative_prompt: str | None = None, backend: str = "auto", progress: bool = True) -> Generation:
+    """Generate images for every (prompt, seed) and capture per-word cross-attention maps.
+
+    ``seeds=[s]`` reproduces ``pipe(prompt, generator=torch.Generator(device).manual_seed(s))``; the
+    seeds alone fix the output, whatever ``batch_size``. ``maps`` are words of each prompt (or of
+    ``attribution_prompt`` for open-vocabulary maps, e.g. "a photo of the face of a doctor and
+    gender"). ``aggregation`` is "fastfair" (default: mean attention probability over heads, all
+    layers and steps, on the latent grid), "daam" or "biasmap" (see ``fastfair.maps``).
+    ``map_steps`` restricts the maps to those denoising step indices.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    words = [w.strip() for w in (maps.split(",") if isinstance(maps, str) else maps) if w.strip()]
+    if len(set(words)) != len(words):
+        raise ValueError(f"duplicate words in maps={words}")
+    seeds = parse_seeds(seeds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    agg = Aggregation.get(aggregation)
+    tokenizer = concepts.pipeline_tokenizers(pipe)[0]
+    for p in prompts:
+        concepts.prompt_tokens(tokenizer, p)  # length check up front, before any work
+    attr = None
+    if attribution_prompt is not None:
+        attr = [attribution_prompt] * len(prompts) if isinstance(attribution_prompt, str) else list(attribution_prompt)
+        if len(attr) != len(prompts):
+            raise ValueError(f"{len(attr)} attribution prompts for {len(prompts)} prompts; give one, or one per prompt")
+        if not words:
+            raise ValueError("attribution_prompt given but no maps= words to map")
+
+    device = pipe.device
+    vsf = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * vsf
+    width = width or pipe.unet.config.sample_size * vsf
+    if height % vsf or width % vsf:
+        raise ValueError(f"height and width must be multiples of the VAE scale factor {vsf}; got {height}x{width}")
+    latent_hw = (height // vsf, width // vsf)
+    if agg.name == "daam":
+        daam_hw = 4096 if pipe.unet.config.sample_size * vsf in (512, 1024) else 9216
+    else:
+        daam_hw = 4096
+
+    items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
+    # resolve every word once per distinct text, before generating anything
+    texts = attr if attr is not None else prompts
+    layouts = {t: _token_layout(pipe, [t], words) for t in set(texts)} if words else {}
+    attr_states = {t: _encode_attribution(pipe, t, device) for t in set(attr)} if attr is not None else {}
+
+    we_patched = False
+    if words and not is_patched(pipe):
+        patch(pipe, backend=backend)
+        we_patched = True
+    elif words:
+        pipe._fastfair.backend = backend
+    saved_pb = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.set_progress_bar_config(disable=True)
+    images, latents_out, map_chunks = [], [], []
+    bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            lat = torch.cat([_initial_latents(pipe, s, latent_hw, device) for _, s in chunk])
+            rec = None
+            if words:
+                lay = [layouts[texts[pi]] for pi, _ in chunk]
+                T = max(t.shape[1] for t, _ in lay)  # pad with key 0 at weight 0
+                tok = torch.stack([F.pad(t[0], (0, T - t.shape[1])) for t, _ in lay])
+                wts = torch.stack([F.pad(w[0], (0, T - w.shape[2])) for _, w in lay])
+                ms = torch.cat([attr_states[attr[pi]] for pi, _ in chunk]) if attr is not None else None
+                rec = MapRecorder(tok.to(device), len(chunk), latent_hw, agg, map_states=ms,
+                                  steps=frozenset(map_steps) if map_steps is not None else None,
+                                  daam_latent_hw=daam_hw)
+                pipe._fastfair.recorder = rec
+            final = {}
+
+            def on_step_end(_pipe, i, t, kw, _chunk=chunk, _rec=rec, _final=final):
+                x = kw["latents"]
+                bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+                if bad.any():
+                    who = [f"{prompts[_chunk[j][0]]!r} seed {_chunk[j][1]}" for j in bad.nonzero().flatten().tolist()]
+                    raise NonFiniteError(f"latents became non-finite at step {i} for {who}; try float32 "
+                                         "(dtype=torch.float32) or a smaller guidance_scale")
+                _final["latents"] = x.detach()
+                if _rec is not None:
+                    _rec.step = i + 1
+                return {}
+
+            kwargs = dict(prompt=[prompts[pi] for pi, _ in chunk], latents=lat, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, height=height, width=width, output_type="pt",
+                          callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+            if negative_prompt is not None:
+                kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+            with torch.no_grad():
+                out = pipe(**kwargs)
+            imgs = out.images
+            bad = ~torch.isfinite(imgs.reshape(imgs.shape[0], -1)).all(1)
+            if bad.any():
+                raise NonFiniteError(f"decoded images are NaN/Inf for items {bad.nonzero().flatten().tolist()} "
+                                     "(a half-precision VAE overflow?); use float32 or upcast the VAE")
+            images.extend(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(imgs)))
+            latents_out.append(final.get("latents", lat).float().cpu())
+            if rec is not None:
+                m = rec.finalize()  # (B, T, h, w)
+                wm = torch.einsum("bkt,btyx->bkyx", wts.to(m.device, m.dtype), m).float().cpu()
+                if not torch.isfinite(wm).all():
+                    raise NonFiniteError("attention maps are non-finite; use float32")
+                map_chunks.append(wm)
+                pipe._fastfair.recorder = None
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if words:
+            pipe._fastfair.recorder = None
+        if we_patched:
+            unpatch(pipe)
+        pipe.set_progress_bar_config(**saved_pb)
+    word_maps = {}
+    if words:
+        allm = torch.cat(map_chunks)
+        word_maps = {w: allm[:, i].contiguous() for i, w in enumerate(words)}
+    config = dict(steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                  aggregation=agg.name, attribution_prompt=attribution_prompt, map_steps=map_steps,
+                  negative_prompt=negative_prompt, pipeline=type(pipe).__name__)
+    return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
+                      prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config)
+
+
+def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:
+    """The latents ``pipe(..., generator=torch.Generator(device).manual_seed(seed))`` would draw."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    g = torch.Generator(device).manual_seed(seed)
+    shape = (1, pipe.unet.config.in_channels, latent_hw[0], latent_hw[1])
+    return randn_tensor(shape, generator=g, device=device, dtype=pipe.unet.dtype)

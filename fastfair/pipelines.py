@@ -1,0 +1,203 @@
+"""Load diffusers pipelines: offline tiny presets built in code, or anything ``from_pretrained`` takes.
+
+Presets (random weights, deterministic from ``seed``, real CLIP BPE tokenizer, DDIM with SD betas):
+
+* ``"tiny-sd"``: a small StableDiffusionPipeline (cross-attention at 16x16, 8x8 and a 4x4 mid block
+  for a 16x16 latent; VAE scale factor 8, so 128x128 images).
+* ``"tiny-sdxl"``: a small StableDiffusionXLPipeline with two text encoders.
+* ``"sd15-shaped"``: SD1.5's UNet topology with narrow channels: 16 cross-attention layers at query
+  lengths 4096x5, 1024x5, 256x5 and 64x1 for a 64x64 latent, 8 heads, VAE scale factor 8.
+
+Presets are built once, saved with ``save_pretrained`` under the cache folder
+(``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``) with an atomic rename, and always loaded back
+through ``from_pretrained`` -- the same path a real model takes. Any other name goes unchanged to
+``diffusers.DiffusionPipeline.from_pretrained`` (a hub id or a local folder).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+PRESETS = ("tiny-sd", "tiny-sdxl", "sd15-shaped")
+_PRESET_VERSION = "v1"
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTFAIR_CACHE", Path.home() / ".cache" / "fastfair"))
+
+
+# --------------------------------------------------------------------------------------------
+# The CLIP tokenizer from the shipped BPE vocabulary
+# --------------------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def tokenizer_files() -> tuple[str, str]:
+    """Write vocab.json and merges.txt (once, into the cache) from the shipped BPE file."""
+    out = cache_dir() / "clip-bpe"
+    vocab_p, merges_p = out / "vocab.json", out / "merges.txt"
+    if vocab_p.exists() and merges_p.exists():
+        return str(vocab_p), str(merges_p)
+    src = resources.files("fastfair") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    with src.open("rb") as fh:
+        lines = gzip.decompress(fh.read()).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    os.replace(tmp / "vocab.json", vocab_p)
+    os.replace(tmp / "merges.txt", merges_p)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(vocab_p), str(merges_p)
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """An offline CLIPTokenizer with SD's vocabulary (49,408 tokens, max length 77)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_files()
+    return CLIPTokenizer(vocab, merges, model_max_length=77, pad_token=pad_token,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+def _text_encoder(hidden: int, seed: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407, projection_dim=projection or hidden, hidden_act="quick_gelu")
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _vae(channels: tuple[int, ...], seed: int, latent_channels: int = 4, groups: int = 8):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=channels, layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=groups, sample_size=32).eval()
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_SCHEDULER)
+
+
+def _build(name: str, seed: int):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if name == "tiny-sd":
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16).eval()
+        return StableDiffusionPipeline(vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(32, seed + 3),
+                                       tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name == "sd15-shaped":
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128, 128),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16).eval()
+        return StableDiffusionPipeline(vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(64, seed + 3),
+                                       tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name == "tiny-sdxl":
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=16).eval()
+        return StableDiffusionXLPipeline(
+            vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(32, seed + 3), tokenizer=clip_tokenizer(),
+            text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
+            unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
+    raise KeyError(name)
+
+
+def preset_path(name: str, seed: int = 0) -> Path:
+    return cache_dir() / "pipelines" / f"{name}-seed{seed}-{_PRESET_VERSION}"
+
+
+def build_preset(name: str, seed: int = 0) -> Path:
+    """Build preset ``name`` (if not cached) and return the folder it is saved in."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {PRESETS}")
+    path = preset_path(name, seed)
+    if (path / "model_index.json").exists():
+        return path
+    pipe = _build(name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.replace(tmp, path)  # atomic; loses the race harmlessly if another process won
+        except OSError:
+            if not (path / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                  seed: int = 0, **kwargs):
+    """A diffusers pipeline by preset name (offline, see module doc), hub id or local path."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+    source = build_preset(name, seed) if name in PRESETS else name
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype or torch.float32, **kwargs)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"could not load pipeline {name!r}: {e}\n(offline presets: {', '.join(PRESETS)}; "
+                               f"or pass a local folder saved with save_pretrained)") from e
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
