@@ -191,7 +191,11 @@ def _normalise_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
         tok = tok[None].expand(B, -1)
     if tok.dim() != 2 or tok.shape[0] != B:
         raise ValueError(f"map_tokens must be (T,) or (B={B}, T); got shape {tuple(tok.shape)}")
-    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= nk):
+    if not tok.numel() or torch.compiler.is_compiling():
+        pass
+    elif tok.device.type != "cpu":  # device-side check: no host sync in the denoising loop
+        torch._assert_async(((tok >= 0) & (tok < nk)).all(), "map_tokens out of range")
+    elif int(tok.min()) < 0 or int(tok.max()) >= nk:
         raise IndexError(f"map_tokens must lie in [0, {nk}) (the number of keys the maps use); "
                          f"got values in [{int(tok.min())}, {int(tok.max())}]")
     return tok.to(torch.int64).contiguous()

@@ -1,0 +1,48 @@
+import pytest
+
+from fastfair import concepts
+from fastfair.pipelines import clip_tokenizer
+
+
+def test_tokenizer_ids_match_stable_diffusion():
+    tok = clip_tokenizer()
+    assert tok("a photo of a female doctor").input_ids == [49406, 320, 1125, 539, 320, 3970, 5547, 49407]
+    assert len(tok) == 49408
+
+
+def test_subword_words_merge():
+    tok = clip_tokenizer()
+    assert concepts.resolve([tok], "a photo of a janitor", "janitor").positions == (5, 6)  # jan + itor
+    c = concepts.resolve([tok], "an African-American doctor", "African-American")
+    assert c.positions == (2, 3, 4)
+    assert concepts.resolve([tok], "a doctor and a nurse", "a").positions == (1, 4)  # every occurrence, not "and"
+
+
+def test_word_not_in_prompt_lists_tokens():
+    with pytest.raises(concepts.ConceptError, match=r"1:a 2:photo 3:of 4:a 5:doctor"):
+        concepts.resolve([clip_tokenizer()], "a photo of a doctor", "nurse")
+
+
+def test_prompt_too_long():
+    with pytest.raises(concepts.ConceptError, match="limit of 77"):
+        concepts.resolve([clip_tokenizer()], "doctor " * 80, "doctor")
+
+
+def test_sdxl_resolves_through_both_tokenizers(tiny_sdxl):
+    assert len(concepts.pipeline_tokenizers(tiny_sdxl)) == 2
+    assert concepts.resolve(tiny_sdxl, "a photo of a janitor", "janitor").positions == (5, 6)
+
+
+def test_tokenizers_that_disagree_are_an_error():
+    class Shifted:
+        model_max_length = 77
+
+        def tokenize(self, text):
+            return ["x</w>"] + clip_tokenizer().tokenize(text) if " " in text else clip_tokenizer().tokenize(text)
+
+    with pytest.raises(concepts.ConceptError, match="disagree"):
+        concepts.resolve([clip_tokenizer(), Shifted()], "a photo of a doctor", "doctor")
+
+
+def test_eos_position():
+    assert concepts.eos_position(clip_tokenizer(), "a photo of a janitor") == 7

@@ -1,0 +1,240 @@
+"""The engine on tiny pipelines: patching, maps against an independent recorder, determinism, errors."""
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastfair
+from fastfair.generation import NonFiniteError
+from fastfair.processors import FastFairCrossAttnProcessor, PatchError
+
+PROMPT = "a photo of the face of a doctor"
+
+
+def pil_float(img):
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+class RecordingProcessor:
+    """Independent reference: diffusers' explicit baddbmm+softmax attention, keeping the probabilities."""
+
+    def __init__(self, name, store):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        batch = hidden_states.shape[0]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (batch*heads, Nq, Nk)
+        self.store.append((self.name, probs.reshape(batch, attn.heads, *probs.shape[1:]).detach().double()))
+        h = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](h))
+
+
+def reference_maps(pipe, prompt, seed, steps, positions, blocks=("down", "mid", "up")):
+    """Mean over heads, layers and steps of cond-branch probabilities, bilinearly upsampled."""
+    store = []
+    mods = fastfair.processors.cross_attention_modules(pipe.unet)
+    saved = {n: m.processor for n, m in mods.items()}
+    for n, m in mods.items():
+        m.set_processor(RecordingProcessor(n, store))
+    try:
+        pipe(prompt, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+    finally:
+        for n, m in mods.items():
+            m.set_processor(saved[n])
+    H = W = pipe.unet.config.sample_size
+    total, count = 0, 0
+    for name, p in store:
+        if name.split("_")[0] not in blocks:
+            continue
+        cond = p[p.shape[0] // 2:]  # CFG batch is [uncond, cond]
+        heads, nq = cond.shape[1], cond.shape[2]
+        s = int(round((H * W / nq) ** 0.5))
+        m = cond[..., list(positions)].mean(-1).sum(1).reshape(-1, 1, H // s, W // s)
+        total = total + F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        count += heads
+    return total / count
+
+
+def test_no_maps_equals_plain_pipeline(tiny_sd):
+    ref = tiny_sd(PROMPT, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(7), output_type="np").images
+    fastfair.patch(tiny_sd)
+    try:
+        patched = tiny_sd(PROMPT, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(7),
+                          output_type="np").images
+    finally:
+        fastfair.unpatch(tiny_sd)
+    assert np.abs(patched - ref).max() <= 1e-5
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[7], steps=3, progress=False)
+    assert np.abs(pil_float(gen.images[0]) - ref[0]).max() <= 1.0 / 255 + 1e-6  # PIL rounding only
+
+
+def test_maps_match_independent_recorder_and_images_unchanged(tiny_sd):
+    ref_img = tiny_sd(PROMPT, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(1),
+                      output_type="np").images
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[1], steps=3, maps=["doctor", "face"], progress=False)
+    assert np.abs(pil_float(gen.images[0]) - ref_img[0]).max() <= 1.0 / 255 + 1e-4
+    for word, pos in (("doctor", (8,)), ("face", (5,))):
+        expect = reference_maps(tiny_sd, PROMPT, 1, 3, pos)
+        torch.testing.assert_close(gen.maps[word].double(), expect, rtol=1e-4, atol=1e-6)
+    assert gen.maps["doctor"].dtype == torch.float32
+
+
+def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd):
+    attr = "a photo of the face of a doctor and gender"
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[2], steps=2, maps=["gender"], attribution_prompt=attr,
+                            aggregation="biasmap", progress=False)
+    # independent: queries of the uncond branch against the attribution prompt's keys (no padding), summed
+    n = len(tiny_sd.tokenizer.tokenize(attr)) + 2
+    emb = tiny_sd.encode_prompt(attr, "cpu", 1, False)[0][:, :n]
+    qs = []
+    mods = fastfair.processors.cross_attention_modules(tiny_sd.unet)
+
+    def hook(name):
+        def f(mod, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            qs.append((name, mod, hs[:1].detach()))
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(nm), with_kwargs=True) for nm, m in mods.items()]
+    try:
+        tiny_sd(PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(2), output_type="latent")
+    finally:
+        for h in handles:
+            h.remove()
+    H = tiny_sd.unet.config.sample_size
+    total = 0
+    pos = n - 2  # "gender" is the last word
+    for name, mod, hs in qs:
+        if name.startswith("mid"):
+            continue
+        q = mod.head_to_batch_dim(mod.to_q(hs)).double()
+        k = mod.head_to_batch_dim(mod.to_k(emb)).double()
+        p = torch.softmax(q @ k.transpose(1, 2) * mod.scale, -1)[..., pos].sum(0)
+        s = int(round((H * H / p.numel()) ** 0.5))
+        total = total + F.interpolate(p.reshape(1, 1, H // s, H // s), size=(H, H), mode="bilinear",
+                                      align_corners=False)[0, 0]
+    torch.testing.assert_close(gen.maps["gender"][0].double(), total, rtol=1e-4, atol=1e-5)
+
+
+def test_seed_determinism_across_batch_sizes(tiny_sd):
+    a = fastfair.generate(tiny_sd, [PROMPT, "a photo of a nurse"], seeds=[0, 1, 2], steps=2, maps=["a"],
+                          batch_size=1, progress=False)
+    b = fastfair.generate(tiny_sd, [PROMPT, "a photo of a nurse"], seeds=[0, 1, 2], steps=2, maps=["a"],
+                          batch_size=4, progress=False)
+    assert a.seeds == b.seeds == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.maps["a"], b.maps["a"], rtol=1e-4, atol=1e-6)
+
+
+def test_seed_equals_diffusers_generator_convention(tiny_sd):
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[11], steps=2, progress=False)
+    out = tiny_sd(PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(11), output_type="latent")
+    torch.testing.assert_close(gen.latents, out.images, rtol=0, atol=1e-5)
+
+
+def test_unpatch_restores_exact_processors_including_custom(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    mods = fastfair.processors.cross_attention_modules(tiny_sd.unet)
+    first = next(iter(mods))
+    before = {n: m.processor for n, m in mods.items()}
+    self_before = {n: m.processor for n, m in tiny_sd.unet.named_modules() if n.endswith("attn1")}
+    fastfair.patch(tiny_sd)
+    assert all(isinstance(m.processor, FastFairCrossAttnProcessor) for m in mods.values())
+    assert all(m.processor is self_before[n] for n, m in tiny_sd.unet.named_modules() if n.endswith("attn1"))
+    fastfair.unpatch(tiny_sd)
+    assert all(m.processor is before[n] for n, m in mods.items())
+    # a user's custom processor: refused, or replaced with force=True and restored exactly
+    custom = RecordingProcessor(first, [])
+    mods[first].set_processor(custom)
+    try:
+        with pytest.raises(PatchError, match="custom processor"):
+            fastfair.patch(tiny_sd)
+        fastfair.patch(tiny_sd, force=True)
+        fastfair.unpatch(tiny_sd)
+        assert mods[first].processor is custom
+    finally:
+        mods[first].set_processor(before[first] if not isinstance(before[first], AttnProcessor) else AttnProcessor())
+
+
+def test_pipeline_without_cross_attention():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                mid_block_type=None, cross_attention_dim=8, norm_num_groups=8)
+    with pytest.raises(PatchError, match="no cross-attention"):
+        fastfair.patch(types.SimpleNamespace(unet=unet))
+    with pytest.raises(PatchError, match="no UNet"):
+        fastfair.patch(types.SimpleNamespace())
+
+
+def test_word_not_in_prompt_and_long_prompt(tiny_sd):
+    with pytest.raises(ValueError, match="not in the prompt"):
+        fastfair.generate(tiny_sd, PROMPT, seeds=[0], maps=["nurse"], progress=False)
+    with pytest.raises(ValueError, match="limit of 77"):
+        fastfair.generate(tiny_sd, "doctor " * 100, seeds=[0], progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        fastfair.generate(tiny_sd, PROMPT, seeds=[], progress=False)
+
+
+def test_non_finite_latents_raise(tiny_sd):
+    w = tiny_sd.unet.conv_out.bias
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.fill_(float("nan"))
+    try:
+        with pytest.raises(NonFiniteError, match="non-finite at step 0"):
+            fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=2, maps=["doctor"], progress=False)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert not fastfair.processors.is_patched(tiny_sd)  # cleaned up after the error
+
+
+def test_sdxl_generate_with_maps(tiny_sdxl):
+    gen = fastfair.generate(tiny_sdxl, "a photo of an African-American janitor", seeds=[0, 1], steps=2,
+                            maps=["african-american", "janitor"], progress=False)
+    assert gen.maps["janitor"].shape == (2, 16, 16)
+    assert torch.isfinite(gen.maps["janitor"]).all() and (gen.maps["janitor"] > 0).all()
+    iou = gen.iou("african-american", "janitor")
+    assert iou.shape == (2,) and ((iou >= 0) & (iou <= 1)).all()
+
+
+def test_save_and_reload(tiny_sd, tmp_path):
+    from safetensors.torch import load_file
+
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[0, 1], steps=2, maps=["doctor", "face"], progress=False)
+    out = gen.save(tmp_path / "run")
+    maps = load_file(out / "maps.safetensors")
+    torch.testing.assert_close(maps["doctor"], gen.maps["doctor"])
+    assert len(list((out / "images").glob("*.png"))) == 2
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+
+
+def test_from_pretrained_of_a_saved_tiny_pipeline(tiny_sd, tmp_path):
+    tiny_sd.save_pretrained(tmp_path / "saved")
+    pipe = fastfair.load_pipeline(str(tmp_path / "saved"))
+    a = fastfair.generate(pipe, PROMPT, seeds=[3], steps=2, progress=False)
+    b = fastfair.generate(tiny_sd, PROMPT, seeds=[3], steps=2, progress=False)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="offline presets"):
+        fastfair.load_pipeline(str(tmp_path / "does-not-exist"))
+
+
+def test_cli_generate(tmp_path, capsys):
+    from fastfair.cli import main
+
+    rc = main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--maps", "doctor,face", "--seeds", "0-1",
+               "--steps", "2", "--out", str(tmp_path / "cli"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "IoU(doctor,face)" in out and len((tmp_path / "cli" / "images").glob("*.png").__iter__().__next__().name) > 0
+    assert main(["generate", "--prompt", "a doctor", "--maps", "nurse", "--out", str(tmp_path / "bad")]) == 1
+    assert "not in the prompt" in capsys.readouterr().err

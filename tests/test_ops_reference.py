@@ -1,0 +1,135 @@
+"""The reference backend of fastfair.ops against an explicit float64 softmax (independent of naive.py)."""
+import pytest
+import torch
+
+from fastfair import ops
+
+
+def explicit(q, k, v, tok, mk=None, scale=None, per_head=False):
+    """Textbook attention in float64 with torch autograd: the independent reference."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    out = p @ v
+    pm = p if mk is None else torch.softmax(q @ mk.transpose(-1, -2) * scale, dim=-1)
+    B, H = q.shape[:2]
+    sel = torch.stack([pm[b][:, :, tok[b]] for b in range(B)])  # (B,H,Nq,T)
+    sel = sel.transpose(-1, -2)
+    return out, (sel if per_head else sel.sum(1))
+
+
+SHAPES = [  # B, H, Nq, Nk, D, T
+    (1, 1, 1, 1, 8, 1), (2, 3, 17, 7, 40, 2), (1, 2, 65, 77, 80, 3), (2, 1, 33, 154, 160, 4),
+    (1, 2, 9, 300, 16, 5), (3, 2, 31, 128, 64, 1),
+]
+
+
+@pytest.mark.parametrize("B,H,Nq,Nk,D,T", SHAPES)
+@pytest.mark.parametrize("mode", ["plain", "per_batch_tokens", "map_keys", "per_head"])
+def test_forward_and_backward_match_explicit_float64(B, H, Nq, Nk, D, T, mode):
+    g = torch.Generator().manual_seed(Nq * 1000 + Nk)
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(B, H, Nq, D, generator=g, **f64, requires_grad=True)
+    k = torch.randn(B, H, Nk, D, generator=g, **f64, requires_grad=True)
+    v = torch.randn(B, H, Nk, D, generator=g, **f64, requires_grad=True)
+    mk = None
+    nkeys = Nk
+    if mode == "map_keys":
+        mk = torch.randn(B, H, 6, D, generator=g, **f64, requires_grad=True)
+        nkeys = 6
+    if mode == "per_batch_tokens":
+        tok = torch.randint(0, nkeys, (B, T), generator=g)
+    else:
+        tok = torch.randint(0, nkeys, (T,), generator=g)
+    tok_b = tok if tok.dim() == 2 else tok[None].expand(B, -1)
+    per_head = mode == "per_head"
+    out, maps = ops.cross_attention(q, k, v, map_tokens=tok, map_keys=mk, head_reduce="none" if per_head else "sum",
+                                    backend="reference")
+    eout, emaps = explicit(q, k, v, tok_b, mk, per_head=per_head)
+    torch.testing.assert_close(out, eout, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maps, emaps, rtol=1e-10, atol=1e-12)
+    # backward through out and maps together vs autograd of the explicit formula
+    wo = torch.randn_like(out)
+    wm = torch.randn_like(maps)
+    inputs = [q, k, v] + ([mk] if mk is not None else [])
+    got = torch.autograd.grad((out * wo).sum() + (maps * wm).sum(), inputs)
+    exp = torch.autograd.grad((eout * wo).sum() + (emaps * wm).sum(), inputs)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_chunking_never_changes_results():
+    from fastfair.kernels import naive
+
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (50, 5, 5))
+    tok = torch.tensor([[1, 3]])
+    a = naive.cross_attention_fwd(q, k, v, None, tok, 0.3, False, chunk=7)
+    b = naive.cross_attention_fwd(q, k, v, None, tok, 0.3, False, chunk=1024)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_gradcheck_small():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    mk = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    tok = torch.tensor([[0, 2], [1, 1]])
+    assert torch.autograd.gradcheck(lambda *a: ops.cross_attention(*a, map_tokens=tok, backend="reference"), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, mk: ops.cross_attention(q, k, v, map_tokens=tok, map_keys=mk, backend="reference"), (q, k, v, mk))
+
+
+def test_no_maps_matches_sdpa_and_half_inputs():
+    q, k, v = (torch.randn(2, 4, n, 40) for n in (64, 77, 77))
+    out, maps = ops.cross_attention(q, k, v)
+    assert maps is None
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    for dt in (torch.float16, torch.bfloat16):
+        o, m = ops.cross_attention(q.to(dt), k.to(dt), v.to(dt), map_tokens=[1, 2])
+        assert o.dtype == dt and m.dtype == torch.float32
+        eo, em = explicit(q.double(), k.double(), v.double(), torch.tensor([[1, 2]] * 2))
+        tol = 1e-2 if dt == torch.float16 else 5e-2
+        torch.testing.assert_close(m.double(), em, rtol=tol, atol=tol)
+
+
+def test_maps_of_all_keys_sum_to_heads():
+    q, k, v = (torch.randn(1, 3, n, 8) for n in (10, 6, 6))
+    _, maps = ops.cross_attention(q, k, v, map_tokens=torch.arange(6))
+    torch.testing.assert_close(maps.sum(1), torch.full((1, 10), 3.0))
+
+
+@pytest.mark.parametrize("kwargs,err", [
+    (dict(map_tokens=[0, 9]), IndexError),
+    (dict(map_tokens=[[0], [1], [2]]), ValueError),
+    (dict(map_tokens=[0.5]), TypeError),
+    (dict(head_reduce="mean", map_tokens=[0]), ValueError),
+    (dict(backend="cuda-magic"), ValueError),
+])
+def test_bad_input(kwargs, err):
+    q, k, v = (torch.randn(2, 1, n, 4) for n in (3, 5, 5))
+    with pytest.raises(err):
+        ops.cross_attention(q, k, v, **kwargs)
+
+
+def test_map_keys_without_tokens_is_an_error():
+    q, k, v = (torch.randn(1, 1, n, 4) for n in (3, 5, 5))
+    with pytest.raises(ValueError, match="map_tokens"):
+        ops.cross_attention(q, k, v, map_keys=torch.randn(1, 1, 2, 4))
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("FASTFAIR_BACKEND", "reference")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTFAIR_BACKEND", "nonsense")
+    with pytest.raises(ValueError):
+        ops.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_torch_compile_traces_the_custom_op():
+    q, k, v = (torch.randn(1, 2, n, 8) for n in (12, 5, 5))
+    f = torch.compile(lambda q, k, v: ops.cross_attention(q, k, v, map_tokens=[1, 3], backend="reference"),
+                      backend="eager", fullgraph=True)
+    o, m = f(q, k, v)
+    eo, em = explicit(q.double(), k.double(), v.double(), torch.tensor([[1, 3]]))
+    torch.testing.assert_close(m.double(), em, rtol=1e-5, atol=1e-6)
