@@ -3,7 +3,7 @@
 What it compares: the peak resident-set growth during one generation (64x64 latent, CFG, batch 1),
 for (a) the unpatched pipeline, (b) fastfair.generate with maps for 4 words, (c) DAAM 0.2.0's trace
 when daam is installed. Each mode runs in a fresh subprocess; the kernel's high-water mark (VmHWM)
-is reset after loading and a warm-up step, so the number is the growth caused by generation itself.
+is reset after loading and a one-step warm-up run of the same mode, so the number is the growth caused by generation itself.
 
     python bench/memory_sd15.py [--steps 10]
 """
@@ -34,24 +34,28 @@ def child(mode: str, steps: int) -> None:
 
     torch.set_num_threads(2)
     pipe = fastfair.load_pipeline("sd15-shaped")
-    pipe(PROMPT, num_inference_steps=1, output_type="latent")  # warm-up allocations
+
+    def run(steps: int) -> None:
+        g = torch.Generator("cpu").manual_seed(0)
+        if mode == "plain":
+            with torch.no_grad():
+                pipe(PROMPT, num_inference_steps=steps, generator=g)
+        elif mode == "fastfair":
+            fastfair.generate(pipe, PROMPT, seeds=[0], steps=steps, maps=WORDS, progress=False)
+        elif mode == "daam":
+            import daam
+
+            with torch.no_grad(), daam.trace(pipe) as tc:
+                pipe(PROMPT, num_inference_steps=steps, generator=g)
+                hm = tc.compute_global_heat_map()
+                [hm.compute_word_heat_map(w) for w in WORDS]
+
+    run(1)  # warm-up of the same code path: first-use imports and allocator pools are not counted
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM
     base = _rss_kb("VmRSS")
-    g = torch.Generator("cpu").manual_seed(0)
-    if mode == "plain":
-        with torch.no_grad():
-            pipe(PROMPT, num_inference_steps=steps, generator=g)
-    elif mode == "fastfair":
-        fastfair.generate(pipe, PROMPT, seeds=[0], steps=steps, maps=WORDS, progress=False)
-    elif mode == "daam":
-        import daam
-
-        with torch.no_grad(), daam.trace(pipe) as tc:
-            pipe(PROMPT, num_inference_steps=steps, generator=g)
-            hm = tc.compute_global_heat_map()
-            [hm.compute_word_heat_map(w) for w in WORDS]
+    run(steps)
     peak = _rss_kb("VmHWM")
     print(json.dumps({"mode": mode, "base_mb": base / 1024, "peak_growth_mb": (peak - base) / 1024}))
 

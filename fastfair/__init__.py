@@ -17,8 +17,9 @@ _LAZY = {
     "Generation": "fastfair.generation",
     "Aggregation": "fastfair.maps",
     "resolve": "fastfair.concepts",
+    "EntanglementGuidance": "fastfair.guidance",
 }
-_SUBMODULES = {"generation", "ops", "metrics", "concepts", "maps", "processors", "pipelines", "kernels", "cli"}
+_SUBMODULES = {"generation", "guidance", "ops", "metrics", "concepts", "maps", "processors", "pipelines", "kernels", "cli"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -30,6 +30,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--backend", default="auto", help="auto, reference, triton or native")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--guide", default=None, metavar="SEM:DEM[,SEM:DEM]",
+                   help="entanglement guidance (BiasMap), e.g. doctor:gender; uses --attribution-prompt if given")
+    p.add_argument("--guide-scale", type=float, default=100.0)
+    p.add_argument("--guide-max-grad-norm", type=float, default=1.0)
+    p.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
 
@@ -47,11 +52,18 @@ def _generate(args) -> int:
     tlog.set_verbosity_error()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    guidance = None
+    if args.guide:
+        from .guidance import EntanglementGuidance
+
+        guidance = EntanglementGuidance.parse(args.guide, attribution_prompt=args.attribution_prompt,
+                                              scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
+                                              on_large_grad=args.guide_on_large_grad)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
     gen = generate(pipe, args.prompt, seeds=args.seeds, maps=args.maps, attribution_prompt=args.attribution_prompt,
                    steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                    batch_size=args.batch_size, aggregation=args.aggregation, backend=args.backend,
-                   progress=not args.no_progress)
+                   guidance=guidance, progress=not args.no_progress)
     out = gen.save(args.out)
     words = list(gen.maps)
     pairs = list(itertools.combinations(words, 2))
@@ -61,6 +73,10 @@ def _generate(args) -> int:
         print("\t".join(head))
         for i in range(len(gen)):
             print("\t".join([str(i), str(gen.seeds[i]), gen.prompts[i]] + [f"{float(v[i]):.4f}" for v in ious]))
+    if gen.diagnostics:
+        d = gen.diagnostics
+        print(f"guidance: {int(d['applied'].sum())} of {d['applied'].numel()} image-steps updated, "
+              f"{int(d['nonfinite'].sum())} non-finite; energy {d['energy'][0].mean():.4f} -> {d['energy'][-1].mean():.4f}")
     print(f"wrote {len(gen)} images{', maps and overlays' if words else ''} to {out}")
     return 0
 

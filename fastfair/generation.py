@@ -97,6 +97,7 @@ class Generation:
     prompts: list[str]
     seeds: list[int]
     config: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # guidance: (steps, N) tensors per key
 
     def __len__(self) -> int:
         return len(self.images)
@@ -170,7 +171,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
              attribution_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, batch_size: int = 8,
              aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
-             negative_prompt: str | None = None, backend: str = "auto", progress: bool = True) -> Generation:
+             negative_prompt: str | None = None, backend: str = "auto", guidance=None,
+             progress: bool = True) -> Generation:
     """Generate images for every (prompt, seed) and capture per-word cross-attention maps.
 
     ``seeds=[s]`` reproduces ``pipe(prompt, generator=torch.Generator(device).manual_seed(s))``; the
@@ -178,7 +180,9 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     ``attribution_prompt`` for open-vocabulary maps, e.g. "a photo of the face of a doctor and
     gender"). ``aggregation`` is "fastfair" (default: mean attention probability over heads, all
     layers and steps, on the latent grid), "daam" or "biasmap" (see ``fastfair.maps``).
-    ``map_steps`` restricts the maps to those denoising step indices.
+    ``map_steps`` restricts the maps to those denoising step indices. ``guidance`` takes a
+    ``fastfair.EntanglementGuidance`` (BiasMap's energy guidance); its per-step diagnostics land in
+    ``Generation.diagnostics``.
     """
     from tqdm.auto import tqdm
 
@@ -220,16 +224,27 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     texts = attr if attr is not None else prompts
     layouts = {t: _token_layout(pipe, [t], words) for t in set(texts)} if words else {}
     attr_states = {t: _encode_attribution(pipe, t, device) for t in set(attr)} if attr is not None else {}
+    if guidance is not None:
+        from .guidance import check_scheduler
 
+        check_scheduler(pipe.scheduler)
+        gwords = guidance.words
+        gtexts = [guidance.attribution_prompt] * len(prompts) if guidance.attribution_prompt else prompts
+        glayouts = {t: _token_layout(pipe, [t], gwords) for t in set(gtexts)}
+        gstates = (_encode_attribution(pipe, guidance.attribution_prompt, device)
+                   if guidance.attribution_prompt else None)
+        gpairs = [(gwords.index(a), gwords.index(b)) for a, b in guidance.pairs]
+
+    needs_patch = bool(words) or guidance is not None
     we_patched = False
-    if words and not is_patched(pipe):
+    if needs_patch and not is_patched(pipe):
         patch(pipe, backend=backend)
         we_patched = True
-    elif words:
+    elif needs_patch:
         pipe._fastfair.backend = backend
     saved_pb = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
-    images, latents_out, map_chunks = [], [], []
+    images, latents_out, map_chunks, diag_chunks = [], [], [], []
     bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
     try:
         for start in range(0, len(items), batch_size):
@@ -265,8 +280,24 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                           callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
             if negative_prompt is not None:
                 kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+            guider = None
+            if guidance is not None:
+                from .guidance import Guider
+
+                lay = [glayouts[gtexts[pi]] for pi, _ in chunk]
+                T = max(t.shape[1] for t, _ in lay)
+                gtok = torch.stack([F.pad(t[0], (0, T - t.shape[1])) for t, _ in lay]).to(device)
+                gw = torch.stack([F.pad(w[0], (0, T - w.shape[2])) for _, w in lay])
+                ms = gstates.expand(len(chunk), -1, -1) if gstates is not None else None
+                guider = Guider(pipe, guidance, gtok, gpairs, latent_hw, ms, len(chunk))
+                guider.word_weights = gw
             with torch.no_grad():
-                out = pipe(**kwargs)
+                if guider is not None:
+                    with guider:
+                        out = pipe(**kwargs)
+                    diag_chunks.append(guider.diagnostics())
+                else:
+                    out = pipe(**kwargs)
             imgs = out.images
             bad = ~torch.isfinite(imgs.reshape(imgs.shape[0], -1)).all(1)
             if bad.any():
@@ -284,7 +315,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             bar.update(len(chunk))
     finally:
         bar.close()
-        if words:
+        if needs_patch:
             pipe._fastfair.recorder = None
         if we_patched:
             unpatch(pipe)
@@ -293,11 +324,22 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if words:
         allm = torch.cat(map_chunks)
         word_maps = {w: allm[:, i].contiguous() for i, w in enumerate(words)}
+    diagnostics = {}
+    if diag_chunks and diag_chunks[0]:
+        diagnostics = {k: (torch.cat([d[k] for d in diag_chunks], dim=1) if diag_chunks[0][k].dim() == 2
+                           else diag_chunks[0][k]) for k in diag_chunks[0]}
     config = dict(steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                   aggregation=agg.name, attribution_prompt=attribution_prompt, map_steps=map_steps,
-                  negative_prompt=negative_prompt, pipeline=type(pipe).__name__)
+                  negative_prompt=negative_prompt, pipeline=type(pipe).__name__,
+                  guidance=None if guidance is None else dict(pairs=guidance.pairs, scale=guidance.scale,
+                                                              max_grad_norm=guidance.max_grad_norm,
+                                                              on_large_grad=guidance.on_large_grad,
+                                                              attribution_prompt=guidance.attribution_prompt,
+                                                              steps=None if guidance.steps is None else list(guidance.steps),
+                                                              top_k=guidance.top_k))
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
-                      prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config)
+                      prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
+                      diagnostics=diagnostics)
 
 
 def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:

@@ -148,7 +148,7 @@ class MapRecorder:
             for layer, m in self._acc.items():
                 B, Hh, T, nq = m.shape
                 h, w = grid_for(nq, self.latent_hw)
-                up = F.interpolate(m.reshape(B * Hh, T, h, w).float(), size=(x, x), mode="bicubic").clamp(min=0)
+                up = F.interpolate(m.reshape(B * Hh, T, h, w), size=(x, x), mode="bicubic").clamp(min=0)
                 up = up.reshape(B, Hh, T, x, x).sum(1)
                 total = up if total is None else total + up
                 n += Hh
@@ -158,7 +158,7 @@ class MapRecorder:
         for nq, m in self._acc.items():
             B, T, _ = m.shape
             h, w = grid_for(nq, self.latent_hw)
-            m = m.reshape(B, T, h, w).float()
+            m = m.reshape(B, T, h, w)
             if (h, w) != (H, W):
                 m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
             total = m if total is None else total + m
