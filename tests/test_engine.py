@@ -238,3 +238,31 @@ def test_cli_generate(tmp_path, capsys):
     assert "IoU(doctor,face)" in out and len((tmp_path / "cli" / "images").glob("*.png").__iter__().__next__().name) > 0
     assert main(["generate", "--prompt", "a doctor", "--maps", "nurse", "--out", str(tmp_path / "bad")]) == 1
     assert "not in the prompt" in capsys.readouterr().err
+
+
+def test_sd15_shaped_topology():
+    """SD1.5's cross-attention layout: 16 layers at 4096x5, 1024x5, 256x5, 64x1 queries, 8 heads, VAE scale 8."""
+    from collections import Counter
+
+    pipe = fastfair.load_pipeline("sd15-shaped")
+    mods = fastfair.processors.cross_attention_modules(pipe.unet)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"]).shape[1]),
+                                         with_kwargs=True) for m in mods.values()]
+    try:
+        with torch.no_grad():
+            pipe.unet(torch.randn(1, 4, 64, 64), 10, encoder_hidden_states=torch.randn(1, 77, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert Counter(seen) == {4096: 5, 1024: 5, 256: 5, 64: 1}
+    assert {m.heads for m in mods.values()} == {8}
+    assert pipe.vae_scale_factor == 8
+
+
+def test_cli_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fastfair.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout
