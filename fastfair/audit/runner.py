@@ -1,0 +1,558 @@
+"""``fastfair.audit``: a resumable, shardable bias audit over professions x seeds.
+
+For every profession p and seed s the audit generates the *neutral* image of ``template(p)`` and,
+for in-prompt entanglement, one image per class word w of each audited attribute set
+(``inprompt_template(w, p)``, "a photo of the face of a female doctor"). Per image it records:
+
+* open-vocabulary entanglement (neutral images): for each attribute set's word a ("gender",
+  "race", "age"), the maps of p and a looked up in the attribution prompt
+  ``attribution_template(prompt, a)`` ("a photo of the face of a doctor and gender"), and their
+  IoU@p and SoftIoU (``fastfair.metrics``);
+* in-prompt entanglement (in-prompt images): IoU and SoftIoU of the maps of p and w in the prompt;
+* the classifier's per-class probabilities and argmax for every attribute set, and the joint
+  label of every intersection.
+
+One row per image goes to Parquet (``fastfair.audit.store``). Work ids hash (model, prompt,
+seed, settings); a run directory refuses other settings; ``resume=True`` skips committed rows.
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the plan is split round-robin by
+rank, each rank commits its own part files, and rank 0 merges, summarises and writes the report.
+
+The open-vocabulary maps of different attribute words need different attribution prompts, and
+``fastfair.generate`` takes one attribution prompt per image, so a neutral image is generated once
+per open word (seeds fix the image, so the runs agree; the first run's images are kept).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .. import concepts
+from ..classify import AttributeClassifier, check_labels, load_classifier
+from . import prompts as P
+from .attributes import AttributeSet, Intersection, parse_attributes, slug
+from .store import RunDirError, RunStore, atomic_write
+
+MODES = ("open", "inprompt")
+DEFAULT_ATTRIBUTION_TEMPLATE = "{prompt} and {attribute}"
+
+
+class AuditInputError(ValueError):
+    """Bad audit input found before any image is generated."""
+
+
+class AuditResult(NamedTuple):
+    """``run_dir, results = fastfair.audit(...)``; ``.summary`` reads the run's summary.json."""
+
+    run_dir: Path
+    results: "object"  # pandas.DataFrame
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    work_id: str
+    index: int
+    kind: str                 # "neutral" | "inprompt"
+    profession: str
+    seed: int
+    prompt: str
+    attribute: str | None     # in-prompt: the attribute set
+    label: str | None         # in-prompt: the class label
+    word: str | None          # in-prompt: the class word in the prompt
+
+    @property
+    def group(self) -> tuple:
+        return (self.kind, self.profession, self.attribute, self.label)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def parse_audit_seeds(seeds) -> list[int]:
+    """An int N means seeds 0..N-1; otherwise as ``fastfair.generation.parse_seeds`` ("0-99", "1,5", [3, 4])."""
+    from ..generation import parse_seeds
+
+    if isinstance(seeds, bool):
+        raise AuditInputError("seeds must be a count, a range or a list")
+    if isinstance(seeds, int) or (isinstance(seeds, str) and seeds.strip().isdigit()):
+        n = int(seeds)
+        if n < 1:
+            raise AuditInputError(f"seeds={seeds!r}: need at least one seed")
+        return list(range(n))
+    try:
+        out = parse_seeds(seeds)
+    except ValueError as e:
+        raise AuditInputError(str(e)) from e
+    if len(set(out)) != len(out):
+        raise AuditInputError(f"seeds repeat: {sorted({s for s in out if out.count(s) > 1})}")
+    return out
+
+
+def parse_targets(targets, sets: Sequence[AttributeSet]) -> dict[str, list[float]]:
+    """{set: [p per label]} or "age=0.75,0.25;gender=0.5,0.5" -> validated targets (default uniform)."""
+    by_name = {s.name: s for s in sets}
+    out = {s.name: [1.0 / len(s.labels)] * len(s.labels) for s in sets}
+    if not targets:
+        return out
+    if isinstance(targets, str):
+        items = {}
+        for part in targets.replace(";", " ").split():
+            if "=" not in part:
+                raise AuditInputError(f"target {part!r} must look like age=0.75,0.25")
+            k, v = part.split("=", 1)
+            items[k.strip()] = [float(x) for x in v.split(",") if x.strip()]
+        targets = items
+    for name, t in dict(targets).items():
+        if name not in by_name:
+            raise AuditInputError(f"target for {name!r}, which is not an audited attribute set ({', '.join(by_name)})")
+        labels = by_name[name].labels
+        if isinstance(t, dict):
+            missing = set(labels) - set(t)
+            if missing or set(t) - set(labels):
+                raise AuditInputError(f"target for {name!r} must give each of {list(labels)}; got {sorted(t)}")
+            t = [t[lab] for lab in labels]
+        t = [float(x) for x in t]
+        if len(t) != len(labels) or any(x < 0 for x in t) or abs(sum(t) - 1) > 1e-6:
+            raise AuditInputError(f"target for {name!r} must be {len(labels)} non-negative numbers summing to 1, "
+                                  f"one per label {list(labels)}; got {t}")
+        out[name] = t
+    return out
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _sha(obj, n: int) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _resolve_or_raise(pipe, text: str, word: str, what: str) -> None:
+    try:
+        concepts.resolve(pipe, text, word)
+    except concepts.ConceptError as e:
+        raise AuditInputError(f"{what}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def build_plan(professions, seeds, template, sets, modes, inprompt_template, model, settings_hash) -> list[WorkItem]:
+    items: list[WorkItem] = []
+
+    def add(kind, prof, prompt, attribute=None, label=None, word=None):
+        for s in seeds:
+            wid = _sha([model, prompt, s, settings_hash, kind, attribute, label], 20)
+            items.append(WorkItem(wid, len(items), kind, prof, s, prompt, attribute, label, word))
+
+    for prof in professions:
+        add("neutral", prof, P.fill(template, prof))
+        if "inprompt" in modes:
+            for st in sets:
+                for lab, w in zip(st.labels, st.words):
+                    add("inprompt", prof, P.fill(inprompt_template, prof, attribute=w), st.name, lab, w)
+    ids = [it.work_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise AuditInputError("two work items got the same id (a profession or class word listed twice?)")
+    return items
+
+
+def batches(items: Sequence[WorkItem], batch_size: int):
+    """Consecutive items of the same group, at most ``batch_size`` each."""
+    cur: list[WorkItem] = []
+    for it in items:
+        if cur and (it.group != cur[0].group or len(cur) >= batch_size):
+            yield cur
+            cur = []
+        cur.append(it)
+    if cur:
+        yield cur
+
+
+def row_schema(open_words, inprompt: bool, sets, inters):
+    import pyarrow as pa
+
+    fields = [("work_id", pa.string()), ("kind", pa.string()), ("profession", pa.string()), ("prompt", pa.string()),
+              ("seed", pa.int64()), ("attribute", pa.string()), ("label", pa.string()), ("word", pa.string()),
+              ("image", pa.string()), ("maps", pa.string()), ("rank", pa.int32()), ("seconds", pa.float64())]
+    for w in open_words:
+        fields += [(f"iou_open_{slug(w)}", pa.float64()), (f"softiou_open_{slug(w)}", pa.float64())]
+    if inprompt:
+        fields += [("iou_inprompt", pa.float64()), ("softiou_inprompt", pa.float64())]
+    for s in sets:
+        fields += [(f"p_{s.slug}_{slug(lab)}", pa.float64()) for lab in s.labels]
+        fields.append((f"pred_{s.slug}", pa.string()))
+    for it in inters:
+        fields.append((f"pred_{it.slug}", pa.string()))
+    names = [n for n, _ in fields]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AuditInputError(f"attribute labels give clashing column names {dup}; rename the labels")
+    return pa.schema(fields)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+def _dist_setup(timeout_s: float):
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    own = False
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        own = True
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return rank, world, local, own
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------ the audit
+
+def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_TEMPLATE,
+          attributes="gender", seeds=8, out="runs/audit", entanglement=MODES,
+          attribution_template: str = DEFAULT_ATTRIBUTION_TEMPLATE, inprompt_template: str | None = None,
+          classifier="clip", clip_model: str | None = None, targets=None, custom_attributes: dict | None = None,
+          steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+          negative_prompt: str | None = None, aggregation: str = "fastfair", percentile: float = 70.0,
+          soft_iou_top_k: float | None = 0.3, soft_iou_gamma: float = 0.01, soft_iou_iters: int = 20,
+          batch_size: int = 8, device=None, dtype=None, backend: str = "auto", pipeline=None,
+          resume: bool = False, overwrite: bool = False, save_maps: bool = True, report: bool = True,
+          n_boot: int = 1000, boot_seed: int = 0, progress: bool = True,
+          dist_timeout_s: float = 6 * 3600) -> AuditResult:
+    """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
+
+    ``model``: preset / hub id / folder (``pipeline=`` gives an already loaded pipeline; ``model``
+    is then its name in the settings). ``prompts``: ``builtin:biasmap19|winobias|broad``,
+    ``file:PATH``, ``list:a,b`` or a list. ``attributes``: "gender,race,age,fairface4,fairface7",
+    intersections "gender*race" (every pair of listed sets is also reported). ``entanglement``:
+    any of "open", "inprompt" (or "none"). ``classifier``: "clip" (zero-shot, ``clip_model``),
+    "clip:ID", "none", "python:FILE.py:FUNC", an ``AttributeClassifier`` or a ``torch.nn.Module``
+    returning {set: probabilities} (with a ``labels`` attribute). ``targets``: {set: [p per label]}
+    or "age=0.75,0.25" (default uniform). ``seeds``: N (0..N-1), "0-99" or a list.
+    """
+    from ..generation import generate
+
+    rank, world, local, own_pg = _dist_setup(dist_timeout_s)
+    store = None
+    try:
+        # ---- inputs that need no model
+        try:
+            professions = P.load_professions(prompts)
+            P.check_template(template, {"profession"}, {"", "profession"}, "template")
+        except P.PromptSetError as e:
+            raise AuditInputError(str(e)) from None
+        seeds = parse_audit_seeds(seeds)
+        modes = [entanglement] if isinstance(entanglement, str) else list(entanglement)
+        modes = [m.strip() for part in modes for m in str(part).split(",") if m.strip()]
+        if modes == ["none"] or not modes:
+            modes = []
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise AuditInputError(f"unknown entanglement mode(s) {bad}; choose from {', '.join(MODES)} or none")
+        try:
+            sets, inters = parse_attributes(attributes, custom_attributes)
+        except ValueError as e:
+            raise AuditInputError(str(e)) from None
+        targets_v = parse_targets(targets, sets)
+        if batch_size < 1:
+            raise AuditInputError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0 <= percentile <= 100:
+            raise AuditInputError(f"percentile must be in [0, 100]; got {percentile}")
+        if inprompt_template is None:
+            inprompt_template = P.inprompt_template_from(template)
+        try:
+            if "inprompt" in modes:
+                P.check_template(inprompt_template, {"profession", "attribute"}, {"", "profession", "attribute"},
+                                 "in-prompt template")
+            if "open" in modes:
+                P.check_template(attribution_template, set(), {"", "profession", "attribute", "prompt"},
+                                 "attribution template")
+        except P.PromptSetError as e:
+            raise AuditInputError(str(e)) from None
+
+        # ---- the pipeline
+        if pipeline is None:
+            from ..pipelines import load_pipeline
+
+            if model is None:
+                raise AuditInputError("give model= (a preset such as tiny-sd, a hub id or a folder) or pipeline=")
+            if device is None:
+                device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            if dtype is None:
+                dtype = "fp16" if str(device).startswith("cuda") else "fp32"
+            pipe = load_pipeline(str(model), device=device, dtype=dtype)
+            model_name = str(model)
+        else:
+            pipe = pipeline
+            model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+        dev = pipe.device
+        vsf = pipe.vae_scale_factor
+        height = height or pipe.unet.config.sample_size * vsf
+        width = width or pipe.unet.config.sample_size * vsf
+
+        # ---- every prompt and word, checked before any image
+        open_words: list[str] = []
+        if "open" in modes:
+            for st in sets:
+                if st.open_word not in open_words:
+                    open_words.append(st.open_word)
+        for prof in professions:
+            prompt = P.fill(template, prof)
+            _resolve_or_raise(pipe, prompt, prof, f"profession {prof!r} in the prompt made from the template")
+            for w in open_words:
+                ap = P.fill(attribution_template, prof, attribute=w, prompt=prompt)
+                _resolve_or_raise(pipe, ap, prof, f"profession {prof!r} in the attribution prompt {ap!r} "
+                                                  f"(attribution template {attribution_template!r})")
+                _resolve_or_raise(pipe, ap, w, f"attribute word {w!r} missing from the attribution prompt {ap!r} "
+                                               f"(attribution template {attribution_template!r}; it needs {{attribute}})")
+            if "inprompt" in modes:
+                for st in sets:
+                    for w in st.words:
+                        ip = P.fill(inprompt_template, prof, attribute=w)
+                        _resolve_or_raise(pipe, ip, prof, f"profession {prof!r} in the in-prompt prompt {ip!r}")
+                        _resolve_or_raise(pipe, ip, w, f"attribute word {w!r} of {st.name!r} in the in-prompt "
+                                                       f"prompt {ip!r} (in-prompt template {inprompt_template!r})")
+
+        # ---- the classifier
+        clf: AttributeClassifier | None = load_classifier(classifier, sets, device=dev,
+                                                          clip_model=clip_model or "openai/clip-vit-large-patch14")
+        if clf is not None:
+            check_labels(clf, sets)
+
+        settings = {
+            "model": model_name, "pipeline": type(pipe).__name__, "dtype": _dtype_name(pipe.unet.dtype),
+            "template": template, "entanglement": modes,
+            "attribution_template": attribution_template if "open" in modes else None,
+            "inprompt_template": inprompt_template if "inprompt" in modes else None,
+            "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
+            "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
+                           "negative_prompt": negative_prompt, "aggregation": aggregation},
+            "metrics": {"percentile": percentile,
+                        "soft_iou": {"top_k": soft_iou_top_k, "gamma": soft_iou_gamma, "iters": soft_iou_iters}},
+            "classifier": clf.describe() if clf is not None else None,
+            "save_maps": bool(save_maps), "maps_dtype": "float16",
+        }
+        settings_hash = _sha(settings, 16)
+        config = {
+            "settings": settings, "settings_hash": settings_hash,
+            "work": {"professions": professions, "seeds": seeds,
+                     "prompts": prompts if isinstance(prompts, str) else "list"},
+            "summary": {"targets": targets_v, "n_boot": n_boot, "boot_seed": boot_seed, "level": 0.95},
+            "fastfair_version": __import__("fastfair").__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
+        schema = row_schema(open_words, "inprompt" in modes, sets, inters)
+
+        # ---- the run directory (rank 0 decides; everyone hears the verdict)
+        store = RunStore(out, rank)
+        verdict = None
+        if rank == 0:
+            try:
+                store.prepare(config, resume=resume, overwrite=overwrite)
+            except RunDirError as e:
+                verdict = str(e)
+        verdict = _broadcast(verdict, world)
+        if verdict is not None:
+            raise RunDirError(verdict)
+        if rank != 0:
+            store.verify(config)
+            store.acquire()
+        done = store.done_ids()
+        mine = [it for it in plan if it.index % world == rank and it.work_id not in done]
+
+        # ---- work
+        ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, sets=sets, inters=inters, open_words=open_words,
+                            attribution_template=attribution_template, steps=steps, guidance_scale=guidance_scale,
+                            height=height, width=width, negative_prompt=negative_prompt, aggregation=aggregation,
+                            backend=backend, percentile=percentile,
+                            soft=dict(top_k=soft_iou_top_k, gamma=soft_iou_gamma, iters=soft_iou_iters),
+                            save_maps=save_maps, store=store, schema=schema, rank=rank)
+        from tqdm.auto import tqdm
+
+        desc = "fastfair audit" + (f" (rank 0 of {world})" if world > 1 else "")
+        bar = tqdm(total=len(mine), disable=not progress or rank != 0, desc=desc, unit="img", dynamic_ncols=True)
+        if done and rank == 0 and progress:
+            bar.set_postfix_str(f"{len(done)} done before", refresh=False)
+        try:
+            for batch in batches(mine, batch_size):
+                ctx.run(batch)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+
+        # ---- merge, summarise, report
+        _barrier(world)
+        if rank == 0:
+            df = store.merge([it.work_id for it in plan])
+            missing = len(plan) - len(df)
+            if missing:
+                raise RuntimeError(f"{missing} planned image(s) have no row after the run; --resume to redo them")
+            from .summary import summarize
+
+            summary = summarize(df, config)
+            atomic_write(store.root / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
+            if report:
+                from .page import write_report
+
+                write_report(store.root, df=df, config=config, summary=summary)
+            store.cleanup_temps()
+        _barrier(world)
+        if rank != 0:
+            import pandas as pd
+
+            df = pd.read_parquet(store.results_path)
+        return AuditResult(store.root, df)
+    finally:
+        if store is not None:
+            store.release()
+        if own_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class _BatchContext:
+    pipe: object
+    generate: object
+    clf: object
+    sets: list
+    inters: list
+    open_words: list
+    attribution_template: str
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None
+    aggregation: str
+    backend: str
+    percentile: float
+    soft: dict
+    save_maps: bool
+    store: RunStore
+    schema: object
+    rank: int
+
+    def _gen(self, prompt, seeds, words=(), attribution_prompt=None):
+        return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attribution_prompt=attribution_prompt,
+                             steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
+                             width=self.width, batch_size=len(seeds), aggregation=self.aggregation,
+                             negative_prompt=self.negative_prompt, backend=self.backend, progress=False)
+
+    def _pair(self, gen, a, b):
+        from .. import metrics
+
+        iou = metrics.iou(gen.maps[a], gen.maps[b], self.percentile).double().cpu().numpy()
+        soft = metrics.soft_iou(gen.maps[a], gen.maps[b], top_k=self.soft["top_k"], gamma=self.soft["gamma"],
+                                iters=self.soft["iters"]).double().cpu().numpy()
+        return iou, soft
+
+    def run(self, batch: list[WorkItem]) -> None:
+        t0 = time.perf_counter()
+        first = batch[0]
+        prof, prompt = first.profession, first.prompt
+        seeds = [it.seed for it in batch]
+        tag = batch[0].work_id
+        rows = [{f.name: None for f in self.schema} for _ in batch]
+        maps: dict[str, torch.Tensor] = {}
+        images = None
+        if first.kind == "neutral":
+            if self.open_words:
+                for w in self.open_words:
+                    ap = P.fill(self.attribution_template, prof, attribute=w, prompt=prompt)
+                    gen = self._gen(prompt, seeds, [prof, w], ap)
+                    if images is None:
+                        images = gen.images
+                    iou, soft = self._pair(gen, prof, w)
+                    for i, it in enumerate(batch):
+                        rows[i][f"iou_open_{slug(w)}"] = float(iou[i])
+                        rows[i][f"softiou_open_{slug(w)}"] = float(soft[i])
+                        maps[f"{it.work_id}:open:{slug(w)}:profession"] = gen.maps[prof][i].half()
+                        maps[f"{it.work_id}:open:{slug(w)}:attribute"] = gen.maps[w][i].half()
+            else:
+                images = self._gen(prompt, seeds).images
+        else:
+            gen = self._gen(prompt, seeds, [prof, first.word])
+            images = gen.images
+            iou, soft = self._pair(gen, prof, first.word)
+            for i, it in enumerate(batch):
+                rows[i]["iou_inprompt"] = float(iou[i])
+                rows[i]["softiou_inprompt"] = float(soft[i])
+                maps[f"{it.work_id}:inprompt::profession"] = gen.maps[prof][i].half()
+                maps[f"{it.work_id}:inprompt::attribute"] = gen.maps[first.word][i].half()
+        preds: dict[str, list] = {}
+        if self.clf is not None:
+            probs = self.clf.predict(images)
+            for st in self.sets:
+                order = [list(self.clf.labels[st.name]).index(lab) for lab in st.labels]
+                p = np.asarray(probs[st.name], dtype=np.float64)[:, order]
+                preds[st.name] = []
+                for i in range(len(batch)):
+                    for j, lab in enumerate(st.labels):
+                        rows[i][f"p_{st.slug}_{slug(lab)}"] = float(p[i, j])
+                    lab = st.labels[int(np.argmax(p[i]))] if np.isfinite(p[i]).all() else None
+                    rows[i][f"pred_{st.slug}"] = lab
+                    preds[st.name].append(lab)
+            for inter in self.inters:
+                for i in range(len(batch)):
+                    parts = [preds[n][i] for n in inter.parts]
+                    rows[i][f"pred_{inter.slug}"] = "|".join(parts) if all(x is not None for x in parts) else None
+        shard = f"maps/maps-r{self.rank}-{tag}.safetensors" if (maps and self.save_maps) else None
+        pngs = {}
+        secs = (time.perf_counter() - t0) / len(batch)
+        for i, it in enumerate(batch):
+            rel = self.store.image_relpath(it.work_id)
+            pngs[rel] = _png(images[i])
+            rows[i].update(work_id=it.work_id, kind=it.kind, profession=it.profession, prompt=it.prompt, seed=it.seed,
+                           attribute=it.attribute, label=it.label, word=it.word, image=rel, maps=shard,
+                           rank=self.rank, seconds=secs)
+        self.store.commit(rows, self.schema, pngs, maps if self.save_maps else None, tag)

@@ -1,0 +1,290 @@
+"""The run directory of an audit: settings lock, committed rows, images, map shards, merged results.
+
+Layout::
+
+    RUN/audit.json                     settings (locked), work list, summary options
+    RUN/parts/part-r{rank}-{id}.parquet  committed rows, one file per finished batch
+    RUN/images/{id[:2]}/{work_id}.png
+    RUN/maps/maps-r{rank}-{id}.safetensors  the batch's maps (float16), keys "{work_id}:{mode}:{word}:{role}"
+    RUN/results.parquet                merged rows (written at the end, by rank 0)
+    RUN/summary.json, RUN/report.html
+    RUN/locks/rank{r}.lock             held (flock) while a process works on the directory
+
+A batch is committed by writing its images and map shard first, then its part file; every file
+goes through a temporary file and an atomic rename, so a process killed at any instant leaves
+either a complete part file or none. Rows whose part file exists are done; ``--resume`` skips
+them, and a batch cut short is simply redone (its images and shard are rewritten under the same
+names). Stale temporary files (``.*.tmp``) are ignored and removed at the end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CONFIG = "audit.json"
+RESULTS = "results.parquet"
+SUMMARY = "summary.json"
+REPORT = "report.html"
+_OURS = ("parts", "images", "maps", "locks", CONFIG, RESULTS, SUMMARY, REPORT)
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used for this audit as asked."""
+
+
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+_MODE = 0o666 & ~_umask()
+
+
+def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename
+    (file mode as ``open`` would give under the umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _MODE)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if k not in new:
+                out.append(f"{prefix}{k}: {_short(old[k])} in the run directory, absent now")
+            elif k not in old:
+                out.append(f"{prefix}{k}: absent in the run directory, {_short(new[k])} now")
+            else:
+                out.extend(_diff(old[k], new[k], f"{prefix}{k}."))
+        return out
+    if old != new:
+        return [f"{prefix.rstrip('.')}: {_short(old)} in the run directory, {_short(new)} now"]
+    return []
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+class RunStore:
+    def __init__(self, root, rank: int = 0):
+        self.root = Path(root)
+        self.rank = rank
+        self._lock_fh = None
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.root / "parts"
+
+    @property
+    def results_path(self) -> Path:
+        return self.root / RESULTS
+
+    def image_relpath(self, work_id: str) -> str:
+        return f"images/{work_id[:2]}/{work_id}.png"
+
+    # ---------------------------------------------------------------- settings lock
+    def read_config(self) -> dict | None:
+        if not self.config_path.exists():
+            return None
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunDirError(f"{self.config_path} is unreadable ({e}); start fresh with another --out, "
+                              "or delete the directory") from e
+
+    def prepare(self, config: dict, *, resume: bool, overwrite: bool) -> str:
+        """Check or create the settings lock (rank 0), holding this rank's process lock from here on.
+        Returns "new", "resume" or "overwrite"."""
+        locked = {"settings": config["settings"], "work": config["work"]}
+        existing = self.read_config()
+        if self.root.exists() and existing is None:
+            foreign = [p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in _OURS]
+            if foreign:
+                raise RunDirError(f"{self.root} exists and is not a fastfair audit directory (it has "
+                                  f"{', '.join(sorted(foreign)[:5])}{'...' if len(foreign) > 5 else ''}); "
+                                  "choose an empty or new --out")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.acquire()  # before looking at (or wiping) the rows: no other process may be writing them
+        mode = "new"
+        if existing is not None:
+            old = {"settings": existing.get("settings"), "work": existing.get("work")}
+            diffs = _diff(old, locked)
+            n_done = len(self.done_ids())
+            if overwrite:
+                self._wipe()
+                mode = "overwrite"
+            elif diffs:
+                raise RunDirError(
+                    f"{self.root} holds an audit made with different settings:\n  " + "\n  ".join(diffs[:12])
+                    + ("\n  ..." if len(diffs) > 12 else "")
+                    + f"\nIt has {n_done} finished image(s). To keep it, rerun with its settings and --resume; "
+                    f"to start fresh, use another --out or pass --overwrite (deletes its results).")
+            elif n_done and not resume:
+                raise RunDirError(f"{self.root} already has {n_done} finished image(s) from this audit; pass --resume "
+                                  "to continue it, or --overwrite to start again from scratch")
+            else:
+                mode = "resume" if n_done else "new"
+        self.root.mkdir(parents=True, exist_ok=True)
+        if existing is not None and mode != "overwrite" and "created" in existing:
+            config = dict(config, created=existing["created"])
+        atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+        return mode
+
+    def verify(self, config: dict) -> None:
+        """Other ranks: the lock rank 0 wrote must be this process's settings."""
+        existing = self.read_config()
+        if existing is None:
+            raise RunDirError(f"rank {self.rank}: {self.config_path} is missing; rank 0 should have written it")
+        diffs = _diff({"settings": existing["settings"], "work": existing["work"]},
+                      {"settings": config["settings"], "work": config["work"]})
+        if diffs:
+            raise RunDirError(f"rank {self.rank} runs with settings different from rank 0's:\n  " + "\n  ".join(diffs))
+
+    def _wipe(self) -> None:
+        for name in _OURS:
+            if name == "locks":
+                continue
+            p = self.root / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    # ---------------------------------------------------------------- process lock
+    def acquire(self) -> None:
+        import fcntl
+
+        if self._lock_fh is not None:
+            return
+        d = self.root / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        fh = open(d / f"rank{self.rank}.lock", "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise RunDirError(f"another fastfair audit process (rank {self.rank}) is working in {self.root}; "
+                              "wait for it to finish, or use another --out") from None
+        self._lock_fh = fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            import fcntl
+
+            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # ---------------------------------------------------------------- rows
+    def part_files(self) -> list[Path]:
+        if not self.parts_dir.exists():
+            return []
+        return sorted(p for p in self.parts_dir.glob("part-*.parquet"))
+
+    def done_ids(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        done: set[str] = set()
+        for p in self.part_files():
+            try:
+                done.update(pq.read_table(p, columns=["work_id"]).column("work_id").to_pylist())
+            except Exception as e:
+                raise RunDirError(f"cannot read committed part {p} ({e}); delete that file and --resume to redo "
+                                  "its images") from e
+        return done
+
+    def commit(self, rows: list[dict], schema, images: dict[str, bytes], maps: dict | None, tag: str) -> Path:
+        """Write a batch: images, then its map shard, then its part file (the commit record)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for rel, data in images.items():
+            atomic_write(self.root / rel, data)
+        if maps:
+            from safetensors.torch import save as st_save
+
+            atomic_write(self.root / f"maps/maps-r{self.rank}-{tag}.safetensors",
+                         st_save({k: v.contiguous() for k, v in maps.items()}))
+        table = pa.Table.from_pylist(rows, schema=schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        path = self.parts_dir / f"part-r{self.rank}-{tag}.parquet"
+        atomic_write(path, buf.getvalue())
+        return path
+
+    def read_rows(self):
+        """All committed rows (pandas), duplicates of a work id dropped (the first file in name order wins)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = self.part_files()
+        if not parts:
+            return pd.DataFrame()
+        tables = [pq.read_table(p) for p in parts]
+        df = pa.concat_tables(tables, promote_options="default").to_pandas()
+        return df.drop_duplicates("work_id", keep="first").reset_index(drop=True)
+
+    def merge(self, order: list[str] | None = None):
+        """Merge all parts into results.parquet (atomic). ``order``: work ids in plan order."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        df = self.read_rows()
+        if order is not None and len(df):
+            rank = {w: i for i, w in enumerate(order)}
+            df = df.assign(_o=df["work_id"].map(rank)).sort_values("_o", kind="stable").drop(columns="_o")
+            df = df.reset_index(drop=True)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        atomic_write(self.results_path, buf.getvalue())
+        return df
+
+    def cleanup_temps(self) -> int:
+        """Remove temporary files left by killed processes. Only call when no process is writing."""
+        n = 0
+        for p in self.root.rglob(".*.tmp"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+
+def load_results(run_dir):
+    """The results of a run directory as a pandas DataFrame (results.parquet, else the committed parts)."""
+    import pandas as pd
+
+    store = RunStore(run_dir)
+    if store.config_path.exists() is False:
+        raise RunDirError(f"{run_dir} is not a fastfair audit directory (no {CONFIG})")
+    if store.results_path.exists():
+        return pd.read_parquet(store.results_path)
+    return store.read_rows()

@@ -1,0 +1,111 @@
+"""An audit killed with SIGKILL mid-run resumes with no lost and no duplicated rows."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import fastfair
+from fastfair.audit import RunDirError
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = dict(attributes="gender", seeds=4, steps=2, batch_size=2, classifier="none", report=False, progress=False,
+            n_boot=50)
+N_ROWS = 2 * (4 + 4 * 2)  # 2 professions x (4 neutral + 4 seeds x 2 gender words in the prompt)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _parts(out: Path) -> list[Path]:
+    d = out / "parts"
+    return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+
+def test_sigkill_mid_run_then_resume(tiny_sd, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastfair", "audit", "--model", "tiny-sd", "--prompts", "list:doctor,pilot",
+           "--attributes", "gender", "--seeds", "4", "--steps", "2", "--batch-size", "2", "--classifier", "none",
+           "--out", str(out), "--no-progress", "--no-report", "--n-boot", "50"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while len(_parts(out)) < 3:
+            if proc.poll() is not None:
+                pytest.fail(f"the audit ended before it could be killed (rc {proc.returncode}): "
+                            f"{proc.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no rows were committed within 240 s")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run: the next batch is being generated or written
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    committed = {p.name: p.read_bytes() for p in _parts(out)}
+    n_before = sum(pq.read_metadata(out / "parts" / n).num_rows for n in committed)
+    assert 0 < n_before < N_ROWS, "the kill should land mid-run"
+    assert not (out / "results.parquet").exists()
+
+    kw = dict(pipeline=tiny_sd, out=out, **ARGS)
+    with pytest.raises(RunDirError, match=f"already has {n_before} finished image.*--resume"):
+        fastfair.audit("tiny-sd", "list:doctor,pilot", **kw)
+    res = fastfair.audit("tiny-sd", "list:doctor,pilot", resume=True, **kw)
+
+    # the rows committed before the kill are untouched; every planned row exists exactly once
+    for name, data in committed.items():
+        assert (out / "parts" / name).read_bytes() == data
+    all_ids = [w for p in _parts(out) for w in pq.read_table(p, columns=["work_id"]).column("work_id").to_pylist()]
+    assert len(all_ids) == N_ROWS and len(set(all_ids)) == N_ROWS  # no duplicates, none lost
+    df = res.results
+    assert len(df) == N_ROWS and df["work_id"].is_unique and set(df["work_id"]) == set(all_ids)
+    assert not list(out.rglob(".*.tmp"))  # temporary files of the killed process are gone
+    for rel in df["image"]:
+        assert (out / rel).stat().st_size > 0
+
+    # and the result equals an uninterrupted run
+    ref = fastfair.audit("tiny-sd", "list:doctor,pilot", pipeline=tiny_sd, out=tmp_path / "ref", **ARGS).results
+    assert df["work_id"].tolist() == ref["work_id"].tolist()
+    for col in ("kind", "profession", "prompt", "seed", "label", "image"):
+        assert df[col].tolist() == ref[col].tolist()
+    np.testing.assert_array_equal(df["iou_open_gender"].to_numpy(), ref["iou_open_gender"].to_numpy())
+    np.testing.assert_array_equal(df["iou_inprompt"].to_numpy(), ref["iou_inprompt"].to_numpy())
+    np.testing.assert_allclose(df["softiou_inprompt"].to_numpy(), ref["softiou_inprompt"].to_numpy(), rtol=1e-6)
+    summary, ref_summary = res.summary, json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["entanglement"]["open"]["gender"]["iou"]["overall"]["mean"] == pytest.approx(
+        ref_summary["entanglement"]["open"]["gender"]["iou"]["overall"]["mean"])
+
+
+def test_second_process_on_the_same_directory_is_refused(tiny_sd, tmp_path):
+    from fastfair.audit.store import RunStore
+
+    out = tmp_path / "busy"
+    holder = RunStore(out)
+    out.mkdir()
+    holder.acquire()  # as a running audit holds it
+    try:
+        with pytest.raises(RunDirError, match="another fastfair audit process"):
+            fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, out=out, **ARGS)
+    finally:
+        holder.release()
+    assert len(fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, out=out, **ARGS).results) == 12
