@@ -18,8 +18,10 @@ _LAZY = {
     "Aggregation": "fastfair.maps",
     "resolve": "fastfair.concepts",
     "EntanglementGuidance": "fastfair.guidance",
+    "audit": "fastfair.audit",
 }
-_SUBMODULES = {"generation", "guidance", "ops", "metrics", "concepts", "maps", "processors", "pipelines", "kernels", "cli"}
+_SUBMODULES = {"classify", "distribution", "generation", "guidance", "ops", "metrics", "concepts", "maps",
+               "processors", "pipelines", "kernels", "cli"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

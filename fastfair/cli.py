@@ -81,12 +81,123 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="large-scale, resumable bias audit (entanglement maps + output distribution)",
+                       description="Audit a model over professions x seeds: BiasMap's entanglement (IoU / SoftIoU of "
+                                   "profession and attribute maps, open-vocabulary and in-prompt) and the output "
+                                   "distribution (attribute classifier; DFT bias, Delta, KL, target gap, risk "
+                                   "difference). One Parquet row per image, resumable, shardable with torchrun.")
+    p.add_argument("--model", required=True, help="offline preset (tiny-sd, sd15-shaped, ...), a hub id or a folder")
+    p.add_argument("--prompts", default="builtin:biasmap19",
+                   help="builtin:biasmap19 | builtin:winobias | builtin:broad, file:PATH (one profession per line), "
+                        "or list:doctor,nurse")
+    p.add_argument("--template", default="a photo of the face of a {}", help="prompt template; {} is the profession")
+    p.add_argument("--attributes", default="gender",
+                   help="comma-separated: gender, race (BiasMap binary), fairface4, fairface7, age; intersections "
+                        "as gender*race (every pair of listed sets is reported too)")
+    p.add_argument("--seeds", default="8", help="N (seeds 0..N-1), a range 0-99, or a list 1,5,9")
+    p.add_argument("--entanglement", default="open,inprompt", help="open, inprompt, both (open,inprompt) or none")
+    p.add_argument("--attribution-template", default="{prompt} and {attribute}",
+                   help='open-vocabulary attribution prompt; {prompt}, {profession}, {attribute} '
+                        '(default gives "a photo of the face of a doctor and gender")')
+    p.add_argument("--inprompt-template", default=None,
+                   help='prompt with the attribute word; default puts it before the profession: '
+                        '"a photo of the face of a {attribute} {profession}"')
+    p.add_argument("--classifier", default="clip",
+                   help="clip (zero-shot CLIP), clip:MODEL_ID, none, or python:FILE.py:FUNCTION returning a classifier "
+                        "or a torch module with a `labels` attribute")
+    p.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                   help="model id or folder for --classifier clip")
+    p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
+                   help="target distribution of a set, e.g. age=0.75,0.25 (default uniform); repeatable")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--aggregation", default="fastfair", choices=("fastfair", "daam", "biasmap"))
+    p.add_argument("--percentile", type=float, default=70.0, help="IoU binarisation percentile")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default="auto", help="auto, reference, triton or native")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished images")
+    p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start again")
+    p.add_argument("--no-save-maps", action="store_true", help="do not keep the maps (safetensors shards)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--boot-seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+
+
+def _audit(args) -> int:
+    import os
+
+    from .audit import audit
+
+    _quiet_libraries()
+    res = audit(args.model, args.prompts, template=args.template, attributes=args.attributes, seeds=args.seeds,
+                out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
+                inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
+                targets=" ".join(args.target) if args.target else None, steps=args.steps,
+                guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                negative_prompt=args.negative_prompt, aggregation=args.aggregation, percentile=args.percentile,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend=args.backend,
+                resume=args.resume, overwrite=args.overwrite, save_maps=not args.no_save_maps,
+                report=not args.no_report, n_boot=args.n_boot, boot_seed=args.boot_seed,
+                progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    s = res.summary
+    for w, blk in s.get("entanglement", {}).get("open", {}).items():
+        o = blk["iou"]["overall"]
+        print(f"mIoU(profession, {w}) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}] (open vocabulary)")
+    for name, blk in s.get("entanglement", {}).get("inprompt", {}).items():
+        o = blk["iou"]["overall"]
+        print(f"mIoU(profession, {name} word) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}] (in-prompt)")
+    for name, blk in s.get("distribution", {}).items():
+        o = blk["overall"]["dft_bias"]
+        if o["mean"] is not None:
+            print(f"DFT bias({name}) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}]")
+    print(f"wrote {len(res.results)} rows to {res.run_dir / 'results.parquet'}"
+          + ("" if args.no_report else f" and the report to {res.run_dir / 'report.html'}"))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write the self-contained HTML report of an audit run directory")
+    p.add_argument("run_dir", help="an audit run directory (fastfair audit --out)")
+    p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
+                   help="override a target distribution, e.g. age=0.75,0.25")
+
+
+def _report(args) -> int:
+    from .audit import report
+
+    path = report(args.run_dir, out=args.out, targets=" ".join(args.target) if args.target else None)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_generate(sub)
+    _add_audit(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -97,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate}[args.command](args)
+        return {"generate": _generate, "audit": _audit, "report": _report}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
         return 1
