@@ -1,0 +1,467 @@
+"""Triton backend of fastfair (loaded lazily by ``ops.py`` as backend ``"triton"``).
+
+Provides ``naive.py``'s functions with the same signatures and return conventions:
+``cross_attention_fwd``, ``cross_attention_bwd``, ``soft_iou_fwd``, ``soft_iou_bwd``.
+
+* Inputs fp16 / bf16 / fp32, math in fp32; float64 inputs fall back to ``naive`` (Triton's
+  float64 dots are not worth it here). Non-contiguous q/k/v/dout are handled through strides
+  (diffusers' ``(B, Nq, H*D) -> (B, H, Nq, D)`` transpose view needs no copy).
+* Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+* Autotuning (``triton.autotune`` keyed on a power-of-two Nq bucket, Nk, D, ...) is on for CUDA
+  unless ``FASTFAIR_TRITON_AUTOTUNE=0``; otherwise (and always under the interpreter) a fixed
+  heuristic config is used.
+* Deterministic: no atomics; partial sums (head groups, query splits) are reduced by torch.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import naive
+from .softiou import _softiou_bwd_kernel, _softiou_fwd_kernel
+from .xattn import LOG2E, _xattn_bwd_dkdv_kernel, _xattn_bwd_kernel, _xattn_fwd_kernel
+
+__all__ = ["cross_attention_fwd", "cross_attention_bwd", "soft_iou_fwd", "soft_iou_bwd"]
+
+# Largest key tile: Nk <= MAX_SINGLE_N runs the exact single-pass softmax; beyond, online softmax.
+MAX_SINGLE_N = 256
+LONG_BLOCK_N = 128
+MAX_BLOCK_T = 64
+
+# Tunables (tests override them to exercise every path on small shapes).
+_OVERRIDE: dict = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_on() -> bool:
+    return (not _interpret()) and os.environ.get("FASTFAIR_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _p2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, int(x))))
+
+
+def _key_block(n: int) -> int:
+    if "BLOCK_N" in _OVERRIDE:
+        return _OVERRIDE["BLOCK_N"]
+    return _p2(n) if n <= MAX_SINGLE_N else LONG_BLOCK_N
+
+
+def _target_programs(device: torch.device) -> int:
+    if "TARGET_PROGRAMS" in _OVERRIDE:
+        return _OVERRIDE["TARGET_PROGRAMS"]
+    if device.type != "cuda":
+        return 1  # interpreter: fewest programs is fastest
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _nq_bucket(nq: int) -> int:
+    return min(triton.next_power_of_2(max(nq, 1)), 8192)
+
+
+def _prec(dtype: torch.dtype) -> tuple[str, str]:
+    """(input_precision of the dots on the input dtype, of the fp32 map-gradient dots).
+
+    fp32 inputs: exact fp32 dots everywhere. Half inputs: the main dots run on fp16/bf16 operands
+    (the precision argument is moot); the small fp32 map-gradient dots (BLOCK_M x BLOCK_T x D) use
+    3xTF32 -- fp32 range and ~fp32 accuracy at a fraction of the cost of an FMA loop."""
+    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+
+
+def _align(*ts) -> int:
+    """8 when every tensor has a unit last-dim stride, 16-byte aligned data and row strides that are
+    multiples of 8 elements (the kernels then promise the compiler 16-byte vector loads), else 1."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
+            return 1
+    return 8
+
+
+def _dev_ctx(t: torch.Tensor):
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# autotune configs
+# --------------------------------------------------------------------------------------------
+
+def _fwd_configs():
+    cfgs = []
+    for bm in (64, 128):
+        for w in (4, 8):
+            for s in (1, 2, 3):
+                cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _fwd_prune(configs, named_args, **kwargs):
+    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    bn = kwargs.get("BLOCK_N", 128)
+    out = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        # registers: q (bm x bd) + scores (bm x bn) + acc (bm x bdv) in fp32 per warp set
+        if bm * (bd + bn) > 128 * 256 and c.num_warps < 8:
+            continue
+        if bm * (bd + bn) > 128 * 384:
+            continue
+        out.append(c)
+    return out or configs[:1]
+
+
+def _bwd_configs():
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+
+
+_FWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_MK", "HAS_MAPS", "PER_HEAD", "COMPUTE_OUT"]
+_BWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_DOUT", "HAS_MAPS", "HAS_MK", "NEED_DQ",
+            "FUSE_DK", "FUSE_DV", "FUSE_DMK", "SINGLE"]
+_DKDV_KEY = ["NQ_BUCKET", "Nk", "D", "DV", "HAS_DOUT", "NEED_DK", "NEED_DV"]
+
+_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
+                             prune_configs_by={"early_config_prune": _fwd_prune})(_xattn_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY)(_xattn_bwd_kernel)
+_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_DKDV_KEY)(_xattn_bwd_dkdv_kernel)
+
+
+def _fwd_heuristic(bd: int, bn: int, gpu: bool = False) -> dict:
+    if "FWD_BLOCK_M" in _OVERRIDE:
+        return {"BLOCK_M": _OVERRIDE["FWD_BLOCK_M"], "num_warps": 4, "num_stages": 1}
+    if _interpret() and not gpu:
+        return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
+    if bd >= 256 or bn >= 256:
+        return {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}
+
+
+def _bwd_block_m(bd: int, bn: int, fused: bool) -> int:
+    if "BWD_BLOCK_M" in _OVERRIDE:
+        return _OVERRIDE["BWD_BLOCK_M"]
+    if _interpret():
+        return 64
+    return 64
+
+
+def _bwd_heuristic(bd: int, bn: int, fused: bool) -> dict:
+    if _interpret():
+        return {"num_warps": 4, "num_stages": 1}
+    return {"num_warps": 8 if (fused and bd >= 128) or bn >= 256 else 4, "num_stages": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# cross attention
+# --------------------------------------------------------------------------------------------
+
+def _common_dtype(q, k, v, mk):
+    dt = q.dtype
+    k = k if k.dtype == dt else k.to(dt)
+    v = v if v.dtype == dt else v.to(dt)
+    if mk is not None and mk.dtype != dt:
+        mk = mk.to(dt)
+    return k, v, mk
+
+
+def _is64(*ts) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in ts)
+
+
+def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
+    """See ``naive.cross_attention_fwd``: returns (out, lse, mlse, maps)."""
+    if _is64(q, k, v, mk) or q.numel() == 0:
+        return naive.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
+    k, v, mk = _common_dtype(q, k, v, mk)
+    B, H, Nq, D = q.shape
+    Nk, DV = k.shape[2], v.shape[3]
+    Nm = mk.shape[2] if mk is not None else 0
+    dev = q.device
+    out = torch.empty(B, H, Nq, DV, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=dev)
+    mlse = torch.empty(B, H, Nq if mk is not None else 0, dtype=torch.float32, device=dev)
+    T = tok.shape[1] if tok is not None else 0
+    has_maps = tok is not None and T > 0
+    if tok is None:
+        maps = torch.empty(0, dtype=torch.float32, device=dev)
+    elif per_head:
+        maps = torch.empty(B, H, T, Nq, dtype=torch.float32, device=dev)
+    else:
+        maps = torch.empty(B, T, Nq, dtype=torch.float32, device=dev)
+    tok_ = tok if tok is not None else torch.zeros(B, 1, dtype=torch.int64, device=dev)
+
+    BLOCK_N = _key_block(Nk)
+    BLOCK_NM = _key_block(Nm) if mk is not None else 16
+    BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
+    BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
+    prec, _ = _prec(q.dtype)
+
+    # head groups: all heads in one program (maps summed in registers) unless that leaves the GPU
+    # idle; then groups of heads whose partial maps are summed below.
+    if has_maps and not per_head:
+        nprog = triton.cdiv(Nq, 64) * B
+        hg = max(1, min(H, triton.cdiv(_target_programs(dev), nprog)))
+        if "HEAD_GROUPS" in _OVERRIDE:
+            hg = min(H, _OVERRIDE["HEAD_GROUPS"])
+        hpp = triton.cdiv(H, hg)
+        hg = triton.cdiv(H, hpp)
+    else:
+        hg, hpp = H, 1
+    if has_maps and not per_head and hg > 1:
+        maps_buf = torch.empty(hg, B, T, Nq, dtype=torch.float32, device=dev)
+    elif has_maps and not per_head:
+        maps_buf = maps[None]
+    else:
+        maps_buf = maps
+    if has_maps and per_head:
+        smap = (0, maps.stride(0), maps.stride(1), maps.stride(2))
+    elif has_maps:
+        smap = (maps_buf.stride(0), maps_buf.stride(1), 0, maps_buf.stride(2))
+    else:
+        smap = (0, 0, 0, 0)
+    mk_ = mk if mk is not None else k
+    align = _align(q, k, v, mk, out)
+
+    def launch(t0: int, compute_out: bool):
+        args = (q, k, v, mk_, tok_, out, lse, mlse if mk is not None else lse, maps_buf,
+                *q.stride(), *k.stride(), *v.stride(), *mk_.stride(), *tok_.stride(), *out.stride(),
+                *smap,
+                H, Nq, Nk, Nm, D, DV, T, t0, hpp,
+                float(scale) * LOG2E, _nq_bucket(Nq))
+        consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head, COMPUTE_OUT=compute_out,
+                      SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T,
+                      PREC=prec, ALIGN=align)
+        if _autotune_on() and "FWD_BLOCK_M" not in _OVERRIDE:
+            grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
+            _fwd_tuned[grid](*args, **consts)
+        else:
+            cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N)
+            grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B, hg)
+            _xattn_fwd_kernel[grid](*args, **consts, **cfg)
+
+    with _dev_ctx(q):
+        launch(0, True)
+        for t0 in range(BLOCK_T, T, BLOCK_T):  # more tokens than one tile: maps-only passes
+            launch(t0, False)
+    if has_maps and not per_head and hg > 1:
+        torch.sum(maps_buf, dim=0, out=maps)
+    return out, lse, mlse, maps
+
+
+def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse, mlse, dout, dmaps,
+                        needs=(True, True, True, True)):
+    """See ``naive.cross_attention_bwd``: returns (dq, dk, dv, dmk), None where not needed."""
+    if _is64(q, k, v, mk) or q.numel() == 0:
+        return naive.cross_attention_bwd(q, k, v, mk, tok, scale, per_head, out, lse, mlse, dout, dmaps, needs)
+    k_in, v_in, mk_in = k, v, mk
+    k, v, mk = _common_dtype(q, k, v, mk)
+    B, H, Nq, D = q.shape
+    Nk, DV = k.shape[2], v.shape[3]
+    Nm = mk.shape[2] if mk is not None else 0
+    dev = q.device
+    need_q, need_k, need_v, need_mk = (bool(x) for x in needs)
+    need_mk = need_mk and mk is not None
+    T = tok.shape[1] if tok is not None else 0
+    has_dout = dout is not None
+    has_maps = tok is not None and dmaps is not None and T > 0
+    maps_main = has_maps and mk is None
+    main = has_dout or maps_main
+    dk_src = need_k and main
+    dv_src = need_v and has_dout
+    dmk_src = need_mk and has_maps
+    dq_src = need_q and (main or has_maps)
+
+    def zeros_like(t, need):
+        return torch.zeros_like(t) if need else None
+
+    dq = zeros_like(q, need_q and not dq_src)
+    dk = zeros_like(k_in, need_k and not dk_src)
+    dv = zeros_like(v_in, need_v and not dv_src)
+    dmk = zeros_like(mk_in, need_mk and not dmk_src) if mk is not None else None
+    if not (dq_src or dk_src or dv_src or dmk_src):
+        return dq, dk, dv, dmk
+
+    BLOCK_N = _key_block(Nk)
+    BLOCK_NM = _key_block(Nm) if mk is not None else 16
+    BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
+    BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
+    single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
+    fuse = single and (dk_src or dv_src or dmk_src)
+    need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
+    need_delta = (not single) and (dk_src or dmk_src)
+    prec, prec_map = _prec(q.dtype)
+    BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse)
+    NMB = triton.cdiv(Nq, BLOCK_M)
+    if fuse:
+        nsplit = max(1, min(NMB, triton.cdiv(_target_programs(dev), B * H)))
+        if "NSPLIT" in _OVERRIDE:
+            nsplit = max(1, min(NMB, _OVERRIDE["NSPLIT"]))
+    else:
+        nsplit = NMB
+    mb_per = triton.cdiv(NMB, nsplit)
+    nsplit = triton.cdiv(NMB, mb_per)
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    dq_buf = torch.empty(B, H, Nq, D, dtype=q.dtype, device=dev) if dq_src else lse
+    delta = torch.empty(B, H, Nq, **f32) if need_delta else lse
+    deltam = torch.empty(B, H, Nq, **f32) if (need_delta and dmk_src) else lse
+    wpart = torch.empty(B, H, NMB, T, D, **f32) if need_w else lse
+    dkp = torch.empty(nsplit, B, H, Nk, D, **f32) if (fuse and dk_src) else lse
+    dvp = torch.empty(nsplit, B, H, Nk, DV, **f32) if (fuse and dv_src) else lse
+    dmkp = torch.empty(nsplit, B, H, Nm, D, **f32) if (fuse and dmk_src) else lse
+    mk_ = mk if mk is not None else k
+    mlse_ = mlse if (mk is not None and mlse is not None and mlse.numel()) else lse
+    tok_ = tok if tok is not None else torch.zeros(B, 1, dtype=torch.int64, device=dev)
+    dout_ = dout if has_dout else q
+    if has_maps:
+        dm_ = dmaps.contiguous()
+        sdm = (dm_.stride(0), dm_.stride(1), dm_.stride(2)) if per_head else (dm_.stride(0), 0, dm_.stride(1))
+    else:
+        dm_, sdm = lse, (0, 0, 0)
+    sdq = dq_buf.stride() if dq_src else (0, 0, 0, 0)
+    align = _align(q, k, v, mk, dout, dq_buf if dq_src else None)
+    scale = float(scale)
+
+    with _dev_ctx(q):
+        args = (q, k, v, mk_, tok_, dout_, dm_, lse, mlse_,
+                dq_buf, delta, deltam, wpart, dkp, dvp, dmkp,
+                *q.stride(), *k.stride(), *v.stride(), *mk_.stride(), *tok_.stride(), *dout_.stride(),
+                *sdm, *sdq,
+                H, Nq, Nk, Nm, D, DV, T, NMB, mb_per,
+                scale * LOG2E, scale, _nq_bucket(Nq))
+        consts = dict(HAS_DOUT=has_dout, HAS_MAPS=has_maps, HAS_MK=mk is not None,
+                      NEED_DQ=dq_src, NEED_DELTA=need_delta, NEED_W=need_w,
+                      FUSE_DK=fuse and dk_src, FUSE_DV=fuse and dv_src, FUSE_DMK=fuse and dmk_src,
+                      SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM,
+                      BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
+                      ALIGN=align)
+        grid = (nsplit, B * H)
+        if _autotune_on():
+            _bwd_tuned[grid](*args, **consts)
+        else:
+            _xattn_bwd_kernel[grid](*args, **consts, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse))
+
+        def dkdv(K_, V_, L_, DEL_, n_keys, block_n, has_do, need_dk_, need_dv_):
+            nkb = triton.cdiv(n_keys, block_n)
+            ns = max(1, min(NMB, triton.cdiv(_target_programs(dev), nkb * B * H)))
+            if "NSPLIT" in _OVERRIDE:
+                ns = max(1, min(NMB, _OVERRIDE["NSPLIT"]))
+            per = triton.cdiv(NMB, ns)
+            ns = triton.cdiv(NMB, per)
+            kp = torch.empty(ns, B, H, n_keys, D, **f32) if need_dk_ else lse
+            vp = torch.empty(ns, B, H, n_keys, DV, **f32) if need_dv_ else lse
+            a = (q, K_, V_, dout_, L_, DEL_, kp, vp,
+                 *q.stride(), *K_.stride(), *V_.stride(), *dout_.stride(),
+                 H, Nq, n_keys, D, DV, NMB, per, scale * LOG2E, scale, _nq_bucket(Nq))
+            c = dict(HAS_DOUT=has_do, NEED_DK=need_dk_, NEED_DV=need_dv_, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                     BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, ALIGN=align)
+            g = (nkb, B * H, ns)
+            if _autotune_on():
+                _dkdv_tuned[g](*a, **c)
+            else:
+                _xattn_bwd_dkdv_kernel[g](*a, **c, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False))
+            return kp, vp
+
+        if not single:
+            if dk_src or dv_src:
+                dkp, dvp = dkdv(k, v, lse, delta, Nk, BLOCK_N, has_dout, dk_src, dv_src)
+            if dmk_src:
+                dmkp, _ = dkdv(mk, mk, mlse_, deltam, Nm, BLOCK_NM, False, True, False)
+
+        def scatter_w(acc, n_keys):
+            # dk[tok[b, t]] += scale * sum_n w[n, t] q[n]   (one-hot matmul: deterministic)
+            W = wpart.sum(2)  # (B, H, T, D)
+            oh = (tok[:, :, None] == torch.arange(n_keys, device=dev)[None, None, :]).to(torch.float32)
+            return acc + scale * torch.einsum("btn,bhtd->bhnd", oh, W)
+
+        if dq_src:
+            dq = dq_buf
+        if dk_src:
+            acc = dkp.sum(0)
+            if need_w and maps_main:
+                acc = scatter_w(acc, Nk)
+            dk = acc.to(k_in.dtype)
+        if dv_src:
+            dv = dvp.sum(0).to(v_in.dtype)
+        if dmk_src:
+            acc = dmkp.sum(0)
+            if need_w:
+                acc = scatter_w(acc, Nm)
+            dmk = acc.to(mk_in.dtype)
+    if dq is not None and dq.dtype != q.dtype:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv, dmk
+
+
+# --------------------------------------------------------------------------------------------
+# SoftIoU
+# --------------------------------------------------------------------------------------------
+
+def _siou_setup(a, b, top_k, gamma, iters):
+    N, n = a.shape
+    if top_k is not None:
+        kk = math.floor(top_k * n)
+        if not 0 < kk < n:
+            raise ValueError(f"top_k={top_k} gives k={kk} of n={n} elements; need 0 < k < n")
+        lnu0, lnu1 = math.log((n - kk) / n), math.log(kk / n)
+    else:
+        lnu0 = lnu1 = 0.0
+    block = _OVERRIDE.get("SIOU_BLOCK", min(1024, _p2(n, 32)))
+    return N, n, lnu0, lnu1, block
+
+
+def _siou_params(n, lnu0, lnu1, gamma, device):
+    return torch.tensor([-math.log(n), lnu0, lnu1, 1.0 / gamma], dtype=torch.float64, device=device)
+
+
+def soft_iou_fwd(a, b, top_k, gamma: float, iters: int, eps: float):
+    """See ``naive.soft_iou``: (N, n) maps -> (N,) in a's dtype; math in fp32."""
+    if _is64(a, b) or a.numel() == 0:
+        return naive.soft_iou(a, b, top_k, gamma, iters, eps)
+    if b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    N, n, lnu0, lnu1, block = _siou_setup(a, b, top_k, gamma, iters)
+    out = torch.empty(N, dtype=a.dtype, device=a.device)
+    prm = _siou_params(n, lnu0, lnu1, gamma, a.device)
+    with _dev_ctx(a):
+        _softiou_fwd_kernel[(N,)](a, b, out, prm, n, a.stride(0), b.stride(0), int(iters), float(eps), float(n),
+                                  HAS_TOPK=top_k is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return out
+
+
+def soft_iou_bwd(a, b, top_k, gamma: float, iters: int, eps: float, d_iou):
+    """Exact gradient of the unrolled computation (as torch autograd of ``naive.soft_iou``)."""
+    if _is64(a, b) or a.numel() == 0:
+        a_ = a.detach().requires_grad_(True)
+        b_ = b.detach().requires_grad_(True)
+        with torch.enable_grad():
+            r = naive.soft_iou(a_, b_, top_k, gamma, iters, eps)
+            da, db = torch.autograd.grad(r, (a_, b_), d_iou.to(r.dtype), allow_unused=True)
+        return (da if da is not None else torch.zeros_like(a)), (db if db is not None else torch.zeros_like(b))
+    b_dtype = b.dtype
+    if b.dtype != a.dtype:
+        b = b.to(a.dtype)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    N, n, lnu0, lnu1, block = _siou_setup(a, b, top_k, gamma, iters)
+    da = torch.empty(N, n, dtype=a.dtype, device=a.device)
+    db = torch.empty(N, n, dtype=a.dtype, device=a.device)
+    dx = torch.empty(N, 2, n, dtype=torch.float32, device=a.device)
+    d = d_iou.contiguous()
+    prm = _siou_params(n, lnu0, lnu1, gamma, a.device)
+    with _dev_ctx(a):
+        _softiou_bwd_kernel[(N,)](a, b, d, da, db, dx, prm, n, a.stride(0), b.stride(0), da.stride(0), db.stride(0),
+                                  int(iters), float(eps), float(n),
+                                  HAS_TOPK=top_k is not None, BLOCK=block, ITERS_P=_p2(int(iters) + 1, 2),
+                                  num_warps=4 if block <= 1024 else 8)
+    return da, db.to(b_dtype)

@@ -1,0 +1,293 @@
+"""Triton cross-attention kernels against the float64 reference (naive.py).
+
+CPU: runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, set only while the kernel
+modules are imported and, per test, through monkeypatch -- other test modules are unaffected).
+GPU: with CUDA and TRITON_INTERPRET unset/0 the same tests run on CUDA tensors in fp16/bf16/fp32
+(``bench/gpu_kernels.sh``).
+
+Accuracy criterion: fp32 -- max|tri - ref64| <= 1e-5 * max|ref64|; fp16/bf16 -- the error is at
+most twice that of the reference run on the same half-precision inputs (naive.py computes in fp32
+and rounds its outputs to the input dtype) plus a small absolute slack.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _import_kernels():
+    """Import the Triton backend in the right mode for this session.
+
+    The interpreter is chosen when triton (and each @triton.jit function) is imported, so on CPU
+    TRITON_INTERPRET=1 is set while importing and restored afterwards (other test modules see the
+    environment unchanged; the tests below set it again through monkeypatch). If triton was
+    already imported in compiled mode, it cannot run on CPU anyway: re-import it interpreted.
+    """
+    prev = os.environ.get("TRITON_INTERPRET")
+    if not GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        if not GPU and "triton" in sys.modules:
+            from triton.runtime.interpreter import InterpretedFunction
+            import triton.language.standard as _std
+            if not isinstance(_std.zeros, InterpretedFunction):
+                for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")
+                             or m in ("fastfair.kernels.xattn", "fastfair.kernels.softiou",
+                                      "fastfair.kernels.triton_ops")]:
+                    del sys.modules[name]
+        pytest.importorskip("triton")
+        from fastfair.kernels import softiou, triton_ops, xattn
+        from triton.runtime.interpreter import InterpretedFunction
+        if isinstance(xattn._xattn_fwd_kernel, InterpretedFunction) == GPU:  # imported in the other mode
+            importlib.reload(xattn)
+            importlib.reload(softiou)
+            importlib.reload(triton_ops)
+        return triton_ops
+    finally:
+        if prev is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+T_OPS = _import_kernels()
+from fastfair import ops  # noqa: E402
+from fastfair.kernels import naive  # noqa: E402
+
+DEV = "cuda" if GPU else "cpu"
+HALF = [torch.float16, torch.bfloat16] if GPU else [torch.float16]  # interpreter bf16 dots are broken
+
+
+@pytest.fixture(autouse=True)
+def _interp_env(monkeypatch):
+    if not GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.setenv("FASTFAIR_TRITON_AUTOTUNE", os.environ.get("FASTFAIR_TRITON_AUTOTUNE", "0"))
+    T_OPS._OVERRIDE.clear()
+    yield
+    T_OPS._OVERRIDE.clear()
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _scale(b):
+    return max(b.double().abs().max().item(), 1.0)  # floor: exactly-zero references (Nk = 1 -> dq = 0)
+
+
+def _check(name, tri, ref64, half_ref, dtype, extra_atol=0.0):
+    """tri, half_ref: results from the triton / naive backends on the same (maybe half) inputs."""
+    if tri is None or ref64 is None:
+        assert tri is None and ref64 is None, name
+        return
+    assert tri.shape == ref64.shape, (name, tri.shape, ref64.shape)
+    if ref64.numel() == 0:
+        return
+    e = _err(tri, ref64)
+    s = _scale(ref64)
+    if dtype == torch.float32:
+        tol = 1e-5 * s
+    else:
+        eps = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+        tol = 2.0 * _err(half_ref, ref64) + 0.05 * eps * s + extra_atol
+    if os.environ.get("FF_DEBUG_TOL"): print(f"{name} {dtype} err {e:.2e} tol {tol:.2e} ratio {e / tol:.2f}")
+    assert e <= tol, f"{name}: err {e:.3e} > tol {tol:.3e} (scale {s:.3e})"
+
+
+def _inputs(B, H, Nq, Nk, D, dtype, DV=None, Nm=0, T=3, seed=0, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+    DV = DV or D
+    if transposed:  # diffusers' layout: (B, Nq, H*D) viewed as (B, H, Nq, D)
+        q = torch.randn(B, Nq, H, D, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, H, Nk, D, generator=g)
+    v = torch.randn(B, H, Nk, DV, generator=g)
+    mk = torch.randn(B, H, Nm, D, generator=g) if Nm else None
+    nk = Nm or Nk
+    tok = torch.randint(0, nk, (B, T), generator=g) if T else None
+    if tok is not None and T >= 2:
+        tok[:, -1] = tok[:, 0]  # a repeated token
+    cvt = lambda t: None if t is None else t.to(dtype=dtype, device=DEV)  # noqa: E731
+    return cvt(q), cvt(k), cvt(v), cvt(mk), (tok.to(DEV) if tok is not None else None)
+
+
+def _d64(t):
+    return None if t is None else t.double()
+
+
+def _run_all(q, k, v, mk, tok, per_head, scale=None, needs=(True, True, True, True), with_dout=True,
+             with_dmaps=True, seed=1):
+    D = q.shape[-1]
+    scale = naive.default_scale(D) if scale is None else scale
+    dtype = q.dtype
+    ref = naive.cross_attention_fwd(_d64(q), _d64(k), _d64(v), _d64(mk), tok, scale, per_head)
+    half = naive.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
+    tri = T_OPS.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
+    for nm, a, b, c in zip(("out", "lse", "mlse", "maps"), tri, ref, half):
+        _check(nm, a, b, c, dtype)
+    assert tri[0].dtype == dtype and tri[1].dtype == torch.float32 and tri[3].dtype == torch.float32
+
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(ref[0].shape, generator=g).to(dtype=dtype, device=DEV) if with_dout else None
+    dmaps = (torch.randn(ref[3].shape, generator=g).to(DEV) if (with_dmaps and tok is not None) else None)
+    mlse = lambda r: r[2] if mk is not None else None  # noqa: E731
+    rb = naive.cross_attention_bwd(_d64(q), _d64(k), _d64(v), _d64(mk), tok, scale, per_head, ref[0], ref[1],
+                                   mlse(ref), _d64(dout), _d64(dmaps), needs)
+    hb = naive.cross_attention_bwd(q, k, v, mk, tok, scale, per_head, half[0], half[1], mlse(half), dout, dmaps,
+                                   needs)
+    tb = T_OPS.cross_attention_bwd(q, k, v, mk, tok, scale, per_head, tri[0], tri[1], mlse(tri), dout, dmaps,
+                                   needs)
+    for nm, a, b, c, like in zip(("dq", "dk", "dv", "dmk"), tb, rb, hb, (q, k, v, mk)):
+        _check(nm, a, b, c, dtype)
+        if a is not None:
+            assert a.dtype == like.dtype, nm
+    return tri, tb
+
+
+# --------------------------------------------------------------------------------------------
+# fp32 against float64: key counts, head dims, single-pass and online variants
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("Nk", [1, 7, 77, 128, 154, 256])
+def test_fp32_key_counts(Nk):
+    q, k, v, mk, tok = _inputs(1, 2, 70, Nk, 40, torch.float32, T=3 if Nk > 1 else 1)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+@pytest.mark.parametrize("D", [64, 80, 160])
+def test_fp32_head_dims(D):
+    q, k, v, mk, tok = _inputs(1, 2, 37, 77, D, torch.float32)
+    _run_all(q, k, v, mk, tok, per_head=D == 80)
+
+
+def test_fp32_long_keys_online():
+    T_OPS._OVERRIDE["NSPLIT"] = 2
+    q, k, v, mk, tok = _inputs(1, 2, 70, 600, 40, torch.float32)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+def test_fp32_long_map_keys_online():
+    q, k, v, mk, tok = _inputs(1, 2, 40, 300, 64, torch.float32, Nm=280)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp32_map_keys(per_head):
+    q, k, v, mk, tok = _inputs(2, 2, 50, 77, 40, torch.float32, Nm=20, T=4)
+    _run_all(q, k, v, mk, tok, per_head=per_head)
+
+
+def test_fp32_value_dim_differs_and_scale():
+    q, k, v, mk, tok = _inputs(1, 2, 33, 9, 40, torch.float32, DV=24)
+    _run_all(q, k, v, mk, tok, per_head=False, scale=0.3)
+
+
+def test_fp32_head_groups_splits_many_tokens():
+    """Head groups with partial maps, Nq split in the fused backward, >64 tokens (maps-only pass)."""
+    T_OPS._OVERRIDE.update(HEAD_GROUPS=2, NSPLIT=2, FWD_BLOCK_M=32, BWD_BLOCK_M=32)
+    q, k, v, mk, tok = _inputs(1, 3, 70, 154, 40, torch.float32, T=70)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+def test_fp32_noncontiguous_and_no_tokens():
+    q, k, v, mk, _ = _inputs(2, 2, 45, 77, 40, torch.float32, transposed=True)
+    assert not q.is_contiguous()
+    tri, _ = _run_all(q, k, v, None, None, per_head=False)
+    assert tri[3].numel() == 0 and tri[2].shape == (2, 2, 0)
+
+
+@pytest.mark.parametrize("case", ["dq_maps_only", "dq_dout_maps", "no_dout", "no_dmaps", "mk_no_dout"])
+def test_fp32_partial_needs(case):
+    Nm = 20 if case == "mk_no_dout" else 0
+    q, k, v, mk, tok = _inputs(1, 2, 40, 77, 40, torch.float32, Nm=Nm)
+    kw = dict(needs=(True, True, True, True))
+    if case == "dq_maps_only":
+        kw = dict(needs=(True, False, False, False), with_dout=False)
+    elif case == "dq_dout_maps":
+        kw = dict(needs=(True, False, False, False))
+    elif case in ("no_dout", "mk_no_dout"):
+        kw = dict(needs=(True, True, True, True), with_dout=False)
+    elif case == "no_dmaps":
+        kw = dict(needs=(True, True, True, True), with_dmaps=False)
+    _, grads = _run_all(q, k, v, mk, tok, per_head=False, **kw)
+    if case.startswith("dq"):
+        assert grads[1] is None and grads[2] is None
+
+
+# --------------------------------------------------------------------------------------------
+# half precision: at most twice the error of the reference on the same inputs
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("Nk,D,Nm", [(77, 40, 0), (154, 80, 0), (77, 64, 30), (600, 40, 0)])
+def test_half(dtype, Nk, D, Nm):
+    q, k, v, mk, tok = _inputs(1, 2, 70, Nk, D, dtype, Nm=Nm)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the custom op: backend="triton" equals backend="reference", gradients included
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_mk", [False, True])
+def test_custom_op_matches_reference(use_mk):
+    q, k, v, mk, tok = _inputs(2, 2, 40, 77, 40, torch.float32, Nm=20 if use_mk else 0)
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        mk_ = mk.detach().clone().requires_grad_(True) if use_mk else None
+        out, maps = ops.cross_attention(*leaves, map_tokens=tok, map_keys=mk_, backend=backend)
+        loss = (out.float() ** 2).sum() + (maps * torch.linspace(0, 1, maps.shape[-1], device=DEV)).sum()
+        loss.backward()
+        grads = [t.grad for t in leaves] + ([mk_.grad] if use_mk else [])
+        results[backend] = [out, maps] + grads
+    for a, b in zip(results["triton"], results["reference"]):
+        assert _err(a, b) <= 1e-5 * _scale(b)
+
+
+def test_custom_op_guidance_path_dq_only():
+    """Guidance: gradient of a map loss into q only (k, v frozen)."""
+    q, k, v, _, tok = _inputs(1, 2, 40, 77, 40, torch.float32)
+    res = {}
+    for backend in ("reference", "triton"):
+        q_ = q.detach().clone().requires_grad_(True)
+        _, maps = ops.cross_attention(q_, k, v, map_tokens=tok[0], head_reduce="none", backend=backend)
+        (maps[:, :, 0] - maps[:, :, 1]).pow(2).sum().backward()
+        res[backend] = q_.grad
+    assert _err(res["triton"], res["reference"]) <= 1e-5 * _scale(res["reference"])
+
+
+def test_float64_falls_back_to_reference():
+    q, k, v, mk, tok = _inputs(1, 2, 20, 7, 16, torch.float64)
+    tri = T_OPS.cross_attention_fwd(q, k, v, None, tok, 0.25, False)
+    ref = naive.cross_attention_fwd(q, k, v, None, tok, 0.25, False)
+    assert tri[0].dtype == torch.float64 and torch.allclose(tri[3], ref[3])
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: realistic shapes and the autotuned path
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("Nq,H,D,Nk", [(1024, 8, 40, 77), (256, 8, 80, 77), (64, 8, 160, 77), (1024, 10, 64, 77),
+                                       (512, 4, 64, 1200)])
+def test_gpu_diffusion_shapes(dtype, Nq, H, D, Nk):
+    q, k, v, mk, tok = _inputs(2, H, Nq, Nk, D, dtype, T=4, transposed=True)
+    _run_all(q, k, v, mk, tok, per_head=False)
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+def test_gpu_autotuned(monkeypatch):
+    monkeypatch.setenv("FASTFAIR_TRITON_AUTOTUNE", "1")
+    q, k, v, mk, tok = _inputs(2, 8, 1024, 77, 40, torch.float16, T=4)
+    _run_all(q, k, v, mk, tok, per_head=False)
