@@ -10,7 +10,8 @@ Backends (chosen here and nowhere else):
   ``TRITON_INTERPRET=1`` when asked for by name.
 * ``"native"``: the C++/CUDA extension from ``csrc/`` when it is built.
 
-``backend="auto"`` picks triton on CUDA tensors and the reference on CPU; the environment
+``backend="auto"`` picks triton on CUDA tensors, and on CPU native when the extension is built
+(else the reference, with a one-time warning saying how to build it); the environment
 variable ``FASTFAIR_BACKEND`` overrides ``auto``. Every backend implements the same row math
 (see ``naive.py``) and is wrapped here once, as a ``torch.library.custom_op`` with a fake
 implementation and a registered autograd formula, so ``torch.compile`` can trace it. Backward
@@ -65,6 +66,14 @@ def _native_usable(device: torch.device) -> bool:
     return bool(getattr(mod, "usable", lambda d: False)(device))
 
 
+def _native_unbuilt_warning(device: torch.device) -> None:
+    """Warn once that the native extension is missing (it was asked for, or auto would use it)."""
+    try:
+        importlib.import_module("fastfair.native").warn_unbuilt(device)
+    except ImportError:  # pragma: no cover
+        pass
+
+
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "fastfair.kernels.naive", lambda d: True),
     "triton": Backend("triton", "fastfair.kernels.triton_ops", _triton_usable),
@@ -96,9 +105,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and _triton_usable(device):
             return "triton"
+        if device.type == "cpu":  # native beats the reference on CPU (bench/bench_native_cpu.py)
+            if _native_usable(device):
+                return "native"
+            _native_unbuilt_warning(device)
         return "reference"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)} or 'auto'")
+    if backend == "native" and device.type in ("cpu", "cuda") and not _native_usable(device):
+        _native_unbuilt_warning(device)  # extension not built: fall back to the reference
+        return "reference"
     if not _BACKENDS[backend].usable(device):
         hint = {
             "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)",

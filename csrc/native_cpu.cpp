@@ -1,0 +1,440 @@
+// fastfair native kernels: the CPU driver (module fastfair._native).
+//
+// Drives the row math of xattn_row.h over blocks of query rows with std::thread (no OpenMP, so
+// no second OpenMP runtime next to torch's). Inputs arrive as raw pointers with element strides,
+// already converted to the accumulation dtype (float32 or float64) by fastfair/native.py;
+// outputs are contiguous buffers of that dtype allocated by the caller. No torch C++ is linked.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xattn_row.h"
+
+namespace py = pybind11;
+using ff::idx_t;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// [0, n) items over nthreads threads, handed out dynamically (robust to busy cores). Results
+// never depend on which thread ran an item: per-thread state is scratch only, and reductions go
+// through per-item buffers summed in a fixed order.
+template <class F>
+void parallel_for(idx_t n, int nthreads, F&& fn) {
+  nthreads = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nthreads, n)));
+  if (nthreads <= 1) {
+    for (idx_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  std::atomic<idx_t> next(0);
+  std::vector<std::thread> pool;
+  std::vector<std::exception_ptr> errs(nthreads);
+  auto work = [&](int tid) {
+    try {
+      for (idx_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, tid);
+    } catch (...) {
+      errs[tid] = std::current_exception();
+      next.store(n);
+    }
+  };
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+struct T4 {  // a strided 4-d tensor view (B, H, N, D)
+  uintptr_t ptr;
+  std::vector<idx_t> st;
+  template <class A>
+  const A* at(idx_t b, idx_t h, idx_t n) const {
+    return reinterpret_cast<const A*>(ptr) + b * st[0] + h * st[1] + n * st[2];
+  }
+};
+
+T4 view(uintptr_t p, const std::vector<idx_t>& st) {
+  if (p && st.size() != 4) throw std::invalid_argument("fastfair._native: expected 4 strides");
+  return T4{p, st};
+}
+
+constexpr int MB = 64;  // query rows per block
+
+// Copy rows [n0, n0+m) of x[b,h] (strided) into dst (m x ld), zero-padding columns [D, ld).
+template <class A>
+void load_rows(const T4& x, idx_t b, idx_t h, idx_t n0, int m, int D, A* dst, int ld) {
+  const idx_t sd = x.st[3];
+  for (int r = 0; r < m; ++r) {
+    const A* src = x.at<A>(b, h, n0 + r);
+    A* o = dst + static_cast<idx_t>(r) * ld;
+    if (sd == 1) {
+      for (int d = 0; d < D; ++d) o[d] = src[d];
+    } else {
+      for (int d = 0; d < D; ++d) o[d] = src[d * sd];
+    }
+    for (int d = D; d < ld; ++d) o[d] = 0;
+  }
+}
+
+// Key matrix x[b,h] (N x D) into transposed, padded (D x ldt) and/or row-major padded (N x ldr).
+template <class A>
+void load_keys(const T4& x, idx_t b, idx_t h, int N, int D, A* xt, int ldt, A* xr, int ldr) {
+  if (xt) {
+    std::fill(xt, xt + static_cast<idx_t>(D) * ldt, A(0));
+    for (int j = 0; j < N; ++j) {
+      const A* src = x.at<A>(b, h, j);
+      for (int d = 0; d < D; ++d) xt[static_cast<idx_t>(d) * ldt + j] = src[d * x.st[3]];
+    }
+  }
+  if (xr) load_rows<A>(x, b, h, 0, N, D, xr, ldr);
+}
+
+struct XArgs {
+  int B, H, Nq, Nk, Nm, D, Dv, T;
+  double scale;
+  bool per_head;
+  T4 q, k, v, mk;
+  uintptr_t tok;  // (B, T) int64 contiguous
+  int nthreads;
+};
+
+// ------------------------------------------------------------------------------------------
+// Forward: out (B,H,Nq,Dv), lse (B,H,Nq), mlse (B,H,Nq) [mk], maps (B,T,Nq) or (B,H,T,Nq).
+// ------------------------------------------------------------------------------------------
+template <class A>
+void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_p, uintptr_t maps_p) {
+  constexpr int W = 64 / sizeof(A);
+  const int B = p.B, H = p.H, Nq = p.Nq, Nk = p.Nk, Nm = p.Nm, D = p.D, Dv = p.Dv, T = p.T;
+  const bool has_mk = p.mk.ptr != 0, has_maps = p.tok != 0 && T > 0;
+  const int Nkp = round_up(Nk, W), Nmp = round_up(std::max(Nm, 1), W), Dvp = round_up(Dv, W);
+  const A scale = static_cast<A>(p.scale);
+  A* out = reinterpret_cast<A*>(out_p);
+  A* lse = reinterpret_cast<A*>(lse_p);
+  A* mlse = reinterpret_cast<A*>(mlse_p);
+  A* maps = reinterpret_cast<A*>(maps_p);
+  const int64_t* tok = reinterpret_cast<const int64_t*>(p.tok);
+  const idx_t BH = static_cast<idx_t>(B) * H;
+
+  // per (b,h): K^T (D x Nkp), V (Nk x Dvp), MK^T (D x Nmp)
+  const idx_t szK = static_cast<idx_t>(D) * Nkp, szV = static_cast<idx_t>(Nk) * Dvp,
+              szM = has_mk ? static_cast<idx_t>(D) * Nmp : 0;
+  std::vector<A> Kt(BH * szK), Vp(BH * szV), MKt(BH * szM);
+  parallel_for(BH, p.nthreads, [&](idx_t bh, int) {
+    const idx_t b = bh / H, h = bh % H;
+    load_keys<A>(p.k, b, h, Nk, D, Kt.data() + bh * szK, Nkp, nullptr, 0);
+    load_rows<A>(p.v, b, h, 0, Nk, Dv, Vp.data() + bh * szV, Dvp);
+    if (has_mk) load_keys<A>(p.mk, b, h, Nm, D, MKt.data() + bh * szM, Nmp, nullptr, 0);
+  });
+
+  const idx_t nblk = (Nq + MB - 1) / MB;
+  const int nth = p.nthreads;
+  struct Scratch { std::vector<A> q, s, o, sm, acc; };
+  std::vector<Scratch> scr(std::max(1, nth));
+  ff::SerialGroup g;
+  parallel_for(static_cast<idx_t>(B) * nblk, nth, [&](idx_t item, int tid) {
+    Scratch& sc = scr[tid];
+    sc.q.resize(static_cast<idx_t>(MB) * D);
+    sc.s.resize(static_cast<idx_t>(MB) * Nkp);
+    sc.o.resize(static_cast<idx_t>(MB) * Dvp);
+    if (has_mk) sc.sm.resize(static_cast<idx_t>(MB) * Nmp);
+    if (has_maps && !p.per_head) sc.acc.assign(static_cast<idx_t>(T) * MB, A(0));
+    const idx_t b = item / nblk, n0 = (item % nblk) * MB;
+    const int m = static_cast<int>(std::min<idx_t>(MB, Nq - n0));
+    for (int h = 0; h < H; ++h) {
+      const idx_t bh = b * H + h;
+      load_rows<A>(p.q, b, h, n0, m, D, sc.q.data(), D);
+      A* S = sc.s.data();
+      ff::mm_block<W, A>(m, Nkp, D, scale, sc.q.data(), D, 1, Kt.data() + bh * szK, Nkp, S, Nkp, false);
+      // padded key columns -> -inf, so the row loops run over whole vectors (exp(-inf) = 0)
+      for (int r = 0; r < m; ++r) {
+        A* row = S + static_cast<idx_t>(r) * Nkp;
+        for (int j = Nk; j < Nkp; ++j) row[j] = ff::ninf<A>();
+        lse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nkp);
+      }
+      ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp.data() + bh * szV, Dvp, sc.o.data(), Dvp, false);
+      for (int r = 0; r < m; ++r) {
+        A* o = out + (bh * Nq + n0 + r) * Dv;
+        const A* src = sc.o.data() + static_cast<idx_t>(r) * Dvp;
+        for (int e = 0; e < Dv; ++e) o[e] = src[e];
+      }
+      const A* P = S;
+      int ldp = Nkp;
+      if (has_mk) {
+        A* Sm = sc.sm.data();
+        ff::mm_block<W, A>(m, Nmp, D, scale, sc.q.data(), D, 1, MKt.data() + bh * szM, Nmp, Sm, Nmp, false);
+        for (int r = 0; r < m; ++r) {
+          A* row = Sm + static_cast<idx_t>(r) * Nmp;
+          for (int j = Nm; j < Nmp; ++j) row[j] = ff::ninf<A>();
+          mlse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nmp);
+        }
+        P = Sm;
+        ldp = Nmp;
+      }
+      if (has_maps) {
+        const int64_t* tb = tok + b * T;
+        for (int t = 0; t < T; ++t) {
+          if (p.per_head) {
+            A* dst = maps + ((bh * T + t) * Nq + n0);
+            for (int r = 0; r < m; ++r) dst[r] = ff::map_value(P + static_cast<idx_t>(r) * ldp, tb, t);
+          } else {
+            A* dst = sc.acc.data() + static_cast<idx_t>(t) * MB;
+            for (int r = 0; r < m; ++r) dst[r] += ff::map_value(P + static_cast<idx_t>(r) * ldp, tb, t);
+          }
+        }
+      }
+    }
+    if (has_maps && !p.per_head)
+      for (int t = 0; t < T; ++t) {
+        A* dst = maps + ((b * T + t) * Nq + n0);
+        for (int r = 0; r < m; ++r) dst[r] = sc.acc[static_cast<idx_t>(t) * MB + r];
+      }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward: dq (B,H,Nq,D), dk (B,H,Nk,D), dv (B,H,Nk,Dv), dmk (B,H,Nm,D), contiguous; a zero
+// pointer means "not needed". dout strided (or 0), dmaps contiguous (or 0), lse/mlse contiguous.
+// ------------------------------------------------------------------------------------------
+template <class A>
+void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout, uintptr_t dmaps_p,
+               uintptr_t dq_p, uintptr_t dk_p, uintptr_t dv_p, uintptr_t dmk_p) {
+  constexpr int W = 64 / sizeof(A);
+  const int B = p.B, H = p.H, Nq = p.Nq, Nk = p.Nk, Nm = p.Nm, D = p.D, Dv = p.Dv, T = p.T;
+  const bool has_mk = p.mk.ptr != 0, has_dout = dout.ptr != 0;
+  const bool has_maps = p.tok != 0 && dmaps_p != 0 && T > 0;
+  const bool need_q = dq_p != 0, need_k = dk_p != 0, need_v = dv_p != 0 && has_dout;
+  const bool need_mk = dmk_p != 0 && has_mk && has_maps;
+  const bool mk_path = has_mk && has_maps && (need_q || need_mk);
+  const int Nkp = round_up(Nk, W), Nmp = round_up(std::max(Nm, 1), W), Dvp = round_up(Dv, W), Dp = round_up(D, W);
+  const A scale = static_cast<A>(p.scale);
+  const A* lse = reinterpret_cast<const A*>(lse_p);
+  const A* mlse = reinterpret_cast<const A*>(mlse_p);
+  const A* dmaps = reinterpret_cast<const A*>(dmaps_p);
+  const int64_t* tok = reinterpret_cast<const int64_t*>(p.tok);
+  const idx_t BH = static_cast<idx_t>(B) * H;
+  const int nth = std::max(1, p.nthreads);
+
+  // per (b,h): K^T (D x Nkp), K (Nk x Dp), V^T (Dv x Nkp), MK^T (D x Nmp), MK (Nm x Dp)
+  const idx_t szKt = static_cast<idx_t>(D) * Nkp, szK = static_cast<idx_t>(Nk) * Dp,
+              szVt = has_dout ? static_cast<idx_t>(Dv) * Nkp : 0, szMt = mk_path ? static_cast<idx_t>(D) * Nmp : 0,
+              szM = mk_path ? static_cast<idx_t>(Nm) * Dp : 0;
+  std::vector<A> Kt(BH * szKt), Kr(need_q ? BH * szK : 0), Vt(BH * szVt), MKt(BH * szMt), MKr(BH * szM);
+  parallel_for(BH, nth, [&](idx_t bh, int) {
+    const idx_t b = bh / H, h = bh % H;
+    load_keys<A>(p.k, b, h, Nk, D, Kt.data() + bh * szKt, Nkp, need_q ? Kr.data() + bh * szK : nullptr, Dp);
+    if (has_dout) load_keys<A>(p.v, b, h, Nk, Dv, Vt.data() + bh * szVt, Nkp, nullptr, 0);
+    if (mk_path) load_keys<A>(p.mk, b, h, Nm, D, MKt.data() + bh * szMt, Nmp, MKr.data() + bh * szM, Dp);
+  });
+
+  // Accumulators of dK (Nk x Dp), dV (Nk x Dvp), dMK (Nm x Dp) per (b, h, chunk of query blocks);
+  // the chunking depends on the shapes only, so results do not depend on the thread count.
+  const idx_t accK = need_k ? static_cast<idx_t>(Nk) * Dp : 0, accV = need_v ? static_cast<idx_t>(Nk) * Dvp : 0,
+              accM = need_mk ? static_cast<idx_t>(Nm) * Dp : 0;
+  const idx_t nblk = (Nq + MB - 1) / MB;
+  const idx_t nchunk = std::min<idx_t>(nblk, 8);
+  const idx_t items = BH * nchunk;
+  const int nthr = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nth, items)));
+  std::vector<A> dK(items * accK), dV(items * accV), dMK(items * accM);
+  struct Scratch { std::vector<A> q, o, s, dp, dq, sm, gm; };
+  std::vector<Scratch> scr(nthr);
+  ff::SerialGroup g;
+  A* dq_out = reinterpret_cast<A*>(dq_p);
+
+  // one block of MB query rows of (b, h)
+  auto run_block = [&](idx_t bh, idx_t blk, int tid, A* dKc, A* dVc, A* dMKc) {
+    const idx_t b = bh / H, h = bh % H;
+    Scratch& sc = scr[tid];
+    sc.q.resize(static_cast<idx_t>(MB) * Dp);
+    sc.s.resize(static_cast<idx_t>(MB) * Nkp);
+    sc.dp.resize(static_cast<idx_t>(MB) * Nkp);
+    if (has_dout) sc.o.resize(static_cast<idx_t>(MB) * Dvp);
+    if (need_q) sc.dq.resize(static_cast<idx_t>(MB) * Dp);
+    if (mk_path) { sc.sm.resize(static_cast<idx_t>(MB) * Nmp); sc.gm.resize(static_cast<idx_t>(MB) * Nmp); }
+    const idx_t n0 = blk * MB;
+    const int m = static_cast<int>(std::min<idx_t>(MB, Nq - n0));
+    const int64_t* tb = has_maps ? tok + b * T : nullptr;
+    // dmaps row accessor: element (t, n) of this (b,h)
+    const A* dm_base = nullptr;
+    idx_t dm_st = Nq;  // stride over t
+    if (has_maps) dm_base = p.per_head ? dmaps + bh * T * Nq : dmaps + b * T * Nq;
+
+    A* Q = sc.q.data();
+    A* S = sc.s.data();
+    A* dP = sc.dp.data();
+    load_rows<A>(p.q, b, h, n0, m, D, Q, Dp);
+    if (has_dout) load_rows<A>(dout, b, h, n0, m, Dv, sc.o.data(), Dvp);
+    const bool p_path = need_q || need_k || need_v;
+    if (p_path) {
+      ff::mm_block<W, A>(m, Nkp, D, scale, Q, Dp, 1, Kt.data() + bh * szKt, Nkp, S, Nkp, false);
+      for (int r = 0; r < m; ++r) ff::probs_from_lse(g, S + static_cast<idx_t>(r) * Nkp, Nk, lse[bh * Nq + n0 + r]);
+      if (has_dout)
+        ff::mm_block<W, A>(m, Nkp, Dv, A(1), sc.o.data(), Dvp, 1, Vt.data() + bh * szVt, Nkp, dP, Nkp, false);
+      else
+        std::fill(dP, dP + static_cast<idx_t>(m) * Nkp, A(0));
+      if (need_v)
+        ff::mm_block<W, A>(Nk, Dvp, m, A(1), S, 1, Nkp, sc.o.data(), Dvp, dVc, Dvp, true);
+      if (has_maps && !has_mk)
+        for (int r = 0; r < m; ++r) ff::scatter_map_grad(g, dP + static_cast<idx_t>(r) * Nkp, tb, T, dm_base + n0 + r, dm_st);
+      for (int r = 0; r < m; ++r) {
+        const A* pr = S + static_cast<idx_t>(r) * Nkp;
+        A* dr = dP + static_cast<idx_t>(r) * Nkp;
+        ff::dsoftmax_row(g, pr, dr, Nk, ff::row_delta(g, pr, dr, Nk));
+      }
+      if (need_q) ff::mm_block<W, A>(m, Dp, Nk, scale, dP, Nkp, 1, Kr.data() + bh * szK, Dp, sc.dq.data(), Dp, false);
+      if (need_k) ff::mm_block<W, A>(Nk, Dp, m, scale, dP, 1, Nkp, Q, Dp, dKc, Dp, true);
+    } else if (need_q) {
+      std::fill(sc.dq.begin(), sc.dq.end(), A(0));
+    }
+    if (mk_path) {
+      A* Sm = sc.sm.data();
+      A* Gm = sc.gm.data();
+      ff::mm_block<W, A>(m, Nmp, D, scale, Q, Dp, 1, MKt.data() + bh * szMt, Nmp, Sm, Nmp, false);
+      std::fill(Gm, Gm + static_cast<idx_t>(m) * Nmp, A(0));
+      for (int r = 0; r < m; ++r) {
+        A* pr = Sm + static_cast<idx_t>(r) * Nmp;
+        A* gr = Gm + static_cast<idx_t>(r) * Nmp;
+        ff::probs_from_lse(g, pr, Nm, mlse[bh * Nq + n0 + r]);
+        ff::scatter_map_grad(g, gr, tb, T, dm_base + n0 + r, dm_st);
+        ff::dsoftmax_row(g, pr, gr, Nm, ff::row_delta(g, pr, gr, Nm));
+      }
+      if (need_q) ff::mm_block<W, A>(m, Dp, Nm, scale, Gm, Nmp, 1, MKr.data() + bh * szM, Dp, sc.dq.data(), Dp, true);
+      if (need_mk) ff::mm_block<W, A>(Nm, Dp, m, scale, Gm, 1, Nmp, Q, Dp, dMKc, Dp, true);
+    }
+    if (need_q)
+      for (int r = 0; r < m; ++r) {
+        A* o = dq_out + (bh * Nq + n0 + r) * D;
+        const A* src = sc.dq.data() + static_cast<idx_t>(r) * Dp;
+        for (int d = 0; d < D; ++d) o[d] = src[d];
+      }
+  };
+  parallel_for(items, nthr, [&](idx_t item, int tid) {
+    const idx_t bh = item / nchunk, chunk = item % nchunk;
+    for (idx_t blk = nblk * chunk / nchunk; blk < nblk * (chunk + 1) / nchunk; ++blk)
+      run_block(bh, blk, tid, dK.data() + item * accK, dV.data() + item * accV, dMK.data() + item * accM);
+  });
+
+  // reduce the per-chunk accumulators (fixed order) into the outputs
+  auto reduce = [&](const std::vector<A>& acc, uintptr_t out_p, int N, int Dc, int ld) {
+    A* out = reinterpret_cast<A*>(out_p);
+    const idx_t sz = static_cast<idx_t>(N) * ld;
+    parallel_for(BH, nth, [&](idx_t bh, int) {
+      for (int j = 0; j < N; ++j) {
+        A* o = out + (bh * N + j) * Dc;
+        for (int d = 0; d < Dc; ++d) o[d] = 0;
+        for (idx_t c = 0; c < nchunk; ++c) {
+          const A* src = acc.data() + (bh * nchunk + c) * sz + static_cast<idx_t>(j) * ld;
+          for (int d = 0; d < Dc; ++d) o[d] += src[d];
+        }
+      }
+    });
+  };
+  if (need_k) reduce(dK, dk_p, Nk, D, Dp);
+  if (dv_p) {
+    if (need_v) reduce(dV, dv_p, Nk, Dv, Dvp);
+    else std::fill(reinterpret_cast<A*>(dv_p), reinterpret_cast<A*>(dv_p) + BH * Nk * Dv, A(0));
+  }
+  if (dmk_p && has_mk) {
+    if (need_mk) reduce(dMK, dmk_p, Nm, D, Dp);
+    else std::fill(reinterpret_cast<A*>(dmk_p), reinterpret_cast<A*>(dmk_p) + BH * Nm * D, A(0));
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// SoftIoU: a, b (N, n) contiguous in A; out (N,); da, db (N, n).
+// ------------------------------------------------------------------------------------------
+template <class A>
+void soft_iou(int N, int n, int k, double gamma, int iters, double eps, uintptr_t a_p, uintptr_t b_p,
+              uintptr_t out_p, uintptr_t dy_p, uintptr_t da_p, uintptr_t db_p, int nthreads) {
+  const A* a = reinterpret_cast<const A*>(a_p);
+  const A* b = reinterpret_cast<const A*>(b_p);
+  const bool topk = k > 0;
+  const ff::SinkCfg<A> c = ff::sink_cfg<A>(n, topk ? k : 1, gamma, iters);
+  const A e = static_cast<A>(eps);
+  const int H = 2 * (iters + 1);
+  ff::SerialGroup g;
+  parallel_for(N, nthreads, [&](idx_t row, int) {
+    std::vector<A> hist(4 * H);
+    const A* ar = a + row * n;
+    const A* br = b + row * n;
+    ff::MapRow<A> ma, mb;
+    ff::minmax_stats(g, ar, n, ma.lo, ma.hi, ma.R);
+    ff::minmax_stats(g, br, n, mb.lo, mb.hi, mb.R);
+    ma.hist = hist.data(); ma.shist = hist.data() + H;
+    mb.hist = hist.data() + 2 * H; mb.shist = hist.data() + 3 * H;
+    if (topk) {
+      ff::sinkhorn_fwd(g, ar, n, ma, c);
+      ff::sinkhorn_fwd(g, br, n, mb, c);
+    }
+    A inter, sa, sb;
+    ff::iou_sums(g, ar, br, n, ma, mb, c, topk, inter, sa, sb);
+    if (out_p) reinterpret_cast<A*>(out_p)[row] = ff::iou_value(inter, sa, sb, e);
+    if (dy_p) {
+      A ci, cs;
+      ff::iou_grad_coeffs(inter, sa, sb, e, reinterpret_cast<const A*>(dy_p)[row], ci, cs);
+      A* da = reinterpret_cast<A*>(da_p) + row * n;
+      A* db = reinterpret_cast<A*>(db_p) + row * n;
+      ff::iou_map_bwd(g, ar, br, n, ma, mb, c, topk, ci, cs, da);
+      ff::minmax_bwd(g, ar, n, ma, da);
+      ff::iou_map_bwd(g, br, ar, n, mb, ma, c, topk, ci, cs, db);
+      ff::minmax_bwd(g, br, n, mb, db);
+    }
+  });
+}
+
+XArgs make_args(int B, int H, int Nq, int Nk, int Nm, int D, int Dv, int T, double scale, bool per_head,
+                uintptr_t q, const std::vector<idx_t>& qs, uintptr_t k, const std::vector<idx_t>& ks, uintptr_t v,
+                const std::vector<idx_t>& vs, uintptr_t mk, const std::vector<idx_t>& mks, uintptr_t tok, int nthreads) {
+  XArgs p;
+  p.B = B; p.H = H; p.Nq = Nq; p.Nk = Nk; p.Nm = Nm; p.D = D; p.Dv = Dv; p.T = T;
+  p.scale = scale; p.per_head = per_head;
+  p.q = view(q, qs); p.k = view(k, ks); p.v = view(v, vs); p.mk = view(mk, mks);
+  p.tok = tok; p.nthreads = std::max(1, nthreads);
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "fastfair native CPU kernels (see csrc/xattn_row.h and fastfair/native.py)";
+  m.def(
+      "xattn_fwd",
+      [](bool f64, int B, int H, int Nq, int Nk, int Nm, int D, int Dv, int T, double scale, bool per_head,
+         uintptr_t q, std::vector<idx_t> qs, uintptr_t k, std::vector<idx_t> ks, uintptr_t v, std::vector<idx_t> vs,
+         uintptr_t mk, std::vector<idx_t> mks, uintptr_t tok, uintptr_t out, uintptr_t lse, uintptr_t mlse,
+         uintptr_t maps, int nthreads) {
+        XArgs p = make_args(B, H, Nq, Nk, Nm, D, Dv, T, scale, per_head, q, qs, k, ks, v, vs, mk, mks, tok, nthreads);
+        py::gil_scoped_release nogil;
+        if (f64) xattn_fwd<double>(p, out, lse, mlse, maps);
+        else xattn_fwd<float>(p, out, lse, mlse, maps);
+      });
+  m.def(
+      "xattn_bwd",
+      [](bool f64, int B, int H, int Nq, int Nk, int Nm, int D, int Dv, int T, double scale, bool per_head,
+         uintptr_t q, std::vector<idx_t> qs, uintptr_t k, std::vector<idx_t> ks, uintptr_t v, std::vector<idx_t> vs,
+         uintptr_t mk, std::vector<idx_t> mks, uintptr_t tok, uintptr_t lse, uintptr_t mlse, uintptr_t dout,
+         std::vector<idx_t> douts, uintptr_t dmaps, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t dmk,
+         int nthreads) {
+        XArgs p = make_args(B, H, Nq, Nk, Nm, D, Dv, T, scale, per_head, q, qs, k, ks, v, vs, mk, mks, tok, nthreads);
+        T4 dov = view(dout, douts);
+        py::gil_scoped_release nogil;
+        if (f64) xattn_bwd<double>(p, lse, mlse, dov, dmaps, dq, dk, dv, dmk);
+        else xattn_bwd<float>(p, lse, mlse, dov, dmaps, dq, dk, dv, dmk);
+      });
+  m.def(
+      "soft_iou",
+      [](bool f64, int N, int n, int k, double gamma, int iters, double eps, uintptr_t a, uintptr_t b, uintptr_t out,
+         uintptr_t dy, uintptr_t da, uintptr_t db, int nthreads) {
+        py::gil_scoped_release nogil;
+        if (f64) soft_iou<double>(N, n, k, gamma, iters, eps, a, b, out, dy, da, db, nthreads);
+        else soft_iou<float>(N, n, k, gamma, iters, eps, a, b, out, dy, da, db, nthreads);
+      });
+}
