@@ -19,9 +19,10 @@ _LAZY = {
     "resolve": "fastfair.concepts",
     "EntanglementGuidance": "fastfair.guidance",
     "audit": "fastfair.audit",
+    "MistEdit": "fastfair.mist",
 }
 _SUBMODULES = {"classify", "distribution", "generation", "guidance", "ops", "metrics", "concepts", "maps",
-               "processors", "pipelines", "kernels", "cli"}
+               "processors", "pipelines", "kernels", "cli", "mist"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
