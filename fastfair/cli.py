@@ -35,6 +35,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guide-scale", type=float, default=100.0)
     p.add_argument("--guide-max-grad-norm", type=float, default=1.0)
     p.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
+    p.add_argument("--edit", default=None, metavar="PATH",
+                   help="apply a MIST edit (fastfair edit mist --out PATH) to the model before generating")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true")
 
@@ -60,6 +62,11 @@ def _generate(args) -> int:
                                               scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
                                               on_large_grad=args.guide_on_large_grad)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    if args.edit:
+        from .mist import apply_file
+
+        edit = apply_file(pipe, args.edit)
+        print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
     gen = generate(pipe, args.prompt, seeds=args.seeds, maps=args.maps, attribution_prompt=args.attribution_prompt,
                    steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                    batch_size=args.batch_size, aggregation=args.aggregation, backend=args.backend,
@@ -190,6 +197,82 @@ def _report(args) -> int:
     return 0
 
 
+def _add_edit(sub) -> None:
+    p = sub.add_parser("edit", help="edit a model's weights (MIST debiasing)")
+    esub = p.add_subparsers(dest="method", required=True)
+    m = esub.add_parser("mist", help="MIST: closed-form cross-attention edit towards a target attribute distribution",
+                        description="Edit to_k/to_v of every cross-attention layer in closed form (MIST, Yesiltepe "
+                                    "et al. 2024) so that the concepts' images follow a target attribute "
+                                    "distribution, measured each round with a classifier. Writes the weight deltas "
+                                    "(safetensors) and their metadata (JSON); apply with generate --edit.")
+    m.add_argument("--model", default="tiny-sd", help="offline preset, a hub id or a local pipeline folder")
+    m.add_argument("--concepts", required=True, help="comma-separated concepts, e.g. doctor,nurse,ceo")
+    m.add_argument("--attributes", default="gender",
+                   help="comma-separated attribute sets whose product is edited: gender, race, fairface4, fairface7, "
+                        "age (e.g. gender,race)")
+    m.add_argument("--target", action="append", default=None,
+                   help="uniform (default); joint probabilities 0.75,0.25; or marginals SET=P1,P2 (repeatable)")
+    m.add_argument("--classifier", default="clip",
+                   help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (fastfair.classify); ignored with --measured")
+    m.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
+    m.add_argument("--measured", default=None, metavar="JSON",
+                   help='measured distributions {"doctor": [p1, p2], ...}: one edit round, no classifier')
+    m.add_argument("--rounds", type=int, default=10, help="most edit rounds")
+    m.add_argument("--tol", type=float, default=0.05, help="stop when max |p - target| < tol for every concept")
+    m.add_argument("--step", type=float, default=0.1, help="w = step * (target - p)")
+    m.add_argument("--lam", type=float, default=0.5)
+    m.add_argument("--eta-e", type=float, default=1.0)
+    m.add_argument("--eta-p", type=float, default=0.2)
+    m.add_argument("--no-to-k", action="store_true", help="edit to_v only")
+    m.add_argument("--preserve", action="append", default=None, help='preserve prompt (repeatable; default "")')
+    m.add_argument("--template", default="a {concept}", help="concept prompt for the EOS keys")
+    m.add_argument("--measure-template", default="a headshot of a {concept}", help="prompt of the measured images")
+    m.add_argument("--measure", default="argmax", choices=("argmax", "mean"))
+    m.add_argument("--images", type=int, default=20, help="images per concept and round")
+    m.add_argument("--seeds", default=None, help="seeds of the measured images (default 0..images-1)")
+    m.add_argument("--steps", type=int, default=20)
+    m.add_argument("--guidance-scale", type=float, default=7.5)
+    m.add_argument("--height", type=int, default=None)
+    m.add_argument("--width", type=int, default=None)
+    m.add_argument("--negative-prompt", default=None)
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    m.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
+    m.add_argument("--out", required=True, help="output .safetensors (metadata also in OUT.json)")
+    m.add_argument("--no-progress", action="store_true")
+
+
+def _edit(args) -> int:
+    import json
+
+    import torch
+
+    from . import mist
+    from .pipelines import load_pipeline
+
+    _quiet_libraries()
+    measured = None
+    if args.measured:
+        with open(args.measured, encoding="utf-8") as fh:
+            measured = json.load(fh)
+    target = " ".join(args.target) if args.target else "uniform"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    edit = mist.mist(pipe, args.concepts, args.attributes, target=target,
+                     classifier=None if measured is not None else args.classifier, measured=measured,
+                     with_to_k=not args.no_to_k, lam=args.lam, eta_e=args.eta_e, eta_p=args.eta_p, step=args.step,
+                     tol=args.tol, max_rounds=args.rounds, preserve=args.preserve or [""], template=args.template,
+                     measure_template=args.measure_template, images=args.images, seeds=args.seeds,
+                     steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                     negative_prompt=args.negative_prompt, batch_size=args.batch_size, measure=args.measure,
+                     clip_model=args.clip_model, model_id=args.model, progress=not args.no_progress)
+    path = edit.save(args.out)
+    print(mist.summary(edit))
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
@@ -198,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_audit(sub)
     _add_report(sub)
+    _add_edit(sub)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -208,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "audit": _audit, "report": _report}[args.command](args)
+        return {"generate": _generate, "audit": _audit, "report": _report, "edit": _edit}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
         return 1
