@@ -853,23 +853,21 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     bar = tqdm(total=max_rounds if classifier is not None else 1, disable=not progress, desc="MIST", unit="round")
     try:
         pres_prompts = list(preserve)
-        done = torch.zeros(len(concepts), dtype=torch.bool)
         r = 0
         while True:
             p_hat = measure_now(r)
             gap = (p_hat - t).abs().max(1).values
-            newly = (gap < tol) & ~done
-            for i in newly.nonzero().flatten().tolist():
+            done = gap < tol  # judged every round: a concept pushed out again by other edits is edited again
+            for i in done.nonzero().flatten().tolist():
                 if c_prompts[i] not in pres_prompts:
-                    pres_prompts.append(c_prompts[i])  # reached its target: keep it where it is
-            done |= gap < tol
+                    pres_prompts.append(c_prompts[i])  # reached its target: joins the preserve set (as MIST)
             rec = {"round": r, "p_hat": {c: p_hat[i].tolist() for i, c in enumerate(concepts)},
                    "max_gap": {c: float(gap[i]) for i, c in enumerate(concepts)}}
             meta["rounds"].append(rec)
             if callback is not None:
                 callback(r, {c: p_hat[i].clone() for i, c in enumerate(concepts)})
             bar.set_postfix_str(_postfix(concepts, p_hat, gap), refresh=True)
-            last = classifier is None and r == 1 or classifier is not None and r == max_rounds
+            last = (classifier is None and r == 1) or (classifier is not None and r == max_rounds)
             if bool(done.all()) or last:
                 break
             w = step * (t - p_hat)                                                   # (C, J)

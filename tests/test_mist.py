@@ -359,6 +359,24 @@ def test_feedback_loop_converges_to_non_uniform_target(tiny_sd):
     assert all(torch.equal(tiny_sd.unet.get_submodule(n).weight, W0[n]) for n in names)
 
 
+def test_concept_at_target_joins_the_preserve_set(tiny_sd):
+    def clf(images):  # called once per round with the concepts' images, concept-major: doctor, nurse
+        n = len(images) // 2
+        return torch.tensor([[0.53, 0.47]] * n + [[0.9, 0.1]] * n, dtype=torch.float64)
+
+    clf.labels = ["male", "female"]
+    edit = mist.mist(tiny_sd, ["doctor", "nurse"], "gender", classifier=clf, measure="mean", max_rounds=1, images=1,
+                     steps=1, height=64, width=64, progress=False)
+    try:
+        r0 = edit.meta["rounds"][0]
+        assert r0["p_hat"] == {"doctor": pytest.approx([0.53, 0.47]), "nurse": pytest.approx([0.9, 0.1])}
+        assert r0["weights"]["doctor"] == [0.0, 0.0] and r0["weights"]["nurse"] == pytest.approx([-0.04, 0.04])
+        assert r0["preserve"] == ["", "a doctor"]
+        assert edit.meta["edit_rounds"] == 1 and edit.meta["converged"]["doctor"]
+    finally:
+        edit.revert(tiny_sd)
+
+
 def test_failing_loop_restores_the_model(tiny_sd):
     names = [n for n, _ in mist._projections(mist.edit_layers(tiny_sd), True)]
     W0 = _weights(tiny_sd, names)
