@@ -17,6 +17,7 @@ left out of the frequencies.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 from pathlib import Path
@@ -70,17 +71,17 @@ def check_probabilities(name: str, p, n: int, n_classes: int) -> np.ndarray:
         p = p.detach().float().cpu().numpy()
     p = np.asarray(p, dtype=np.float64)
     if p.shape != (n, n_classes):
-        raise ClassifierMismatchError(f"classifier output for {name!r} has shape {p.shape}; expected ({n}, {n_classes}) "
-                                      f"probabilities, one column per label")
+        raise ClassifierMismatchError(f"classifier output for {name!r} has shape {p.shape}; "
+                                      f"expected ({n}, {n_classes}) probabilities, one column per label")
     rows = np.isfinite(p).all(1)
     partial = ~rows & np.isfinite(p).any(1)
     if partial.any():
-        raise ClassifierMismatchError(f"classifier output for {name!r} mixes NaN and numbers in a row; a row of all NaN "
-                                      "means 'abstain', anything else must be probabilities")
+        raise ClassifierMismatchError(f"classifier output for {name!r} mixes NaN and numbers in a row; "
+                                      "a row of all NaN means 'abstain', anything else must be probabilities")
     q = p[rows]
     if q.size and ((q < -1e-6).any() or (q > 1 + 1e-6).any() or (np.abs(q.sum(1) - 1) > 1e-3).any()):
-        raise ClassifierMismatchError(f"classifier output for {name!r} is not probabilities (rows must be in [0, 1] and "
-                                      "sum to 1); apply softmax to logits")
+        raise ClassifierMismatchError(f"classifier output for {name!r} is not probabilities "
+                                      "(rows must be in [0, 1] and sum to 1); apply softmax to logits")
     return p
 
 
@@ -246,8 +247,8 @@ class ModuleClassifier(AttributeClassifier):
                  image_size: int | None = None, device=None, batch_size: int = 32, name: str | None = None):
         labels = labels if labels is not None else getattr(module, "labels", None)
         if not isinstance(labels, Mapping) or not labels:
-            raise ClassifierMismatchError("a module classifier needs labels: pass labels={set: [label, ...]} or give the "
-                                          "module a `labels` attribute")
+            raise ClassifierMismatchError("a module classifier needs labels: pass labels={set: [label, ...]} "
+                                          "or give the module a `labels` attribute")
         self.module = module.eval()
         self.labels = {str(s): tuple(str(x) for x in v) for s, v in labels.items()}
         for s, v in self.labels.items():
@@ -277,8 +278,8 @@ class ModuleClassifier(AttributeClassifier):
                                               f"{{set name: (N, C) probabilities}} for the sets {sorted(self.labels)}")
             missing = [s for s in self.labels if s not in out]
             if missing:
-                raise ClassifierMismatchError(f"the classifier module returned sets {sorted(out)} but declared labels for "
-                                              f"{sorted(self.labels)} (missing {missing})")
+                raise ClassifierMismatchError(f"the classifier module returned sets {sorted(out)} but declared "
+                                              f"labels for {sorted(self.labels)} (missing {missing})")
             for s, lab in self.labels.items():
                 parts[s].append(check_probabilities(s, out[s], len(chunk), len(lab)))
         return {s: (np.concatenate(v) if v else np.zeros((0, len(self.labels[s])))) for s, v in parts.items()}
@@ -304,7 +305,8 @@ def _import_factory(ref: str):
         path = Path(mod_ref)
         if not path.is_file():
             raise ValueError(f"classifier file {mod_ref!r} does not exist")
-        spec = importlib.util.spec_from_file_location(f"fastfair_user_classifier_{abs(hash(str(path.resolve())))}", path)
+        name = "fastfair_user_classifier_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     else:
@@ -315,8 +317,9 @@ def _import_factory(ref: str):
 
 
 def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = DEFAULT_CLIP):
-    """``"clip"`` / ``"clip:MODEL_ID"`` (zero-shot CLIP), ``"none"``, ``"python:FILE.py:FUNC"`` (FUNC(attribute_sets=...,
-    device=...) returns a classifier or module), or an object (classifier or module). Returns None for "none"."""
+    """``"clip"`` / ``"clip:MODEL_ID"`` (zero-shot CLIP), ``"none"``, ``"python:FILE.py:FUNC"``
+    (``FUNC(attribute_sets=..., device=...)`` returns a classifier or module), or an object (classifier or
+    module). Returns None for "none"."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("none", "")):
         return None
     if not isinstance(spec, str):

@@ -165,7 +165,8 @@ def mean_statistic(x: np.ndarray) -> np.ndarray:
         return np.nanmean(x, axis=-1)
 
 
-def frequency_statistic(n_classes: int, metric: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+def frequency_statistic(n_classes: int,
+                        metric: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
     """A ``bootstrap_ci`` statistic: class codes (B, n) -> frequencies (B, K) -> ``metric`` (B,)."""
 
     def stat(codes: np.ndarray) -> np.ndarray:

@@ -102,7 +102,8 @@ def test_module_classifier_probabilities_and_abstentions():
 
 def test_label_mismatch_and_bad_outputs_are_refused():
     clf = ModuleClassifier(_Brightness(), labels={"gender": ["man", "woman"], "age": ["young", "old"]})
-    with pytest.raises(ClassifierMismatchError, match=r"labels for 'gender' are \['man', 'woman'\].*\['male', 'female'\]"):
+    with pytest.raises(ClassifierMismatchError,
+                       match=r"labels for 'gender' are \['man', 'woman'\].*\['male', 'female'\]"):
         check_labels(clf, [ATTRIBUTE_SETS["gender"]])
     with pytest.raises(ClassifierMismatchError, match="no attribute set 'race'"):
         check_labels(ModuleClassifier(_Brightness()), [ATTRIBUTE_SETS["race"]])

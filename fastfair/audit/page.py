@@ -182,28 +182,44 @@ def _extremes(df, col, k):
 # ------------------------------------------------------------------------------------------ page
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222;
-background:#fff;padding:0 16px}
-h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:2px solid #4e79a7}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px}
+body{color:#222;background:#fff;padding:0 16px}
+h1{font-size:24px;margin:0 0 4px}
+h2{font-size:19px;margin:28px 0 8px;border-bottom:2px solid #4e79a7}
 h3{font-size:15px;margin:18px 0 6px}
-.muted,.ci{color:#777}.ci{font-size:12px}
-table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f3f5f8;cursor:pointer;user-select:none}td:first-child,th:first-child{text-align:left}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}.card{border:1px solid #dde;border-radius:6px;padding:8px 12px;
-background:#f8f9fc}.card b{display:block;font-size:20px}
-svg.plot{display:block;margin:6px 0}svg .t{font-weight:600;font-size:13px}svg .lab{font-size:12px}svg .ax{font-size:11px;fill:#555}
-svg .grid{stroke:#e5e5e5}svg .wh{stroke:#222;stroke-width:1.2}svg .target{stroke:#111;stroke-dasharray:4 3;stroke-width:1.5}
-.ovs{display:flex;flex-wrap:wrap;gap:14px}.ov{border:1px solid #ddd;border-radius:6px;padding:6px;display:flex;flex-wrap:wrap;
-gap:6px;max-width:480px}.ovh{width:100%;font-weight:600}figure{margin:0;text-align:center}figure img{display:block;width:148px;
-image-rendering:auto}figcaption{font-size:12px;color:#555}
+.muted,.ci{color:#777}
+.ci{font-size:12px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f3f5f8;cursor:pointer;user-select:none}
+td:first-child,th:first-child{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}
+.card{border:1px solid #dde;border-radius:6px;padding:8px 12px;background:#f8f9fc}
+.card b{display:block;font-size:20px}
+svg.plot{display:block;margin:6px 0}
+svg .t{font-weight:600;font-size:13px}
+svg .lab{font-size:12px}
+svg .ax{font-size:11px;fill:#555}
+svg .grid{stroke:#e5e5e5}
+svg .wh{stroke:#222;stroke-width:1.2}
+svg .target{stroke:#111;stroke-dasharray:4 3;stroke-width:1.5}
+.ovs{display:flex;flex-wrap:wrap;gap:14px}
+.ov{border:1px solid #ddd;border-radius:6px;padding:6px;display:flex;flex-wrap:wrap;gap:6px;max-width:480px}
+.ovh{width:100%;font-weight:600}
+figure{margin:0;text-align:center}
+figure img{display:block;width:148px;image-rendering:auto}
+figcaption{font-size:12px;color:#555}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px;max-height:520px}
-#js-errors:empty{display:none}#js-errors{background:#fee;border:1px solid #c00;padding:8px;color:#900}
+#js-errors:empty{display:none}
+#js-errors{background:#fee;border:1px solid #c00;padding:8px;color:#900}
 """
 
 SCRIPT = """
 (function(){
   var box=document.getElementById('js-errors');
-  function report(msg){ if(box){ var d=document.createElement('div'); d.textContent='script error: '+msg; box.appendChild(d);} }
+  function report(msg){
+    if(box){ var d=document.createElement('div'); d.textContent='script error: '+msg; box.appendChild(d); }
+  }
   window.addEventListener('error', function(e){ report(e.message||String(e)); });
   window.addEventListener('unhandledrejection', function(e){ report(String(e.reason)); });
   try {
@@ -219,7 +235,9 @@ SCRIPT = """
           th.setAttribute('data-dir',asc?'asc':'desc');
           function key(r){ var c=r.cells[ci]; var v=c.getAttribute('data-v'); if(v===null) v=c.textContent;
             var n=parseFloat(v); return isNaN(n)?v.toLowerCase():n; }
-          rows.sort(function(a,b){ var x=key(a), y=key(b); if(x<y) return asc?-1:1; if(x>y) return asc?1:-1; return 0; });
+          rows.sort(function(a,b){
+            var x=key(a), y=key(b); if(x<y) return asc?-1:1; if(x>y) return asc?1:-1; return 0;
+          });
           rows.forEach(function(r){ body.appendChild(r); });
         });
       });
@@ -260,7 +278,8 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
     ent = summary.get("entanglement", {})
     for w, blk in ent.get("open", {}).items():
         cards.append((f"mIoU profession ↔ “{w}”", _ci_text(blk["iou"]["overall"])))
-    parts.append(f"<h1>{E(title)}</h1><p class=muted>{E(config.get('created', ''))} · template “{E(st['template'])}” · "
+    parts.append(f"<h1>{E(title)}</h1><p class=muted>{E(config.get('created', ''))} · "
+                 f"template “{E(st['template'])}” · "
                  f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
                  f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}</p>")
     parts.append("<div class=cards>" + "".join(f"<div class=card>{E(str(k))}<b>{v}</b></div>" for k, v in cards)
@@ -277,9 +296,11 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                      f"{100 * summary['bootstrap']['level']:.0f}% bootstrap CI ({summary['bootstrap']['n_boot']} "
                      "resamples of the images, fixed seed). Overall = mean over professions.</p>")
     for w, blk in ent.get("open", {}).items():
-        parts.append(f"<h3>Open vocabulary: “{E(w)}” (sets {E(', '.join(blk['sets']))}) – attribution prompt e.g. "
+        parts.append(f"<h3>Open vocabulary: “{E(w)}” (sets {E(', '.join(blk['sets']))}) – "
+                     "attribution prompt e.g. "
                      f"“{E(blk['attribution_example'])}”</h3>")
-        parts.append(f"<p>mIoU {_ci_text(blk['iou']['overall'])} · mSoftIoU {_ci_text(blk['soft_iou']['overall'])}</p>")
+        parts.append(f"<p>mIoU {_ci_text(blk['iou']['overall'])} · "
+                     f"mSoftIoU {_ci_text(blk['soft_iou']['overall'])}</p>")
         items = [(p, v["mean"], v["lo"], v["hi"]) for p, v in blk["iou"]["per_profession"].items()]
         parts.append(svg_ci_bars(items, f"mIoU(profession, {w}) per profession"))
         rows = [[E(p), (_ci_text(blk["iou"]["per_profession"][p]), _sv(blk["iou"]["per_profession"][p])),
@@ -296,7 +317,8 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
     for name, blk in ent.get("inprompt", {}).items():
         parts.append(f"<h3>In-prompt: {E(name)} words in the prompt (“{E(st['inprompt_template'])}”)</h3>")
         parts.append(f"<p>mIoU {_ci_text(blk['iou']['overall'])} · mSoftIoU {_ci_text(blk['soft_iou']['overall'])} · "
-                     "per word: " + ", ".join(f"{E(lab)} {_ci_text(v)}" for lab, v in blk["per_label"].items()) + "</p>")
+                     "per word: " + ", ".join(f"{E(lab)} {_ci_text(v)}" for lab, v in blk["per_label"].items())
+                     + "</p>")
         items = [(p, v["mean"], v["lo"], v["hi"]) for p, v in blk["iou"]["per_profession"].items()]
         parts.append(svg_ci_bars(items, f"in-prompt mIoU(profession, {name} word) per profession"))
         rows_ip = df[(df["kind"] == "inprompt") & (df["attribute"] == name)]
@@ -314,7 +336,8 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
         parts.append("<h2>Output distribution</h2>"
                      f"<p>Classifier: {E(clf.get('type', '?'))} {E(str(clf.get('model', clf.get('module', ''))))}. "
                      "Frequencies of the argmax class over each profession's neutral images; DFT bias = mean "
-                     "|f<sub>i</sub>−f<sub>j</sub>| over class pairs; Δ = |p−0.5|/0.5 (binary); KL to uniform (nats); "
+                     "|f<sub>i</sub>−f<sub>j</sub>| over class pairs; Δ = |p−0.5|/0.5 (binary); "
+                     "KL to uniform (nats); "
                      "gap = mean |f<sub>k</sub>−target<sub>k</sub>|; RD = f(first class) − f(second class).</p>")
     for name, blk in dist.items():
         if "parts" in blk:

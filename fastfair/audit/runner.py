@@ -262,6 +262,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     "clip:ID", "none", "python:FILE.py:FUNC", an ``AttributeClassifier`` or a ``torch.nn.Module``
     returning {set: probabilities} (with a ``labels`` attribute). ``targets``: {set: [p per label]}
     or "age=0.75,0.25" (default uniform). ``seeds``: N (0..N-1), "0-99" or a list.
+    ``custom_attributes``: extra sets, {name: dict(labels=[...], words=[...], prompts=[[...], ...],
+    open_word=...)}, usable in ``attributes``.
     """
     from ..generation import generate
 
@@ -279,6 +281,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         modes = [m.strip() for part in modes for m in str(part).split(",") if m.strip()]
         if modes == ["none"] or not modes:
             modes = []
+        if modes == ["both"]:
+            modes = list(MODES)
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise AuditInputError(f"unknown entanglement mode(s) {bad}; choose from {', '.join(MODES)} or none")
@@ -317,7 +321,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             model_name = str(model)
         else:
             pipe = pipeline
-            model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
+            model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None)
+                                                                  or type(pipe).__name__)
         dev = pipe.device
         vsf = pipe.vae_scale_factor
         height = height or pipe.unet.config.sample_size * vsf
@@ -337,7 +342,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 _resolve_or_raise(pipe, ap, prof, f"profession {prof!r} in the attribution prompt {ap!r} "
                                                   f"(attribution template {attribution_template!r})")
                 _resolve_or_raise(pipe, ap, w, f"attribute word {w!r} missing from the attribution prompt {ap!r} "
-                                               f"(attribution template {attribution_template!r}; it needs {{attribute}})")
+                                               f"(attribution template {attribution_template!r}; "
+                                               "it needs {attribute})")
             if "inprompt" in modes:
                 for st in sets:
                     for w in st.words:
@@ -368,8 +374,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         settings_hash = _sha(settings, 16)
         config = {
             "settings": settings, "settings_hash": settings_hash,
-            "work": {"professions": professions, "seeds": seeds,
-                     "prompts": prompts if isinstance(prompts, str) else "list"},
+            "work": {"professions": professions, "seeds": seeds},
+            "prompts_spec": prompts if isinstance(prompts, str) else "list",
             "summary": {"targets": targets_v, "n_boot": n_boot, "boot_seed": boot_seed, "level": 0.95},
             "fastfair_version": __import__("fastfair").__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -379,15 +385,17 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
 
         # ---- the run directory (rank 0 decides; everyone hears the verdict)
         store = RunStore(out, rank)
-        verdict = None
+        verdict, failure = None, None
         if rank == 0:
             try:
                 store.prepare(config, resume=resume, overwrite=overwrite)
-            except RunDirError as e:
-                verdict = str(e)
+            except Exception as e:  # every rank must hear it, or the others wait at the broadcast forever
+                verdict, failure = f"{type(e).__name__}: {e}", e
         verdict = _broadcast(verdict, world)
+        if failure is not None:
+            raise failure
         if verdict is not None:
-            raise RunDirError(verdict)
+            raise RunDirError(f"rank 0 could not prepare {out}: {verdict}")
         if rank != 0:
             store.verify(config)
             store.acquire()
