@@ -188,14 +188,6 @@ __device__ __forceinline__ const T* at(const T* base, const S4& s, idx_t b, idx_
   return base + b * s.s[0] + h * s.s[1] + n * s.s[2];
 }
 
-// out[e] = sum_j w[j] * x[j, e] for e lane-strided; x strided (rows sr, cols sc).
-template <class A, class T>
-__device__ __forceinline__ A wsum_col(const A* w, int n, const T* x, idx_t sr, idx_t sc, int e) {
-  A acc = 0;
-  for (int j = 0; j < n; ++j) acc += w[j] * ff::ld<A>(x, j * sr + e * sc);
-  return acc;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward: warp per (b, h, n) row.
 // ---------------------------------------------------------------------------------------------
@@ -221,7 +213,7 @@ __global__ void xattn_fwd_kernel(XP<T, A> p, T* out, A* lse, A* mlse, A* maps) {
   if (g.lane() == 0) lse[row] = l;
   const T* vb = at(p.v, p.sv, b, h, 0);
   for (int e = g.lane(); e < p.Dv; e += 32)
-    out[row * p.Dv + e] = ff::Cvt<T>::store(wsum_col(s, p.Nk, vb, p.sv.s[2], p.sv.s[3], e));
+    out[row * p.Dv + e] = ff::Cvt<T>::store(ff::out_col(s, p.Nk, vb, p.sv.s[2], p.sv.s[3], e));
   const A* P = s;
   if (p.mk) {
     const T* mb = at(p.mk, p.smk, b, h, 0);
@@ -304,8 +296,8 @@ __global__ void xattn_bwd_rows_kernel(XP<T, A> p, const A* lse, const A* mlse, c
     const T* mb = p.mk ? at(p.mk, p.smk, b, h, 0) : nullptr;
     for (int d = g.lane(); d < p.D; d += 32) {
       A acc = 0;
-      if (p_path) acc += wsum_col(dp, p.Nk, kb, p.sk.s[2], p.sk.s[3], d);
-      if (mk_path) acc += wsum_col(gm, p.Nm, mb, p.smk.s[2], p.smk.s[3], d);
+      if (p_path) acc += ff::out_col(dp, p.Nk, kb, p.sk.s[2], p.sk.s[3], d);
+      if (mk_path) acc += ff::out_col(gm, p.Nm, mb, p.smk.s[2], p.smk.s[3], d);
       dq[row * p.D + d] = ff::Cvt<T>::store(acc * p.scale);
     }
   }

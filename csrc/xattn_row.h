@@ -128,6 +128,15 @@ FF_HD A score_dot(const A* q, const T* kj, idx_t sd, int D, A scale) {
   return acc * scale;
 }
 
+// Output row element e: out[e] = sum_j p[j] * v[j, e], v strided (rows sr, cols sc). Also the
+// dq row (p = dS, v = K). The CPU driver does whole blocks of rows at once with mm_block.
+template <class A, class T>
+FF_HD A out_col(const A* p, int n, const T* v, idx_t sr, idx_t sc, int e) {
+  A acc = 0;
+  for (int j = 0; j < n; ++j) acc += p[j] * ld<A>(v, j * sr + e * sc);
+  return acc;
+}
+
 // Block of scores / products on the CPU: C[M x N] (+)= alpha * A[M x K] B[K x N], with A read
 // through strides (sam, sak) -- so A^T costs nothing -- B row-major with ldb, N a multiple of W.
 // R accumulators of W lanes (GCC/Clang vector extensions: one zmm, or two ymm, per row) stay in

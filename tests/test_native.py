@@ -1,8 +1,10 @@
 """The native backend (csrc/ via fastfair/native.py) against explicit float64 formulas and naive.py.
 
-Skips cleanly when the extension is not built (the install builds it). The last test compiles
-the CUDA sources with nvcc when nvcc is on PATH, so CUDA compile errors cannot land unnoticed;
-it is started in the background by the first test so it overlaps with the others.
+Skips cleanly when the extension is not built (the install builds it). Two checks run in the
+background from the first test, overlapping with the others: nvcc compiles the CUDA sources
+(-arch=sm_90 -c) when nvcc is on PATH, so CUDA compile errors cannot land unnoticed; and
+csrc/group_sim_check.cpp runs the header's row math with a thread-emulated multi-lane group (the
+CUDA driver's code paths) against the serial group.
 """
 from __future__ import annotations
 
@@ -42,8 +44,25 @@ def _start_nvcc():
     _NVCC["proc"] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_start_cuda_compile_in_background():
+_SIM = {"proc": None, "dir": None}
+
+
+def _start_group_sim():
+    """Build and run csrc/group_sim_check.cpp: the header's row math with a multi-lane group."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or _SIM["proc"] is not None:
+        return
+    d = tempfile.mkdtemp(prefix="ff_sim_")
+    exe = os.path.join(d, "sim")
+    cmd = (f"'{cxx}' -std=c++20 -O1 -pthread -I'{ROOT / 'csrc'}' '{ROOT / 'csrc' / 'group_sim_check.cpp'}' "
+           f"-o '{exe}' && '{exe}'")
+    _SIM["dir"] = d
+    _SIM["proc"] = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_start_background_checks():
     _start_nvcc()
+    _start_group_sim()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +150,7 @@ def test_xattn_float32_and_partial_needs(mode):
     per_head = "per_head" in mode
     Nm = 9 if "map_keys" in mode else 0
     T = 0 if mode == "none" else 4
-    q, k, v, mk, tok = _inputs(2, 3, 129, 77, 40, Nm, T, torch.float32, seed=7, Dv=24)
+    q, k, v, mk, tok = _inputs(2, 2, 67, 77, 40, Nm, T, torch.float32, seed=7, Dv=24)
     scale = 40 ** -0.5
     out, lse, mlse, maps = native.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
     r = naive.cross_attention_fwd(*(t.double() if t is not None and t.is_floating_point() else t
@@ -141,9 +160,6 @@ def test_xattn_float32_and_partial_needs(mode):
         _close(a, e, 1e-5, 2e-6, name)
     dout = torch.randn_like(out)
     dmaps = torch.randn_like(maps) if tok is not None else None
-    full = naive.cross_attention_bwd(q.double(), k.double(), v.double(), mk.double() if mk is not None else None,
-                                     tok, scale, per_head, *r[:3], dout.double(),
-                                     dmaps.double() if dmaps is not None else None)
     for needs in [(True, True, True, True), (True, False, False, False), (False, True, True, False),
                   (False, False, False, True)]:
         for do, dm in [(dout, dmaps), (None, dmaps), (dout, None)]:
@@ -157,7 +173,6 @@ def test_xattn_float32_and_partial_needs(mode):
                 if a is not None:
                     assert a.dtype == torch.float32
                     _close(a, e, 1e-4, 1e-5, f"{name} {needs}")
-    assert full[0] is not None
 
 
 @built
@@ -249,7 +264,7 @@ def test_soft_iou_float64_vs_autograd(top_k, iters):
 
 
 @built
-@pytest.mark.parametrize("n", [64, 4096])
+@pytest.mark.parametrize("n", [64, 1024])
 def test_soft_iou_float32(n):
     a, b = _siou_inputs(3, n, torch.float32, seed=n)
     d = torch.tensor([1.0, -0.5, 2.0])
@@ -310,18 +325,38 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert maps.shape == (1, 1, 3)
 
 
-def test_package_imports_without_extension():
-    code = ("import sys; sys.modules['fastfair._native'] = None; sys.modules['fastfair._native_cuda'] = None\n"
-            "import warnings, torch, fastfair.ops as ops, fastfair.native as nat\n"
-            "assert not nat.usable('cpu')\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    out, maps = ops.cross_attention(torch.randn(1,1,3,4), torch.randn(1,1,2,4), torch.randn(1,1,2,4))\n"
-            "assert len([x for x in w if 'native extension' in str(x.message)]) == 1\n")
-    env = dict(os.environ)
-    env.pop("FASTFAIR_BACKEND", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(ROOT))
-    assert r.returncode == 0, r.stderr
+def test_package_imports_without_extension(monkeypatch):
+    """fastfair.native re-imported with the compiled modules unavailable: still imports, auto falls back."""
+    import importlib
+    monkeypatch.delenv("FASTFAIR_BACKEND", raising=False)
+    import fastfair
+    saved = {m: sys.modules.get(m) for m in ("fastfair._native", "fastfair._native_cuda")}
+    for m in saved:  # `from . import _native` looks at the package attribute first
+        monkeypatch.delattr(fastfair, m.split(".")[1], raising=False)
+    try:
+        for m in saved:
+            sys.modules[m] = None  # makes `import fastfair._native` raise ImportError
+        mod = importlib.reload(native)
+        assert not mod.usable("cpu") and not mod.available("cuda")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            out, maps = ops.cross_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                                            map_tokens=[0])
+            ops.cross_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+        assert len([x for x in w if "native extension" in str(x.message)]) == 1
+        assert out.shape == (1, 1, 3, 4) and maps.shape == (1, 1, 3)
+        with pytest.raises(RuntimeError, match="not built"):
+            mod.cross_attention_fwd(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                                    None, None, 0.5, False)
+    finally:
+        for m, v in saved.items():
+            if v is None:
+                sys.modules.pop(m, None)
+            else:
+                sys.modules[m] = v
+                setattr(fastfair, m.split(".")[1], v)
+        importlib.reload(native)
+    assert native.available("cpu") == (saved["fastfair._native"] is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,6 +374,19 @@ def test_cuda_sources_compile():
         _NVCC["proc"] = None
     assert proc.returncode == 0, out[-4000:]
     assert "warning" not in out.lower(), out[-4000:]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_group_math_multilane_matches_serial():
+    """The CUDA driver's lane-strided group code paths (WarpGroup / BlockGroup), emulated with threads."""
+    _start_group_sim()
+    proc = _SIM["proc"]
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        shutil.rmtree(_SIM["dir"], ignore_errors=True)
+        _SIM["proc"] = None
+    assert proc.returncode == 0 and out.strip().startswith("OK"), out[-4000:]
 
 
 @pytest.mark.gpu
