@@ -282,16 +282,18 @@ def test_cli_audit_and_report(tmp_path, capsys):
     from fastfair.cli import main
 
     out = tmp_path / "cli"
-    rc = main(["audit", "--model", "tiny-sd", "--prompts", "list:chef", "--attributes", "age", "--seeds", "2",
+    rc = main(["audit", "--model", "tiny-sd", "--prompts", "list:chef", "--attributes", "race,age", "--seeds", "2",
                "--steps", "2", "--classifier", "none", "--entanglement", "open", "--out", str(out), "--no-progress",
                "--n-boot", "50"])
     assert rc == 0
     text = capsys.readouterr().out
     assert re.search(r"mIoU\(profession, age\) = 0\.\d{4} \[", text) and "results.parquet" in text
     assert len(pd.read_parquet(out / "results.parquet")) == 2
+    assert list(json.loads((out / "audit.json").read_text())["settings"]["attributes"]) == ["race", "age"]
     (out / "report.html").unlink()
     assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
-    assert (tmp_path / "r.html").stat().st_size > 1000
+    page = (tmp_path / "r.html").read_text()
+    assert page.index("Open vocabulary: “race”") < page.index("Open vocabulary: “age”")  # the listed order
     assert main(["audit", "--model", "tiny-sd", "--prompts", "builtin:nope", "--out", str(tmp_path / "x")]) == 1
     assert "unknown built-in prompt set" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 1

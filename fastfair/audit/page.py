@@ -78,8 +78,15 @@ def svg_stacked(rows, labels, target, title: str) -> str:
     if not rows:
         return "<p class=muted>no classified images</p>"
     lw, bw, rh, pad = 190, 420, 18, 30
-    h = pad + rh * len(rows) + 48
     w = lw + bw + 30
+    legend, x, y = [], lw, 0  # legend entries wrap onto more lines
+    for k, lab in enumerate(labels):
+        step = 22 + 7 * len(lab)
+        if x + step > w and x > lw:
+            x, y = lw, y + 16
+        legend.append((x, y, k, lab))
+        x += step
+    h = pad + rh * len(rows) + 48 + y
     out = [f'<svg class=plot xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
            f'role="img" aria-label="{E(title)}">', f'<text x="{lw}" y="16" class=t>{E(title)}</text>']
     for i, (name, f) in enumerate(rows):
@@ -99,11 +106,10 @@ def svg_stacked(rows, labels, target, title: str) -> str:
         xt = lw + c * bw
         out.append(f'<line x1="{xt:.1f}" y1="{pad - 4}" x2="{xt:.1f}" y2="{pad + rh * len(rows) + 2}" class=target />')
     ly = pad + rh * len(rows) + 18
-    x = lw
-    for k, lab in enumerate(labels):
-        out.append(f'<rect x="{x:.1f}" y="{ly - 9}" width="10" height="10" fill="{PALETTE[k % len(PALETTE)]}"/>'
-                   f'<text x="{x + 14:.1f}" y="{ly}" class=ax>{E(lab)}</text>')
-        x += 22 + 7 * len(lab)
+    for x, dy, k, lab in legend:
+        out.append(f'<rect x="{x:.1f}" y="{ly + dy - 9}" width="10" height="10" fill="{PALETTE[k % len(PALETTE)]}"/>'
+                   f'<text x="{x + 14:.1f}" y="{ly + dy}" class=ax>{E(lab)}</text>')
+    ly += legend[-1][1] if legend else 0
     out.append(f'<text x="{lw}" y="{ly + 18}" class=ax>dashed: target '
                f'{E(" / ".join(f"{100 * t:.0f}%" for t in target))}</text>')
     out.append("</svg>")
@@ -210,6 +216,7 @@ figure{margin:0;text-align:center}
 figure img{display:block;width:148px;image-rendering:auto}
 figcaption{font-size:12px;color:#555}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px;max-height:520px}
+.tw{overflow-x:auto;max-width:100%}
 #js-errors:empty{display:none}
 #js-errors{background:#fee;border:1px solid #c00;padding:8px;color:#900}
 """
@@ -259,7 +266,8 @@ def _table(head, rows, cls="sortable") -> str:
             else:
                 cells.append(f"<td>{c}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class=tw><table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody>'
+            '</table></div>')
 
 
 def _sv(d):
@@ -390,7 +398,7 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                 + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a["per_label"].items() if v is not None)]
                 for n, a in adh.items()]
         parts.append(_table(["attribute set", "adherence", "images", "per word"], rows))
-    parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2, sort_keys=True)) + "</pre>")
+    parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2)) + "</pre>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
             f"<title>{E(title)}</title><style>{CSS}</style></head><body>"

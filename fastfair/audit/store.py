@@ -153,7 +153,7 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if existing is not None and mode != "overwrite" and "created" in existing:
             config = dict(config, created=existing["created"])
-        atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+        atomic_write(self.config_path, json.dumps(config, indent=2).encode())  # keeps the listed order
         return mode
 
     def verify(self, config: dict) -> None:
