@@ -87,6 +87,7 @@ def test_results_parquet_layout(run):
     for rel in df["image"]:
         assert (res.run_dir / rel).is_file()
     assert (res.run_dir / "report.html").is_file() and (res.run_dir / "summary.json").is_file()
+    assert res.summary["n_images"] == res.summary["n_planned"] == 20
     assert not list(res.run_dir.rglob(".*.tmp"))
 
 

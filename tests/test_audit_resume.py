@@ -67,6 +67,9 @@ def test_sigkill_mid_run_then_resume(tiny_sd, tmp_path):
     n_before = sum(pq.read_metadata(out / "parts" / n).num_rows for n in committed)
     assert 0 < n_before < N_ROWS, "the kill should land mid-run"
     assert not (out / "results.parquet").exists()
+    # the committed rows already make a (partial) report
+    page = fastfair.audit.report(out, out=tmp_path / "partial.html").read_text()
+    assert f"Partial run: {n_before} of {N_ROWS} planned images" in page
 
     kw = dict(pipeline=tiny_sd, out=out, **ARGS)
     with pytest.raises(RunDirError, match=f"already has {n_before} finished image.*--resume"):

@@ -217,6 +217,7 @@ figure img{display:block;width:148px;image-rendering:auto}
 figcaption{font-size:12px;color:#555}
 pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px;max-height:520px}
 .tw{overflow-x:auto;max-width:100%}
+.warn{background:#fff6e0;border:1px solid #e0a800;padding:6px 10px}
 #js-errors:empty{display:none}
 #js-errors{background:#fee;border:1px solid #c00;padding:8px;color:#900}
 """
@@ -290,6 +291,10 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                  f"template “{E(st['template'])}” · "
                  f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
                  f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}</p>")
+    planned = summary.get("n_planned")
+    if planned and summary.get("n_images", 0) < planned:
+        parts.append(f'<p class=warn>Partial run: {summary["n_images"]} of {planned} planned images are finished; '
+                     "resume the audit (--resume) for the rest.</p>")
     parts.append("<div class=cards>" + "".join(f"<div class=card>{E(str(k))}<b>{v}</b></div>" for k, v in cards)
                  + "</div>")
     maps = _Maps(root)

@@ -83,8 +83,9 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
     level = level or opts.get("level", 0.95)
     professions = list(config["work"]["professions"])
     attrs = st["attributes"]
-    out: dict = {"n_images": int(len(df)), "professions": professions,
-                 "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level}}
+    per_prompt = 1 + (sum(len(a["labels"]) for a in attrs.values()) if "inprompt" in st["entanglement"] else 0)
+    out: dict = {"n_images": int(len(df)), "n_planned": len(professions) * len(config["work"]["seeds"]) * per_prompt,
+                 "professions": professions, "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level}}
     if not len(df):
         return out
     neutral = df[df["kind"] == "neutral"]
