@@ -37,11 +37,14 @@ def _freq(f) -> np.ndarray:
 def counts(codes, n_classes: int) -> np.ndarray:
     """Class counts of integer class codes; codes < 0 (abstained / missing) are not counted.
     ``codes`` (..., n) -> (..., n_classes)."""
-    codes = np.asarray(codes)
+    codes = np.asarray(codes, dtype=np.int64)
     if codes.size and codes.max(initial=-1) >= n_classes:
         raise ValueError(f"class code {int(codes.max())} out of range for {n_classes} classes")
-    onehot = codes[..., None] == np.arange(n_classes)
-    return onehot.sum(-2)
+    lead = codes.shape[:-1]
+    rows = codes.reshape(-1, codes.shape[-1]) if codes.ndim else codes.reshape(1, 1)
+    ok = rows >= 0
+    flat = (np.arange(rows.shape[0])[:, None] * n_classes + rows)[ok]
+    return np.bincount(flat, minlength=rows.shape[0] * n_classes).reshape(*lead, n_classes)
 
 
 def frequencies(codes, n_classes: int) -> np.ndarray:

@@ -25,19 +25,29 @@ def _f(x):
 
 
 def _groups(df, professions, col):
+    """Per profession (in order), the finite values of ``col``."""
+    by = {p: g for p, g in df.groupby("profession", sort=False)[col]} if len(df) else {}
     out = []
     for p in professions:
-        v = df.loc[df["profession"] == p, col].to_numpy(dtype=np.float64)
+        v = by[p].to_numpy(dtype=np.float64) if p in by else np.zeros(0)
         out.append(v[np.isfinite(v)])
     return out
 
 
 def _entanglement_block(df, professions, col, n_boot, seed, level) -> dict:
+    """Mean per profession and macro mean, with intervals from one set of resamples per profession
+    (drawn in order from one generator, as ``distribution.bootstrap_ci`` does)."""
     groups = _groups(df, professions, col)
+    rng = np.random.default_rng(seed)
+    boots = [g[rng.integers(0, g.size, size=(n_boot, g.size))].mean(1) if g.size else np.full(n_boot, np.nan)
+             for g in groups]
     per = {}
-    for p, g in zip(professions, groups):
-        per[p] = dict(_ci(D.bootstrap_ci([g], D.mean_statistic, n_boot=n_boot, seed=seed, level=level)), n=int(g.size))
-    overall = _ci(D.bootstrap_ci(groups, D.mean_statistic, n_boot=n_boot, seed=seed, level=level))
+    for p, g, b in zip(professions, groups, boots):
+        per[p] = dict(_ci((g.mean() if g.size else np.nan, *_interval(b, level))), n=int(g.size))
+    with D._quiet_nanmean():
+        point = np.nanmean([g.mean() for g in groups if g.size]) if any(g.size for g in groups) else np.nan
+        dist = np.nanmean(np.stack(boots), axis=0) if boots else np.full(n_boot, np.nan)
+    overall = _ci((point, *_interval(dist, level)))
     overall["n"] = int(sum(g.size for g in groups))
     return {"overall": overall, "per_profession": per}
 
@@ -51,24 +61,55 @@ def _metrics_for(K: int, target: list[float]):
     return out
 
 
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if not v.size:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(v, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _safe(metric, f: np.ndarray) -> np.ndarray:
+    """``metric`` over rows of frequencies; NaN where a row is undefined (no classified image)."""
+    out = np.full(f.shape[:-1], np.nan)
+    ok = np.isfinite(f).all(-1)
+    if ok.any():
+        out[ok] = metric(f[ok])
+    return out
+
+
 def _distribution_block(df, professions, col, labels, target, n_boot, seed, level) -> dict:
+    """Frequencies and metrics per profession and overall. The resamples are drawn once per profession
+    (one generator, professions in order, as ``distribution.bootstrap_ci`` draws them) and shared by all
+    metrics; the overall interval is that of the macro mean over professions."""
     K = len(labels)
     metrics = _metrics_for(K, target)
-    codes = []
-    for p in professions:
-        codes.append(D.encode(df.loc[df["profession"] == p, col].tolist(), labels))
+    by = {p: g for p, g in df.groupby("profession", sort=False)[col]} if len(df) else {}
+    codes = [D.encode(by[p].tolist(), labels) if p in by else np.zeros(0, dtype=np.int64) for p in professions]
+    rng = np.random.default_rng(seed)
+    point_f, boot_f = [], []
+    for c in codes:
+        point_f.append(D.frequencies(c, K))
+        if c.size:
+            boot_f.append(D.frequencies(c[rng.integers(0, c.size, size=(n_boot, c.size))], K))
+        else:
+            boot_f.append(np.full((n_boot, K), np.nan))
     per = {}
-    for p, c in zip(professions, codes):
-        f = D.frequencies(c, K)
-        entry = {"n": int((c >= 0).sum()), "abstained": int((c < 0).sum()), "freq": [_f(x) for x in f]}
-        for name, fn in metrics.items():
-            entry[name] = _ci(D.bootstrap_ci([c], D.frequency_statistic(K, fn), n_boot=n_boot, seed=seed, level=level))
+    vals = {name: ([_safe(fn, f[None])[0] for f in point_f], [_safe(fn, b) for b in boot_f])
+            for name, fn in metrics.items()}
+    for i, (p, c) in enumerate(zip(professions, codes)):
+        entry = {"n": int((c >= 0).sum()), "abstained": int((c < 0).sum()), "freq": [_f(x) for x in point_f[i]]}
+        for name in metrics:
+            entry[name] = _ci((vals[name][0][i], *_interval(vals[name][1][i], level)))
         per[p] = entry
     allc = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
     overall = {"n": int((allc >= 0).sum()), "abstained": int((allc < 0).sum()),
                "freq_pooled": [_f(x) for x in D.frequencies(allc, K)]}
-    for name, fn in metrics.items():
-        overall[name] = _ci(D.bootstrap_ci(codes, D.frequency_statistic(K, fn), n_boot=n_boot, seed=seed, level=level))
+    with np.errstate(invalid="ignore"), D._quiet_nanmean():
+        for name in metrics:
+            point = np.nanmean(np.asarray(vals[name][0], dtype=np.float64)) if codes else np.nan
+            dist = np.nanmean(np.stack(vals[name][1]), axis=0) if codes else np.full(n_boot, np.nan)
+            overall[name] = _ci((point, *_interval(dist, level)))
     return {"labels": list(labels), "target": [float(x) for x in target], "overall": overall, "per_profession": per}
 
 
@@ -116,8 +157,8 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                      "per_label": {}}
             for lab in a["labels"]:
                 r = rows[rows["label"] == lab]
-                block["per_label"][lab] = _ci(D.bootstrap_ci(_groups(r, professions, "iou_inprompt"), D.mean_statistic,
-                                                             n_boot=n_boot, seed=seed, level=level))
+                block["per_label"][lab] = _entanglement_block(r, professions, "iou_inprompt", n_boot, seed,
+                                                              level)["overall"]
             ent["inprompt"][name] = block
     out["entanglement"] = ent
 
