@@ -82,8 +82,8 @@ def warn_unbuilt(device: torch.device | str = "cpu") -> None:
     _WARNED = True
     device = torch.device(device)
     what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
-    err = _CUDA_ERR if device.type == "cuda" else _C_ERR
-    warnings.warn(f"fastfair: native extension {what} is not built ({err}); using the reference backend -- "
+    err = str(_CUDA_ERR if device.type == "cuda" else _C_ERR).strip().splitlines() or ["not found"]
+    warnings.warn(f"fastfair: native extension {what} is not built ({err[0]}); using the reference backend -- "
                   f"{BUILD_HINT}", RuntimeWarning, stacklevel=3)
 
 
