@@ -277,10 +277,14 @@ def test_float64_falls_back_to_reference():
 # GPU only: realistic shapes and the autotuned path
 # --------------------------------------------------------------------------------------------
 
+_GPU_CASES = [(torch.float16, 1024, 8, 40, 77), (torch.float16, 256, 8, 80, 77), (torch.float16, 64, 8, 160, 77),
+              (torch.float16, 1024, 10, 64, 77), (torch.float16, 512, 4, 64, 1200),
+              (torch.bfloat16, 1024, 8, 40, 77), (torch.bfloat16, 256, 8, 80, 77), (torch.bfloat16, 512, 4, 64, 1200),
+              (torch.float32, 1024, 10, 64, 77)]
+
+
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("Nq,H,D,Nk", [(1024, 8, 40, 77), (256, 8, 80, 77), (64, 8, 160, 77), (1024, 10, 64, 77),
-                                       (512, 4, 64, 1200)])
+@pytest.mark.parametrize("dtype,Nq,H,D,Nk", _GPU_CASES)
 def test_gpu_diffusion_shapes(dtype, Nq, H, D, Nk):
     q, k, v, mk, tok = _inputs(2, H, Nq, Nk, D, dtype, T=4, transposed=True)
     _run_all(q, k, v, mk, tok, per_head=False)

@@ -68,10 +68,11 @@ def _nq_bucket(nq: int) -> int:
 def _prec(dtype: torch.dtype) -> tuple[str, str]:
     """(input_precision of the dots on the input dtype, of the fp32 map-gradient dots).
 
-    fp32 inputs: exact fp32 dots everywhere. Half inputs: the main dots run on fp16/bf16 operands
-    (the precision argument is moot); the small fp32 map-gradient dots (BLOCK_M x BLOCK_T x D) use
-    3xTF32 -- fp32 range and ~fp32 accuracy at a fraction of the cost of an FMA loop."""
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+    Half inputs: the main dots run on fp16/bf16 operands (the precision argument is moot); the
+    small fp32 map-gradient dots (BLOCK_M x BLOCK_T x D) use 3xTF32 -- fp32 range and ~fp32
+    accuracy on tensor cores. fp32 inputs: 3xTF32 everywhere ("ieee" FMA-loop dots spill heavily
+    and take minutes to compile)."""
+    return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32x3")
 
 
 def _align(*ts) -> int:
@@ -97,31 +98,27 @@ def _dev_ctx(t: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 
 def _fwd_configs():
-    cfgs = []
-    for bm in (64, 128):
-        for w in (4, 8):
-            for s in (1, 2, 3):
-                cfgs.append(triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+            for bm, w in ((64, 4), (64, 8), (128, 8)) for st in (2,)]
 
 
 def _fwd_prune(configs, named_args, **kwargs):
+    """Keep tiles that compile without (much) spilling on sm_90 (checked with cuobjdump, see
+    tests/test_triton_compile.py): 128-row tiles only for head dims <= 64."""
     bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    bn = kwargs.get("BLOCK_N", 128)
-    out = []
-    for c in configs:
-        bm = c.kwargs["BLOCK_M"]
-        # registers: q (bm x bd) + scores (bm x bn) + acc (bm x bdv) in fp32 per warp set
-        if bm * (bd + bn) > 128 * 256 and c.num_warps < 8:
-            continue
-        if bm * (bd + bn) > 128 * 384:
-            continue
-        out.append(c)
+    out = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and bd > 64)]
     return out or configs[:1]
 
 
 def _bwd_configs():
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+def _bwd_prune(configs, named_args, **kwargs):
+    """The fused backward holds dk/dv accumulators: 8 warps only."""
+    if kwargs.get("FUSE_DK") or kwargs.get("FUSE_DV") or kwargs.get("FUSE_DMK"):
+        return [c for c in configs if c.num_warps == 8] or configs[:1]
+    return configs
 
 
 _FWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_MK", "HAS_MAPS", "PER_HEAD", "COMPUTE_OUT"]
@@ -131,32 +128,46 @@ _DKDV_KEY = ["NQ_BUCKET", "Nk", "D", "DV", "HAS_DOUT", "NEED_DK", "NEED_DV"]
 
 _fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
                              prune_configs_by={"early_config_prune": _fwd_prune})(_xattn_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY)(_xattn_bwd_kernel)
+_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY,
+                             prune_configs_by={"early_config_prune": _bwd_prune})(_xattn_bwd_kernel)
 _dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_DKDV_KEY)(_xattn_bwd_dkdv_kernel)
 
 
-def _fwd_heuristic(bd: int, bn: int, gpu: bool = False) -> dict:
+def _fwd_heuristic(bd: int, bn: int, gpu: bool = False, esz: int = 2) -> dict:
+    """Tile config without autotuning. Checked on sm_90 for spills and shared memory (<= 227 KiB)
+    by tests/test_triton_compile.py."""
     if "FWD_BLOCK_M" in _OVERRIDE:
         return {"BLOCK_M": _OVERRIDE["FWD_BLOCK_M"], "num_warps": 4, "num_stages": 1}
     if _interpret() and not gpu:
         return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
-    if bd >= 256 or bn >= 256:
-        return {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}
+    if esz >= 4:  # fp32 operands: twice the shared memory per tile
+        return {"BLOCK_M": 64 if bd <= 64 else 32, "num_warps": 4 if bd <= 64 else 8, "num_stages": 1}
+    if bd <= 64:
+        return {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
 
 
-def _bwd_block_m(bd: int, bn: int, fused: bool) -> int:
+def _fwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
+    """Key tile of the forward: Nk rounded up (single pass) unless that spills / overflows shared
+    memory (head dim > 128, or fp32 with head dim > 64): then 64-key blocks (online softmax)."""
+    bn = _key_block(nk)
+    if "BLOCK_N" not in _OVERRIDE and not _interpret() and bn > 64 and (bd > 128 or (esz >= 4 and bd > 64)):
+        bn = 64
+    return bn
+
+
+def _bwd_block_m(bd: int, bn: int, fused: bool, esz: int = 2) -> int:
     if "BWD_BLOCK_M" in _OVERRIDE:
         return _OVERRIDE["BWD_BLOCK_M"]
     if _interpret():
         return 64
-    return 64
+    return 32 if (fused or esz >= 4 or bd > 128) else 64
 
 
-def _bwd_heuristic(bd: int, bn: int, fused: bool) -> dict:
+def _bwd_heuristic(bd: int, bn: int, fused: bool, esz: int = 2) -> dict:
     if _interpret():
         return {"num_warps": 4, "num_stages": 1}
-    return {"num_warps": 8 if (fused and bd >= 128) or bn >= 256 else 4, "num_stages": 1}
+    return {"num_warps": 8 if (fused or bd >= 128 or bn >= 256 or esz >= 4) else 4, "num_stages": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,9 +209,10 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
         maps = torch.empty(B, T, Nq, dtype=torch.float32, device=dev)
     tok_ = tok if tok is not None else torch.zeros(B, 1, dtype=torch.int64, device=dev)
 
-    BLOCK_N = _key_block(Nk)
-    BLOCK_NM = _key_block(Nm) if mk is not None else 16
     BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
+    esz = q.element_size()
+    BLOCK_N = _fwd_key_block(Nk, max(BLOCK_D, BLOCK_DV), esz)
+    BLOCK_NM = _fwd_key_block(Nm, BLOCK_D, esz) if mk is not None else 16
     BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
     prec, _ = _prec(q.dtype)
 
@@ -243,7 +255,7 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
             grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
             _fwd_tuned[grid](*args, **consts)
         else:
-            cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N)
+            cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, esz=esz)
             grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B, hg)
             _xattn_fwd_kernel[grid](*args, **consts, **cfg)
 
@@ -298,7 +310,8 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
     need_delta = (not single) and (dk_src or dmk_src)
     prec, prec_map = _prec(q.dtype)
-    BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse)
+    esz = q.element_size()
+    BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz)
     NMB = triton.cdiv(Nq, BLOCK_M)
     if fuse:
         nsplit = max(1, min(NMB, triton.cdiv(_target_programs(dev), B * H)))
@@ -347,7 +360,7 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
         if _autotune_on():
             _bwd_tuned[grid](*args, **consts)
         else:
-            _xattn_bwd_kernel[grid](*args, **consts, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse))
+            _xattn_bwd_kernel[grid](*args, **consts, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz))
 
         def dkdv(K_, V_, L_, DEL_, n_keys, block_n, has_do, need_dk_, need_dv_):
             nkb = triton.cdiv(n_keys, block_n)
@@ -367,7 +380,7 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
             if _autotune_on():
                 _dkdv_tuned[g](*a, **c)
             else:
-                _xattn_bwd_dkdv_kernel[g](*a, **c, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False))
+                _xattn_bwd_dkdv_kernel[g](*a, **c, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz))
             return kp, vp
 
         if not single:
