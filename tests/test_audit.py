@@ -269,6 +269,14 @@ def test_prompt_sets_and_attribute_sets():
     names = [i.name for i in inters]
     assert names[0] == "age×fairface4" and "gender×race" in names and len(names) == 6
     assert inters[0].labels[:2] == ("young|White", "young|Black")
+    custom = {"skin": {"labels": ["light", "dark"], "words": ["light-skinned", "dark-skinned"],
+                       "prompts": [["a photo of a light-skinned person"], ["a photo of a dark-skinned person"]],
+                       "open_word": "skin"}}
+    sets, inters = parse_attributes("gender*skin", custom)
+    assert [s.name for s in sets] == ["gender", "skin"] and sets[1].words == ("light-skinned", "dark-skinned")
+    assert [i.name for i in inters] == ["gender×skin"]
+    with pytest.raises(ValueError, match="repeats a set"):
+        parse_attributes("gender*gender")
 
 
 def test_every_builtin_profession_fits_the_template(tiny_sd):
