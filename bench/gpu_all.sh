@@ -18,14 +18,15 @@ python3 -c "import fastfair.ops as o; print('backends on cuda:', o.available_bac
 } > "$RES/setup.log" 2>&1
 export PYTHONPATH=${PYTHONPATH:-}
 cat "$RES/setup.log"
-for s in gpu_kernels gpu_native; do
+for s in gpu_kernels:245 gpu_native:110; do
+  lim=${s#*:}; s=${s%%:*}
   if [ -f "bench/$s.sh" ]; then
-    log "$s"; mkdir -p "$RES/$s"; OUT="$RES/$s" timeout ${GPU_STEP_TIMEOUT:-200} bash "bench/$s.sh" > "$RES/$s.log" 2>&1
+    log "$s"; mkdir -p "$RES/$s"; OUT="$RES/$s" timeout $lim bash "bench/$s.sh" > "$RES/$s.log" 2>&1
     echo "rc=$?"; tail -25 "$RES/$s.log"
   fi
 done
-log "engine"; timeout 150 python3 bench/gpu_engine.py --steps 20 --json "$RES/engine.json" > "$RES/engine.md" 2>&1; tail -20 "$RES/engine.md"
-log "guidance"; timeout 150 python3 bench/bench_guidance.py --device cuda --batch 8 --steps 10 > "$RES/guidance.md" 2>&1; tail -8 "$RES/guidance.md"
+log "engine"; timeout 90 python3 bench/gpu_engine.py --steps 20 --json "$RES/engine.json" > "$RES/engine.md" 2>&1; tail -20 "$RES/engine.md"
+log "guidance"; timeout 80 python3 bench/bench_guidance.py --device cuda --batch 8 --steps 10 > "$RES/guidance.md" 2>&1; tail -8 "$RES/guidance.md"
 log "done"
 tar czf "$OUT/results.tgz" -C "$RES" .
 cat "$RES"/*.md > "$OUT/summary.md" 2>/dev/null
