@@ -26,7 +26,7 @@ for s in gpu_kernels:245 gpu_native:110; do
   fi
 done
 log "engine"; timeout 90 python3 bench/gpu_engine.py --steps 20 --json "$RES/engine.json" > "$RES/engine.md" 2>&1; tail -20 "$RES/engine.md"
-log "guidance"; timeout 80 python3 bench/bench_guidance.py --device cuda --batch 8 --steps 10 > "$RES/guidance.md" 2>&1; tail -8 "$RES/guidance.md"
+log "guidance"; timeout 80 python3 bench/bench_guidance.py --device cuda --batch 8 --steps 5 > "$RES/guidance.md" 2>&1; tail -8 "$RES/guidance.md"
 log "done"
 tar czf "$OUT/results.tgz" -C "$RES" .
 cat "$RES"/*.md > "$OUT/summary.md" 2>/dev/null
