@@ -1,0 +1,159 @@
+"""Distributional alignment targets: exact OT against brute force, expectations, errors."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastfair import alignment
+from fastfair.alignment import TargetError
+
+
+def _random_probs(rng, n, k):
+    x = rng.gamma(1.0, size=(n, k))
+    return x / x.sum(1, keepdims=True)
+
+
+def _brute_force(cost, counts):
+    """Minimum-cost assignment of the N images to classes with exactly `counts` images per class, by
+    enumerating every distinct labelling."""
+    n, k = cost.shape
+    slots = [c for c in range(k) for _ in range(counts[c])]
+    best, best_lab = math.inf, None
+    for perm in set(itertools.permutations(slots)):
+        c = sum(cost[i, perm[i]] for i in range(n))
+        if c < best - 1e-12:
+            best, best_lab = c, perm
+    return best, np.array(best_lab)
+
+
+@pytest.mark.parametrize("n,k,seed", [(4, 2, 0), (5, 3, 1), (6, 3, 2), (6, 4, 3), (7, 2, 4)])
+def test_exact_transport_matches_brute_force(n, k, seed):
+    rng = np.random.default_rng(seed)
+    p = _random_probs(rng, n, k)
+    cost = alignment.transport_cost(p)
+    # the cost is the Euclidean distance to the class corners
+    for i in range(n):
+        for c in range(k):
+            assert cost[i, c] == pytest.approx(np.linalg.norm(p[i] - np.eye(k)[c]), abs=1e-12)
+    for _ in range(4):
+        counts = rng.multinomial(n, np.full(k, 1.0 / k))
+        plan = alignment.exact_transport(cost, counts)
+        assert plan.sum(1) == pytest.approx(np.ones(n))
+        assert plan.sum(0) == pytest.approx(counts)
+        best, lab = _brute_force(cost, counts)
+        assert (plan * cost).sum() == pytest.approx(best, abs=1e-9)
+        assert (plan.argmax(1) == lab).all()  # random probabilities: the optimum is unique
+
+
+def test_joint_cost_and_classes_brute_force():
+    rng = np.random.default_rng(5)
+    heads = {"gender": _random_probs(rng, 6, 2), "age": _random_probs(rng, 6, 3)}
+    cls = alignment.joint_classes([2, 3])
+    assert cls.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    cost = alignment.transport_cost(heads)
+    for i in range(6):
+        for j, (g, a) in enumerate(cls):
+            v = np.concatenate([heads["gender"][i] - np.eye(2)[g], heads["age"][i] - np.eye(3)[a]])
+            assert cost[i, j] == pytest.approx(np.linalg.norm(v), abs=1e-12)
+    counts = np.array([1, 1, 1, 1, 1, 1])
+    plan = alignment.exact_transport(cost, counts)
+    best, lab = _brute_force(cost, counts)
+    assert (plan * cost).sum() == pytest.approx(best, abs=1e-9)
+    assert (plan.argmax(1) == lab).all()
+
+
+def test_exact_transport_matches_pot_when_installed():
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(7)
+    p = _random_probs(rng, 12, 4)
+    cost = alignment.transport_cost(p)
+    counts = rng.multinomial(12, [0.1, 0.2, 0.3, 0.4])
+    plan = alignment.exact_transport(cost, counts)
+    ref = ot.emd(np.ones(12), counts.astype(float), cost)
+    assert (plan * cost).sum() == pytest.approx((ref * cost).sum(), abs=1e-9)
+
+
+def test_targets_average_brute_force_plans():
+    """alignment_targets = the mean over sampled histograms of the (brute-force) optimal plans."""
+    rng = np.random.default_rng(11)
+    p = _random_probs(rng, 5, 2)
+    t = [0.7, 0.3]
+    out = alignment.alignment_targets(p, t, samples=30, threshold=0.2, rng=np.random.default_rng(3))
+    hist = np.random.default_rng(3).multinomial(5, t, size=30)
+    assert (out.histograms == hist).all()
+    cost = alignment.transport_cost(p)
+    q = np.zeros((5, 2))
+    for h in hist:
+        _, lab = _brute_force(cost, h)
+        q[np.arange(5), lab] += 1
+    q /= 30
+    assert out.joint_q == pytest.approx(q)
+    h0 = out.names[0]
+    assert (out.labels[h0].numpy() == q.argmax(1)).all()
+    assert out.uncertainty[h0].numpy() == pytest.approx(1 - q.max(1))
+    assert (out.keep[h0].numpy() == (1 - q.max(1) <= 0.2)).all()
+
+
+def test_ranking_for_binary_targets():
+    """Binary attribute, 50/50, clear probabilities: the least class-0 images are relabelled, extremes are certain."""
+    p0 = np.array([0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6])
+    p = np.stack([p0, 1 - p0], 1)
+    out = alignment.alignment_targets(p, [0.5, 0.5], samples=400, rng=0)
+    lab, keep = out.labels["head0"].numpy(), out.keep["head0"].numpy()
+    assert lab[:3].tolist() == [0, 0, 0] and lab[-3:].tolist() == [1, 1, 1]
+    assert keep[0] and keep[-1] and not keep[3] and not keep[4]
+
+
+@pytest.mark.parametrize("target", [[0.75, 0.25], [0.6, 0.3, 0.1], [0.1, 0.2, 0.3, 0.4]])
+def test_non_uniform_targets_in_expectation(target):
+    rng = np.random.default_rng(0)
+    k, n = len(target), 8
+    tot, labels = np.zeros(k), np.zeros(k)
+    for r in range(300):
+        p = _random_probs(rng, n, k)
+        out = alignment.alignment_targets(p, target, samples=20, rng=rng)
+        tot += out.joint_q.sum(0)
+        labels += np.bincount(out.labels["head0"].numpy(), minlength=k)
+    # the plans' class marginals are the sampled histograms: E = N t
+    assert tot / tot.sum() == pytest.approx(target, abs=0.015)
+    # and the argmax labels follow the target too (coarser: argmax of averaged plans)
+    assert labels / labels.sum() == pytest.approx(target, abs=0.06)
+
+
+def test_joint_target_marginals():
+    t = alignment.joint_target([[0.5, 0.5], [0.75, 0.25]])
+    assert t.tolist() == [0.375, 0.125, 0.375, 0.125]
+    rng = np.random.default_rng(1)
+    tot = {"g": np.zeros(2), "a": np.zeros(2)}
+    for _ in range(150):
+        heads = {"g": _random_probs(rng, 8, 2), "a": _random_probs(rng, 8, 2)}
+        out = alignment.alignment_targets(heads, t, samples=20, rng=rng)
+        for a in tot:
+            tot[a] += out.q[a].sum(0)
+    assert tot["g"] / tot["g"].sum() == pytest.approx([0.5, 0.5], abs=0.02)
+    assert tot["a"] / tot["a"].sum() == pytest.approx([0.75, 0.25], abs=0.02)
+
+
+def test_loss_is_cross_entropy_on_kept_images():
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]], requires_grad=True)
+    out = alignment.alignment_targets(p.detach(), [0.5, 0.5], samples=200, rng=0)
+    loss = alignment.alignment_loss({"head0": p}, out)
+    y, keep = out.labels["head0"], out.keep["head0"]
+    ref = sum(-math.log(float(p.detach()[i, y[i]])) for i in range(4) if keep[i]) / 4
+    assert float(loss) == pytest.approx(ref)
+    loss.backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_errors():
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    with pytest.raises(TargetError, match="sums to 0.9"):
+        alignment.alignment_targets(p, [0.6, 0.3])
+    with pytest.raises(TargetError, match="3 entries but there are 2 classes"):
+        alignment.alignment_targets(p, [0.5, 0.25, 0.25])
+    with pytest.raises(TargetError, match="non-negative"):
+        alignment.alignment_targets(p, [1.5, -0.5])
+    with pytest.raises(TargetError, match="3 images per batch is fewer than the 4 classes"):
+        alignment.alignment_targets({"g": p, "a": p}, [0.25] * 4)
