@@ -20,9 +20,13 @@ _LAZY = {
     "EntanglementGuidance": "fastfair.guidance",
     "audit": "fastfair.audit",
     "MistEdit": "fastfair.mist",
+    "finetune_dft": "fastfair.dft",
+    "DFTConfig": "fastfair.dft",
+    "DFTTrainer": "fastfair.dft",
 }
 _SUBMODULES = {"classify", "distribution", "generation", "guidance", "ops", "metrics", "concepts", "maps",
-               "processors", "pipelines", "kernels", "cli", "mist"}
+               "processors", "pipelines", "kernels", "cli", "mist",
+               "dft", "alignment"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

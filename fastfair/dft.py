@@ -1,0 +1,1117 @@
+"""Fairness finetuning: adjusted direct finetuning (DFT) toward a target attribute distribution.
+
+Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024). One iteration:
+
+1. pick a prompt, draw N initial noises and a number of sampling steps (19-23 in the paper);
+2. sample the N images *with gradients* (DPM-Solver++ by default, classifier-free guidance). The
+   UNet is fed *detached* latents, so no gradient flows z_t -> eps_hat across steps; the latents
+   still carry gradient through the solver's update, which makes every step's eps_hat reach the
+   image. Each step's eps_hat gradient is multiplied by
+   ``c_t = sqrt(abar_t) * sqrt(1 - abar_t) / (1 - alpha_t)``, the c_t normalised by their geometric
+   mean over the steps ("adjusted DFT", :func:`grad_coefficients`, :class:`ScaleGrad`);
+3. a differentiable attribute classifier gives per-attribute probabilities; the distributional
+   alignment targets (``fastfair.alignment``: exact OT to histograms sampled from the target) give a
+   label per image and attribute, uncertain ones dropped; the loss is their cross-entropy;
+4. a quality regulariser keeps each image close (1 - cosine of encoder features, CLIP by default) to
+   the frozen model's image for the same noise and step count; the paper relaxes it (factor 0.2) for
+   images whose target class differs from the frozen image's class;
+5. AdamW, gradient clipping, EMA of the trainables, a skipped update on non-finite gradients.
+
+Trainables: LoRA (peft) on the text encoder (default) and/or the UNet, or k soft prefix tokens
+(saved as a textual-inversion embedding). Cross-attention runs through ``fastfair.ops`` by
+default (``attention="fastfair"``): fastfair's patched processor, whose backward recomputes the
+attention probabilities instead of keeping them.
+
+Classifier protocol (``classifier=`` of :class:`DFTTrainer`): anything :func:`as_differentiable`
+accepts -- a ``torch.nn.Module`` or callable mapping images as a float tensor (N, 3, H, W) in [0, 1]
+to per-class probabilities, either one (N, K) tensor (give ``labels=[...]``) or a mapping
+{attribute: (N, K_a)} (give ``labels={attribute: [...]}`` or a ``labels`` attribute). Joint classes
+of an intersection are just one head with the joint labels. ``fastfair.classify``'s
+``ModuleClassifier`` and ``ClipZeroShot`` are accepted as they are (CLIP zero-shot is made
+differentiable here, reusing its text embeddings).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import alignment
+from .alignment import TargetError
+
+__all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
+           "grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
+           "ClipFeatures", "parse_targets", "TargetError"]
+
+CHECKPOINT_VERSION = 1
+TEXT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # the paper also adapts the MLP
+UNET_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TRAINABLES = ("text-lora", "unet-lora", "text+unet-lora", "soft-tokens")
+
+
+class DFTError(ValueError):
+    """A DFT setting that cannot work (explained in the message)."""
+
+
+class ClassifierMismatch(DFTError):
+    """The attributes to align (or their targets) do not match the classifier's heads and labels."""
+
+
+class ResumeError(DFTError):
+    """A checkpoint that does not exist or does not belong to this training setup."""
+
+
+def _need_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA finetuning needs peft: pip install 'fastfair[train]' (or pip install peft); "
+                          "soft tokens (trainable='soft-tokens') work without it") from e
+    return peft
+
+
+# --------------------------------------------------------------------------------------------
+# Adjusted gradient
+# --------------------------------------------------------------------------------------------
+
+def grad_coefficients(scheduler, timesteps=None, normalize: bool = True) -> np.ndarray:
+    """Adjusted-DFT gradient scales c_t = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t) per sampling step.
+
+    ``timesteps`` default to ``scheduler.timesteps`` (call ``set_timesteps`` first); abar and alpha are
+    the scheduler's training-schedule ``alphas_cumprod`` and ``alphas`` (1 - betas) at those timesteps.
+    With ``normalize`` the coefficients are divided by their geometric mean (their product is 1).
+    """
+    ts = scheduler.timesteps if timesteps is None else timesteps
+    ts = [int(t) for t in (ts.tolist() if torch.is_tensor(ts) else ts)]
+    if not ts:
+        raise ValueError("no timesteps: call scheduler.set_timesteps(n) first")
+    abar = scheduler.alphas_cumprod.double().cpu().numpy()
+    alphas = getattr(scheduler, "alphas", None)
+    alphas = (1.0 - scheduler.betas.double()).cpu().numpy() if alphas is None else alphas.double().cpu().numpy()
+    c = np.array([math.sqrt(abar[t]) * math.sqrt(1.0 - abar[t]) / (1.0 - alphas[t]) for t in ts])
+    if normalize:
+        c = c / math.exp(np.log(c).mean())
+    return c
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the incoming gradient by ``scale`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = float(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return ScaleGrad.apply(x, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier protocol
+# --------------------------------------------------------------------------------------------
+
+class DifferentiableClassifier:
+    """images (N, 3, H, W) in [0, 1] -> {attribute: (N, K_a) probabilities}, with gradients.
+
+    ``labels``: {attribute: (label, ...)} in column order. ``image_size``: resize (bilinear) to a square
+    of this size first.
+    """
+
+    def __init__(self, fn: Callable, labels: Mapping[str, Sequence[str]], image_size: int | None = None,
+                 name: str | None = None, single: bool = False):
+        self.fn = fn
+        self.labels = {str(a): tuple(str(x) for x in v) for a, v in labels.items()}
+        for a, v in self.labels.items():
+            if len(v) < 2 or len(set(v)) != len(v):
+                raise ClassifierMismatch(f"labels for {a!r} must be at least two distinct names; got {list(v)}")
+        self.image_size = image_size
+        self.name = name or getattr(type(fn), "__qualname__", repr(fn))
+        self.single = single
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.fn] if isinstance(self.fn, torch.nn.Module) else []
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images
+        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        out = self.fn(x)
+        if isinstance(out, torch.Tensor):
+            if not self.single:
+                raise ClassifierMismatch(f"the classifier returned one tensor but declares {len(self.labels)} "
+                                         f"attributes {sorted(self.labels)}; return {{attribute: probabilities}}")
+            out = {next(iter(self.labels)): out}
+        if not isinstance(out, Mapping):
+            raise ClassifierMismatch(f"the classifier returned {type(out).__name__}; it must return (N, K) "
+                                     "probabilities or {attribute: (N, K) probabilities}")
+        res = {}
+        for a, lab in self.labels.items():
+            if a not in out:
+                raise ClassifierMismatch(f"the classifier returned attributes {sorted(out)} but declares "
+                                         f"{sorted(self.labels)}")
+            p = out[a]
+            if not isinstance(p, torch.Tensor) or p.shape != (images.shape[0], len(lab)):
+                raise ClassifierMismatch(f"classifier output for {a!r} has shape "
+                                         f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}; "
+                                         f"expected ({images.shape[0]}, {len(lab)}) probabilities, one column per "
+                                         "label")
+            res[a] = p
+        return res
+
+
+class _ClipZeroShotHead(torch.nn.Module):
+    """A differentiable forward for ``fastfair.classify.ClipZeroShot``: the same class text embeddings and
+    logit scale, the image preprocessed with tensor ops (resize the shorter side, centre crop, normalise)."""
+
+    def __init__(self, zs):
+        super().__init__()
+        self.zs = zs
+        self.model = zs.model
+        self.size = int(zs.image_size)
+        self.register_buffer("mean", torch.tensor(zs.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(zs.image_std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        s = self.size / min(H, W)
+        nh, nw = max(self.size, round(H * s)), max(self.size, round(W * s))
+        x = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False)
+        top, left = (nh - self.size) // 2, (nw - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size]
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        dtype = next(self.model.parameters()).dtype
+        pooled = self.model.vision_model(pixel_values=x.to(dtype)).pooler_output
+        e = self.model.visual_projection(pooled).float()
+        e = e / e.norm(dim=-1, keepdim=True)
+        scale = self.model.logit_scale.detach().float().exp()
+        return {a: torch.softmax(scale * e @ self.zs.text_embeddings(a).to(e).T, dim=-1) for a in self.zs.labels}
+
+
+def as_differentiable(classifier, labels=None, image_size: int | None = None) -> DifferentiableClassifier:
+    """Wrap a classifier for DFT (see the module docstring for the protocol)."""
+    if isinstance(classifier, DifferentiableClassifier):
+        return classifier
+    # fastfair.classify objects, recognised by shape (the module is optional and owned elsewhere)
+    if type(classifier).__name__ == "ClipZeroShot" and hasattr(classifier, "text_embeddings"):
+        head = _ClipZeroShotHead(classifier)
+        return DifferentiableClassifier(head, classifier.labels, None, name=f"ClipZeroShot({classifier.model_id})")
+    if type(classifier).__name__ == "ModuleClassifier" and hasattr(classifier, "module"):
+        return DifferentiableClassifier(classifier.module, classifier.labels, image_size or classifier.image_size,
+                                        name=getattr(classifier, "name", None))
+    if not callable(classifier):
+        raise ClassifierMismatch(f"{type(classifier).__name__} is not callable: DFT needs a differentiable classifier "
+                                 "(a torch module mapping (N,3,H,W) images in [0,1] to probabilities)")
+    labels = labels if labels is not None else getattr(classifier, "labels", None)
+    if labels is None:
+        raise ClassifierMismatch("the classifier has no labels: pass labels=[...] (one head) or {attribute: [...]}, "
+                                 "or give it a `labels` attribute")
+    single = not isinstance(labels, Mapping)
+    if single:
+        labels = {str(getattr(classifier, "attribute", "attribute")): list(labels)}
+    return DifferentiableClassifier(classifier, labels, image_size, single=single and len(labels) == 1)
+
+
+def load_classifier(spec, attributes: Sequence[str], *, device=None, clip_model: str | None = None):
+    """A classifier from a ``fastfair.classify`` spec -- ``clip``, ``clip:MODEL_ID``, ``python:FILE.py:FUNC`` (FUNC is
+    called with ``attribute_sets=`` and ``device=`` and returns a torch module with ``labels``) -- or an object,
+    ready for :func:`as_differentiable`."""
+    from . import classify
+
+    if not isinstance(spec, str):
+        return spec
+    sets = []
+    try:
+        from .audit.attributes import parse_attributes
+
+        sets, _ = parse_attributes(",".join(attributes))
+    except ValueError:
+        if spec.strip().startswith("clip"):
+            raise
+    kw = {"clip_model": clip_model} if clip_model else {}
+    clf = classify.load_classifier(spec, sets, device=device, **kw)
+    if clf is None:
+        raise DFTError("DFT needs a classifier; --classifier none is not possible here")
+    return clf
+
+
+# --------------------------------------------------------------------------------------------
+# Quality regulariser encoder
+# --------------------------------------------------------------------------------------------
+
+class ClipFeatures(torch.nn.Module):
+    """CLIP image embeddings of images in [0, 1] (differentiable preprocessing), the default feature encoder
+    of the quality regulariser."""
+
+    def __init__(self, model_id: str = "openai/clip-vit-large-patch14", device=None, dtype=None):
+        super().__init__()
+        from transformers import CLIPVisionModelWithProjection
+
+        try:
+            self.model = CLIPVisionModelWithProjection.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise DFTError(f"could not load CLIP model {model_id!r} for the quality regulariser: {e}\n(pass "
+                           "quality_encoder=<a torch module>, a local CLIP folder, or quality_weight=0)") from e
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.size = int(self.model.config.image_size)
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).image_embeds.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+def parse_targets(specs) -> dict[str, list[float]]:
+    """``["age=0.75,0.25", "gender=0.5,0.5"]`` (or one string joined by ';') -> {attribute: [p, ...]}."""
+    if specs is None:
+        return {}
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(";") if s.strip()]
+    out = {}
+    for s in specs:
+        if "=" not in s:
+            raise TargetError(f"target {s!r} must look like attribute=p1,p2,... (e.g. age=0.75,0.25)")
+        name, vals = s.split("=", 1)
+        try:
+            out[name.strip()] = [float(v) for v in vals.split(",") if v.strip()]
+        except ValueError as e:
+            raise TargetError(f"target {s!r}: probabilities must be numbers ({e})") from e
+    return out
+
+
+@dataclass
+class DFTConfig:
+    """Settings of a DFT run; defaults follow the paper's code where it has one (its N is 8 images per GPU)."""
+
+    attributes: Sequence[str] | None = None        # classifier heads to align (default: all of them)
+    target: Mapping[str, Sequence[float]] | None = None   # per attribute, in label order; default uniform
+    joint_target: Sequence[float] | None = None    # over the joint classes (row-major); overrides `target`
+    trainable: str = "text-lora"                   # text-lora | unet-lora | text+unet-lora | soft-tokens
+    rank: int = 50
+    lora_alpha: float | None = None                # None: = rank (scale 1)
+    text_lora_modules: Sequence[str] = TEXT_LORA_MODULES
+    unet_lora_modules: Sequence[str] = UNET_LORA_MODULES
+    soft_tokens: int = 4                           # k, for trainable="soft-tokens"
+    token: str = "<fastfair>"
+    images_per_prompt: int = 8                     # N: the batch the distribution is aligned over
+    batch_size: int | None = None                  # images per backward pass (None: all N in one pass)
+    steps: int = 1000                              # optimisation steps
+    sampling_steps: tuple[int, int] = (19, 23)     # inclusive range of the random step count
+    scheduler: str = "dpm++"                       # dpm++ | ddim | pipeline
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    gradient_checkpointing: bool = True
+    attention: str = "fastfair"                    # fastfair (patched processor, fastfair.ops) | diffusers
+    backend: str = "auto"
+    lr: float = 5e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 100.0
+    ema_decay: float | None = 0.996
+    uncertainty_threshold: float = 0.2
+    ot_samples: int = 100
+    quality_weight: float = 8.0
+    quality_relax: float = 0.2
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"                    # no | fp16 | bf16 (autocast, CUDA only)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLES:
+            raise DFTError(f"trainable must be one of {TRAINABLES}; got {self.trainable!r}")
+        if self.scheduler not in ("dpm++", "ddim", "pipeline"):
+            raise DFTError(f"scheduler must be dpm++, ddim or pipeline; got {self.scheduler!r}")
+        if self.attention not in ("fastfair", "diffusers"):
+            raise DFTError(f"attention must be 'fastfair' or 'diffusers'; got {self.attention!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise DFTError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
+        ss = self.sampling_steps
+        lo, hi = (ss, ss) if isinstance(ss, int) else ss
+        if not 1 <= lo <= hi:
+            raise DFTError(f"sampling_steps must be a range lo <= hi with lo >= 1; got {self.sampling_steps}")
+        self.sampling_steps = (int(lo), int(hi))
+        if self.images_per_prompt < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise DFTError("images_per_prompt and batch_size must be >= 1")
+        if self.rank < 1 or self.soft_tokens < 1:
+            raise DFTError("rank and soft_tokens must be >= 1")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise DFTError(f"ema_decay must be in [0, 1) or None; got {self.ema_decay}")
+        if self.checkpoint_every < 0:
+            raise DFTError("checkpoint_every must be >= 0 (0: no checkpoints)")
+        if isinstance(self.target, (str, list, tuple)):
+            self.target = parse_targets(self.target)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["attributes"] = list(self.attributes) if self.attributes is not None else None
+        d["target"] = {k: list(v) for k, v in self.target.items()} if self.target else None
+        d["joint_target"] = list(self.joint_target) if self.joint_target is not None else None
+        for k in ("text_lora_modules", "unet_lora_modules", "sampling_steps", "adam_betas"):
+            d[k] = list(d[k])
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the trainer
+# --------------------------------------------------------------------------------------------
+
+class _ComputeAllRecorder:
+    """Stands in for a MapRecorder on a patched pipeline: every cross-attention goes through
+    ``fastfair.ops.cross_attention`` (no maps asked for), so its backward is fastfair's."""
+
+    active = True
+    tokens = None
+    map_states = None
+
+    def __init__(self):
+        from .maps import Aggregation
+
+        self.aggregation = Aggregation("dft", frozenset({"down", "mid", "up", "other"}), True, "cond")
+
+    def wants(self, block, nq):
+        return True
+
+    def rows(self, batch):
+        return slice(0, batch)
+
+    def add(self, *args, **kwargs):
+        pass
+
+
+class _EMA:
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params):
+        for s, p in zip(self.shadow, params):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+
+@dataclass
+class DFTResult:
+    out_dir: Path | None
+    steps: int
+    history: list[dict]
+    lora_dir: Path | None = None
+    lora_ema_dir: Path | None = None
+    soft_tokens: Path | None = None
+    soft_tokens_ema: Path | None = None
+    token: str | None = None
+
+
+def _enable_lora(module: torch.nn.Module, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in module.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+
+
+def _rng_state(r: random.Random):
+    v, state, gauss = r.getstate()
+    return [v, list(state), gauss]
+
+
+def _set_rng_state(r: random.Random, s):
+    r.setstate((s[0], tuple(s[1]), s[2]))
+
+
+class DFTTrainer:
+    """Adjusted DFT on a Stable Diffusion (1.x/2.x) pipeline; the pipeline is changed in place (adapters or
+    soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs ``config.steps``.
+
+    ``prompts``: the training prompts. ``classifier``: see the module docstring (``labels`` goes to
+    :func:`as_differentiable`). ``quality_encoder``: "clip" (default, ``ClipFeatures``), "clip:MODEL_ID", a
+    torch module mapping images in [0, 1] to features, or None (no quality regulariser).
+    ``out_dir``: where checkpoints and outputs go. ``resume``: a checkpoint folder, or "latest" in out_dir.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str] | str, classifier, config: DFTConfig | None = None, *,
+                 labels=None, quality_encoder="clip", out_dir: str | os.PathLike | None = None,
+                 resume: str | os.PathLike | None = None):
+        self.pipe = pipe
+        self.cfg = cfg = config or DFTConfig()
+        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.prompts:
+            raise DFTError("no training prompts")
+        if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "unet", None) is None:
+            raise DFTError("DFT supports Stable Diffusion 1.x/2.x pipelines (one text encoder); "
+                           f"got {type(pipe).__name__}")
+        self.device = pipe.device
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if cfg.mixed_precision != "no" and self.device.type != "cuda":
+            raise DFTError(f"mixed_precision={cfg.mixed_precision!r} is autocast on CUDA; on {self.device.type} "
+                           "use 'no'")
+
+        # classifier and targets ---------------------------------------------------------------
+        self.classifier = as_differentiable(classifier, labels)
+        for m in self.classifier.modules():
+            m.requires_grad_(False)
+        have = self.classifier.labels
+        attrs = list(cfg.attributes) if cfg.attributes is not None else list(have)
+        missing = [a for a in attrs if a not in have]
+        if missing or not attrs:
+            raise ClassifierMismatch(f"attributes {missing or attrs} are not heads of the classifier "
+                                     f"({self.classifier.name} classifies {sorted(have)}); align only those, or give a "
+                                     "classifier with these attributes")
+        self.attributes = attrs
+        self.labels = {a: have[a] for a in attrs}
+        self.joint_target = self._joint_target()
+        K = len(self.joint_target)
+        if cfg.images_per_prompt < K:
+            raise TargetError(f"images_per_prompt={cfg.images_per_prompt} is smaller than the {K} "
+                              f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}; the distribution "
+                              f"is aligned over the N images of a prompt, so use images_per_prompt >= {K}")
+
+        # quality encoder ------------------------------------------------------------------------
+        if cfg.quality_weight <= 0 or quality_encoder is None or quality_encoder == "none":
+            self.quality = None
+        elif isinstance(quality_encoder, str):
+            if quality_encoder == "clip":
+                self.quality = ClipFeatures(device=self.device)
+            elif quality_encoder.startswith("clip:"):
+                self.quality = ClipFeatures(quality_encoder[5:], device=self.device)
+            else:
+                raise DFTError("quality_encoder must be 'clip', 'clip:MODEL_ID', a module or None; "
+                               f"got {quality_encoder!r}")
+        else:
+            self.quality = quality_encoder
+            if isinstance(quality_encoder, torch.nn.Module):
+                quality_encoder.requires_grad_(False)
+
+        # the model ---------------------------------------------------------------------------------
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.requires_grad_(False)
+        self._sched = self._make_scheduler()
+        torch.manual_seed(cfg.seed)  # adapter / token initialisation
+        self.named_params = self._add_trainables()
+        self.params = [p for _, p in self.named_params]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.ema = _EMA(self.params, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.scaler = (torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None)
+        self._ckpt_state = self._set_checkpointing(cfg.gradient_checkpointing)
+        self._we_patched = False
+        if cfg.attention == "fastfair":
+            from .processors import is_patched, patch
+
+            if not is_patched(pipe):
+                patch(pipe, backend=cfg.backend)
+                self._we_patched = True
+            self._recorder = _ComputeAllRecorder()
+
+        # randomness: all of it lives here and goes into checkpoints ------------------------------------
+        self.step_idx = 0
+        self.noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.py_rng = random.Random(cfg.seed + 1)
+        self.np_rng = np.random.default_rng(cfg.seed + 2)
+        self._order: list[int] = []
+        self.history: list[dict] = []
+        if resume is not None:
+            self.load_checkpoint(self._resolve_resume(resume))
+
+    # ---------------------------------------------------------------------------------------------
+    def _joint_target(self) -> np.ndarray:
+        cfg = self.cfg
+        sizes = [len(self.labels[a]) for a in self.attributes]
+        if cfg.joint_target is not None:
+            return alignment.check_target(cfg.joint_target, int(np.prod(sizes)),
+                                          f"joint target over {' x '.join(self.attributes)}")
+        tg = dict(cfg.target or {})
+        extra = [a for a in tg if a not in self.attributes]
+        if extra:
+            verb = "are" if len(extra) > 1 else "is"
+            raise ClassifierMismatch(f"a target is given for {extra}, which {verb} not among "
+                                     f"the aligned attributes {self.attributes} (the classifier classifies "
+                                     f"{sorted(self.classifier.labels)})")
+        per = []
+        for a in self.attributes:
+            k = len(self.labels[a])
+            per.append(alignment.check_target(tg[a], k, f"target for {a!r} ({', '.join(self.labels[a])})")
+                       if a in tg else np.full(k, 1.0 / k))
+        return alignment.joint_target(per)
+
+    def _make_scheduler(self):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        base = self.pipe.scheduler
+        if self.cfg.scheduler == "dpm++":
+            s = DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++")
+        elif self.cfg.scheduler == "ddim":
+            s = DDIMScheduler.from_config(base.config)
+        else:
+            s = copy.deepcopy(base)
+        if getattr(s.config, "prediction_type", "epsilon") != "epsilon":
+            raise DFTError("adjusted DFT scales the noise prediction; this model predicts "
+                           f"{s.config.prediction_type!r}")
+        return s
+
+    def _add_trainables(self) -> list[tuple[str, torch.nn.Parameter]]:
+        cfg, pipe = self.cfg, self.pipe
+        out = []
+        if cfg.trainable == "soft-tokens":
+            self._setup_soft_tokens()
+            return [("soft_tokens", self.soft)]
+        _need_peft()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank
+        self.lora_configs = {}
+        if cfg.trainable in ("text-lora", "text+unet-lora"):
+            lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=list(cfg.text_lora_modules))
+            # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs
+            inject_adapter_in_model(lc, pipe.text_encoder, adapter_name="default")
+            self.lora_configs["text_encoder"] = lc
+            out += [(f"text_encoder.{n}", p) for n, p in pipe.text_encoder.named_parameters() if "lora_" in n]
+        if cfg.trainable in ("unet-lora", "text+unet-lora"):
+            lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                            target_modules=list(cfg.unet_lora_modules))
+            pipe.unet.add_adapter(lc)
+            self.lora_configs["unet"] = lc
+            out += [(f"unet.{n}", p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
+        for _, p in out:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        if not out:
+            raise DFTError(f"no LoRA parameters were added (target modules {cfg.text_lora_modules} / "
+                           f"{cfg.unet_lora_modules})")
+        return out
+
+    def _setup_soft_tokens(self):
+        cfg, pipe = self.cfg, self.pipe
+        emb = pipe.text_encoder.get_input_embeddings()
+        std = float(emb.weight.std())
+        g = torch.Generator().manual_seed(cfg.seed)
+        init = torch.randn(cfg.soft_tokens, emb.weight.shape[1], generator=g) * std
+        pipe.load_textual_inversion({cfg.token: init.to(emb.weight.dtype)}, token=cfg.token)
+        toks = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)]
+        ids = pipe.tokenizer.convert_tokens_to_ids(toks)
+        self.soft_ids = torch.tensor(ids, device=self.device)
+        self.soft = torch.nn.Parameter(init.to(self.device, torch.float32))
+        emb = pipe.text_encoder.get_input_embeddings()
+
+        def hook(module, inputs, output):
+            ids_in = inputs[0]
+            match = ids_in[..., None] == self.soft_ids  # (B, L, k)
+            if not match.any():
+                return output
+            which = match.float().argmax(-1)
+            return torch.where(match.any(-1, keepdim=True), self.soft[which].to(output.dtype), output)
+
+        self._soft_hook = emb.register_forward_hook(hook)
+
+    def _set_checkpointing(self, on: bool):
+        state = {}
+        for name in ("unet", "vae"):
+            m = getattr(self.pipe, name)
+            if hasattr(m, "enable_gradient_checkpointing"):
+                state[name] = bool(getattr(m, "gradient_checkpointing", False) or
+                                   any(getattr(x, "gradient_checkpointing", False) for x in m.modules()))
+                m.enable_gradient_checkpointing() if on else m.disable_gradient_checkpointing()
+        return state
+
+    def close(self):
+        """Detach fastfair's patch (when the trainer installed it) and the checkpointing switch; the trained
+        adapters / soft tokens stay in the pipeline."""
+        for name, was in self._ckpt_state.items():
+            m = getattr(self.pipe, name)
+            m.enable_gradient_checkpointing() if was else m.disable_gradient_checkpointing()
+        self._ckpt_state = {}
+        if self._we_patched:
+            from .processors import unpatch
+
+            unpatch(self.pipe)
+            self._we_patched = False
+
+    # --- sampling -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _attention(self):
+        if self.cfg.attention != "fastfair":
+            yield
+            return
+        state = self.pipe._fastfair
+        saved, state.recorder = state.recorder, self._recorder
+        try:
+            yield
+        finally:
+            state.recorder = saved
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The frozen (original) model: adapters disabled; soft tokens are left out of the prompt by the caller."""
+        mods = [getattr(self.pipe, n) for n in getattr(self, "lora_configs", {})]
+        for m in mods:
+            _enable_lora(m, False)
+        try:
+            yield
+        finally:
+            for m in mods:
+                _enable_lora(m, True)
+
+    def _autocast(self):
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16)
+
+    def train_prompt(self, prompt: str) -> str:
+        """The prompt the finetuned model is sampled with (soft tokens prefixed)."""
+        return f"{self.cfg.token} {prompt}" if self.cfg.trainable == "soft-tokens" else prompt
+
+    def _latent_hw(self):
+        vsf = self.pipe.vae_scale_factor
+        h = self.cfg.height or self.pipe.unet.config.sample_size * vsf
+        w = self.cfg.width or self.pipe.unet.config.sample_size * vsf
+        return h // vsf, w // vsf
+
+    def noises(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        h, w = self._latent_hw()
+        x = torch.randn(n, self.pipe.unet.config.in_channels, h, w, generator=generator)
+        return x.to(self.device, self.pipe.unet.dtype)
+
+    def sample(self, prompt: str, noise: torch.Tensor, n_steps: int, *, grad: bool,
+               frozen: bool = False) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] for ``noise`` (B, 4, h, w). With ``grad``: adjusted DFT (detached UNet
+        inputs, eps_hat gradients scaled by :func:`grad_coefficients`). ``frozen``: the original model."""
+        pipe, cfg, sched = self.pipe, self.cfg, self._sched
+        B = noise.shape[0]
+        cfg_on = cfg.guidance_scale > 1.0
+        ctx = self.frozen() if frozen else contextlib.nullcontext()
+        text = prompt if frozen else self.train_prompt(prompt)
+        with ctx, torch.set_grad_enabled(grad), self._attention(), self._autocast():
+            cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
+            emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if cfg_on else cond.expand(B, -1, -1)
+            sched.set_timesteps(n_steps, device=self.device)
+            coefs = grad_coefficients(sched) if grad else None
+            z = noise * sched.init_noise_sigma
+            for i, t in enumerate(sched.timesteps):
+                zin = z.detach()
+                zin = torch.cat([zin, zin]) if cfg_on else zin
+                zin = sched.scale_model_input(zin, t)
+                eps = pipe.unet(zin, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+                if cfg_on:
+                    eu, ec = eps.chunk(2)
+                    eps = eu + cfg.guidance_scale * (ec - eu)
+                if grad:
+                    eps = scale_grad(eps, float(coefs[i]))
+                z = sched.step(eps, t, z.float(), return_dict=False)[0]
+            x = pipe.vae.decode(z.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            out = self.classifier(images)
+        return {a: out[a].float() for a in self.attributes}
+
+    @torch.no_grad()
+    def measure(self, prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = range(16),
+                n_steps: int | None = None, frozen: bool = False, batch_size: int = 8) -> dict[str, np.ndarray]:
+        """Class frequencies (argmax) per attribute over prompts x seeds, sampled the way training samples
+        (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model."""
+        prompts = self.prompts if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
+        n_steps = n_steps or self.cfg.sampling_steps[1]
+        counts = {a: np.zeros(len(self.labels[a])) for a in self.attributes}
+        seeds = list(seeds)
+        for p in prompts:
+            for s in range(0, len(seeds), batch_size):
+                noise = torch.cat([self.noises(1, torch.Generator("cpu").manual_seed(int(x)))
+                                   for x in seeds[s:s + batch_size]])
+                probs = self.classify(self.sample(p, noise, n_steps, grad=False, frozen=frozen))
+                for a, pr in probs.items():
+                    counts[a] += np.bincount(pr.argmax(1).cpu().numpy(), minlength=len(self.labels[a]))
+        return {a: c / c.sum() for a, c in counts.items()}
+
+    # --- one iteration --------------------------------------------------------------------------
+    def _next_prompt(self) -> str:
+        if not self._order:
+            self._order = list(range(len(self.prompts)))
+            self.py_rng.shuffle(self._order)
+        return self.prompts[self._order.pop(0)]
+
+    def step(self) -> dict:
+        """One DFT iteration; returns its metrics (loss, its parts, this batch's class frequencies...)."""
+        # the attention route must hold through backward too: checkpointed blocks are recomputed there
+        with self._attention():
+            return self._step()
+
+    def _step(self) -> dict:
+        cfg = self.cfg
+        N = cfg.images_per_prompt
+        B = cfg.batch_size or N
+        prompt = self._next_prompt()
+        n_steps = self.py_rng.randint(*cfg.sampling_steps)
+        noise = self.noises(N, self.noise_gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in self.classifier.modules():
+            m.eval()
+
+        probs_all = None
+        if B < N:  # targets need every image first: a no-grad pass, then the gradient passes in micro-batches
+            with torch.no_grad():
+                parts = [self.classify(self.sample(prompt, noise[j:j + B], n_steps, grad=False))
+                         for j in range(0, N, B)]
+            probs_all = {a: torch.cat([p[a] for p in parts]) for a in self.attributes}
+        ref_feat, ref_pred = None, None
+        if self.quality is not None:
+            with torch.no_grad():
+                refs = [self.sample(prompt, noise[j:j + B], n_steps, grad=False, frozen=True) for j in range(0, N, B)]
+                ref = torch.cat(refs)
+                ref_feat = F.normalize(self.quality(ref).float().flatten(1), dim=-1)
+                ref_pred = {a: p.argmax(1) for a, p in self.classify(ref).items()}
+        targets = None
+        if probs_all is not None:
+            targets = alignment.alignment_targets({a: probs_all[a] for a in self.attributes}, self.joint_target,
+                                                  samples=cfg.ot_samples, threshold=cfg.uncertainty_threshold,
+                                                  rng=self.np_rng)
+        tot = dict(loss=0.0, align=0.0, quality=0.0)
+        batch_probs = []
+        for j in range(0, N, B):
+            idx = slice(j, j + B)
+            images = self.sample(prompt, noise[idx], n_steps, grad=True)
+            with torch.enable_grad():
+                probs = self.classify(images)
+                if targets is None:  # one pass holds all N images: targets from its own (detached) probabilities
+                    targets = alignment.alignment_targets({a: p.detach() for a, p in probs.items()}, self.joint_target,
+                                                          samples=cfg.ot_samples, threshold=cfg.uncertainty_threshold,
+                                                          rng=self.np_rng)
+                sub = self._sub_targets(targets, idx)
+                l_align = alignment.alignment_loss(probs, sub, reduction="none")
+                l_quality = torch.zeros_like(l_align)
+                if self.quality is not None:
+                    feat = F.normalize(self.quality(images).float().flatten(1), dim=-1)
+                    dist = 1.0 - (feat * ref_feat[idx]).sum(-1)
+                    w = torch.ones_like(dist)
+                    for a in self.attributes:
+                        same = sub.keep[a].to(w.device) & (sub.labels[a].to(w.device) == ref_pred[a][idx])
+                        w = torch.where(same, w, torch.full_like(w, cfg.quality_relax))
+                    l_quality = w * dist
+                loss = (l_align + cfg.quality_weight * l_quality).sum() / N
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            tot["loss"] += float(loss.detach())
+            tot["align"] += float(l_align.detach().sum()) / N
+            tot["quality"] += float(l_quality.detach().sum()) / N
+            batch_probs.append({a: p.detach() for a, p in probs.items()})
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)) if grads else 0.0
+        if self.scaler is not None:
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        if finite and self.ema is not None:
+            self.ema.update(self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_idx += 1
+        dist = {a: np.bincount(torch.cat([p[a] for p in batch_probs]).argmax(1).cpu().numpy(),
+                               minlength=len(self.labels[a])) / N for a in self.attributes}
+        rec = dict(step=self.step_idx, prompt=prompt, sampling_steps=n_steps, loss=tot["loss"], loss_align=tot["align"],
+                   loss_quality=tot["quality"], grad_norm=gnorm, skipped=not finite,
+                   kept={a: float(targets.keep[a].float().mean()) for a in self.attributes},
+                   distribution={a: d.tolist() for a, d in dist.items()})
+        self.history.append(rec)
+        if self.out_dir is not None and cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        return rec
+
+    @staticmethod
+    def _sub_targets(t: alignment.AlignmentTargets, idx: slice) -> alignment.AlignmentTargets:
+        return alignment.AlignmentTargets(t.names, {a: v[idx] for a, v in t.labels.items()},
+                                          {a: v[idx] for a, v in t.uncertainty.items()},
+                                          {a: v[idx] for a, v in t.keep.items()}, {a: v[idx] for a, v in t.q.items()},
+                                          t.joint_q[idx], t.histograms)
+
+    def train(self, steps: int | None = None, progress: bool = True) -> DFTResult:
+        """Run until ``steps`` (default ``config.steps``) optimisation steps are done, then save the outputs."""
+        from tqdm.auto import tqdm
+
+        total = self.cfg.steps if steps is None else steps
+        bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress, desc="fastfair dft",
+                   unit="step")
+        try:
+            while self.step_idx < total:
+                r = self.step()
+                bar.update(1)
+                bar.set_postfix_str(f"loss {r['loss']:.4f} " + " ".join(
+                    f"{a}=" + "/".join(f"{v:.2f}" for v in d) for a, d in r["distribution"].items()))
+        finally:
+            bar.close()
+        res = self.save_outputs() if self.out_dir is not None else DFTResult(None, self.step_idx, self.history)
+        return res
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed here."""
+        cfg = self.cfg
+        u, te = self.pipe.unet.config, self.pipe.text_encoder.config
+        return dict(version=CHECKPOINT_VERSION, trainable=cfg.trainable,
+                    lora=dict(rank=cfg.rank, alpha=cfg.lora_alpha, text=list(cfg.text_lora_modules),
+                              unet=list(cfg.unet_lora_modules)) if cfg.trainable != "soft-tokens" else None,
+                    soft_tokens=dict(k=cfg.soft_tokens, token=cfg.token) if cfg.trainable == "soft-tokens" else None,
+                    model=dict(unet_blocks=list(u.block_out_channels), cross_attention_dim=u.cross_attention_dim,
+                               text_hidden=te.hidden_size, text_layers=te.num_hidden_layers),
+                    params={n: list(p.shape) for n, p in self.named_params},
+                    attributes={a: list(self.labels[a]) for a in self.attributes},
+                    target=[round(float(x), 8) for x in self.joint_target],
+                    images_per_prompt=cfg.images_per_prompt)
+
+    def state_dict(self) -> dict:
+        return dict(fingerprint=self.fingerprint(), step=self.step_idx,
+                    params={n: p.detach().cpu().clone() for n, p in self.named_params},
+                    optimizer=self.optimizer.state_dict(),
+                    ema=[s.cpu().clone() for s in self.ema.shadow] if self.ema is not None else None,
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    rng=dict(noise=self.noise_gen.get_state(), python=_rng_state(self.py_rng),
+                             numpy=json.dumps(self.np_rng.bit_generator.state), torch=torch.get_rng_state(),
+                             order=list(self._order)),
+                    history=json.dumps(self.history), config=json.dumps(self.cfg.to_dict()))
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        if path is None:
+            if self.out_dir is None:
+                raise DFTError("no out_dir: pass a checkpoint path")
+            path = self.out_dir / "checkpoints" / f"checkpoint-{self.step_idx:06d}"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            torch.save(self.state_dict(), tmp / "state.pt")
+            (tmp / "fingerprint.json").write_text(json.dumps(self.fingerprint(), indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.out_dir is not None and path.parent == self.out_dir / "checkpoints" and self.cfg.keep_checkpoints > 0:
+            old = sorted(p for p in path.parent.glob("checkpoint-*") if p.is_dir())[:-self.cfg.keep_checkpoints]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+        return path
+
+    def _resolve_resume(self, resume) -> Path:
+        if str(resume) == "latest":
+            if self.out_dir is None:
+                raise ResumeError("resume='latest' needs out_dir")
+            found = sorted(p for p in (self.out_dir / "checkpoints").glob("checkpoint-*") if (p / "state.pt").exists())
+            if not found:
+                raise ResumeError(f"no checkpoint to resume under {self.out_dir / 'checkpoints'}")
+            return found[-1]
+        p = Path(resume)
+        if p.is_file():
+            p = p.parent
+        if not (p / "state.pt").exists():
+            raise ResumeError(f"{str(resume)!r} is not a DFT checkpoint (no state.pt in it)")
+        return p
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        path = self._resolve_resume(path)
+        try:
+            sd = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
+        mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
+        if mine != theirs:
+            diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                    if mine.get(k) != theirs.get(k)]
+            if any(k.startswith("params") for k in diff) and len(diff) > 3:
+                diff = [d for d in diff if not d.startswith("params")] + ["params: trainable parameters differ"]
+            raise ResumeError(f"checkpoint {str(path)!r} does not match this training setup:\n  " + "\n  ".join(diff))
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(sd["params"][n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.ema is not None and sd.get("ema") is not None:
+            self.ema.shadow = [s.to(self.device) for s in sd["ema"]]
+        if self.scaler is not None and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+        r = sd["rng"]
+        self.noise_gen.set_state(r["noise"])
+        _set_rng_state(self.py_rng, r["python"])
+        self.np_rng.bit_generator.state = json.loads(r["numpy"])
+        torch.set_rng_state(r["torch"])
+        self._order = list(r["order"])
+        self.step_idx = int(sd["step"])
+        self.history = json.loads(sd["history"])
+
+    # --- outputs --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily put the EMA weights into the trainables."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.ema.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def save_lora(self, out_dir: str | os.PathLike) -> Path:
+        """Write the LoRA in diffusers' format: ``pipe.load_lora_weights(out_dir)`` loads it."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        kw = {}
+        for name, lc in self.lora_configs.items():
+            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(self.pipe, name)))
+            kw[f"{name}_lora_layers"] = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+            if lc.lora_alpha != lc.r:
+                kw[f"{name}_lora_adapter_metadata"] = lc.to_dict()
+        StableDiffusionPipeline.save_lora_weights(str(out_dir), safe_serialization=True, **kw)
+        return Path(out_dir)
+
+    def save_soft_tokens(self, path: str | os.PathLike) -> Path:
+        """A textual-inversion file: ``pipe.load_textual_inversion(path, token=...)``, then prompts that start
+        with the token (``fastfair.generate(pipe, "<fastfair> a photo of ...")``)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({self.cfg.token: self.soft.detach().cpu().float().contiguous()}, str(path))
+        return path
+
+    def save_outputs(self, out_dir: str | os.PathLike | None = None) -> DFTResult:
+        out = Path(out_dir) if out_dir is not None else self.out_dir
+        if out is None:
+            raise DFTError("no out_dir to save to")
+        out.mkdir(parents=True, exist_ok=True)
+        soft = self.cfg.trainable == "soft-tokens"
+        res = DFTResult(out, self.step_idx, self.history, token=self.cfg.token if soft else None)
+        if soft:
+            res.soft_tokens = self.save_soft_tokens(out / "soft_tokens.safetensors")
+            if self.ema is not None:
+                with self.ema_weights():
+                    res.soft_tokens_ema = self.save_soft_tokens(out / "soft_tokens-ema.safetensors")
+        else:
+            res.lora_dir = self.save_lora(out / "lora")
+            if self.ema is not None:
+                with self.ema_weights():
+                    res.lora_ema_dir = self.save_lora(out / "lora-ema")
+        outputs = dict(lora=res.lora_dir, lora_ema=res.lora_ema_dir, soft_tokens=res.soft_tokens,
+                       soft_tokens_ema=res.soft_tokens_ema)
+        meta = dict(config=self.cfg.to_dict(), steps=self.step_idx,
+                    attributes={a: list(self.labels[a]) for a in self.attributes},
+                    joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
+                    history=self.history, outputs={k: str(v) for k, v in outputs.items() if v is not None})
+        (out / "dft.json").write_text(json.dumps(meta, indent=1))
+        return res
+
+
+def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, labels=None, quality_encoder="clip",
+                 out_dir=None, resume=None, progress: bool = True, **overrides) -> DFTResult:
+    """Adjusted DFT of ``pipe`` toward the target distribution; see :class:`DFTTrainer`. Keyword ``overrides``
+    replace fields of ``config``."""
+    cfg = config or DFTConfig()
+    if overrides:
+        cfg = DFTConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **overrides})
+    tr = DFTTrainer(pipe, prompts, classifier, cfg, labels=labels, quality_encoder=quality_encoder, out_dir=out_dir,
+                    resume=resume)
+    try:
+        return tr.train(progress=progress)
+    finally:
+        tr.close()
+
+
+def _prompts_from_args(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from .audit.prompts import fill, load_professions
+
+        prompts += [fill(args.template, p) for p in load_professions(args.prompts)]
+    if not prompts:
+        raise DFTError("no training prompts: give --prompt TEXT (repeatable) or --prompts builtin:NAME")
+    return prompts
+
+
+def cli_main(args) -> int:
+    """``fastfair finetune dft`` (the parser is in ``fastfair.cli``)."""
+    from .pipelines import load_pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = _prompts_from_args(args)
+    attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
+    ss = str(args.sampling_steps)
+    try:
+        lo, hi = (ss.split("-", 1) if "-" in ss else (ss, ss))
+        sampling = (int(lo), int(hi))
+    except ValueError as e:
+        raise DFTError(f"--sampling-steps must be N or LO-HI (e.g. 19-23); got {ss!r}") from e
+    cfg = DFTConfig(attributes=attributes, target=parse_targets(args.target) or None,
+                    joint_target=[float(x) for x in args.joint_target.split(",")] if args.joint_target else None,
+                    trainable=args.trainable, rank=args.rank, lora_alpha=args.lora_alpha, soft_tokens=args.soft_tokens,
+                    token=args.token, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+                    steps=args.steps, sampling_steps=sampling, scheduler=args.scheduler,
+                    guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                    gradient_checkpointing=not args.no_checkpointing, attention=args.attention, backend=args.backend,
+                    lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                    ema_decay=args.ema_decay if args.ema_decay > 0 else None,
+                    uncertainty_threshold=args.uncertainty_threshold, ot_samples=args.ot_samples,
+                    quality_weight=args.quality_weight, quality_relax=args.quality_relax,
+                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                    mixed_precision=args.mixed_precision, seed=args.seed)
+    try:
+        _need_peft() if cfg.trainable != "soft-tokens" else None
+    except ImportError as e:
+        raise DFTError(str(e)) from e
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    clf = load_classifier(args.classifier, attributes, device=device, clip_model=args.clip_model)
+    qe = None if args.quality_encoder == "none" or args.quality_weight <= 0 else args.quality_encoder
+    res = finetune_dft(pipe, prompts, clf, cfg, quality_encoder=qe, out_dir=args.out, resume=args.resume,
+                       progress=not args.no_progress)
+    last = res.history[-1] if res.history else None
+    if last is not None:
+        dist = "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in d) for a, d in last["distribution"].items())
+        print(f"step {res.steps}: loss {last['loss']:.4f}, last batch distribution {dist}")
+    for what, path in (("LoRA", res.lora_dir), ("LoRA (EMA)", res.lora_ema_dir), ("soft tokens", res.soft_tokens),
+                       ("soft tokens (EMA)", res.soft_tokens_ema)):
+        if path is not None:
+            print(f"wrote {what}: {path}")
+    if res.soft_tokens is not None:
+        print(f"use: pipe.load_textual_inversion('{res.soft_tokens}', token='{res.token}') and prompts starting "
+              f"with {res.token}")
+    elif res.lora_dir is not None:
+        print(f"use: pipe.load_lora_weights('{res.lora_dir}')")
+    return 0
