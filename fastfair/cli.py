@@ -273,6 +273,69 @@ def _edit(args) -> int:
     return 0
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune a model toward a target attribute distribution (DFT)")
+    fsub = p.add_subparsers(dest="method", required=True)
+    d = fsub.add_parser("dft", help="adjusted direct finetuning with the distributional alignment loss (Shen et al.)",
+                        description="Finetune LoRA (text encoder by default, and/or UNet) or soft prefix tokens by "
+                                    "backpropagating through sampling (adjusted DFT) so that the classifier's "
+                                    "attribute distribution over each prompt's images matches the target. Writes "
+                                    "OUT/lora (diffusers load_lora_weights) or OUT/soft_tokens.safetensors, EMA "
+                                    "versions, checkpoints and dft.json.")
+    d.add_argument("--model", default="tiny-sd", help="offline preset, a hub id or a local pipeline folder")
+    d.add_argument("--prompt", action="append", default=None, help="a training prompt (repeatable)")
+    d.add_argument("--prompts", default=None, help="builtin:NAME, file:PATH or list:a,b professions (filled into --template)")
+    d.add_argument("--template", default="a photo of the face of a {}", help="prompt template for --prompts")
+    d.add_argument("--attributes", default="gender", help="comma-separated classifier heads to align jointly, e.g. gender,race,age")
+    d.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
+                   help="target distribution of an attribute, e.g. age=0.75,0.25 (default uniform); repeatable")
+    d.add_argument("--joint-target", default=None, help="comma-separated probabilities over the joint classes (row-major)")
+    d.add_argument("--classifier", default="clip", help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (a differentiable module)")
+    d.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
+    d.add_argument("--trainable", default="text-lora", choices=("text-lora", "unet-lora", "text+unet-lora", "soft-tokens"))
+    d.add_argument("--rank", type=int, default=50, help="LoRA rank")
+    d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")
+    d.add_argument("--token", default="<fastfair>", help="the soft tokens' placeholder")
+    d.add_argument("--steps", type=int, default=1000, help="optimisation steps")
+    d.add_argument("--images-per-prompt", type=int, default=8, help="N, the images whose distribution is aligned")
+    d.add_argument("--batch-size", type=int, default=None, help="images per backward pass (default N)")
+    d.add_argument("--sampling-steps", default="19-23", help="random sampling-step count per iteration, LO-HI or N")
+    d.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pipeline"))
+    d.add_argument("--guidance-scale", type=float, default=7.5)
+    d.add_argument("--height", type=int, default=None)
+    d.add_argument("--width", type=int, default=None)
+    d.add_argument("--lr", type=float, default=5e-5)
+    d.add_argument("--weight-decay", type=float, default=1e-2)
+    d.add_argument("--max-grad-norm", type=float, default=100.0)
+    d.add_argument("--ema-decay", type=float, default=0.996, help="0 disables the EMA")
+    d.add_argument("--uncertainty-threshold", type=float, default=0.2)
+    d.add_argument("--ot-samples", type=int, default=100, help="histograms sampled from the target per step")
+    d.add_argument("--quality-weight", type=float, default=8.0)
+    d.add_argument("--quality-relax", type=float, default=0.2)
+    d.add_argument("--quality-encoder", default="clip", help="clip, clip:MODEL_ID or none")
+    d.add_argument("--checkpoint-every", type=int, default=20)
+    d.add_argument("--keep-checkpoints", type=int, default=2)
+    d.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --out")
+    d.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+    d.add_argument("--attention", default="fastfair", choices=("fastfair", "diffusers"),
+                   help="cross-attention through fastfair.ops (fused backward) or diffusers' processors")
+    d.add_argument("--backend", default="auto", help="auto, reference, triton or native")
+    d.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast on CUDA")
+    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    d.add_argument("--dtype", default="fp32", choices=DTYPES, help="frozen weights' dtype (LoRA / tokens stay fp32)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--no-progress", action="store_true")
+
+
+def _finetune(args) -> int:
+    from . import dft
+
+    _quiet_libraries()
+    return dft.cli_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
@@ -282,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_audit(sub)
     _add_report(sub)
     _add_edit(sub)
+    _add_finetune(sub)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -292,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "audit": _audit, "report": _report, "edit": _edit}[args.command](args)
+        return {"generate": _generate, "audit": _audit, "report": _report, "edit": _edit,
+                "finetune": _finetune}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,298 @@
+"""Adjusted DFT (fastfair.dft) on tiny-sd: coefficients, the gradient path, training moves the distribution,
+resume, LoRA / soft-token outputs, errors, CLI.
+
+The stand-in attribute classifier is deterministic and differentiable: p(class 0) = sigmoid(a (mean red - b)).
+Tests build fresh pipelines (training changes a pipeline in place) at 32x32 or 64x64 with few steps.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastfair
+from fastfair import dft
+from fastfair.alignment import TargetError
+from fastfair.dft import ClassifierMismatch, DFTConfig, DFTTrainer, ResumeError
+
+PROMPT = "a photo of the face of a doctor"
+try:
+    import peft  # noqa: F401
+    HAVE_PEFT = True
+except ImportError:  # LoRA needs the [train] extra
+    HAVE_PEFT = False
+needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
+
+
+class RedClassifier(torch.nn.Module):
+    """p(class 0) = sigmoid(a * (mean red - b)); images (N, 3, H, W) in [0, 1]."""
+
+    labels = {"gender": ("male", "female")}
+
+    def __init__(self, a: float = 300.0, b: float = 0.43):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        p0 = torch.sigmoid(self.a * (x[:, 0].mean((1, 2)) - self.b))
+        return {"gender": torch.stack([p0, 1 - p0], 1)}
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                               torch.nn.Flatten())
+
+
+def fresh():
+    return fastfair.load_pipeline("tiny-sd")
+
+
+def small(**kw):
+    # two images cannot give certain targets (threshold 0.2): keep them all so that every step has a gradient
+    base = dict(images_per_prompt=2, sampling_steps=(2, 2), steps=2, quality_weight=0.0, ema_decay=None, lr=1e-2,
+                rank=4, checkpoint_every=0, height=32, width=32, gradient_checkpointing=False,
+                uncertainty_threshold=1.0)
+    base.update(kw)
+    return DFTConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# adjusted-gradient coefficients
+# --------------------------------------------------------------------------------------------
+
+# c_t = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t) for SD's scaled-linear betas (0.00085 .. 0.012, 1000 steps),
+# computed by hand in float64 at the timesteps 5-step DDIM (steps_offset=1) and DPM-Solver++ (linspace) use.
+DDIM5 = ([801, 601, 401, 201, 1], [21.4132, 60.9817, 130.941, 210.132, 48.2556],
+         [0.304006, 0.865766, 1.85899, 2.98328, 0.685091])
+DPM5 = ([999, 799, 599, 400, 200], [5.67547, 21.6695, 61.5345, 131.35, 210.437],
+        [0.122998, 0.469617, 1.33357, 2.8466, 4.56055])
+
+
+def _by_hand(ts):
+    b = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2
+    abar = np.cumprod(1 - b)
+    return [math.sqrt(abar[t]) * math.sqrt(1 - abar[t]) / b[t] for t in ts]
+
+
+@pytest.mark.parametrize("kind,expected", [("ddim", DDIM5), ("dpm++", DPM5)])
+def test_grad_coefficients_match_hand_computed(kind, expected):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from fastfair.pipelines import SD_SCHEDULER
+
+    base = DDIMScheduler(**SD_SCHEDULER)
+    s = base if kind == "ddim" else DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++")
+    s.set_timesteps(5)
+    ts, raw, norm = expected
+    assert s.timesteps.tolist() == ts
+    assert _by_hand(ts) == pytest.approx(raw, rel=1e-5)
+    assert dft.grad_coefficients(s, normalize=False) == pytest.approx(raw, rel=1e-4)   # float32 schedule
+    c = dft.grad_coefficients(s)
+    assert c == pytest.approx(norm, rel=1e-4)
+    assert math.prod(c) == pytest.approx(1.0, rel=1e-9)                               # geometric mean 1
+
+
+def test_scale_grad_is_identity_forward_scaled_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = dft.scale_grad(x, 2.5)
+    assert torch.equal(y, x)
+    (y * torch.arange(4.0)).sum().backward()
+    assert torch.allclose(x.grad, 2.5 * torch.arange(4.0).expand(3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# the gradient path of the sampler
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+def test_sampler_gradient_path(monkeypatch):
+    """UNet inputs are detached; each step's eps gradient is scaled by its own coefficient (linearity);
+    every step's eps reaches the image through the solver; fastfair's attention backward equals diffusers'."""
+    pipe = fresh()
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+unet-lora", scheduler="ddim"),
+                    quality_encoder=None)
+    seen = []
+    h = pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    noise = tr.noises(2, torch.Generator().manual_seed(0))
+
+    def grads(coefs=None):
+        if coefs is not None:
+            monkeypatch.setattr(dft, "grad_coefficients", lambda s, *a, **k: np.asarray(coefs, dtype=float))
+        with tr._attention():
+            img = tr.sample(PROMPT, noise, 2, grad=True)
+            g = torch.autograd.grad((img[:, 0] * torch.linspace(0, 1, 32)).sum(), tr.params)
+        monkeypatch.undo()
+        return torch.cat([x.flatten() for x in g])
+
+    g = grads()
+    h.remove()
+    assert seen and not any(seen)                       # the UNet never sees a latent that carries gradient
+    tr._sched.set_timesteps(2)
+    c = dft.grad_coefficients(tr._sched)
+    g1, g2 = grads([1.0, 0.0]), grads([0.0, 1.0])
+    assert g1.abs().max() > 0 and g2.abs().max() > 0    # both steps' eps reach the image
+    err = float((g - (c[0] * g1 + c[1] * g2)).abs().max()) / float(g.abs().max())
+    assert err < 1e-4, err                              # float32 round-off only
+    tr.cfg.attention = "diffusers"                      # the same gradients through diffusers' attention
+    g_ref = grads()
+    tr.cfg.attention = "fastfair"
+    err = float((g - g_ref).abs().max()) / float(g.abs().max())
+    assert err < 1e-3, err
+    tr.close()
+    assert not fastfair.processors.is_patched(pipe)
+
+
+# --------------------------------------------------------------------------------------------
+# training moves the distribution
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+def test_text_lora_steps_move_distribution_to_target():
+    """From ~90/10 to within 15 points of 50/50 in a few LoRA (text encoder) steps.
+
+    The stand-in classifier's threshold b is the 10% quantile of the mean red of the frozen model's images for 32
+    evaluation seeds, and a = 1 / their std, so the frozen model is 87.5/12.5 there. AdamW without momentum
+    (beta1 = 0) keeps the few large steps from overshooting.
+    """
+    pipe = fresh()
+    clf = RedClassifier()
+    cfg = DFTConfig(images_per_prompt=8, sampling_steps=(2, 2), steps=5, quality_weight=0.0, ema_decay=None, lr=3e-3,
+                    adam_betas=(0.0, 0.999), rank=4, checkpoint_every=0, height=64, width=64,
+                    gradient_checkpointing=False, target={"gender": [0.5, 0.5]})
+    tr = DFTTrainer(pipe, [PROMPT], clf, cfg, quality_encoder=None)
+    seeds = range(100, 132)
+    with torch.no_grad():
+        noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in seeds])
+        red = tr.sample(PROMPT, noise, 2, grad=False)[:, 0].mean((1, 2))
+    clf.b, clf.a = float(torch.quantile(red, 0.1)), 1.0 / float(red.std())
+    before = float((red > clf.b).float().mean())          # = the classifier's argmax on these images
+    res = tr.train(progress=False)
+    after = tr.measure(seeds=seeds, n_steps=2, batch_size=32)["gender"]
+    tr.close()
+    assert before >= 0.85
+    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in res.history])
+    assert before - after[0] >= 0.25
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints and resume
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+def test_resume_reproduces_next_step_loss(tmp_path):
+    cfg = small(checkpoint_every=1, sampling_steps=(1, 3), ot_samples=50, quality_weight=2.0, ema_decay=0.9,
+                gradient_checkpointing=True, keep_checkpoints=5)
+    a = DFTTrainer(fresh(), [PROMPT, "a photo of a nurse"], RedClassifier(), cfg, quality_encoder=tiny_encoder(),
+                   out_dir=tmp_path / "a")
+    r1, r2 = a.step(), a.step()
+    a.close()
+    # the first step starts at the frozen model (LoRA B = 0): no quality penalty yet
+    assert r1["loss_quality"] == pytest.approx(0.0, abs=1e-6) and r2["loss_quality"] > 0
+    ck = tmp_path / "a" / "checkpoints" / "checkpoint-000001"
+    assert (ck / "state.pt").exists() and (tmp_path / "a" / "checkpoints" / "checkpoint-000002").exists()
+    b = DFTTrainer(fresh(), [PROMPT, "a photo of a nurse"], RedClassifier(), cfg, quality_encoder=tiny_encoder(),
+                   out_dir=tmp_path / "b", resume=ck)
+    assert b.step_idx == 1 and len(b.history) == 1
+    r2b = b.step()
+    b.close()
+    assert (r2b["prompt"], r2b["sampling_steps"]) == (r2["prompt"], r2["sampling_steps"])
+    assert r2b["loss"] == pytest.approx(r2["loss"], rel=1e-5, abs=1e-7)
+    for x, y in zip(a.params, b.params):
+        assert torch.allclose(x, y, atol=1e-6)
+
+    with pytest.raises(ResumeError, match="rank"):
+        DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(rank=8), quality_encoder=None, resume=ck)
+    with pytest.raises(ResumeError, match="not a DFT checkpoint"):
+        DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(), quality_encoder=None, resume=tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# outputs load into plain diffusers
+# --------------------------------------------------------------------------------------------
+
+def _images(pipe, prompt, seeds=(0, 1)):
+    gen = fastfair.generate(pipe, prompt, seeds=list(seeds), steps=3, height=64, width=64, progress=False)
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images])
+
+
+@needs_peft
+def test_saved_lora_loads_with_load_lora_weights(tmp_path):
+    pipe = fresh()
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+unet-lora", steps=1, lr=5e-2, ema_decay=0.5),
+                    quality_encoder=None, out_dir=tmp_path)
+    res = tr.train(progress=False)
+    tr.close()
+    assert (res.lora_dir / "pytorch_lora_weights.safetensors").exists() and res.lora_ema_dir.exists()
+    trained = _images(pipe, PROMPT)
+    base = _images(fresh(), PROMPT)
+    loaded_pipe = fresh()
+    loaded_pipe.load_lora_weights(str(res.lora_dir))
+    loaded = _images(loaded_pipe, PROMPT)
+    assert (loaded - base).abs().mean() > 1.0            # the LoRA changes the images (0..255 scale)
+    assert (loaded - trained).abs().max() <= 2.0         # and gives the trained model's images
+    meta = json.loads((tmp_path / "dft.json").read_text())
+    assert meta["steps"] == 1 and meta["attributes"] == {"gender": ["male", "female"]}
+
+
+def test_soft_tokens_through_cli(tmp_path, capsys):
+    clf_file = tmp_path / "clf.py"
+    clf_file.write_text(
+        "import torch\n"
+        "class Red(torch.nn.Module):\n"
+        "    labels = {'gender': ('male', 'female')}\n"
+        "    def forward(self, x):\n"
+        "        p0 = torch.sigmoid(300 * (x[:, 0].mean((1, 2)) - 0.43))\n"
+        "        return {'gender': torch.stack([p0, 1 - p0], 1)}\n"
+        "def make(attribute_sets=(), device=None):\n"
+        "    return Red()\n")
+    from fastfair.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--attributes", "gender",
+               "--target", "gender=0.75,0.25", "--classifier", f"python:{clf_file}:make", "--trainable", "soft-tokens",
+               "--soft-tokens", "2", "--steps", "2", "--images-per-prompt", "2", "--sampling-steps", "1-2",
+               "--height", "32", "--width", "32", "--lr", "0.5", "--quality-encoder", "none", "--no-checkpointing",
+               "--uncertainty-threshold", "1",
+               "--checkpoint-every", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "soft_tokens.safetensors" in printed
+    assert (out / "soft_tokens.safetensors").exists() and (out / "checkpoints").is_dir()
+    pipe = fresh()
+    base = _images(pipe, PROMPT)
+    pipe.load_textual_inversion(str(out / "soft_tokens.safetensors"), token="<fastfair>")
+    tuned = _images(pipe, "<fastfair> " + PROMPT)
+    assert (tuned - base).abs().mean() > 1.0
+    # resuming a finished run from its latest checkpoint with more steps continues it
+    rc = main(["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--attributes", "gender",
+               "--target", "gender=0.75,0.25", "--classifier", f"python:{clf_file}:make", "--trainable", "soft-tokens",
+               "--soft-tokens", "3", "--steps", "3", "--images-per-prompt", "2", "--sampling-steps", "1-2",
+               "--height", "32", "--width", "32", "--quality-encoder", "none", "--out", str(out), "--resume", "latest",
+               "--no-progress"])
+    assert rc == 1 and "does not match" in capsys.readouterr().err   # k changed: incompatible
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+def test_clear_errors(tiny_sd):
+    pipe = tiny_sd  # every error below is raised before the pipeline is touched
+    clf = RedClassifier()
+    with pytest.raises(TargetError, match="sums to 0.9"):
+        DFTTrainer(pipe, [PROMPT], clf, small(target={"gender": [0.6, 0.3]}), quality_encoder=None)
+    with pytest.raises(TargetError, match="3 entries"):
+        DFTTrainer(pipe, [PROMPT], clf, small(target="gender=0.5,0.25,0.25"), quality_encoder=None)
+    with pytest.raises(ClassifierMismatch, match=r"\['race'\] are not heads of the classifier"):
+        DFTTrainer(pipe, [PROMPT], clf, small(attributes=["gender", "race"]), quality_encoder=None)
+    with pytest.raises(ClassifierMismatch, match="target is given for \\['age'\\]"):
+        DFTTrainer(pipe, [PROMPT], clf, small(target={"age": [0.75, 0.25]}), quality_encoder=None)
+    with pytest.raises(TargetError, match="images_per_prompt=1 is smaller than the 2"):
+        DFTTrainer(pipe, [PROMPT], clf, small(images_per_prompt=1), quality_encoder=None)
+    with pytest.raises(ClassifierMismatch, match="no labels"):
+        DFTTrainer(pipe, [PROMPT], lambda x: x, small(), quality_encoder=None)
+    with pytest.raises(dft.DFTError, match="trainable must be one of"):
+        small(trainable="everything")
+    assert not fastfair.processors.is_patched(pipe)
