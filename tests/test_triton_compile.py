@@ -65,7 +65,8 @@ def _all_cases():
             cases.append((f"fwd_{dt}_D{D}", "xattn:_xattn_fwd_kernel", dt, c,
                           {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
             c = dict(HAS_DOUT=True, HAS_MAPS=True, HAS_MK=False, NEED_DQ=True, NEED_DELTA=False, NEED_W=True,
-                     FUSE_DK=True, FUSE_DV=True, FUSE_DMK=False, SINGLE=True, BLOCK_M=T._bwd_block_m(bd, 128, True, esz),
+                     FUSE_DK=True, FUSE_DV=True, FUSE_DMK=False, SINGLE=True,
+                     BLOCK_M=T._bwd_block_m(bd, 128, True, esz),
                      BLOCK_N=128, BLOCK_NM=16, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec, PREC_MAP=prec_map, ALIGN=8, **bt)
             cases.append((f"bwd_fused_{dt}_D{D}", "xattn:_xattn_bwd_kernel", dt, c,
                           T._bwd_heuristic(bd, 128, True, esz)))

@@ -14,6 +14,7 @@ Provides ``naive.py``'s functions with the same signatures and return convention
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -53,12 +54,18 @@ def _key_block(n: int) -> int:
     return _p2(n) if n <= MAX_SINGLE_N else LONG_BLOCK_N
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _target_programs(device: torch.device) -> int:
+    """Programs worth launching: about two waves of the GPU's SMs (1 under the interpreter)."""
     if "TARGET_PROGRAMS" in _OVERRIDE:
         return _OVERRIDE["TARGET_PROGRAMS"]
     if device.type != "cuda":
         return 1  # interpreter: fewest programs is fastest
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _nq_bucket(nq: int) -> int:
@@ -249,8 +256,8 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
                 H, Nq, Nk, Nm, D, DV, T, t0, hpp,
                 float(scale) * LOG2E, _nq_bucket(Nq))
         consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head, COMPUTE_OUT=compute_out,
-                      SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T,
-                      PREC=prec, ALIGN=align)
+                      SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                      BLOCK_T=BLOCK_T, PREC=prec, ALIGN=align)
         if _autotune_on() and "FWD_BLOCK_M" not in _OVERRIDE:
             grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
             _fwd_tuned[grid](*args, **consts)
