@@ -25,9 +25,13 @@ Design
   queries; each program owns a contiguous range of query blocks of one (b, h) and writes fp32
   partial dk/dv, which the wrapper sums (split over Nq for parallelism, deterministic).
   For long key sets, dq and dk/dv are separate kernels.
-* Dots on fp32 inputs use ``input_precision="ieee"`` (exact fp32); fp16/bf16 inputs use tensor
-  cores with fp32 accumulation, and the fp32 map-gradient terms use ``PREC_MAP`` (tf32 for
-  half inputs: fp32 range, fp16-like precision).
+* fp16/bf16 inputs use tensor cores with fp32 accumulation (P and dS are rounded to the input
+  dtype for their dots, as in FlashAttention); the fp32 map-gradient dots and every dot on fp32
+  inputs use 3xTF32 (``PREC`` / ``PREC_MAP``): ~fp32 accuracy on tensor cores.
+* Registers: only 1D vectors live across loops; 2D addresses/masks are formed at each load, and
+  ``ALIGN`` (8 when all row strides are multiples of 8 elements and data is 16-byte aligned)
+  promises the compiler 16-byte vector loads. Without it sm_90 builds spill heavily (see
+  tests/test_triton_compile.py, which reports registers / spills / shared memory per config).
 """
 from __future__ import annotations
 
