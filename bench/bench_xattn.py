@@ -216,9 +216,22 @@ def main(argv=None):
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--quick", action="store_true", help="SD1.5 4096/1024 and SDXL 4096 only")
     ap.add_argument("--siou", action="store_true", help="also time soft_iou fwd/bwd")
+    ap.add_argument("--case", nargs="+", default=None, metavar="TAG:NQ",
+                    help="only these cases, e.g. sd15:1024 sdxl:4096 (one process per case keeps a crash local)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the JSON files of earlier runs into one table (no GPU work)")
     ap.add_argument("--autotune", action="store_true",
                     help="autotune the Triton kernels (slow: compiles every config); default: heuristic configs")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.load(open(f)) for f in args.merge]
+        rows = [r for run in runs for r in run["rows"] if "case" in r and "B" in r]
+        md = to_markdown(rows, runs[0]["copy_bw_gbs"], runs[0]["device"])
+        print(md)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(md)
+        return 0
     if not torch.cuda.is_available():
         print("bench_xattn: needs a CUDA device", file=sys.stderr)
         return 0
@@ -228,6 +241,8 @@ def main(argv=None):
     cases = SD15 + SDXL
     if args.quick:
         cases = [SD15[0], SD15[1], SDXL[0]]
+    if args.case:
+        cases = [c for c in cases if f"{c[0]}:{c[1]}" in args.case]
     rows = []
     t0 = time.time()
     for B in args.batch:

@@ -313,9 +313,13 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
     BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
     single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
-    fuse = single and (dk_src or dv_src or dmk_src)
+    # dk/dv/dmk fused into the dq kernel only while their accumulators stay small: with 256-key
+    # tiles (Nk > 128) the fused kernel needs more than sm_90's 227 KiB of shared memory (seen on an
+    # H200 at Nk=154, D=80), so those go through the separate dk/dv kernel.
+    fuse = (single and (dk_src or dv_src or dmk_src) and BLOCK_N <= 128 and BLOCK_NM <= 128
+            and not _OVERRIDE.get("NO_FUSE", False))
     need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
-    need_delta = (not single) and (dk_src or dmk_src)
+    need_delta = (not fuse) and (dk_src or dmk_src)
     prec, prec_map = _prec(q.dtype)
     esz = q.element_size()
     BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz)
@@ -390,7 +394,7 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
                 _xattn_bwd_dkdv_kernel[g](*a, **c, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz))
             return kp, vp
 
-        if not single:
+        if not fuse:
             if dk_src or dv_src:
                 dkp, dvp = dkdv(k, v, lse, delta, Nk, BLOCK_N, has_dout, dk_src, dv_src)
             if dmk_src:
