@@ -284,15 +284,20 @@ def _add_finetune(sub) -> None:
                                     "versions, checkpoints and dft.json.")
     d.add_argument("--model", default="tiny-sd", help="offline preset, a hub id or a local pipeline folder")
     d.add_argument("--prompt", action="append", default=None, help="a training prompt (repeatable)")
-    d.add_argument("--prompts", default=None, help="builtin:NAME, file:PATH or list:a,b professions (filled into --template)")
+    d.add_argument("--prompts", default=None,
+                   help="builtin:NAME, file:PATH or list:a,b professions (filled into --template)")
     d.add_argument("--template", default="a photo of the face of a {}", help="prompt template for --prompts")
-    d.add_argument("--attributes", default="gender", help="comma-separated classifier heads to align jointly, e.g. gender,race,age")
+    d.add_argument("--attributes", default="gender",
+                   help="comma-separated classifier heads to align jointly, e.g. gender,race,age")
     d.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="target distribution of an attribute, e.g. age=0.75,0.25 (default uniform); repeatable")
-    d.add_argument("--joint-target", default=None, help="comma-separated probabilities over the joint classes (row-major)")
-    d.add_argument("--classifier", default="clip", help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (a differentiable module)")
+    d.add_argument("--joint-target", default=None,
+                   help="comma-separated probabilities over the joint classes (row-major)")
+    d.add_argument("--classifier", default="clip",
+                   help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (a differentiable module)")
     d.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
-    d.add_argument("--trainable", default="text-lora", choices=("text-lora", "unet-lora", "text+unet-lora", "soft-tokens"))
+    d.add_argument("--trainable", default="text-lora",
+                   choices=("text-lora", "unet-lora", "text+unet-lora", "soft-tokens"))
     d.add_argument("--rank", type=int, default=50, help="LoRA rank")
     d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")
@@ -323,7 +328,8 @@ def _add_finetune(sub) -> None:
     d.add_argument("--backend", default="auto", help="auto, reference, triton or native")
     d.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast on CUDA")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    d.add_argument("--dtype", default="fp32", choices=DTYPES, help="frozen weights' dtype (LoRA / tokens stay fp32)")
+    d.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="frozen weights' dtype (LoRA / tokens stay fp32)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--no-progress", action="store_true")

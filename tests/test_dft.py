@@ -296,3 +296,42 @@ def test_clear_errors(tiny_sd):
     with pytest.raises(dft.DFTError, match="trainable must be one of"):
         small(trainable="everything")
     assert not fastfair.processors.is_patched(pipe)
+
+
+# --------------------------------------------------------------------------------------------
+# the classifier protocol
+# --------------------------------------------------------------------------------------------
+
+def test_classifier_protocol_and_fastfair_classify():
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPModel
+
+    from fastfair import classify
+    from fastfair.pipelines import clip_tokenizer
+
+    imgs = torch.rand(3, 3, 32, 32)
+    # a callable returning one (N, K) tensor, with labels given
+    c = dft.as_differentiable(lambda x: torch.softmax(x.mean((2, 3)), -1), labels=["r", "g", "b"])
+    assert list(c.labels.values()) == [("r", "g", "b")] and c(imgs)[next(iter(c.labels))].shape == (3, 3)
+    # fastfair.classify.ModuleClassifier: its module, labels and image size
+    mc = classify.ModuleClassifier(RedClassifier(), image_size=16)
+    d = dft.as_differentiable(mc)
+    assert d.labels == {"gender": ("male", "female")} and d.image_size == 16
+    # fastfair.classify.ClipZeroShot: differentiable, and the same probabilities as its own predict()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=32, patch_size=8), projection_dim=16)
+    zs = classify.ClipZeroShot(CLIPModel(cfg), clip_tokenizer(), {"gender": {"male": ["a man"], "female": ["a woman"]}})
+    z = dft.as_differentiable(zs)
+    x = (torch.rand(2, 3, 32, 32) * 255).round() / 255
+    x.requires_grad_(True)
+    p = z(x)["gender"]
+    ref = zs.predict([Image.fromarray((xi.detach().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                      for xi in x])["gender"]
+    assert p.detach().double().numpy() == pytest.approx(ref, abs=1e-4)
+    p[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ClassifierMismatch, match="expected \\(3, 2\\)"):
+        dft.DifferentiableClassifier(lambda x: {"gender": torch.ones(3, 3) / 3}, {"gender": ["a", "b"]})(imgs)
