@@ -1,8 +1,15 @@
 import os
 import warnings
 
-import pytest
 import torch
+
+# CPU machines run the Triton kernels in the interpreter. Set it before anything imports triton:
+# triton reads it when kernels are decorated, and re-importing triton later in the same process
+# (to switch modes) aborts the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
