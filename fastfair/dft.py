@@ -266,8 +266,9 @@ class ClipFeatures(torch.nn.Module):
         try:
             self.model = CLIPVisionModelWithProjection.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
         except (OSError, ValueError) as e:
-            raise DFTError(f"could not load CLIP model {model_id!r} for the quality regulariser: {e}\n(pass "
-                           "quality_encoder=<a torch module>, a local CLIP folder, or quality_weight=0)") from e
+            raise DFTError(f"could not load CLIP model {model_id!r} for the quality regulariser: {e}\n(give a local "
+                           "CLIP folder with --quality-encoder clip:PATH, or --quality-encoder none; in Python "
+                           "quality_encoder=<a torch module> or None)") from e
         self.model.requires_grad_(False).eval()
         if device is not None:
             self.model.to(device)

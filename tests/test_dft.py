@@ -126,9 +126,14 @@ def test_sampler_gradient_path(monkeypatch):
         monkeypatch.undo()
         return torch.cat([x.flatten() for x in g])
 
+    calls = []
+    orig = fastfair.ops.cross_attention
+    monkeypatch.setattr(fastfair.ops, "cross_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
     g = grads()
     h.remove()
     assert seen and not any(seen)                       # the UNet never sees a latent that carries gradient
+    n_xattn = len(fastfair.processors.cross_attention_modules(pipe.unet))
+    assert len(calls) == 2 * n_xattn                    # every cross-attention of both steps went through fastfair.ops
     tr._sched.set_timesteps(2)
     c = dft.grad_coefficients(tr._sched)
     g1, g2 = grads([1.0, 0.0]), grads([0.0, 1.0])
