@@ -158,9 +158,7 @@ def _fwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
     """Key tile of the forward: Nk rounded up (single pass) unless that spills / overflows shared
     memory (head dim > 128, or fp32 with head dim > 64): then 64-key blocks (online softmax)."""
     bn = _key_block(nk)
-    # 256-key x 128-dim half tiles need 272 KiB of shared memory (> sm_90's 227 KiB; seen on an H200)
-    too_big = bd > 128 or (esz >= 4 and bd > 64) or bn * bd > 128 * 128
-    if "BLOCK_N" not in _OVERRIDE and not _interpret() and bn > 64 and too_big:
+    if "BLOCK_N" not in _OVERRIDE and not _interpret() and bn > 64 and (bd > 128 or (esz >= 4 and bd > 64)):
         bn = 64
     return bn
 
