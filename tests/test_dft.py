@@ -326,8 +326,8 @@ def test_classifier_protocol_and_fastfair_classify():
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=16)
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
     zs = classify.ClipZeroShot(CLIPModel(cfg), clip_tokenizer(), {"gender": {"male": ["a man"], "female": ["a woman"]}})
     z = dft.as_differentiable(zs)
     x = (torch.rand(2, 3, 32, 32) * 255).round() / 255
@@ -340,3 +340,20 @@ def test_classifier_protocol_and_fastfair_classify():
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ClassifierMismatch, match="expected \\(3, 2\\)"):
         dft.DifferentiableClassifier(lambda x: {"gender": torch.ones(3, 3) / 3}, {"gender": ["a", "b"]})(imgs)
+
+
+@needs_peft
+def test_micro_batches_give_the_same_step():
+    """batch_size < N: targets from a no-grad pass over all N images, then gradient passes per micro-batch --
+    the same loss and the same update as one pass over the N images."""
+    out = []
+    for bs in (None, 2):
+        cfg = small(images_per_prompt=4, batch_size=bs, quality_weight=1.0)
+        tr = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=tiny_encoder())
+        rec = tr.step()
+        tr.close()
+        out.append((rec, [p.detach().clone() for p in tr.params]))
+    (r1, p1), (r2, p2) = out
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5) and r1["distribution"] == r2["distribution"]
+    for a, b in zip(p1, p2):
+        assert torch.allclose(a, b, atol=1e-6)
