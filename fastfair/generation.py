@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import concepts, metrics
+from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
 from .processors import is_patched, patch, unpatch
 
@@ -45,19 +45,6 @@ def parse_seeds(seeds) -> list[int]:
     if not seeds:
         raise ValueError("no seeds given; pass e.g. seeds=[0, 1] or seeds='0-3'")
     return seeds
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _png(img) -> bytes:
@@ -123,19 +110,19 @@ class Generation:
         out = Path(out_dir)
         names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
         for name, img in zip(names, self.images):
-            _atomic_bytes(out / "images" / f"{name}.png", _png(img))
+            atomic_write(out / "images" / f"{name}.png", _png(img))
         if self.maps:
             tensors = {w: m.contiguous() for w, m in self.maps.items()}
             tensors["latents"] = self.latents.float().contiguous()
-            _atomic_bytes(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
+            atomic_write(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
             if overlays:
                 for w, m in self.maps.items():
                     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
                     for i, (name, img) in enumerate(zip(names, self.images)):
-                        _atomic_bytes(out / "overlays" / f"{name}_{safe}.png", _png(overlay(img, m[i])))
+                        atomic_write(out / "overlays" / f"{name}_{safe}.png", _png(overlay(img, m[i])))
         meta = dict(self.config, prompts=self.prompts, seeds=self.seeds, words=list(self.maps),
                     images=[f"images/{n}.png" for n in names])
-        _atomic_bytes(out / "generation.json", json.dumps(meta, indent=2).encode())
+        atomic_write(out / "generation.json", json.dumps(meta, indent=2).encode())
         return out
 
 

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -58,6 +57,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import concepts as _concepts
+from ._io import atomic_write
 
 FORMAT = "fastfair.mist/1"
 PROJECTIONS = ("to_v", "to_k")
@@ -448,8 +448,8 @@ class MistEdit:
         meta_json = json.dumps(self.meta, indent=1, default=str)
         data = st_save({k: v.detach().float().contiguous().cpu() for k, v in self.deltas.items()},
                        metadata={"format": FORMAT, "fastfair_mist": meta_json})
-        _atomic(path, data)
-        _atomic(path.with_suffix(".json"), meta_json.encode())
+        atomic_write(path, data)
+        atomic_write(path.with_suffix(".json"), meta_json.encode())
         return path
 
     # -- application --------------------------------------------------------------------------
@@ -538,19 +538,6 @@ class MistEdit:
 def _edited(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The one way edited weights are formed (fit and apply agree bit for bit)."""
     return (original.float() + delta.to(original.device, torch.float32)).to(original.dtype)
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load(path: str | os.PathLike) -> MistEdit:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .attributes import slug
-from .store import REPORT, RunStore, atomic_write
+from .._io import atomic_write
+from .store import REPORT, RunStore
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#1b9e77", "#d95f02", "#7570b3", "#e7298a")

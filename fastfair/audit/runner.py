@@ -39,8 +39,9 @@ import torch
 from .. import concepts
 from ..classify import AttributeClassifier, check_labels, load_classifier
 from . import prompts as P
-from .attributes import AttributeSet, Intersection, parse_attributes, slug
-from .store import RunDirError, RunStore, atomic_write
+from .attributes import AttributeSet, parse_attributes, slug
+from .._io import atomic_write
+from .store import RunDirError, RunStore
 
 MODES = ("open", "inprompt")
 DEFAULT_ATTRIBUTION_TEMPLATE = "{prompt} and {attribute}"
