@@ -95,6 +95,9 @@ def _add_audit(sub) -> None:
                                    "distribution (attribute classifier; DFT bias, Delta, KL, target gap, risk "
                                    "difference). One Parquet row per image, resumable, shardable with torchrun.")
     p.add_argument("--model", required=True, help="offline preset (tiny-sd, sd15-shaped, ...), a hub id or a folder")
+    p.add_argument("--edit", default=None, metavar="PATH",
+                   help="apply a MIST edit (fastfair edit mist --out PATH) before auditing; the run's settings "
+                        "name the model as MODEL+mist:<hash of the edit>, so before/after runs never mix")
     p.add_argument("--prompts", default="builtin:biasmap19",
                    help="builtin:biasmap19 | builtin:winobias | builtin:broad, file:PATH (one profession per line), "
                         "or list:doctor,nurse")
@@ -153,7 +156,22 @@ def _audit(args) -> int:
     from .audit import audit
 
     _quiet_libraries()
-    res = audit(args.model, args.prompts, template=args.template, attributes=args.attributes, seeds=args.seeds,
+    model, pipe = args.model, None
+    if args.edit:
+        import hashlib
+
+        import torch
+
+        from .mist import apply_file
+        from .pipelines import load_pipeline
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(args.model, device=device,
+                             dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))
+        apply_file(pipe, args.edit)
+        with open(args.edit, "rb") as fh:
+            model = f"{args.model}+mist:{hashlib.sha256(fh.read()).hexdigest()[:12]}"
+    res = audit(model, args.prompts, pipeline=pipe, template=args.template, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
                 inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
                 targets=" ".join(args.target) if args.target else None, steps=args.steps,
@@ -342,6 +360,24 @@ def _finetune(args) -> int:
     return dft.cli_main(args)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark kernels and end-to-end workloads against the alternatives",
+                       description="Time fastfair's cross-attention backends, SDPA, explicit softmax and xformers "
+                                   "at SD1.5/SDXL shapes with the measured copy-bandwidth and matmul ceilings, and "
+                                   "generation, guidance and a DFT step against diffusers, DAAM and the reference "
+                                   "style. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png.")
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(args) -> int:
+    from .bench import cli_main
+
+    _quiet_libraries()
+    return cli_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
@@ -352,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_report(sub)
     _add_edit(sub)
     _add_finetune(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__
@@ -363,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"generate": _generate, "audit": _audit, "report": _report, "edit": _edit,
-                "finetune": _finetune}[args.command](args)
+                "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -480,3 +480,22 @@ def test_cli_edit_with_a_python_classifier(tmp_path, capsys, tiny_sd):
     assert [r["p_hat"]["doctor"] for r in meta["rounds"]] == [[0.0, 1.0], [0.0, 1.0]]  # argmax: all female
     assert meta["edit_rounds"] == 1 and meta["converged"] == {"doctor": False}
     assert "1 edit rounds" in capsys.readouterr().out
+
+
+def test_audit_cli_with_an_edit(tiny_sd, tmp_path, capsys):
+    """fastfair audit --edit: the edit is applied and the run names the edited model, so a run
+    directory made without the edit refuses the edited run."""
+    from fastfair.cli import main
+
+    edit = mist.mist(tiny_sd, ["doctor"], "gender", measured={"doctor": [1.0, 0.0]}, eta_e=1e7, step=0.5,
+                     progress=False)
+    path = edit.save(tmp_path / "e.safetensors")
+    edit.revert(tiny_sd)
+    common = ["audit", "--model", "tiny-sd", "--prompts", "list:doctor", "--seeds", "1", "--steps", "2",
+              "--classifier", "none", "--entanglement", "none", "--no-report", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "run")]) == 0
+    rc = main(common + ["--edit", str(path), "--out", str(tmp_path / "run"), "--resume"])
+    assert rc != 0 and "mist:" in capsys.readouterr().err
+    assert main(common + ["--edit", str(path), "--out", str(tmp_path / "run_edit")]) == 0
+    cfg = (tmp_path / "run_edit" / "audit.json").read_text()
+    assert "tiny-sd+mist:" in cfg
