@@ -1,0 +1,86 @@
+"""fastfair bench --quick on CPU: one run, then the structure of its three outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastfair import bench
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = bench.run(suite="all", device="cpu", quick=True, out=out, log=lambda s: None)
+    return out, res
+
+
+def test_outputs_written(quick):
+    out, res = quick
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert res["wall_s"] < 120
+
+
+def test_json_structure(quick):
+    out, _ = quick
+    d = json.loads((out / "bench.json").read_text())
+    env = d["environment"]
+    for key in ("device_name", "torch", "triton", "diffusers", "git_revision"):
+        assert key in env
+    assert d["ceilings"]["copy_bw_gbs"] > 0 and d["ceilings"]["matmul_tflops"] > 0
+    assert set(d["backends"]) == set(bench.METHOD_ORDER)
+    ran = {r["method"] for r in d["kernels"] if "median_ms" in r}
+    for name, st in d["backends"].items():  # every backend ran, or says why not
+        if st["available"]:
+            assert name in ran, name
+        else:
+            assert isinstance(st["reason"], str) and st["reason"]
+            assert name not in ran
+    assert not d["backends"]["fastfair-triton"]["available"]  # CPU: no CUDA device
+    assert {"fastfair-reference", "sdpa", "explicit"} <= ran
+    passes = {r["pass_"] for r in d["kernels"] if "median_ms" in r}
+    assert passes == set(bench.PASSES)
+    for r in d["kernels"]:
+        assert "error" not in r, r
+        assert r["times_ms"] and r["median_ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0
+        for k in ("gbs", "pct_bw", "tflops", "pct_roofline", "shape", "B", "method"):
+            assert k in r
+    e2e = {r["mode"]: r for r in d["e2e"]}
+    assert {"gen-maps", "gen-plain"} <= set(e2e)
+    for r in e2e.values():
+        assert r["images_per_s"] > 0 and "peak_mb" in r
+    assert d["e2e_ratios"] and d["e2e_ratios"][0]["throughput_ratio"] > 0
+
+
+def test_markdown_structure(quick):
+    out, res = quick
+    md = (out / "bench.md").read_text()
+    assert "| shape | B | pass | backend | ms |" in md
+    assert "## End to end" in md and "gen-maps / gen-plain" in md
+    for name, st in res["backends"].items():
+        assert f"| {name} | {'ran' if st['available'] else 'unavailable: '}" in md
+
+
+def test_pass_cost():
+    b, f = bench.pass_cost("fwd", 2, 8, 4096, 40, 2, True)
+    assert f == 4 * 2 * 8 * 4096 * 77 * 40
+    assert b == (2 * 2 * 8 * 4096 * 40 + 2 * 2 * 8 * 77 * 40) * 2 + 2 * 8 * 4096 * 4
+    assert bench.pass_cost("bwd_full", 2, 8, 4096, 40, 2, False)[1] == 3 * f
+
+
+def test_png_without_matplotlib(quick, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    _, res = quick
+    assert bench.write_png(res, tmp_path / "p.png") == "PIL"
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
