@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -27,73 +26,8 @@ def _kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-class ExplicitProcessor:
-    """attn2 with explicit probabilities kept in the autograd graph (DAAM / prompt-to-prompt / BiasMap style)."""
-
-    def __init__(self, name, store):
-        self.name, self.store = name, store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        import torch
-
-        b = hidden_states.shape[0]
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        p = attn.get_attention_scores(q, k, None)
-        if not self.name.startswith("mid"):
-            self.store.append(p.reshape(b, attn.heads, *p.shape[1:]))
-        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(p, v))))
-
-
-def reference_style(pipe, seed, steps, sem, dem, scale=100.0):
-    import torch
-    import torch.nn.functional as F
-
-    from fastfair.kernels import naive
-    from fastfair.processors import cross_attention_modules
-
-    store = []
-    mods = cross_attention_modules(pipe.unet)
-    saved = {n: m.processor for n, m in mods.items()}
-    for n, m in mods.items():
-        m.set_processor(ExplicitProcessor(n, store))
-    try:
-        dev = pipe.device
-        emb, neg = pipe.encode_prompt(PROMPT, dev, 1, True)
-        ehs = torch.cat([neg, emb])
-        H = pipe.unet.config.sample_size
-        x = torch.randn(1, 4, H, H, generator=torch.Generator(dev).manual_seed(seed), device=dev)
-        pipe.scheduler.set_timesteps(steps)
-        x = x * pipe.scheduler.init_noise_sigma
-        for t in pipe.scheduler.timesteps:
-            store.clear()
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                inp = pipe.scheduler.scale_model_input(torch.cat([x, x]), t)
-                eps = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
-                maps = {}
-                for pos in (sem, dem):
-                    acc = 0
-                    for p in store:
-                        m = p[1:, :, :, pos].sum(1)  # cond row, sum over heads
-                        s = int(round(math.sqrt(H * H / m.shape[-1])))
-                        acc = acc + F.interpolate(m.reshape(1, 1, H // s, H // s), size=(H, H), mode="bilinear")
-                    maps[pos] = acc.reshape(1, -1)
-                E = naive.soft_iou(maps[sem], maps[dem], 0.3, 0.01, 20, 1e-8)
-                g = torch.autograd.grad(E.sum(), x)[0]
-            eps = eps.detach()
-            eps = eps[:1] + 7.5 * (eps[1:] - eps[:1])
-            if g.norm() < 1.0:
-                abar = pipe.scheduler.alphas_cumprod[int(t)]
-                eps = eps + scale * float(1 - abar) ** 0.5 * g
-            x = pipe.scheduler.step(eps, t, x.detach(), return_dict=False)[0]
-        with torch.no_grad():
-            img = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return img
-    finally:
-        for n, m in mods.items():
-            m.set_processor(saved[n])
+# the reference style (one image at a time, explicit probabilities) is shared with `fastfair bench`
+from fastfair.bench import ExplicitProcessor, reference_style  # noqa: E402,F401
 
 
 def child(mode, model, batch, steps, device):

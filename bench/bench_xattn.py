@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,6 +29,9 @@ SDXL = [("sdxl", 4096, 10, 64), ("sdxl", 1024, 20, 64)]
 NK = 77
 N_TOKENS = 8  # map tokens per prompt
 
+# inputs, the alternatives and the fwd+bwd driver are shared with `fastfair bench` (fastfair/bench.py)
+from fastfair.bench import _xformers, fwd_bwd, m_explicit, m_sdpa, m_xformers, make_inputs  # noqa: E402,F401
+
 
 def _bench(fn, rep=100):
     import triton.testing
@@ -42,15 +44,6 @@ def copy_bandwidth_gbs() -> float:
     y = torch.empty_like(x)
     ms = _bench(lambda: y.copy_(x), rep=200)
     return 2 * x.numel() / (ms * 1e-3) / 1e9
-
-
-def make_inputs(B, Nq, H, D, dtype=torch.float16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, Nq, H * D, device="cuda", dtype=dtype, generator=g).view(B, Nq, H, D).transpose(1, 2)
-    k = torch.randn(B, NK, H * D, device="cuda", dtype=dtype, generator=g).view(B, NK, H, D).transpose(1, 2)
-    v = torch.randn(B, NK, H * D, device="cuda", dtype=dtype, generator=g).view(B, NK, H, D).transpose(1, 2)
-    tok = torch.arange(1, 1 + N_TOKENS, device="cuda")[None].expand(B, -1).contiguous()
-    return q, k, v, tok
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,58 +62,8 @@ def m_fastfair_nomaps(q, k, v, tok):
     return ops.cross_attention(q, k, v, backend="triton")
 
 
-def m_sdpa(q, k, v, tok):
-    return F.scaled_dot_product_attention(q, k, v), None
-
-
-def m_explicit(q, k, v, tok):
-    """diffusers' AttnProcessor math: baddbmm + softmax + bmm, then the map columns gathered."""
-    B, H, Nq, D = q.shape
-    qf = q.reshape(B * H, Nq, D)
-    kf = k.reshape(B * H, k.shape[2], D)
-    vf = v.reshape(B * H, v.shape[2], v.shape[3])
-    s = torch.baddbmm(torch.empty(B * H, Nq, kf.shape[1], dtype=q.dtype, device=q.device), qf, kf.transpose(1, 2),
-                      beta=0, alpha=1.0 / math.sqrt(D))
-    p = s.softmax(dim=-1)
-    out = torch.bmm(p, vf).view(B, H, Nq, -1)
-    idx = tok[:, None, None, :].expand(B, H, Nq, tok.shape[1])
-    maps = torch.gather(p.view(B, H, Nq, -1), 3, idx).float().sum(1).transpose(1, 2)  # (B, T, Nq)
-    return out, maps
-
-
-def _xformers():
-    try:
-        import xformers.ops as xops  # noqa: F401
-
-        return xops
-    except Exception:
-        return None
-
-
-def m_xformers(q, k, v, tok):
-    xops = _xformers()
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2), None
-
-
 METHODS = {"fastfair": m_fastfair, "fastfair_nomaps": m_fastfair_nomaps, "sdpa": m_sdpa, "explicit": m_explicit,
            "xformers": m_xformers}
-
-
-def fwd_bwd(method, q, k, v, tok, mode):
-    """mode 'full': grads into q, k, v from d_out (+ d_maps); 'maps_dq': map loss into q only."""
-    q_ = q.detach().requires_grad_(True)
-    k_ = k.detach().requires_grad_(mode == "full")
-    v_ = v.detach().requires_grad_(mode == "full")
-    out, maps = method(q_, k_, v_, tok)
-    if mode == "full":
-        loss = out.float().square().mean()
-        if maps is not None:
-            loss = loss + maps.square().mean()
-    else:
-        loss = maps.square().mean()
-    loss.backward()
-    return q_.grad
 
 
 def peak_mem_mb(fn) -> float:
