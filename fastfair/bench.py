@@ -157,8 +157,12 @@ def time_fn(fn, device: torch.device, quick: bool = False) -> dict:
         try:
             import triton.testing
 
-            times = triton.testing.do_bench(fn, warmup=25, rep=30 if quick else 100, return_mode="all")
-            times = [float(t) for t in times]
+            try:
+                times = triton.testing.do_bench(fn, warmup=25, rep=30 if quick else 100, return_mode="all")
+                times = [float(t) for t in times]
+            except (TypeError, ValueError, AssertionError):  # an older triton without return_mode="all"
+                times = [float(triton.testing.do_bench(fn, warmup=25, rep=30 if quick else 100,
+                                                       return_mode="median"))]
             how = "triton.testing.do_bench"
         except ImportError:
             fn()
@@ -342,41 +346,70 @@ def kernel_suite(device: torch.device, dtype: torch.dtype, quick: bool, ceil: di
                  log=print) -> list[dict]:
     shapes = QUICK_SHAPES if quick else SD15_SHAPES + SDXL_SHAPES
     batches = QUICK_BATCHES if quick else BATCHES
-    ms = methods()
     run_methods = [m for m in METHOD_ORDER if status[m]["available"]]
-    es = torch.empty((), dtype=dtype).element_size()
     rows = []
     for (model, Nq, H, D), B in itertools.product(shapes, batches):
         shape = f"{model} Nq={Nq} H={H} D={D}"
-        nbytes = pass_cost("fwd", B, H, Nq, D, es, False)[0]
-        nxt = _rotating(lambda s: make_inputs(B, Nq, H, D, dtype, s, device), nbytes, device)
-        for name in run_methods:
-            fn = ms[name]
-            for pas in ("fwd", "bwd_full", "bwd_maps_dq"):
-                if pas == "bwd_maps_dq" and name not in HAS_MAPS:
-                    continue
-                if pas == "fwd":
-                    def call(fn=fn):
-                        with torch.no_grad():
-                            return fn(*nxt())
-                else:
-                    mode = "full" if pas == "bwd_full" else "maps_dq"
-
-                    def call(fn=fn, mode=mode):
-                        return fwd_bwd(fn, *nxt(), mode)
-                b, f = pass_cost(pas, B, H, Nq, D, es, name in HAS_MAPS)
-                row = _row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_=pas, method=name,
-                           bytes=b, flops=f)
-                try:
-                    row.update(time_fn(call, device, quick))
-                    rows.append(_finish(row, ceil))
-                except Exception as e:  # a shape a method has no kernel for, a GPU fault, OOM ...
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-                    rows.append(row)
-                    log(f"# {name} {shape} B={B} {pas}: {row['error']}")
+        if device.type == "cuda" and not quick:
+            # one process per case: a kernel fault (illegal memory access) loses the CUDA context
+            spec = dict(model=model, Nq=Nq, H=H, D=D, B=B, device=str(device), dtype=str(dtype).split(".")[-1],
+                        ceil={k: ceil[k] for k in ("copy_bw_gbs", "matmul_tflops")}, methods=run_methods)
+            p = subprocess.run([sys.executable, "-m", "fastfair.bench", "--kernel-child", json.dumps(spec)],
+                               capture_output=True, text=True)
+            rows += [json.loads(ln[4:]) for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
+            if p.returncode:
+                tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+                rows.append(_row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_="all",
+                                 method="all", error=f"case process died: {tail}"[:300]))
+            log(f"# kernels: {shape} B={B} done")
+            continue
+        rows += _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log)
         log(f"# kernels: {shape} B={B} done")
-    # SoftIoU with top-k, fwd + bwd, fastfair backends
+    return rows + _soft_iou_rows(device, quick, batches, ceil, run_methods)
+
+
+def _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log=print, on_row=None) -> list[dict]:
+    """Every method and pass at one (shape, batch)."""
+    ms = methods()
+    es = torch.empty((), dtype=dtype).element_size()
+    shape = f"{model} Nq={Nq} H={H} D={D}"
+    rows = []
+    nbytes = pass_cost("fwd", B, H, Nq, D, es, False)[0]
+    nxt = _rotating(lambda s: make_inputs(B, Nq, H, D, dtype, s, device), nbytes, device)
+    for name in run_methods:
+        fn = ms[name]
+        for pas in ("fwd", "bwd_full", "bwd_maps_dq"):
+            if pas == "bwd_maps_dq" and name not in HAS_MAPS:
+                continue
+            if pas == "fwd":
+                def call(fn=fn):
+                    with torch.no_grad():
+                        return fn(*nxt())
+            else:
+                mode = "full" if pas == "bwd_full" else "maps_dq"
+
+                def call(fn=fn, mode=mode):
+                    return fwd_bwd(fn, *nxt(), mode)
+            b, f = pass_cost(pas, B, H, Nq, D, es, name in HAS_MAPS)
+            row = _row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_=pas, method=name,
+                       bytes=b, flops=f)
+            try:
+                row.update(time_fn(call, device, quick))
+                rows.append(_finish(row, ceil))
+            except Exception as e:  # a shape a method has no kernel for, a GPU fault, OOM ...
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rows.append(row)
+                log(f"# {name} {shape} B={B} {pas}: {row['error']}")
+            if on_row:
+                on_row(rows[-1])
+    return rows
+
+
+def _soft_iou_rows(device, quick, batches, ceil, run_methods) -> list[dict]:
+    """SoftIoU with top-k, fwd + bwd, fastfair backends."""
     from . import ops
+
+    rows = []
 
     for (model, n), B in itertools.product(QUICK_SIOU if quick else SIOU_SHAPES, batches):
         g = torch.Generator(device=device).manual_seed(0)
@@ -670,8 +703,8 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
                 elif mode.startswith("dft") and "xl" in m:
                     row.update(available=False, reason="DFT supports SD 1.x/2.x only")
                 else:
-                    spec = dict(model=m, mode=mode, device=str(device), dtype=dtype, images=images, steps=steps,
-                                batch=batch)
+                    spec = dict(model=m, mode=mode, device=str(device), images=images, steps=steps, batch=batch,
+                                dtype="fp32" if mode.startswith("dft") else dtype)  # DFT: fp32 frozen weights
                     try:
                         t0 = time.perf_counter()
                         row.update(e2e_case(**spec, pipe=pipe) if quick else _e2e_subprocess(spec, 3600))
@@ -903,7 +936,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastfair.bench", description=__doc__.splitlines()[0])
     add_arguments(ap)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kernel-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.kernel_child:
+        k = json.loads(args.kernel_child)
+        _shape_rows(k["model"], k["Nq"], k["H"], k["D"], k["B"], torch.device(k["device"]), getattr(torch, k["dtype"]),
+                    False, k["ceil"], k["methods"], log=lambda s: print(s, file=sys.stderr),
+                    on_row=lambda r: print("ROW " + json.dumps(r), flush=True))
+        return 0
     if args.child:
         from diffusers.utils import logging as dlog
 
