@@ -25,11 +25,7 @@ import time
 PROMPT = "a photo of the face of a doctor"
 
 
-def _rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
+from fastfair.bench import _kb as _rss_kb  # noqa: E402  (the DFT workload is fastfair.bench's, shared)
 
 
 def child(mode: str, images: int, sampling_steps: int, checkpointing: bool) -> None:
@@ -38,17 +34,9 @@ def child(mode: str, images: int, sampling_steps: int, checkpointing: bool) -> N
     import torch
 
     import fastfair
-    from fastfair.dft import DFTConfig, DFTTrainer
+    from fastfair.bench import _workload
 
     torch.set_num_threads(2)
-
-    class Red(torch.nn.Module):
-        labels = {"gender": ("male", "female")}
-
-        def forward(self, x):
-            p0 = torch.sigmoid(50 * (x[:, 0].mean((1, 2)) - 0.45))
-            return {"gender": torch.stack([p0, 1 - p0], 1)}
-
     pipe = fastfair.load_pipeline("sd15-shaped")
     if mode == "diffusers-classic":
         from diffusers.models.attention_processor import AttnProcessor
@@ -57,17 +45,15 @@ def child(mode: str, images: int, sampling_steps: int, checkpointing: bool) -> N
 
         for m in cross_attention_modules(pipe.unet).values():  # cross-attention only, like fastfair's patch
             m.set_processor(AttnProcessor())
-    cfg = DFTConfig(images_per_prompt=images, sampling_steps=(sampling_steps, sampling_steps), rank=4,
-                    quality_weight=0.0, ema_decay=0.996, checkpoint_every=0, uncertainty_threshold=1.0,
-                    gradient_checkpointing=checkpointing, attention="fastfair" if mode == "fastfair" else "diffusers")
-    tr = DFTTrainer(pipe, [PROMPT], Red(), cfg, quality_encoder=None)
-    tr.step()  # warm-up of the same code path: first-use imports and allocator pools are not counted
+    step = _workload(pipe, "dft-fastfair" if mode == "fastfair" else "dft-diffusers", images, sampling_steps, images,
+                     checkpointing=checkpointing)
+    step()  # warm-up of the same code path: first-use imports and allocator pools are not counted
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM
     base = _rss_kb("VmRSS")
     t = time.perf_counter()
-    rec = tr.step()
+    rec = step()
     dt = time.perf_counter() - t
     peak = _rss_kb("VmHWM")
     print(json.dumps({"mode": mode, "checkpointing": checkpointing, "base_mb": base / 1024,

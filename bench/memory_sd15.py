@@ -18,11 +18,7 @@ PROMPT = "a photo of the face of a doctor"
 WORDS = ["photo", "face", "doctor", "a"]
 
 
-def _rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
+from fastfair.bench import _kb as _rss_kb  # noqa: E402  (the workloads are fastfair.bench's, shared)
 
 
 def child(mode: str, steps: int) -> None:
@@ -34,21 +30,12 @@ def child(mode: str, steps: int) -> None:
 
     torch.set_num_threads(2)
     pipe = fastfair.load_pipeline("sd15-shaped")
+    from fastfair.bench import _workload
 
-    def run(steps: int) -> None:
-        g = torch.Generator("cpu").manual_seed(0)
-        if mode == "plain":
-            with torch.no_grad():
-                pipe(PROMPT, num_inference_steps=steps, generator=g)
-        elif mode == "fastfair":
-            fastfair.generate(pipe, PROMPT, seeds=[0], steps=steps, maps=WORDS, progress=False)
-        elif mode == "daam":
-            import daam
+    name = {"plain": "gen-plain", "fastfair": "gen-maps", "daam": "gen-daam"}[mode]
 
-            with torch.no_grad(), daam.trace(pipe) as tc:
-                pipe(PROMPT, num_inference_steps=steps, generator=g)
-                hm = tc.compute_global_heat_map()
-                [hm.compute_word_heat_map(w) for w in WORDS]
+    def run(steps: int) -> None:  # one image, seed 0; maps for WORDS (fastfair.bench.WORDS)
+        _workload(pipe, name, 1, steps, 1)()
 
     run(1)  # warm-up of the same code path: first-use imports and allocator pools are not counted
     gc.collect()

@@ -563,8 +563,12 @@ def _kb(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _workload(pipe, mode: str, images: int, steps: int, batch: int):
-    """A callable running ``mode`` for ``images`` images with ``steps`` steps."""
+def _workload(pipe, mode: str, images: int, steps: int, batch: int, checkpointing: bool = True):
+    """A callable running ``mode`` for ``images`` images with ``steps`` steps (``batch`` at a time).
+
+    Modes: gen-plain, gen-maps, gen-daam, guided-fastfair, guided-reference, dft-fastfair, dft-diffusers
+    (``checkpointing``: DFT's gradient checkpointing). Shared with bench/memory_sd15.py and bench/bench_dft.py.
+    """
     import fastfair
 
     dev = pipe.device
@@ -611,7 +615,8 @@ def _workload(pipe, mode: str, images: int, steps: int, batch: int):
                 return {"gender": torch.stack([p0, 1 - p0], 1)}
 
         cfg = DFTConfig(images_per_prompt=images, sampling_steps=(steps, steps), rank=4, quality_weight=0.0,
-                        checkpoint_every=0, uncertainty_threshold=1.0,
+                        ema_decay=0.996, checkpoint_every=0, uncertainty_threshold=1.0,
+                        gradient_checkpointing=checkpointing,
                         attention="fastfair" if mode == "dft-fastfair" else "diffusers")
         tr = DFTTrainer(pipe, [PROMPT], Red(), cfg, quality_encoder=None)
 
