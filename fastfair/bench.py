@@ -754,7 +754,8 @@ def to_markdown(res: dict) -> str:
               f"{ceil['matmul_tflops']:.3f} TFLOP/s ({res['dtype']}).", ""]
     L += ["| backend | status |", "|---|---|"]
     for name, s in res["backends"].items():
-        L.append(f"| {name} | {'ran' if s['available'] else 'unavailable: ' + s['reason']} |")
+        ok = "ran" if res.get("kernels") else "available"
+        L.append(f"| {name} | {ok if s['available'] else 'unavailable: ' + s['reason']} |")
     if res.get("kernels"):
         L += ["", "## Kernels", "",
               "Median times; % roofline = max(bytes / copy BW, FLOPs / matmul rate) / time. "
