@@ -98,6 +98,9 @@ def _add_audit(sub) -> None:
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) before auditing; the run's settings "
                         "name the model as MODEL+mist:<hash of the edit>, so before/after runs never mix")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="load a LoRA (e.g. fastfair finetune dft's OUT/lora) before auditing; the run's settings "
+                        "name the model as MODEL+lora:<hash>, so before/after runs never mix")
     p.add_argument("--prompts", default="builtin:biasmap19",
                    help="builtin:biasmap19 | builtin:winobias | builtin:broad, file:PATH (one profession per line), "
                         "or list:doctor,nurse")
@@ -157,20 +160,34 @@ def _audit(args) -> int:
 
     _quiet_libraries()
     model, pipe = args.model, None
-    if args.edit:
+    if args.edit or args.lora:
         import hashlib
+        from pathlib import Path
 
         import torch
 
-        from .mist import apply_file
         from .pipelines import load_pipeline
+
+        def digest(path) -> str:
+            files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.read_bytes())
+            return h.hexdigest()[:12]
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device,
                              dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))
-        apply_file(pipe, args.edit)
-        with open(args.edit, "rb") as fh:
-            model = f"{args.model}+mist:{hashlib.sha256(fh.read()).hexdigest()[:12]}"
+        if args.edit:
+            from .mist import apply_file
+
+            apply_file(pipe, args.edit)
+            model += f"+mist:{digest(args.edit)}"
+        if args.lora:
+            if not Path(args.lora).exists():
+                raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
+            pipe.load_lora_weights(args.lora)
+            model += f"+lora:{digest(args.lora)}"
     res = audit(model, args.prompts, pipeline=pipe, template=args.template, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
                 inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,

@@ -239,6 +239,13 @@ def test_saved_lora_loads_with_load_lora_weights(tmp_path):
     assert (loaded - trained).abs().max() <= 2.0         # and gives the trained model's images
     meta = json.loads((tmp_path / "dft.json").read_text())
     assert meta["steps"] == 1 and meta["attributes"] == {"gender": ["male", "female"]}
+    # evaluation through the audit: fastfair audit --lora
+    from fastfair.cli import main
+
+    rc = main(["audit", "--model", "tiny-sd", "--prompts", "list:doctor", "--seeds", "1", "--steps", "2",
+               "--classifier", "none", "--entanglement", "none", "--no-report", "--no-progress",
+               "--lora", str(res.lora_dir), "--out", str(tmp_path / "run")])
+    assert rc == 0 and "tiny-sd+lora:" in (tmp_path / "run" / "audit.json").read_text()
 
 
 def test_soft_tokens_through_cli(tmp_path, capsys):
