@@ -1,7 +1,6 @@
 """Triton cross-attention kernels against the float64 reference (naive.py).
 
-CPU: runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, set only while the kernel
-modules are imported and, per test, through monkeypatch -- other test modules are unaffected).
+CPU: runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, see tests/triton_mode.py).
 GPU: with CUDA and TRITON_INTERPRET unset/0 the same tests run on CUDA tensors in fp16/bf16/fp32
 (``bench/gpu_kernels.sh``).
 
@@ -11,52 +10,14 @@ and rounds its outputs to the input dtype) plus a small absolute slack.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
 
-GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+from triton_mode import GPU, import_backend  # noqa: E402
 
-
-def _import_kernels():
-    """Import the Triton backend in the right mode for this session.
-
-    The interpreter is chosen when triton (and each @triton.jit function) is imported, so on CPU
-    TRITON_INTERPRET=1 is set while importing and restored afterwards (other test modules see the
-    environment unchanged; the tests below set it again through monkeypatch). If triton was
-    already imported in compiled mode, it cannot run on CPU anyway: re-import it interpreted.
-    """
-    prev = os.environ.get("TRITON_INTERPRET")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        if not GPU and "triton" in sys.modules:
-            from triton.runtime.interpreter import InterpretedFunction
-            import triton.language.standard as _std
-            if not isinstance(_std.zeros, InterpretedFunction):
-                for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")
-                             or m in ("fastfair.kernels.xattn", "fastfair.kernels.softiou",
-                                      "fastfair.kernels.triton_ops")]:
-                    del sys.modules[name]
-        pytest.importorskip("triton")
-        from fastfair.kernels import softiou, triton_ops, xattn
-        from triton.runtime.interpreter import InterpretedFunction
-        if isinstance(xattn._xattn_fwd_kernel, InterpretedFunction) == GPU:  # imported in the other mode
-            importlib.reload(xattn)
-            importlib.reload(softiou)
-            importlib.reload(triton_ops)
-        return triton_ops
-    finally:
-        if prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
-
-
-T_OPS = _import_kernels()
+T_OPS = import_backend()
 from fastfair import ops  # noqa: E402
 from fastfair.kernels import naive  # noqa: E402
 
