@@ -175,9 +175,16 @@ class Guider:
             apply = finite
             factor = torch.where(finite, torch.clamp(g.max_grad_norm / (n + 1e-12), max=1.0), torch.zeros_like(n))
         grad = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
-        t_int = int(timestep.item() if torch.is_tensor(timestep) else timestep)
-        abar = self.pipe.scheduler.alphas_cumprod[t_int].to(grad.device, torch.float64)
-        coef = g.scale * math.sqrt(float(1 - abar))
+        t_val = float(timestep.item() if torch.is_tensor(timestep) else timestep)
+        t_int = int(round(t_val))
+        sched = self.pipe.scheduler
+        sigmas, step_index = getattr(sched, "sigmas", None), getattr(sched, "step_index", None)
+        if sigmas is not None and step_index is not None and t_val != t_int:
+            # sigma-parametrised schedulers (Euler) with fractional timesteps: abar = 1 / (1 + sigma^2)
+            abar = 1.0 / (1.0 + float(sigmas[step_index]) ** 2)
+        else:
+            abar = float(sched.alphas_cumprod[t_int])
+        coef = g.scale * math.sqrt(1.0 - abar)
         model_output = model_output + (coef * factor.view(-1, *[1] * (grad.dim() - 1)) * grad).to(model_output.dtype)
         self.records.append(dict(step=i, timestep=t_int, energy=E.float().cpu(), grad_norm=n.float().cpu(),
                                  applied=apply.cpu(), clipped=(apply & (n >= g.max_grad_norm)).cpu(),
