@@ -17,6 +17,8 @@ left out of the frequencies.
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import importlib
 import importlib.util
@@ -36,13 +38,14 @@ class ClassifierMismatchError(ValueError):
     not a probability table of the declared shape."""
 
 
-class AttributeClassifier:
+class AttributeClassifier(abc.ABC):
     """Interface: ``labels`` and ``predict``; ``describe`` identifies the classifier in a run's settings."""
 
     labels: dict[str, tuple[str, ...]]
 
-    def predict(self, images: Sequence) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def predict(self, images: Sequence) -> dict[str, np.ndarray]:
+        """{attribute set: (N, K) probabilities} for a list of PIL images."""
 
     def describe(self) -> dict:
         return {"type": type(self).__name__, "labels": {k: list(v) for k, v in self.labels.items()}}
