@@ -12,6 +12,7 @@ Backends (chosen here and nowhere else):
 
 ``backend="auto"`` picks native (else the reference) on CUDA tensors -- triton is opt-in until its
 head-dim-80 maps->dq fault is fixed, see bench/RESULTS.md -- and on CPU native when the extension is built
+and the head dim is <= 64 (where it measures faster than the reference)
 (else the reference, with a one-time warning saying how to build it); the environment
 variable ``FASTFAIR_BACKEND`` overrides ``auto``. Every backend implements the same row math
 (see ``naive.py``) and is wrapped here once, as a ``torch.library.custom_op`` with a fake
