@@ -154,6 +154,15 @@ def _token_layout(pipe, texts: Sequence[str], words: Sequence[str]):
     return tok, wts
 
 
+def _stack_layouts(lay):
+    """Per-item layouts [(tok (1,T_i), weights (1,W,T_i))] -> (B, T) tokens and (B, W, T) weights,
+    padded with key 0 at weight 0."""
+    T = max(t.shape[1] for t, _ in lay)
+    tok = torch.stack([F.pad(t[0], (0, T - t.shape[1])) for t, _ in lay])
+    wts = torch.stack([F.pad(w[0], (0, T - w.shape[2])) for _, w in lay])
+    return tok, wts
+
+
 def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[str] = (),
              attribution_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, batch_size: int = 8,
@@ -239,10 +248,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             lat = torch.cat([_initial_latents(pipe, s, latent_hw, device) for _, s in chunk])
             rec = None
             if words:
-                lay = [layouts[texts[pi]] for pi, _ in chunk]
-                T = max(t.shape[1] for t, _ in lay)  # pad with key 0 at weight 0
-                tok = torch.stack([F.pad(t[0], (0, T - t.shape[1])) for t, _ in lay])
-                wts = torch.stack([F.pad(w[0], (0, T - w.shape[2])) for _, w in lay])
+                tok, wts = _stack_layouts([layouts[texts[pi]] for pi, _ in chunk])
                 ms = torch.cat([attr_states[attr[pi]] for pi, _ in chunk]) if attr is not None else None
                 rec = MapRecorder(tok.to(device), len(chunk), latent_hw, agg, map_states=ms,
                                   steps=frozenset(map_steps) if map_steps is not None else None,
@@ -271,10 +277,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             if guidance is not None:
                 from .guidance import Guider
 
-                lay = [glayouts[gtexts[pi]] for pi, _ in chunk]
-                T = max(t.shape[1] for t, _ in lay)
-                gtok = torch.stack([F.pad(t[0], (0, T - t.shape[1])) for t, _ in lay]).to(device)
-                gw = torch.stack([F.pad(w[0], (0, T - w.shape[2])) for _, w in lay])
+                gtok, gw = _stack_layouts([glayouts[gtexts[pi]] for pi, _ in chunk])
+                gtok = gtok.to(device)
                 ms = gstates.expand(len(chunk), -1, -1) if gstates is not None else None
                 guider = Guider(pipe, guidance, gtok, gpairs, latent_hw, ms, len(chunk))
                 guider.word_weights = gw

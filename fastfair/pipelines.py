@@ -115,8 +115,19 @@ def _scheduler():
     return DDIMScheduler(**SD_SCHEDULER)
 
 
+def _sd_pipeline(unet, text_hidden: int, seed: int):
+    """A StableDiffusionPipeline around ``unet`` (built first, from seed + 1) with the presets' VAE
+    (seed + 2) and text encoder (seed + 3)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=_vae((16, 16, 16, 16), seed + 2),
+                                   text_encoder=_text_encoder(text_hidden, seed + 3),
+                                   tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def _build(name: str, seed: int):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     if name == "tiny-sd":
         torch.manual_seed(seed + 1)
@@ -125,9 +136,7 @@ def _build(name: str, seed: int):
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16).eval()
-        return StableDiffusionPipeline(vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(32, seed + 3),
-                                       tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return _sd_pipeline(unet, 32, seed)
     if name == "sd15-shaped":
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
@@ -135,9 +144,7 @@ def _build(name: str, seed: int):
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16).eval()
-        return StableDiffusionPipeline(vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(64, seed + 3),
-                                       tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return _sd_pipeline(unet, 64, seed)
     if name == "tiny-sdxl":
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
