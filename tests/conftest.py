@@ -45,3 +45,12 @@ def tiny_sdxl(_fastfair_cache):
     from fastfair import load_pipeline
 
     return load_pipeline("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: torch's threads only contend on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

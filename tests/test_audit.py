@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_clip
 
 import fastfair
 from fastfair import metrics
@@ -26,29 +27,13 @@ PROFS = ["doctor", "nurse"]
 COMMON = dict(seeds=2, steps=2, progress=False, n_boot=200)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_clip_classifier(sets):
-    from transformers import CLIPConfig, CLIPModel
-
-    from fastfair.pipelines import clip_tokenizer
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+    model, tok = tiny_clip()
     prompts = {s.name: {lab: list(p) for lab, p in zip(s.labels, s.prompts)} for s in sets}
-    return ClipZeroShot(CLIPModel(cfg).eval(), clip_tokenizer(), prompts, model_id="tiny-random-clip")
+    return ClipZeroShot(model, tok, prompts, model_id="tiny-random-clip")
 
 
 @pytest.fixture(scope="module")

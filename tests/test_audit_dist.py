@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import fastfair
 from fastfair.classify import load_classifier
@@ -32,12 +31,7 @@ def make(attribute_sets, device):
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_process_gloo_equals_single_process(tiny_sd, tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import fastfair
 from fastfair.audit import RunDirError
@@ -21,12 +20,7 @@ ARGS = dict(attributes="gender", seeds=4, steps=2, batch_size=2, classifier="non
 N_ROWS = 2 * (4 + 4 * 2)  # 2 professions x (4 neutral + 4 seeds x 2 gender words in the prompt)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

@@ -6,32 +6,12 @@ import torch
 from PIL import Image
 
 from fastfair.audit.attributes import ATTRIBUTE_SETS
+from tiny_models import tiny_clip
 from fastfair.classify import (ClassifierMismatchError, ClipZeroShot, ModuleClassifier, check_labels,
                                clip_preprocess, load_classifier)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_clip(seed=0):
-    from transformers import CLIPConfig, CLIPModel
-
-    from fastfair.pipelines import clip_tokenizer
-
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    return CLIPModel(cfg).eval(), clip_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n, seed=0, size=48):

@@ -21,14 +21,8 @@ UNRELATED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests are many small ops; one thread avoids OpenMP contention on a shared machine
-    (8 tiny-sd images take 0.4 s on 1 thread, 15 s on 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# many small ops: one thread avoids OpenMP contention (8 tiny-sd images: 0.4 s on 1 thread, 15 s on 2 under load)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lstsq_reference(W, K_e, V_e, K_p, lam, eta_e, eta_p):
