@@ -146,7 +146,14 @@ def _maps_buffer(q: Tensor, tok: Optional[Tensor], per_head: bool, acc: torch.dt
 
 
 def _tok(tok: Optional[Tensor]) -> Optional[Tensor]:
-    return None if tok is None else tok.to(torch.int64).contiguous()
+    if tok is None or (tok.dtype == torch.int64 and tok.is_contiguous()):
+        return tok
+    return tok.to(torch.int64).contiguous()
+
+
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in dtype, without the cost of a no-op ``.to`` call (~2 us each, several per layer call)."""
+    return t if (t is None or t.dtype == dtype) else t.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,24 +174,22 @@ def cross_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], t
     if q.device.type == "cuda":
         mod = _require_cuda()
         cdt = _cuda_compute_dtype(q, k, v, mk)
-        qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-        mkc = mk.to(cdt) if mk is not None else None
+        qc, kc, vc, mkc = _as(q, cdt), _as(k, cdt), _as(v, cdt), _as(mk, cdt)
         out = torch.empty(B, H, Nq, Dv, dtype=cdt, device=q.device)
         maps = _maps_buffer(q, tok, per_head, acc, zero=not per_head)
         mod.xattn_fwd(_CUDA_CODES[cdt], _dev_index(q.device), _stream(q.device), B, H, Nq, Nk, Nm, D, Dv, T,
                       float(scale), bool(per_head), _ptr(qc), _st(qc), _ptr(kc), _st(kc), _ptr(vc), _st(vc),
                       _ptr(mkc), _st(mkc), _ptr(tok), _ptr(out), _ptr(lse), _ptr(mlse),
                       _ptr(maps) if T > 0 else 0)
-        return out.to(q.dtype), lse, mlse, maps
+        return _as(out, q.dtype), lse, mlse, maps
     mod = _require_cpu()
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    mka = mk.to(acc) if mk is not None else None
+    qa, ka, va, mka = _as(q, acc), _as(k, acc), _as(v, acc), _as(mk, acc)
     out = torch.empty(B, H, Nq, Dv, dtype=acc, device=q.device)
     maps = _maps_buffer(q, tok, per_head, acc, zero=False)
     mod.xattn_fwd(acc == torch.float64, B, H, Nq, Nk, Nm, D, Dv, T, float(scale), bool(per_head),
                   _ptr(qa), _st(qa), _ptr(ka), _st(ka), _ptr(va), _st(va), _ptr(mka), _st(mka), _ptr(tok),
                   _ptr(out), _ptr(lse), _ptr(mlse), _ptr(maps) if T > 0 else 0, _nthreads())
-    return out.to(q.dtype), lse, mlse, maps
+    return _as(out, q.dtype), lse, mlse, maps
 
 
 def cross_attention_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], tok: Optional[Tensor],
@@ -200,19 +205,17 @@ def cross_attention_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], t
     tok = _tok(tok)
     T = tok.shape[1] if tok is not None else 0
     has_maps = tok is not None and dmaps is not None and T > 0
-    lse = lse.to(acc).contiguous()
-    mlse = mlse.to(acc).contiguous() if (mk is not None and mlse is not None and mlse.numel()) else None
+    lse = _as(lse, acc).contiguous()
+    mlse = _as(mlse, acc).contiguous() if (mk is not None and mlse is not None and mlse.numel()) else None
     if mk is not None and has_maps and mlse is None:
         raise ValueError("cross_attention_bwd with map_keys needs the saved mlse")
-    dmaps_a = dmaps.to(acc).contiguous() if has_maps else None
+    dmaps_a = _as(dmaps, acc).contiguous() if has_maps else None
     dev = q.device
 
     if dev.type == "cuda":
         mod = _require_cuda()
         cdt = _cuda_compute_dtype(q, k, v, mk)
-        qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-        mkc = mk.to(cdt) if mk is not None else None
-        doc = dout.to(cdt) if dout is not None else None
+        qc, kc, vc, mkc, doc = _as(q, cdt), _as(k, cdt), _as(v, cdt), _as(mk, cdt), _as(dout, cdt)
         dq = torch.empty(B, H, Nq, D, dtype=cdt, device=dev) if need_q else None
         dk = torch.empty(B, H, Nk, D, dtype=cdt, device=dev) if need_k else None
         dv_run = need_v and doc is not None
@@ -232,9 +235,7 @@ def cross_attention_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], t
             dmk = torch.zeros(B, H, Nm, D, dtype=cdt, device=dev)
     else:
         mod = _require_cpu()
-        qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-        mka = mk.to(acc) if mk is not None else None
-        doa = dout.to(acc) if dout is not None else None
+        qa, ka, va, mka, doa = _as(q, acc), _as(k, acc), _as(v, acc), _as(mk, acc), _as(dout, acc)
         dq = torch.empty(B, H, Nq, D, dtype=acc) if need_q else None
         dk = torch.empty(B, H, Nk, D, dtype=acc) if need_k else None
         dv = torch.empty(B, H, Nk, Dv, dtype=acc) if need_v else None
@@ -243,7 +244,7 @@ def cross_attention_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], t
                       _ptr(qa), _st(qa), _ptr(ka), _st(ka), _ptr(va), _st(va), _ptr(mka), _st(mka),
                       _ptr(tok) if has_maps else 0, _ptr(lse), _ptr(mlse), _ptr(doa), _st(doa), _ptr(dmaps_a),
                       _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dmk), _nthreads())
-    cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+    cast = lambda t, like: None if t is None else _as(t, like.dtype)  # noqa: E731
     return cast(dq, q), cast(dk, k), cast(dv, v), (cast(dmk, mk) if need_mk else None)
 
 

@@ -60,12 +60,17 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_NATIVE_MOD: list = []  # fastfair.native once imported (or None when it cannot be)
+
+
 def _native_usable(device: torch.device) -> bool:
-    try:
-        mod = importlib.import_module("fastfair.native")
-    except ImportError:
-        return False
-    return bool(getattr(mod, "usable", lambda d: False)(device))
+    if not _NATIVE_MOD:
+        try:
+            _NATIVE_MOD.append(importlib.import_module("fastfair.native"))
+        except ImportError:
+            _NATIVE_MOD.append(None)
+    mod = _NATIVE_MOD[0]
+    return mod is not None and bool(getattr(mod, "usable", lambda d: False)(device))
 
 
 def _native_unbuilt_warning(device: torch.device) -> None:
@@ -208,7 +213,54 @@ def _fwd_backward(ctx, dout, dlse, dmlse, dmaps):
 torch.library.register_autograd("fastfair::xattn_fwd", _fwd_backward, setup_context=_fwd_setup)
 
 
+class _XAttnEager(torch.autograd.Function):
+    """The same forward / backward as the custom op, for eager mode without the custom-op dispatch.
+
+    ``torch.ops.fastfair.xattn_fwd`` costs ~50-70 us of Python dispatch per call (measured on CPU,
+    bench/RESULTS.md), as much as the whole fused kernel at SD shapes on a GPU. Eager calls
+    therefore go straight to the backend through this Function; ``torch.compile`` traces the
+    custom op (``cross_attention`` picks it while compiling). Both run the same backend functions.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mk, tok, scale, per_head, backend):
+        out, lse, mlse, maps = _mod(backend).cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
+        ctx.set_materialize_grads(False)  # an unused output (out or maps) gives None, not zeros
+        ctx.save_for_backward(q, k, v, mk, tok, out, lse, mlse)
+        ctx.scale, ctx.per_head, ctx.backend, ctx.has_mk = scale, per_head, backend, mk is not None
+        return out, maps
+
+    @staticmethod
+    def backward(ctx, dout, dmaps):
+        q, k, v, mk, tok, out, lse, mlse = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:4])
+        needs[3] = needs[3] and ctx.has_mk
+        if dmaps is not None and dmaps.numel() == 0:
+            dmaps = None
+        if dout is None and dmaps is None:
+            return (None,) * 8
+        dq, dk, dv, dmk = _mod(ctx.backend).cross_attention_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, out, lse,
+                                                                _opt(mlse), dout, dmaps, tuple(needs))
+        pick = lambda g, n: g if n else None  # noqa: E731
+        return (pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]), pick(dmk, needs[3]),
+                None, None, None, None)
+
+
+_TOK_CACHE: list = [None]  # (tensor given, its version, B, nk, device, normalised): the engine passes one tensor per layer
+
+
 def _normalise_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
+    hit = _TOK_CACHE[0]
+    if (hit is not None and hit[0] is map_tokens and hit[1] == map_tokens._version and hit[2:5] == (B, nk, device)
+            and not torch.compiler.is_compiling()):
+        return hit[5]
+    tok = _check_tokens(map_tokens, B, nk, device)
+    if isinstance(map_tokens, Tensor) and not torch.compiler.is_compiling():
+        _TOK_CACHE[0] = (map_tokens, map_tokens._version, B, nk, device, tok)
+    return tok
+
+
+def _check_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
     tok = torch.as_tensor(map_tokens, device=device)
     if tok.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
         raise TypeError(f"map_tokens must be integer key positions, got dtype {tok.dtype}")
@@ -261,7 +313,14 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
         # On CPU the native driver beats the reference only at small head dims: with 2 threads
         # 2.05x at D=40 (Nq 4096) but 0.66-0.74x at D=80/160 (bench/bench_native_cpu.py).
         name = "reference"
-    out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, map_keys, tok, scale, head_reduce == "none", name)
+    per_head = head_reduce == "none"
+    if torch.compiler.is_compiling():
+        out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, map_keys, tok, scale, per_head, name)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                      or (map_keys is not None and map_keys.requires_grad)):
+        out, maps = _XAttnEager.apply(q, k, v, map_keys, tok, scale, per_head, name)
+    else:  # inference: no autograd bookkeeping at all
+        out, _, _, maps = _mod(name).cross_attention_fwd(q, k, v, map_keys, tok, scale, per_head)
     return out, (maps if tok is not None else None)
 
 

@@ -133,3 +133,52 @@ def test_torch_compile_traces_the_custom_op():
     o, m = f(q, k, v)
     eo, em = explicit(q.double(), k.double(), v.double(), torch.tensor([[1, 3]]))
     torch.testing.assert_close(m.double(), em, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("loss", ["out", "maps", "both"])
+def test_eager_path_equals_the_custom_op(backend, loss):
+    """Eager calls bypass the custom-op dispatch; values and gradients must equal the custom op's,
+    including when one of the two outputs is unused (its gradient arrives as None)."""
+    if backend == "native" and backend not in ops.available_backends("cpu"):
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(3)
+    q0, k0, v0 = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for n in (19, 7, 7))
+    tok = torch.tensor([[1, 4], [2, 6]])
+
+    def run(eager):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+        if eager:
+            out, maps = ops.cross_attention(q, k, v, map_tokens=tok, backend=backend)
+        else:
+            out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, None, tok, 0.25, False, backend)
+        lo = out.square().sum() if loss in ("out", "both") else 0
+        lm = maps.square().sum() if loss in ("maps", "both") else 0
+        (lo + lm).backward()
+        return out.detach(), maps.detach(), q.grad, k.grad, v.grad
+
+    eager = run(True)
+    op = run(False)
+    for a, b in zip(eager, op):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # against the independent explicit softmax too
+    q, k, v = (t.clone().requires_grad_(True) for t in (q0, k0, v0))
+    eo, em = explicit(q, k, v, tok, scale=0.25)
+    ((eo.square().sum() if loss != "maps" else 0) + (em.square().sum() if loss != "out" else 0)).backward()
+    torch.testing.assert_close(eager[2], q.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(eager[3], k.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_token_check_cache_sees_changes():
+    """The per-layer token check is cached per tensor; an in-place change must be re-checked."""
+    q, k, v = (torch.randn(1, 1, n, 8) for n in (4, 3, 3))
+    tok = torch.tensor([1])
+    ops.cross_attention(q, k, v, map_tokens=tok)
+    tok[0] = 5
+    with pytest.raises(IndexError, match="map_tokens"):
+        ops.cross_attention(q, k, v, map_tokens=tok)
+    k5 = torch.randn(1, 1, 6, 8)
+    ops.cross_attention(q, k5, k5, map_tokens=tok)  # same tensor, more keys: valid again
