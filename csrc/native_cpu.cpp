@@ -9,11 +9,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "xattn_row.h"
 
@@ -26,6 +31,89 @@ namespace {
 // [0, n) items over nthreads threads, handed out dynamically (robust to busy cores). Results
 // never depend on which thread ran an item: per-thread state is scratch only, and reductions go
 // through per-item buffers summed in a fixed order.
+//
+// The worker threads are persistent (spawning them per call cost ~50-100 us, as much as a whole
+// cross-attention call at SD's small layers). One job runs at a time; a call that finds the pool
+// busy (another Python thread, the GIL being released) runs its items inline instead of waiting.
+// After fork() the child gets a fresh pool (the parent's threads do not exist there).
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = nullptr;
+    static std::mutex make;
+    std::lock_guard<std::mutex> lk(make);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool();  // the old one is leaked after a fork
+    return *pool;
+  }
+
+  void run(idx_t n, int nthreads, const std::function<void(idx_t, int)>& fn) {
+    std::unique_lock<std::mutex> submit(submit_, std::try_to_lock);
+    if (!submit.owns_lock()) {  // busy: run inline
+      for (idx_t i = 0; i < n; ++i) fn(i, 0);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      while (static_cast<int>(workers_.size()) < nthreads - 1) {
+        const int wid = static_cast<int>(workers_.size()) + 1;
+        workers_.emplace_back([this, wid] { loop(wid); });
+        workers_.back().detach();
+      }
+      job_ = &fn;
+      n_ = n;
+      next_.store(0);
+      participants_ = nthreads;
+      pending_ = nthreads - 1;
+      errs_.assign(nthreads, nullptr);
+      ++gen_;
+    }
+    cv_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lk(m_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    for (auto& e : errs_)
+      if (e) std::rethrow_exception(e);
+  }
+
+ private:
+  Pool() : pid_(getpid()) {}
+
+  void work(int tid) {
+    try {
+      for (idx_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*job_)(i, tid);
+    } catch (...) {
+      errs_[tid] = std::current_exception();
+      next_.store(n_);
+    }
+  }
+
+  void loop(int wid) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      cv_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (wid >= participants_) continue;
+      lk.unlock();
+      work(wid);
+      lk.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex submit_, m_;
+  std::condition_variable cv_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(idx_t, int)>* job_ = nullptr;
+  idx_t n_ = 0;
+  std::atomic<idx_t> next_{0};
+  int participants_ = 0, pending_ = 0;
+  uint64_t gen_ = 0;
+  std::vector<std::exception_ptr> errs_;
+};
+
 template <class F>
 void parallel_for(idx_t n, int nthreads, F&& fn) {
   nthreads = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nthreads, n)));
@@ -33,25 +121,22 @@ void parallel_for(idx_t n, int nthreads, F&& fn) {
     for (idx_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-  std::atomic<idx_t> next(0);
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errs(nthreads);
-  auto work = [&](int tid) {
-    try {
-      for (idx_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, tid);
-    } catch (...) {
-      errs[tid] = std::current_exception();
-      next.store(n);
-    }
-  };
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
+  const std::function<void(idx_t, int)> f(std::ref(fn));
+  Pool::get().run(n, nthreads, f);
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Grow-only scratch, one per (thread, dtype, slot), kept between calls: fresh large buffers per call
+// cost page faults and zeroing (~15% of a call at SD shapes, perf). Pool threads and the calling
+// thread each have their own, so concurrent callers never share one.
+template <class A, int SLOT>
+A* tl_buf(idx_t n, bool zero = false) {
+  thread_local std::vector<A> v;
+  if (static_cast<idx_t>(v.size()) < n) v.resize(n);
+  if (zero) std::fill(v.begin(), v.begin() + n, A(0));
+  return v.data();
+}
 
 struct T4 {  // a strided 4-d tensor view (B, H, N, D)
   uintptr_t ptr;
@@ -127,22 +212,22 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
   // per (b,h): K^T (D x Nkp), V (Nk x Dvp), MK^T (D x Nmp)
   const idx_t szK = static_cast<idx_t>(D) * Nkp, szV = static_cast<idx_t>(Nk) * Dvp,
               szM = has_mk ? static_cast<idx_t>(D) * Nmp : 0;
-  std::vector<A> Kt(BH * szK), Vp(BH * szV), MKt(BH * szM);
+  A* Kt = tl_buf<A, 0>(BH * szK);
+  A* Vp = tl_buf<A, 1>(BH * szV);
+  A* MKt = tl_buf<A, 2>(BH * szM);
   parallel_for(BH, p.nthreads, [&](idx_t bh, int) {
     const idx_t b = bh / H, h = bh % H;
-    load_keys<A>(p.k, b, h, Nk, D, Kt.data() + bh * szK, Nkp, nullptr, 0);
-    load_rows<A>(p.v, b, h, 0, Nk, Dv, Vp.data() + bh * szV, Dvp);
-    if (has_mk) load_keys<A>(p.mk, b, h, Nm, D, MKt.data() + bh * szM, Nmp, nullptr, 0);
+    load_keys<A>(p.k, b, h, Nk, D, Kt + bh * szK, Nkp, nullptr, 0);
+    load_rows<A>(p.v, b, h, 0, Nk, Dv, Vp + bh * szV, Dvp);
+    if (has_mk) load_keys<A>(p.mk, b, h, Nm, D, MKt + bh * szM, Nmp, nullptr, 0);
   });
 
   const idx_t nblk = (Nq + MB - 1) / MB;
   const int nth = p.nthreads;
-  struct Scratch { std::vector<A> q, s, o, sm, acc; };
-  std::vector<Scratch> scr(std::max(1, nth));
+  struct Scratch { std::vector<A> s, o, sm, acc; };
   ff::SerialGroup g;
   parallel_for(static_cast<idx_t>(B) * nblk, nth, [&](idx_t item, int tid) {
-    Scratch& sc = scr[tid];
-    sc.q.resize(static_cast<idx_t>(MB) * D);
+    thread_local Scratch sc;  // per pool thread, kept between calls
     sc.s.resize(static_cast<idx_t>(MB) * Nkp);
     sc.o.resize(static_cast<idx_t>(MB) * Dvp);
     if (has_mk) sc.sm.resize(static_cast<idx_t>(MB) * Nmp);
@@ -151,16 +236,18 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
     const int m = static_cast<int>(std::min<idx_t>(MB, Nq - n0));
     for (int h = 0; h < H; ++h) {
       const idx_t bh = b * H + h;
-      load_rows<A>(p.q, b, h, n0, m, D, sc.q.data(), D);
+      // q rows are read in place through their strides (the register tiles broadcast them)
+      const A* Q = p.q.at<A>(b, h, n0);
+      const idx_t sqr = p.q.st[2], sqd = p.q.st[3];
       A* S = sc.s.data();
-      ff::mm_block<W, A>(m, Nkp, D, scale, sc.q.data(), D, 1, Kt.data() + bh * szK, Nkp, S, Nkp, false);
+      ff::mm_block<W, A>(m, Nkp, D, scale, Q, sqr, sqd, Kt + bh * szK, Nkp, S, Nkp, false);
       // padded key columns -> -inf, so the row loops run over whole vectors (exp(-inf) = 0)
       for (int r = 0; r < m; ++r) {
         A* row = S + static_cast<idx_t>(r) * Nkp;
         for (int j = Nk; j < Nkp; ++j) row[j] = ff::ninf<A>();
         lse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nkp);
       }
-      ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp.data() + bh * szV, Dvp, sc.o.data(), Dvp, false);
+      ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp + bh * szV, Dvp, sc.o.data(), Dvp, false);
       for (int r = 0; r < m; ++r) {
         A* o = out + (bh * Nq + n0 + r) * Dv;
         const A* src = sc.o.data() + static_cast<idx_t>(r) * Dvp;
@@ -170,7 +257,7 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
       int ldp = Nkp;
       if (has_mk) {
         A* Sm = sc.sm.data();
-        ff::mm_block<W, A>(m, Nmp, D, scale, sc.q.data(), D, 1, MKt.data() + bh * szM, Nmp, Sm, Nmp, false);
+        ff::mm_block<W, A>(m, Nmp, D, scale, Q, sqr, sqd, MKt + bh * szM, Nmp, Sm, Nmp, false);
         for (int r = 0; r < m; ++r) {
           A* row = Sm + static_cast<idx_t>(r) * Nmp;
           for (int j = Nm; j < Nmp; ++j) row[j] = ff::ninf<A>();
@@ -227,12 +314,16 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
   const idx_t szKt = static_cast<idx_t>(D) * Nkp, szK = static_cast<idx_t>(Nk) * Dp,
               szVt = has_dout ? static_cast<idx_t>(Dv) * Nkp : 0, szMt = mk_path ? static_cast<idx_t>(D) * Nmp : 0,
               szM = mk_path ? static_cast<idx_t>(Nm) * Dp : 0;
-  std::vector<A> Kt(BH * szKt), Kr(need_q ? BH * szK : 0), Vt(BH * szVt), MKt(BH * szMt), MKr(BH * szM);
+  A* Kt = tl_buf<A, 0>(BH * szKt);
+  A* Kr = tl_buf<A, 1>(need_q ? BH * szK : 0);
+  A* Vt = tl_buf<A, 2>(BH * szVt);
+  A* MKt = tl_buf<A, 3>(BH * szMt);
+  A* MKr = tl_buf<A, 4>(BH * szM);
   parallel_for(BH, nth, [&](idx_t bh, int) {
     const idx_t b = bh / H, h = bh % H;
-    load_keys<A>(p.k, b, h, Nk, D, Kt.data() + bh * szKt, Nkp, need_q ? Kr.data() + bh * szK : nullptr, Dp);
-    if (has_dout) load_keys<A>(p.v, b, h, Nk, Dv, Vt.data() + bh * szVt, Nkp, nullptr, 0);
-    if (mk_path) load_keys<A>(p.mk, b, h, Nm, D, MKt.data() + bh * szMt, Nmp, MKr.data() + bh * szM, Dp);
+    load_keys<A>(p.k, b, h, Nk, D, Kt + bh * szKt, Nkp, need_q ? Kr + bh * szK : nullptr, Dp);
+    if (has_dout) load_keys<A>(p.v, b, h, Nk, Dv, Vt + bh * szVt, Nkp, nullptr, 0);
+    if (mk_path) load_keys<A>(p.mk, b, h, Nm, D, MKt + bh * szMt, Nmp, MKr + bh * szM, Dp);
   });
 
   // Accumulators of dK (Nk x Dp), dV (Nk x Dvp), dMK (Nm x Dp) per (b, h, chunk of query blocks);
@@ -243,16 +334,17 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
   const idx_t nchunk = std::min<idx_t>(nblk, 8);
   const idx_t items = BH * nchunk;
   const int nthr = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nth, items)));
-  std::vector<A> dK(items * accK), dV(items * accV), dMK(items * accM);
+  A* dK = tl_buf<A, 5>(items * accK, true);
+  A* dV = tl_buf<A, 6>(items * accV, true);
+  A* dMK = tl_buf<A, 7>(items * accM, true);
   struct Scratch { std::vector<A> q, o, s, dp, dq, sm, gm; };
-  std::vector<Scratch> scr(nthr);
   ff::SerialGroup g;
   A* dq_out = reinterpret_cast<A*>(dq_p);
 
   // one block of MB query rows of (b, h)
   auto run_block = [&](idx_t bh, idx_t blk, int tid, A* dKc, A* dVc, A* dMKc) {
     const idx_t b = bh / H, h = bh % H;
-    Scratch& sc = scr[tid];
+    thread_local Scratch sc;  // per pool thread, kept between calls
     sc.q.resize(static_cast<idx_t>(MB) * Dp);
     sc.s.resize(static_cast<idx_t>(MB) * Nkp);
     sc.dp.resize(static_cast<idx_t>(MB) * Nkp);
@@ -274,10 +366,10 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
     if (has_dout) load_rows<A>(dout, b, h, n0, m, Dv, sc.o.data(), Dvp);
     const bool p_path = need_q || need_k || need_v;
     if (p_path) {
-      ff::mm_block<W, A>(m, Nkp, D, scale, Q, Dp, 1, Kt.data() + bh * szKt, Nkp, S, Nkp, false);
+      ff::mm_block<W, A>(m, Nkp, D, scale, Q, Dp, 1, Kt + bh * szKt, Nkp, S, Nkp, false);
       for (int r = 0; r < m; ++r) ff::probs_from_lse(g, S + static_cast<idx_t>(r) * Nkp, Nk, lse[bh * Nq + n0 + r]);
       if (has_dout)
-        ff::mm_block<W, A>(m, Nkp, Dv, A(1), sc.o.data(), Dvp, 1, Vt.data() + bh * szVt, Nkp, dP, Nkp, false);
+        ff::mm_block<W, A>(m, Nkp, Dv, A(1), sc.o.data(), Dvp, 1, Vt + bh * szVt, Nkp, dP, Nkp, false);
       else
         std::fill(dP, dP + static_cast<idx_t>(m) * Nkp, A(0));
       if (need_v)
@@ -289,7 +381,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
         A* dr = dP + static_cast<idx_t>(r) * Nkp;
         ff::dsoftmax_row(g, pr, dr, Nk, ff::row_delta(g, pr, dr, Nk));
       }
-      if (need_q) ff::mm_block<W, A>(m, Dp, Nk, scale, dP, Nkp, 1, Kr.data() + bh * szK, Dp, sc.dq.data(), Dp, false);
+      if (need_q) ff::mm_block<W, A>(m, Dp, Nk, scale, dP, Nkp, 1, Kr + bh * szK, Dp, sc.dq.data(), Dp, false);
       if (need_k) ff::mm_block<W, A>(Nk, Dp, m, scale, dP, 1, Nkp, Q, Dp, dKc, Dp, true);
     } else if (need_q) {
       std::fill(sc.dq.begin(), sc.dq.end(), A(0));
@@ -297,7 +389,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
     if (mk_path) {
       A* Sm = sc.sm.data();
       A* Gm = sc.gm.data();
-      ff::mm_block<W, A>(m, Nmp, D, scale, Q, Dp, 1, MKt.data() + bh * szMt, Nmp, Sm, Nmp, false);
+      ff::mm_block<W, A>(m, Nmp, D, scale, Q, Dp, 1, MKt + bh * szMt, Nmp, Sm, Nmp, false);
       std::fill(Gm, Gm + static_cast<idx_t>(m) * Nmp, A(0));
       for (int r = 0; r < m; ++r) {
         A* pr = Sm + static_cast<idx_t>(r) * Nmp;
@@ -306,7 +398,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
         ff::scatter_map_grad(g, gr, tb, T, dm_base + n0 + r, dm_st);
         ff::dsoftmax_row(g, pr, gr, Nm, ff::row_delta(g, pr, gr, Nm));
       }
-      if (need_q) ff::mm_block<W, A>(m, Dp, Nm, scale, Gm, Nmp, 1, MKr.data() + bh * szM, Dp, sc.dq.data(), Dp, true);
+      if (need_q) ff::mm_block<W, A>(m, Dp, Nm, scale, Gm, Nmp, 1, MKr + bh * szM, Dp, sc.dq.data(), Dp, true);
       if (need_mk) ff::mm_block<W, A>(Nm, Dp, m, scale, Gm, 1, Nmp, Q, Dp, dMKc, Dp, true);
     }
     if (need_q)
@@ -319,11 +411,11 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
   parallel_for(items, nthr, [&](idx_t item, int tid) {
     const idx_t bh = item / nchunk, chunk = item % nchunk;
     for (idx_t blk = nblk * chunk / nchunk; blk < nblk * (chunk + 1) / nchunk; ++blk)
-      run_block(bh, blk, tid, dK.data() + item * accK, dV.data() + item * accV, dMK.data() + item * accM);
+      run_block(bh, blk, tid, dK + item * accK, dV + item * accV, dMK + item * accM);
   });
 
   // reduce the per-chunk accumulators (fixed order) into the outputs
-  auto reduce = [&](const std::vector<A>& acc, uintptr_t out_p, int N, int Dc, int ld) {
+  auto reduce = [&](const A* acc, uintptr_t out_p, int N, int Dc, int ld) {
     A* out = reinterpret_cast<A*>(out_p);
     const idx_t sz = static_cast<idx_t>(N) * ld;
     parallel_for(BH, nth, [&](idx_t bh, int) {
@@ -331,7 +423,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
         A* o = out + (bh * N + j) * Dc;
         for (int d = 0; d < Dc; ++d) o[d] = 0;
         for (idx_t c = 0; c < nchunk; ++c) {
-          const A* src = acc.data() + (bh * nchunk + c) * sz + static_cast<idx_t>(j) * ld;
+          const A* src = acc + (bh * nchunk + c) * sz + static_cast<idx_t>(j) * ld;
           for (int d = 0; d < Dc; ++d) o[d] += src[d];
         }
       }

@@ -139,41 +139,88 @@ FF_HD A out_col(const A* p, int n, const T* v, idx_t sr, idx_t sc, int e) {
 
 // Block of scores / products on the CPU: C[M x N] (+)= alpha * A[M x K] B[K x N], with A read
 // through strides (sam, sak) -- so A^T costs nothing -- B row-major with ldb, N a multiple of W.
-// R accumulators of W lanes (GCC/Clang vector extensions: one zmm, or two ymm, per row) stay in
-// registers. Host-only: the CUDA driver computes its scores with score_dot, one lane per key.
+// Register tiles of R rows x NV vectors of W lanes (GCC/Clang vector extensions: one zmm per
+// vector with AVX-512, or two ymm): per k, NV loads of B and R broadcasts of A feed R*NV FMAs,
+// with R*NV + NV <= 30 registers. The CUDA driver computes its scores with score_dot instead.
 #if !defined(__CUDACC__)
-template <int R, int W, class A>
+template <int R, int NV, int W, class A>
 inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb, A* c, idx_t ldc, A alpha,
                     bool accumulate) {
   typedef A V __attribute__((vector_size(W * sizeof(A))));
-  V acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V{} ;
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int k = 0; k < K; ++k) {
-    V bv;
-    memcpy(&bv, b + k * ldb, sizeof(V));
-    for (int r = 0; r < R; ++r) acc[r] += a[r * sam + k * sak] * bv;
-  }
-  for (int r = 0; r < R; ++r) {
-    V cur = alpha * acc[r];
-    if (accumulate) {
-      V old;
-      memcpy(&old, c + r * ldc, sizeof(V));
-      cur += old;
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) memcpy(&bv[v], b + k * ldb + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const A ar = a[r * sam + k * sak];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }
-    memcpy(c + r * ldc, &cur, sizeof(V));
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V cur = alpha * acc[r][v];
+      A* cp = c + r * ldc + v * W;
+      if (accumulate) {
+        V old;
+        memcpy(&old, cp, sizeof(V));
+        cur += old;
+      }
+      memcpy(cp, &cur, sizeof(V));
+    }
+}
+
+// rows [0, M) of one column strip of NV vectors: full tiles of R rows, then one tile of the rest
+template <int R, int NV, int W, class A>
+inline void mm_strip(int M, int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb, A* c, idx_t ldc, A alpha,
+                     bool acc) {
+  int m = 0;
+  for (; m + R <= M; m += R) mm_tile<R, NV, W, A>(K, a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, alpha, acc);
+  const int rest = M - m;
+  if (rest == 0) return;
+  a += m * sam;
+  c += m * ldc;
+  switch (rest) {  // rest < R <= 12
+    case 1: mm_tile<1, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 2: mm_tile<2, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 3: mm_tile<3, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 4: mm_tile<4, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 5: mm_tile<5, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 6: mm_tile<6, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 7: mm_tile<7, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 8: mm_tile<8, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 9: mm_tile<9, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    case 10: mm_tile<10, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
+    default: mm_tile<11, NV, W, A>(K, a, sam, sak, b, ldb, c, ldc, alpha, acc); break;
   }
 }
 
 template <int W, class A>
 inline void mm_block(int M, int N, int K, A alpha, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb, A* c,
                      idx_t ldc, bool accumulate) {
-  constexpr int R = 8;
-  for (int n0 = 0; n0 < N; n0 += W) {
-    int m = 0;
-    for (; m + R <= M; m += R)
-      mm_tile<R, W, A>(K, a + m * sam, sam, sak, b + n0, ldb, c + m * ldc + n0, ldc, alpha, accumulate);
-    for (; m < M; ++m)
-      mm_tile<1, W, A>(K, a + m * sam, sam, sak, b + n0, ldb, c + m * ldc + n0, ldc, alpha, accumulate);
+  const int nvt = N / W;
+  for (int v0 = 0; v0 < nvt;) {
+    const int rem = nvt - v0;
+    // strips of 5, 4, 3, 2 or 1 vectors (80 = 5 x 16 covers CLIP's 77 keys in one strip)
+    const int nv = (rem % 5 == 0) ? 5 : (rem >= 4 ? 4 : rem);
+    const A* bs = b + v0 * W;
+    A* cs = c + v0 * W;
+    switch (nv) {
+      case 5: mm_strip<4, 5, W, A>(M, K, a, sam, sak, bs, ldb, cs, ldc, alpha, accumulate); break;
+      case 4: mm_strip<6, 4, W, A>(M, K, a, sam, sak, bs, ldb, cs, ldc, alpha, accumulate); break;
+      case 3: mm_strip<8, 3, W, A>(M, K, a, sam, sak, bs, ldb, cs, ldc, alpha, accumulate); break;
+      case 2: mm_strip<12, 2, W, A>(M, K, a, sam, sak, bs, ldb, cs, ldc, alpha, accumulate); break;
+      default: mm_strip<12, 1, W, A>(M, K, a, sam, sak, bs, ldb, cs, ldc, alpha, accumulate); break;
+    }
+    v0 += nv;
   }
 }
 #endif

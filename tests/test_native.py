@@ -208,6 +208,56 @@ def test_xattn_determinism_and_threads():
 
 
 @built
+def test_thread_pool_concurrent_callers_and_fork():
+    """The persistent worker pool: Python threads calling at once (the GIL is released; a caller that
+    finds the pool busy runs inline) get exactly the serial results, and a forked child, where the
+    parent's worker threads do not exist, still runs multi-threaded calls without hanging."""
+    import os
+    import threading
+
+    nt = torch.get_num_threads()
+    torch.set_num_threads(max(2, nt))
+    try:
+        cases = [_inputs(1, 2, 200 + 37 * i, 77, 40, 0, 3, torch.float32, seed=20 + i) for i in range(4)]
+        want = [native.cross_attention_fwd(q, k, v, mk, tok, 0.2, False) for q, k, v, mk, tok in cases]
+        got = [None] * len(cases)
+
+        def work(i):
+            for _ in range(5):
+                got[i] = native.cross_attention_fwd(*cases[i], 0.2, False)
+
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(60)
+        for w, g_ in zip(want, got):
+            for a, b in zip(w, g_):
+                assert torch.equal(a, b)
+
+        pid = os.fork()
+        if pid == 0:  # child: multi-threaded call, then compare; exit code says the result
+            code = 1
+            try:
+                o = native.cross_attention_fwd(*cases[0], 0.2, False)
+                code = 0 if all(torch.equal(a, b) for a, b in zip(o, want[0])) else 2
+            finally:
+                os._exit(code)
+        deadline = __import__("time").time() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if __import__("time").time() > deadline:
+                os.kill(pid, 9)
+                raise AssertionError("forked child hung in a multi-threaded native call")
+            __import__("time").sleep(0.05)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        torch.set_num_threads(nt)
+
+
+@built
 @pytest.mark.parametrize("head_reduce,use_mk", [("sum", False), ("none", False), ("sum", True), ("none", True)])
 def test_ops_gradcheck_native(head_reduce, use_mk):
     g = torch.Generator().manual_seed(5)
