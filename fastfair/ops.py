@@ -12,7 +12,7 @@ Backends (chosen here and nowhere else):
 
 ``backend="auto"`` picks native (else the reference) on CUDA tensors -- triton is opt-in until its
 head-dim-80 maps->dq fault is fixed, see bench/RESULTS.md -- and on CPU native when the extension is built
-and the head dim is <= 64 (where it measures faster than the reference)
+(it measures faster than the reference at every SD shape, bench/bench_native_cpu.py)
 (else the reference, with a one-time warning saying how to build it); the environment
 variable ``FASTFAIR_BACKEND`` overrides ``auto``. Every backend implements the same row math
 (see ``naive.py``) and is wrapped here once, as a ``torch.library.custom_op`` with a fake
@@ -132,10 +132,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         }.get(backend, "")
         raise RuntimeError(f"backend {backend!r} is not usable on {device.type} tensors: {hint}")
     return backend
-
-
-def _is_auto(backend: str) -> bool:
-    return backend == "auto" and os.environ.get("FASTFAIR_BACKEND", "auto") in ("", "auto")
 
 
 def _mod(backend: str):
@@ -309,10 +305,6 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
         tok = _normalise_tokens(map_tokens, B, nk, q.device)
     scale = naive.default_scale(D) if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
-    if name == "native" and q.device.type == "cpu" and D > 64 and _is_auto(backend):
-        # On CPU the native driver beats the reference only at small head dims: with 2 threads
-        # 2.05x at D=40 (Nq 4096) but 0.66-0.74x at D=80/160 (bench/bench_native_cpu.py).
-        name = "reference"
     per_head = head_reduce == "none"
     if torch.compiler.is_compiling():
         out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, map_keys, tok, scale, per_head, name)
