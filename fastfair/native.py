@@ -130,6 +130,10 @@ def _cuda_compute_dtype(*ts: Optional[Tensor]) -> torch.dtype:
 
 
 def _stream(device: torch.device) -> int:
+    """The raw current stream of ``device`` (the private accessor Triton also uses: no Stream object)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(_dev_index(device))
     return torch.cuda.current_stream(device).cuda_stream
 
 
