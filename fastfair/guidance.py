@@ -1,25 +1,33 @@
-"""BiasMap's entanglement (energy) guidance, batched, as a hook around the scheduler step.
+"""BiasMap's entanglement (energy) guidance, batched, folded into the pipeline's own UNet call.
 
 At every guided step, for the batch of N images:
 
-1. one extra UNet forward of the conditional rows only, with gradients to the latents, records
-   the current step's maps of the semantic and demographic words (fused op backward: attention
-   probabilities are never kept);
+1. the pipeline's UNet call (on ``scale_model_input(cat([x_t] * 2), t)``) runs as two halves: the N
+   unconditional rows without grad, the N conditional rows with grad to their (scaled) input and
+   none to the weights, recording the current step's maps of the semantic and demographic words
+   (fused op backward: attention probabilities are never kept) -- plus, in the same fused calls,
+   whatever maps ``generate`` records; the pipeline gets the concatenated, detached output, so
+   every row goes through the UNet once;
 2. E_i = sum over pairs of soft_iou(semantic_i, demographic_i) with BiasMap's Sinkhorn top-k masks;
-3. g_i = dE_i / dx_t -- images are independent in the UNet (GroupNorm is per sample), so the
-   gradient of sum_i E_i gives exactly the N per-image gradients;
+3. at the scheduler step, g_i = dE_i / dx_t from that graph, chained through the scheduler's
+   ``scale_model_input`` (identity for DDIM, 1/sqrt(sigma^2 + 1) for Euler) -- images are
+   independent in the UNet (GroupNorm is per sample), so the gradient of sum_i E_i gives exactly
+   the N per-image gradients; the graph is freed there;
 4. if ||g_i|| < max_grad_norm: eps_i <- eps_i + scale * sqrt(1 - alpha_bar_t) * g_i (BiasMap's rule;
    it skips the update otherwise; ``on_large_grad="clip"`` rescales g_i to max_grad_norm instead);
    NaN/Inf gradients skip the image's update and are counted;
 5. the scheduler's own step.
 
-The hook reads the pipeline's UNet call (a forward pre-hook) and wraps ``pipe.scheduler.step``,
-so it works with any diffusers SD/SDXL pipeline and any scheduler that has ``alphas_cumprod`` and
-predicts epsilon (DDIM, DPM-Solver++, Euler, ...). Nothing is retained across steps.
+The guider wraps ``pipe.unet.forward`` and ``pipe.scheduler.step``, so it works with any diffusers
+SD/SDXL pipeline (every batch-sized argument of the UNet call -- encoder states, SDXL's
+``added_cond_kwargs``, ``timestep_cond``, ControlNet residuals -- is split the same way) and any
+scheduler that has ``alphas_cumprod`` and predicts epsilon (DDIM, DPM-Solver++, Euler, ...). Steps
+outside ``steps`` run the plain UNet call, without grad. Nothing is retained across steps.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -98,6 +106,86 @@ def check_scheduler(scheduler) -> None:
                          "Use an epsilon-prediction model/scheduler")
 
 
+def _split_rows(obj, rows: slice, batch: int):
+    """``obj`` with every tensor whose leading dimension is ``batch`` cut to ``rows`` (through dicts,
+    lists and tuples); everything else unchanged."""
+    if torch.is_tensor(obj):
+        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _split_rows(v, rows, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_split_rows(v, rows, batch) for v in obj)
+    return obj
+
+
+@contextmanager
+def _recording(state, recorder):
+    saved, state.recorder = state.recorder, recorder
+    try:
+        yield
+    finally:
+        state.recorder = saved
+
+
+@contextmanager
+def _input_grads_only(module):
+    """No parameter of ``module`` requires grad inside: the graph built there leads to the inputs only,
+    so backward computes no weight gradient (nor dk/dv of the fused op, whose keys come from weights
+    applied to constant encoder states) and the forward saves nothing for weight gradients."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class _JointRecorder:
+    """What the cross-attention processors see during a guided step's conditional half: the
+    guidance's recorder and (optionally) ``generate``'s, served by one fused call per layer.
+
+    The maps of both come from one ``ops.cross_attention`` call with their token lists
+    concatenated; that needs both to read the same keys (the prompt's, or the same attribution
+    prompt's), which the guider checks. The user's share is detached. ``replay`` (set once the
+    forward is done) makes ``add`` a no-op, for the recomputation of gradient checkpointing
+    during the backward: it runs the same processors, which must not record again.
+    """
+
+    active = True
+
+    def __init__(self, guide: MapRecorder, user: MapRecorder | None):
+        self.guide, self.user = guide, user
+        self.replay = False
+        self._tu = 0 if user is None else user.tokens.shape[1]
+        self.tokens = guide.tokens if user is None else torch.cat([user.tokens, guide.tokens.to(user.tokens.device)], 1)
+        self.map_states = guide.map_states if user is None or guide.map_states is not None else user.map_states
+        self.aggregation = user.aggregation if user is not None else guide.aggregation  # processors read .per_head
+        self._want = (False, False)
+
+    def wants(self, block: str, nq: int) -> bool:
+        u = self.user is not None and self.user.wants(block, nq)
+        g = self.guide.wants(block, nq)
+        self._want = (u, g)
+        return u or g
+
+    def rows(self, batch: int) -> slice:
+        if batch != self.guide.n_items:
+            raise RuntimeError(f"guided conditional pass saw a batch of {batch} for {self.guide.n_items} images")
+        return slice(0, batch)
+
+    def add(self, layer: str, maps: torch.Tensor, nq: int, heads: int) -> None:
+        if self.replay:
+            return
+        u, g = self._want
+        tu, per_head = self._tu, self.aggregation.per_head
+        if u:
+            self.user.add(layer, (maps[:, :, :tu] if per_head else maps[:, :tu]).detach(), nq, heads)
+        if g:
+            self.guide.add(layer, maps[:, :, tu:].sum(1) if per_head else maps[:, tu:], nq, heads)
+
+
 class Guider:
     """Installed on a patched pipeline for one batch of ``generate``."""
 
@@ -108,64 +196,133 @@ class Guider:
         self.tokens, self.pair_index = tokens, pair_index   # pair_index: [(col_sem, col_dem)] into token groups
         self.latent_hw, self.map_states, self.n = latent_hw, map_states, n_items
         self.step_idx = 0
-        self.unet_call = None
-        self._inside = False
+        self.unet_call = None     # (args, kwargs) of a UNet call, for ``energy_and_grad``
+        self._forward = None      # the UNet's own forward while installed
+        self._pending = None      # (energy, leaf, recorder) between a guided UNet call and its step
+        self._compat: dict = {}
         self.records: list[dict] = []
         self.word_weights = None  # (B, W, T), set by generate
 
     # -- the pieces -----------------------------------------------------------------------------
-    def _pre_hook(self, module, args, kwargs):
-        if not self._inside:
-            self.unet_call = (args, kwargs)
+    def _guided(self, i: int) -> bool:
+        return self.g.steps is None or i in self.g.steps
 
-    def _cond_slice(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.n
-        if x.shape[0] == 2 * n:
-            return x[n:]
-        if x.shape[0] == n:
-            return x
-        raise RuntimeError(f"UNet batch {x.shape[0]} does not match {n} images")
+    def _shares_keys(self, user: MapRecorder) -> bool:
+        """Whether the user's maps and the guidance's read the same keys (one fused call serves both)."""
+        key = id(user)
+        if key not in self._compat:
+            a, b = user.map_states, self.map_states
+            if a is None or b is None:
+                ok = a is None and b is None
+            else:
+                ok = a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
+            self._compat[key] = ok
+        return self._compat[key]
+
+    def _energy(self, rec: MapRecorder) -> torch.Tensor:
+        maps = rec.finalize()  # (B, T, h, w)
+        wm = torch.einsum("bkt,btyx->bkyx", self.word_weights.to(maps.device, maps.dtype), maps)
+        energy = 0
+        for si, di in self.pair_index:
+            energy = energy + metrics.soft_iou(wm[:, si], wm[:, di], top_k=self.g.top_k, gamma=self.g.gamma,
+                                               iters=self.g.iters, backend=self.pipe._fastfair.backend)
+        return energy
+
+    def _guided_call(self, forward, sample: torch.Tensor, timestep, args, kwargs, want_grad: bool = True):
+        """The UNet call of a guided step: unconditional rows without grad, conditional rows with
+        grad to their input (recording the guidance maps, and the user's), one pass each. Leaves
+        (energy, leaf, recorder) in ``_pending``; returns what the plain call would."""
+        n, batch = self.n, sample.shape[0]
+        if batch not in (n, 2 * n):
+            raise RuntimeError(f"UNet batch {batch} does not match {n} images")
+        return_dict = kwargs.get("return_dict", True)
+        kwargs = dict(kwargs, return_dict=False)
+        state = self.pipe._fastfair
+        user = state.recorder if state.recorder is not None and state.recorder.active else None
+        cond = slice(n, 2 * n) if batch == 2 * n else slice(0, n)
+
+        def part(rows):
+            return (_split_rows(timestep, rows, batch), _split_rows(args, rows, batch),
+                    _split_rows(kwargs, rows, batch))
+
+        outs = []
+        if batch == 2 * n:
+            t_u, a_u, k_u = part(slice(0, n))
+            with torch.no_grad(), _recording(state, user if user is not None and user.aggregation.branch == "uncond"
+                                             else None):
+                outs.append(forward(sample[:n], t_u, *a_u, **k_u)[0])
+            if user is not None and user.aggregation.branch == "uncond":
+                user = None
+        t_c, a_c, k_c = part(cond)
+        if user is not None and not self._shares_keys(user):
+            # the user's maps read other keys than the guidance's (e.g. the prompt's against an
+            # attribution prompt's): the fused op gives one softmax per call, so they need their own pass
+            with torch.no_grad(), _recording(state, user):
+                forward(sample[cond], t_c, *a_c, **k_c)
+            user = None
+        guide = MapRecorder(self.tokens, n, self.latent_hw, GUIDANCE_AGGREGATION, map_states=self.map_states)
+        joint = _JointRecorder(guide, user)
+        leaf = sample[cond].detach().requires_grad_(want_grad)
+        with torch.enable_grad(), _input_grads_only(self.pipe.unet), _recording(state, joint):
+            eps_c = forward(leaf, t_c, *a_c, **k_c)[0]
+            energy = self._energy(guide)
+        joint.replay = True
+        self._pending = (energy, leaf, joint)
+        out = torch.cat(outs + [eps_c.detach()]) if outs else eps_c.detach()
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    def _finish(self, sample: torch.Tensor, timestep, want_grad: bool = True):
+        """E (N,) and dE/d``sample`` from the pending guided call's graph, which is freed here."""
+        if self._pending is None:
+            raise RuntimeError("guided scheduler step without a guided UNet call before it")
+        energy, leaf, joint = self._pending
+        self._pending = None
+        if not want_grad:
+            return energy.detach(), None
+        if leaf.shape != sample.shape:
+            raise RuntimeError(f"the UNet's conditional input {tuple(leaf.shape)} does not match the latents "
+                               f"{tuple(sample.shape)}; entanglement guidance needs a plain text-to-image UNet input")
+        with torch.enable_grad(), _input_grads_only(self.pipe.unet), _recording(self.pipe._fastfair, joint):
+            g_in = torch.autograd.grad(energy.sum(), leaf)[0]
+            # the UNet saw scale_model_input(sample): chain through it (identity for DDIM)
+            s = sample.detach().requires_grad_(True)
+            y = self.pipe.scheduler.scale_model_input(s, timestep)
+            if y is s:
+                grad = g_in
+            elif y.requires_grad:
+                grad = torch.autograd.grad(y, s, g_in.to(y.dtype))[0]
+            else:
+                raise RuntimeError(f"{type(self.pipe.scheduler).__name__}.scale_model_input is not differentiable")
+        return energy.detach(), grad
 
     def energy_and_grad(self, latents: torch.Tensor, t, want_grad: bool = True):
-        """E (N,) and dE/dlatents for the current UNet call's conditioning."""
-        pipe = self.pipe
+        """E (N,) and dE/dlatents for the conditioning of ``unet_call`` (a UNet call's (args, kwargs)
+        for N or 2N rows), through the same folded call a guided step makes."""
         args, kwargs = self.unet_call
-        kw = dict(kwargs)
-        kw["return_dict"] = False
-        ehs = kw.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        kw["encoder_hidden_states"] = self._cond_slice(ehs)
-        if kw.get("added_cond_kwargs"):
-            kw["added_cond_kwargs"] = {k: self._cond_slice(v) for k, v in kw["added_cond_kwargs"].items()}
-        if kw.get("timestep_cond") is not None:
-            kw["timestep_cond"] = self._cond_slice(kw["timestep_cond"])
-        x = latents.detach().requires_grad_(want_grad)
-        state = pipe._fastfair
-        rec = MapRecorder(self.tokens, self.n, self.latent_hw, GUIDANCE_AGGREGATION, map_states=self.map_states)
-        saved, state.recorder = state.recorder, rec
-        self._inside = True
-        try:
-            with torch.enable_grad():
-                x_in = pipe.scheduler.scale_model_input(x, t)
-                pipe.unet(x_in, t, **kw)
-                maps = rec.finalize()  # (B, T, h, w)
-                wm = torch.einsum("bkt,btyx->bkyx", self.word_weights.to(maps.device, maps.dtype), maps)
-                energy = 0
-                for si, di in self.pair_index:
-                    energy = energy + metrics.soft_iou(wm[:, si], wm[:, di], top_k=self.g.top_k, gamma=self.g.gamma,
-                                                       iters=self.g.iters, backend=state.backend)
-                grad = torch.autograd.grad(energy.sum(), x)[0] if want_grad else None
-        finally:
-            self._inside = False
-            state.recorder = saved
-        return energy.detach(), grad
+        ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        x = torch.cat([latents] * 2) if ehs.shape[0] == 2 * self.n else latents
+        forward = self._forward or self.pipe.unet.forward
+        with torch.no_grad():
+            x_in = self.pipe.scheduler.scale_model_input(x, t)
+        self._guided_call(forward, x_in, t, args, kwargs, want_grad=want_grad)
+        return self._finish(latents, t, want_grad)
+
+    def _unet_forward(self, sample, timestep, *args, **kwargs):
+        if not self._guided(self.step_idx):
+            return self._forward(sample, timestep, *args, **kwargs)
+        return self._guided_call(self._forward, sample, timestep, args, kwargs)
 
     def _step(self, orig_step, model_output, timestep, sample, *args, **kwargs):
         g = self.g
         i = self.step_idx
         self.step_idx += 1
-        if g.steps is not None and i not in g.steps:
+        if not self._guided(i):
             return orig_step(model_output, timestep, sample, *args, **kwargs)
-        E, grad = self.energy_and_grad(sample, timestep)
+        E, grad = self._finish(sample, timestep)
         n = grad.flatten(1).norm(dim=1)
         finite = torch.isfinite(grad.flatten(1)).all(1) & torch.isfinite(n)
         if g.on_large_grad == "skip":
@@ -193,28 +350,34 @@ class Guider:
 
     # -- install / remove ------------------------------------------------------------------------
     def __enter__(self):
-        sched = self.pipe.scheduler
+        sched, unet = self.pipe.scheduler, self.pipe.unet
         orig = sched.step
         self._orig_attr = sched.__dict__.get("step")
         sched.step = lambda *a, **k: self._step(orig, *a, **k)
-        self._handle = self.pipe.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._orig_forward_attr = unet.__dict__.get("forward")  # e.g. accelerate's offload wrapper
+        self._forward = unet.forward
+        unet.forward = self._unet_forward
         self._ckpt = None
-        if self.g.checkpointing and hasattr(self.pipe.unet, "enable_gradient_checkpointing"):
-            self._ckpt = getattr(self.pipe.unet, "gradient_checkpointing", False)
-            self.pipe.unet.enable_gradient_checkpointing()
+        if self.g.checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+            self._ckpt = getattr(unet, "gradient_checkpointing", False)
+            unet.enable_gradient_checkpointing()
         return self
 
     def __exit__(self, *exc):
-        sched = self.pipe.scheduler
+        sched, unet = self.pipe.scheduler, self.pipe.unet
+        self._pending = None
         if self._orig_attr is None:
             del sched.step
         else:
             sched.step = self._orig_attr
-        self._handle.remove()
+        if self._orig_forward_attr is None:
+            del unet.forward
+        else:
+            unet.forward = self._orig_forward_attr
+        self._forward = None
         if self._ckpt is False:
-            self.pipe.unet.disable_gradient_checkpointing()
+            unet.disable_gradient_checkpointing()
         return False
-
     def diagnostics(self) -> dict:
         """Per guided step (rows) and image (columns)."""
         if not self.records:
