@@ -5,11 +5,20 @@ kernels are decorated, and the other test modules may have chosen it), for repre
 constexpr configurations: fp16 / bf16 / fp32, head dims 40 / 64 / 80 / 160, every code path
 (single-pass / online softmax, map keys, per-head maps, fused / separate backward, SoftIoU).
 
+Launcher configs: the cross-attention launchers are dry-run on meta tensors (``triton_ops._RECORD``)
+for SD shapes -- Nk in {1, 7, 77, 128, 154, 256, 333, 4096}, D in {40, 64, 80, 160}, fp16 / bf16 / fp32,
+forward + full backward and forward + maps->dq backward, diffusers layout -- and every config they
+would launch (the heuristic one and each autotune config left after pruning) is compiled with the
+specialisation the JIT gives those arguments (16-divisible integers and pointers, unit strides).
+Their shared memory must fit sm_80's 163 KiB (sm_90 allows 227 KiB): a forward tile that did not
+(272 KiB at Nk=154, D=80) failed to launch on an H200.
+
 Run directly (``python tests/test_triton_compile.py``) to print the register / spill / shared
 memory usage of each configuration (from cuobjdump on the cubin, when available).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -24,6 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 _FLOATS = {"scale_log2", "scale", "eps", "n_f"}
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+SHARED_LIMIT_SM80 = 166912  # ... on sm_80 (163 KiB); launcher configs must fit both
+LAUNCH_NK = (1, 7, 77, 128, 154, 256, 333, 4096)
+LAUNCH_D = (40, 64, 80, 160)
+LAUNCH_DTYPES = ("fp16", "bf16", "fp32")
 _UNIT_STRIDES = {"sqd", "skd", "svd", "smd", "sod", "sdod", "sdqd", "stt"}
 
 
@@ -40,8 +53,82 @@ def _cases(full: bool | None = None):
     if full is None:
         full = os.environ.get("FASTFAIR_COMPILE_FULL", "0") == "1"
     cases = _all_cases()
-    return [c for c in cases if full or c[0].startswith("fwd_") or c[0] in _CORE or not c[0][-1].isdigit()
-            or c[0].startswith(("bwd_fp16", "dkdv_fp16_mapkeys"))]
+    # the per-dtype / head-dim forward and backward configs are the launcher's own (compiled below
+    # for every SD shape); the default set keeps the SoftIoU ones and the other code paths
+    cases = [c for c in cases if full or c[0] in _CORE and c[0].startswith(("siou", "dkdv"))
+             or not c[0][-1].isdigit() or c[0].startswith(("bwd_fp16", "dkdv_fp16_mapkeys", "fwd_fp16_maps_only"))]
+    return cases + _launcher_cases(full)
+
+
+def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4):
+    """The launches (kernel name, args, constexprs, options) triton_ops would make on a GPU for
+    these shapes (diffusers layout), recorded by a dry run on meta tensors."""
+    import torch
+
+    from fastfair.kernels import triton_ops as T_
+
+    def view(n):  # (B, n, H*D) viewed as (B, H, n, D), as diffusers' attention processors pass it
+        return torch.empty(B, n, H * D, dtype=dtype, device="meta").view(B, n, H, D).transpose(1, 2)
+
+    q, k, v = view(Nq), view(Nk), view(Nk)
+    tok = torch.zeros(B, T, dtype=torch.int64, device="meta")
+    saved = dict(T_._OVERRIDE)
+    T_._OVERRIDE.clear()
+    T_._OVERRIDE["TARGET_PROGRAMS"] = 2 * 132  # two waves of an H100 / H200
+    T_._OVERRIDE["GPU_CONFIG"] = True  # GPU tiles even when this process runs the interpreter
+    T_._RECORD = rec = []
+    try:
+        out, lse, _, maps = T_.cross_attention_fwd(q, k, v, None, tok, 0.125, False)
+        dout = torch.empty(out.shape, dtype=dtype, device="meta") if mode == "full" else None
+        needs = (True, True, True, False) if mode == "full" else (True, False, False, False)
+        T_.cross_attention_bwd(q, k, v, None, tok, 0.125, False, out, lse, None, dout,
+                               torch.empty(maps.shape, device="meta"), needs)
+    finally:
+        T_._RECORD = None
+        T_._OVERRIDE.clear()
+        T_._OVERRIDE.update(saved)
+    return rec
+
+
+_SHAPE_ONLY = {"Nk", "Nm"}  # key counts only bound masks along key rows (not the vectorised axis)
+
+
+def _launcher_cases(full: bool | None = None):
+    """One case per distinct compiled kernel the launchers choose for LAUNCH_NK x LAUNCH_D x dtypes
+    (sizes that only bound masks along non-contiguous axes are not part of the identity). bf16 gets
+    the same tiles as fp16 (test_launcher_records_the_fixed_tiles checks it), so its compiles, which
+    give the same shared memory, only run with FASTFAIR_COMPILE_FULL=1."""
+    import torch
+
+    from fastfair.kernels import xattn
+
+    if full is None:
+        full = os.environ.get("FASTFAIR_COMPILE_FULL", "0") == "1"
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    seen = {}
+    for dt in LAUNCH_DTYPES:
+        if dt == "bf16" and not full:
+            continue
+        for Nk in LAUNCH_NK:
+            for D in LAUNCH_D:
+                for mode in ("full", "maps_dq"):
+                    for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode):
+                        sig = inspect.signature(getattr(xattn, kname).fn).parameters.values()
+                        names = [p.name for p in sig if "constexpr" not in str(p.annotation)]
+                        spec = {}
+                        for nm, a in zip(names, args):
+                            if isinstance(a, bool) or not isinstance(a, int):
+                                continue
+                            if nm in _SHAPE_ONLY:
+                                spec[nm] = ("i32", 2)  # not 1, not 16-divisible: no specialisation
+                            else:
+                                spec[nm] = ("i32", 1 if a == 1 else (16 if a % 16 == 0 else 2))
+                        key = json.dumps([kname, dt, consts, opts, spec], sort_keys=True)
+                        if key not in seen:
+                            seen[key] = (f"launch_{kname.strip('_')}_{dt}_Nk{Nk}_D{D}_{mode}_w{opts['num_warps']}"
+                                         f"s{opts['num_stages']}", f"xattn:{kname}", dt, consts,
+                                         dict(opts, _spec=spec))
+    return list(seen.values())
 
 
 def _all_cases():
@@ -57,7 +144,8 @@ def _all_cases():
         esz = 4 if dt == "fp32" else 2
         for D in (40, 64, 80, 160):
             bd = T._p2(D)
-            cfg = T._fwd_heuristic(bd, 128, gpu=True, esz=esz)
+            T._OVERRIDE["GPU_CONFIG"] = True
+            cfg = T._fwd_heuristic(bd, 128, esz=esz)
             bn = T._fwd_key_block(77, bd, esz)
             c = dict(HAS_MK=False, HAS_MAPS=True, PER_HEAD=False, COMPUTE_OUT=True, SINGLE=bn == 128,
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_NM=16, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec, ALIGN=8,
@@ -83,6 +171,7 @@ def _all_cases():
                           dict(HAS_TOPK=topk, BLOCK=1024), {"num_warps": 4}))
             cases.append((f"siou_bwd_{dt}_topk{int(topk)}", "softiou:_softiou_bwd_kernel", dt,
                           dict(HAS_TOPK=topk, BLOCK=1024, ITERS_P=32), {"num_warps": 4}))
+    T._OVERRIDE.pop("GPU_CONFIG", None)
     # other paths (fp16)
     base = dict(HAS_MK=True, HAS_MAPS=True, PER_HEAD=True, COMPUTE_OUT=True, SINGLE=False, BLOCK_M=128, BLOCK_N=128,
                 BLOCK_NM=32, BLOCK_D=64, BLOCK_DV=64, PREC="tf32", BLOCK_T=16, ALIGN=1)
@@ -127,6 +216,8 @@ def _compile_one(case):
     from fastfair.kernels import softiou, xattn
 
     name, ref, dt, consts, opts = case
+    opts = dict(opts)
+    spec = opts.pop("_spec", None)  # launcher cases: the JIT's specialisation of the int arguments
     mod, attr = ref.split(":")
     fn = getattr({"xattn": xattn, "softiou": softiou}[mod], attr)
     sig = {}
@@ -144,11 +235,12 @@ def _compile_one(case):
     assert not missing, (name, missing)
     consts = dict(consts)
     for p in fn.params:  # what the JIT specialises at a real launch: unit last-dim strides
-        if p.name in _UNIT_STRIDES:
+        if p.name in _UNIT_STRIDES or (spec and spec.get(p.name, ("", 0))[1] == 1):
             sig[p.name] = "constexpr"
             consts[p.name] = 1
-    # and 16-byte aligned pointers
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+    # and 16-byte aligned pointers (launcher cases: 16-divisible integers too)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+             if sig[p.name].startswith("*") or (spec and sig[p.name] == "i32" and spec.get(p.name, ("", 0))[1] == 16)}
     target = GPUTarget("cuda", 90, 32)
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
@@ -156,7 +248,8 @@ def _compile_one(case):
     except TypeError:  # attrs format differs between Triton versions: compile without hints
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options=opts)
-    info = {"name": name, "shared": k.metadata.shared, "num_warps": k.metadata.num_warps}
+    info = {"name": name, "shared": k.metadata.shared, "num_warps": k.metadata.num_warps,
+            "launcher": spec is not None}
     try:  # registers / spills, when cuobjdump is bundled
         import re
         import tempfile
@@ -205,6 +298,34 @@ def test_all_kernels_compile_for_sm90():
     assert len(lines) == len(_cases())
     too_big = [x for x in lines if x.get("shared", 0) > SHARED_LIMIT]
     assert not too_big, f"shared memory above the sm_90 limit ({SHARED_LIMIT} B): {too_big}"
+    launch = [x for x in lines if x.get("launcher")]
+    assert launch, "no launcher configs were compiled"
+    too_big = [x for x in launch if x["shared"] > SHARED_LIMIT_SM80]
+    assert not too_big, f"launcher configs above sm_80's shared memory ({SHARED_LIMIT_SM80} B): {too_big}"
+
+
+def test_launcher_records_the_fixed_tiles():
+    """The dry run sees the tiles that fit: no 256-key x 128-dim forward tile (272 KiB on sm_90)
+    at Nk=154, D=80; no 64-row backward tile with 8 warps (the configs that faulted on an H200)."""
+    import torch
+
+    for Nk in LAUNCH_NK:  # bf16 launches exactly fp16's tiles (so the default compile set skips it)
+        for D in LAUNCH_D:
+            a = [(n, c, o) for n, _, c, o in _record_launches(1024, Nk, D, torch.float16, "full")]
+            b = [(n, c, o) for n, _, c, o in _record_launches(1024, Nk, D, torch.bfloat16, "full")]
+            assert a == b, (Nk, D)
+    for dt in (torch.float16, torch.float32):
+        for mode in ("full", "maps_dq"):
+            for Nk, D in ((154, 80), (77, 80), (77, 160), (4096, 64)):
+                rec = _record_launches(1024, Nk, D, dt, mode)
+                assert rec
+                for kname, _, c, o in rec:
+                    esz = 4 if dt == torch.float32 else 2
+                    bd = max(c["BLOCK_D"], c["BLOCK_DV"])
+                    if kname == "_xattn_fwd_kernel":
+                        assert c["BLOCK_N"] * bd * esz <= 32 * 1024, (Nk, D, dt, c)
+                    else:
+                        assert not (c["BLOCK_M"] >= 64 and o["num_warps"] > 4), (kname, Nk, D, dt, mode, c, o)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,18 @@ MAX_SINGLE_N = 256
 LONG_BLOCK_N = 128
 MAX_BLOCK_T = 64
 
-# Tunables (tests override them to exercise every path on small shapes).
+# Tunables (tests override them to exercise every path on small shapes). GPU_CONFIG=True makes the
+# interpreter choose the tiles a GPU would (tests run the GPU's exact configs on CPU).
 _OVERRIDE: dict = {}
+
+# Dry run: while this is a list, the launchers append (kernel name, args, constexprs, options) for
+# every config a launch could run (the heuristic one and each autotune config left after pruning)
+# and run nothing -- tests/test_triton_compile.py compiles exactly those (meta tensors suffice).
+_RECORD: list | None = None
+
+# Shared memory one block may use (bytes): sm_90 227 KiB, sm_80 163 KiB. Tile rules below keep every
+# config within the smaller one (checked by tests/test_triton_compile.py on sm_90 builds).
+SMEM_LIMIT = {90: 232448, 80: 166912}
 
 
 def _interpret() -> bool:
@@ -42,6 +52,11 @@ def _interpret() -> bool:
 
 def _autotune_on() -> bool:
     return (not _interpret()) and os.environ.get("FASTFAIR_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _gpu_rules() -> bool:
+    """Tiles as for a GPU: always outside the interpreter; inside it only when a test asks."""
+    return not _interpret() or bool(_OVERRIDE.get("GPU_CONFIG"))
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -101,8 +116,43 @@ def _dev_ctx(t: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------------------
-# autotune configs
+# tiles and configs
+#
+# Shared memory: a GPU build stages the K/V tiles of every dot in shared memory (double-buffered when
+# the key loop is pipelined, num_stages=2). On sm_90 a 256-key x 128-dim half tile pair needed 272 KiB
+# (seen on an H200 at Nk=154, D=80), so on a GPU no key tile may exceed KEY_TILE_BYTES: longer key
+# sets run the online-softmax loop over several tiles. tests/test_triton_compile.py compiles every
+# config the launchers choose for Nk in {1..4096}, D in {40, 64, 80, 160}, fp16/bf16/fp32 for sm_90
+# and checks shared memory against SMEM_LIMIT[80] (the smaller limit).
+#
+# Backward warps: every bwd config that faulted on the H200 (illegal memory access: maps->dq at D=80,
+# and the unfused backward at Nk=154, D=80) ran 64-query tiles with 8 warps (two warpgroups over one
+# 64-row wgmma tile); every 64-row tile with 4 warps and every 32-row tile with 8 warps passed. The
+# backward kernels therefore run 64-row tiles with 4 warps only, and 32-row tiles for head dims > 64.
 # --------------------------------------------------------------------------------------------
+
+KEY_TILE_BYTES = 32 * 1024  # largest key tile (keys x padded head dim x element size) on a GPU
+KV_ROWS_BYTES = 16 * 1024  # largest key block of the separate dk/dv kernel (it also holds V, dK, dV)
+STAGED_BYTES = 144 * 1024  # pipelined (num_stages=2) forward only while its K/V buffers stay below this
+
+
+def _fit_keys(bn: int, bd: int, esz: int, limit: int = KEY_TILE_BYTES) -> int:
+    """Halve a key tile until BLOCK_N x BLOCK_D x esz <= limit (GPU rules only)."""
+    if "BLOCK_N" in _OVERRIDE or not _gpu_rules():
+        return bn
+    while bn > 16 and bn * bd * esz > limit:
+        bn //= 2
+    return bn
+
+
+def _fwd_stages(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int) -> int:
+    """num_stages of a forward config: 2 (K/V double-buffered in shared memory: measured on sm_90 as
+    2 x BLOCK_N x (BLOCK_D + BLOCK_DV) x esz + BLOCK_M x BLOCK_D x esz) only for half inputs whose
+    buffers stay under STAGED_BYTES; else 1."""
+    if stages > 1 and (esz >= 4 or stages * bn * (bd + bdv) * esz + bm * bd * esz > STAGED_BYTES):
+        return 1
+    return stages
+
 
 def _fwd_configs():
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
@@ -111,21 +161,46 @@ def _fwd_configs():
 
 def _fwd_prune(configs, named_args, **kwargs):
     """Keep tiles that compile without (much) spilling on sm_90 (checked with cuobjdump, see
-    tests/test_triton_compile.py): 128-row tiles only for head dims <= 64."""
-    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    out = [c for c in configs if not (c.kwargs["BLOCK_M"] == 128 and bd > 64)]
-    return out or configs[:1]
+    tests/test_triton_compile.py): 128-row tiles only for half inputs with head dims <= 64; fp32
+    inputs with head dims > 64 only the heuristic config; num_stages as _fwd_stages says."""
+    bd, bdv = kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64)
+    bn = max(kwargs.get("BLOCK_N", 64), kwargs.get("BLOCK_NM", 16))
+    q = (named_args or {}).get("Q")
+    esz = q.element_size() if q is not None else 2
+    h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv)
+    if esz >= 4 and max(bd, bdv) > 64:
+        return [triton.Config({"BLOCK_M": h["BLOCK_M"]}, num_warps=h["num_warps"], num_stages=h["num_stages"])]
+    out = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        if bm == 128 and (max(bd, bdv) > 64 or esz >= 4):
+            continue
+        out.append(triton.Config({"BLOCK_M": bm}, num_warps=c.num_warps,
+                                 num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages)))
+    return out
 
 
 def _bwd_configs():
     return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
+def _bwd_warps_ok(block_m: int, num_warps: int) -> bool:
+    """64-row tiles only with 4 warps (see the note above)."""
+    return not (block_m >= 64 and num_warps > 4)
+
+
 def _bwd_prune(configs, named_args, **kwargs):
-    """The fused backward holds dk/dv accumulators: 8 warps only."""
+    """The fused backward holds dk/dv accumulators: 8 warps only (32-row tiles); 64-row tiles: 4 warps."""
+    bm = kwargs.get("BLOCK_M", 64)
+    out = [c for c in configs if _bwd_warps_ok(bm, c.num_warps)]
     if kwargs.get("FUSE_DK") or kwargs.get("FUSE_DV") or kwargs.get("FUSE_DMK"):
-        return [c for c in configs if c.num_warps == 8] or configs[:1]
-    return configs
+        out = [c for c in out if c.num_warps == 8] or out
+    return out or [triton.Config({}, num_warps=4, num_stages=1)]
+
+
+def _dkdv_prune(configs, named_args, **kwargs):
+    bm = kwargs.get("BLOCK_M", 64)
+    return [c for c in configs if _bwd_warps_ok(bm, c.num_warps)] or [triton.Config({}, num_warps=4, num_stages=1)]
 
 
 _FWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_MK", "HAS_MAPS", "PER_HEAD", "COMPUTE_OUT"]
@@ -133,48 +208,94 @@ _BWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_DOUT", "HAS_MAPS", "HAS_MK"
             "FUSE_DK", "FUSE_DV", "FUSE_DMK", "SINGLE"]
 _DKDV_KEY = ["NQ_BUCKET", "Nk", "D", "DV", "HAS_DOUT", "NEED_DK", "NEED_DV"]
 
-_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
-                             prune_configs_by={"early_config_prune": _fwd_prune})(_xattn_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=_BWD_KEY,
-                             prune_configs_by={"early_config_prune": _bwd_prune})(_xattn_bwd_kernel)
-_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_DKDV_KEY)(_xattn_bwd_dkdv_kernel)
+# kernel name -> (jit function, its autotuner, the autotune configs, their pruning)
+_KERNELS = {
+    "fwd": (_xattn_fwd_kernel, triton.autotune(configs=_fwd_configs(), key=_FWD_KEY,
+                                               prune_configs_by={"early_config_prune": _fwd_prune})(_xattn_fwd_kernel),
+            _fwd_configs(), _fwd_prune),
+    "bwd": (_xattn_bwd_kernel, triton.autotune(configs=_bwd_configs(), key=_BWD_KEY,
+                                               prune_configs_by={"early_config_prune": _bwd_prune})(_xattn_bwd_kernel),
+            _bwd_configs(), _bwd_prune),
+    "dkdv": (_xattn_bwd_dkdv_kernel,
+             triton.autotune(configs=_bwd_configs(), key=_DKDV_KEY,
+                             prune_configs_by={"early_config_prune": _dkdv_prune})(_xattn_bwd_dkdv_kernel),
+             _bwd_configs(), _dkdv_prune),
+}
 
 
-def _fwd_heuristic(bd: int, bn: int, gpu: bool = False, esz: int = 2) -> dict:
-    """Tile config without autotuning. Checked on sm_90 for spills and shared memory (<= 227 KiB)
-    by tests/test_triton_compile.py."""
+def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None) -> dict:
+    """Tile config without autotuning. Checked on sm_90 for spills and shared memory by
+    tests/test_triton_compile.py."""
     if "FWD_BLOCK_M" in _OVERRIDE:
         return {"BLOCK_M": _OVERRIDE["FWD_BLOCK_M"], "num_warps": 4, "num_stages": 1}
-    if _interpret() and not gpu:
+    if not _gpu_rules():
         return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
     if esz >= 4:  # fp32 operands: twice the shared memory per tile
         return {"BLOCK_M": 64 if bd <= 64 else 32, "num_warps": 4 if bd <= 64 else 8, "num_stages": 1}
-    if bd <= 64:
-        return {"BLOCK_M": 128, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
+    bm, w = (128, 8) if bd <= 64 else (64, 8)
+    return {"BLOCK_M": bm, "num_warps": w, "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2)}
 
 
 def _fwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
-    """Key tile of the forward: Nk rounded up (single pass) unless that spills / overflows shared
-    memory (head dim > 128, or fp32 with head dim > 64): then 64-key blocks (online softmax)."""
-    bn = _key_block(nk)
-    if "BLOCK_N" not in _OVERRIDE and not _interpret() and bn > 64 and (bd > 128 or (esz >= 4 and bd > 64)):
-        bn = 64
-    return bn
+    """Key tile of the forward: Nk rounded up (single pass) unless the tile exceeds KEY_TILE_BYTES on
+    a GPU: then smaller tiles (online softmax)."""
+    return _fit_keys(_key_block(nk), bd, esz)
+
+
+def _bwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
+    """Key tile of the dq kernel's loop (single pass when it covers every key)."""
+    return _fit_keys(_key_block(nk), bd, esz)
+
+
+def _dkdv_key_block(bn: int, bd: int, esz: int = 2) -> int:
+    """Key rows per program of the separate dk/dv kernel: it keeps K, V and fp32 dK, dV accumulators
+    of BLOCK_N rows, so at most KV_ROWS_BYTES of keys on a GPU."""
+    return _fit_keys(bn, bd, esz, KV_ROWS_BYTES)
 
 
 def _bwd_block_m(bd: int, bn: int, fused: bool, esz: int = 2) -> int:
     if "BWD_BLOCK_M" in _OVERRIDE:
         return _OVERRIDE["BWD_BLOCK_M"]
-    if _interpret():
+    if not _gpu_rules():
         return 64
-    return 32 if (fused or esz >= 4 or bd > 128) else 64
+    if esz >= 4 and bd > 128:
+        return 16  # fp32 with head dims > 128: 32-row tiles need 176 KiB of shared memory on sm_90
+    return 32 if (fused or esz >= 4 or bd > 64) else 64
 
 
-def _bwd_heuristic(bd: int, bn: int, fused: bool, esz: int = 2) -> dict:
-    if _interpret():
+def _bwd_heuristic(bd: int, bn: int, fused: bool, esz: int = 2, block_m: int = 64) -> dict:
+    if "BWD_WARPS" in _OVERRIDE:  # bench/repro_maps_dq.py: rerun the configs that faulted
+        return {"num_warps": _OVERRIDE["BWD_WARPS"], "num_stages": 1}
+    if not _gpu_rules():
         return {"num_warps": 4, "num_stages": 1}
-    return {"num_warps": 8 if (fused or bd >= 128 or bn >= 256 or esz >= 4) else 4, "num_stages": 1}
+    w = 8 if (fused or bd >= 128 or bn >= 256 or esz >= 4) else 4
+    if not _bwd_warps_ok(block_m, w):
+        w = 4
+    return {"num_warps": w, "num_stages": 1}
+
+
+def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
+    """Run kernel ``name`` with the heuristic ``cfg`` (num_warps, num_stages and maybe BLOCK_M) or,
+    when autotuning (and ``tune``), through its autotuner. ``grid(meta)`` gives the grid. In a dry run
+    (``_RECORD``) record every config that could run instead."""
+    fn, tuned, configs, prune = _KERNELS[name]
+    if _RECORD is not None:
+        cands = [dict(cfg)]
+        if tune:
+            for c in prune(configs, dict(zip(fn.arg_names, args)), **consts):
+                cands.append(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+        seen = []
+        for c in cands:
+            opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+            cx = dict(consts, **{k: v for k, v in c.items() if k not in opts})
+            if (cx, opts) not in seen:
+                seen.append((cx, opts))
+                _RECORD.append((fn.fn.__name__, tuple(args), cx, opts))
+        return
+    if tune and _autotune_on():
+        tuned[grid](*args, **consts)
+    else:
+        fn[grid(cfg)](*args, **consts, **cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +379,9 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
         consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head, COMPUTE_OUT=compute_out,
                       SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                       BLOCK_T=BLOCK_T, PREC=prec, ALIGN=align)
-        if _autotune_on() and "FWD_BLOCK_M" not in _OVERRIDE:
-            grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
-            _fwd_tuned[grid](*args, **consts)
-        else:
-            cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, esz=esz)
-            grid = (triton.cdiv(Nq, cfg["BLOCK_M"]), B, hg)
-            _xattn_fwd_kernel[grid](*args, **consts, **cfg)
+        cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV)
+        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
+        _launch("fwd", grid, args, consts, cfg, tune="FWD_BLOCK_M" not in _OVERRIDE)
 
     with _dev_ctx(q):
         launch(0, True)
@@ -308,9 +425,10 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     if not (dq_src or dk_src or dv_src or dmk_src):
         return dq, dk, dv, dmk
 
-    BLOCK_N = _key_block(Nk)
-    BLOCK_NM = _key_block(Nm) if mk is not None else 16
+    esz = q.element_size()
     BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
+    BLOCK_N = _bwd_key_block(Nk, max(BLOCK_D, BLOCK_DV), esz)
+    BLOCK_NM = _bwd_key_block(Nm, BLOCK_D, esz) if mk is not None else 16
     BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
     single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
     # dk/dv/dmk fused into the dq kernel only while their accumulators stay small: with 256-key
@@ -321,7 +439,6 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
     need_delta = (not fuse) and (dk_src or dmk_src)
     prec, prec_map = _prec(q.dtype)
-    esz = q.element_size()
     BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz)
     NMB = triton.cdiv(Nq, BLOCK_M)
     if fuse:
@@ -367,11 +484,8 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
                       SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM,
                       BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
                       ALIGN=align)
-        grid = (nsplit, B * H)
-        if _autotune_on():
-            _bwd_tuned[grid](*args, **consts)
-        else:
-            _xattn_bwd_kernel[grid](*args, **consts, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz))
+        _launch("bwd", lambda meta: (nsplit, B * H), args, consts,
+                _bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M))
 
         def dkdv(K_, V_, L_, DEL_, n_keys, block_n, has_do, need_dk_, need_dv_):
             nkb = triton.cdiv(n_keys, block_n)
@@ -387,18 +501,16 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
                  H, Nq, n_keys, D, DV, NMB, per, scale * LOG2E, scale, _nq_bucket(Nq))
             c = dict(HAS_DOUT=has_do, NEED_DK=need_dk_, NEED_DV=need_dv_, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                      BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, ALIGN=align)
-            g = (nkb, B * H, ns)
-            if _autotune_on():
-                _dkdv_tuned[g](*a, **c)
-            else:
-                _xattn_bwd_dkdv_kernel[g](*a, **c, **_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz))
+            _launch("dkdv", lambda meta: (nkb, B * H, ns), a, c,
+                    _bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M))
             return kp, vp
 
         if not fuse:
             if dk_src or dv_src:
-                dkp, dvp = dkdv(k, v, lse, delta, Nk, BLOCK_N, has_dout, dk_src, dv_src)
+                dkp, dvp = dkdv(k, v, lse, delta, Nk, _dkdv_key_block(BLOCK_N, max(BLOCK_D, BLOCK_DV), esz),
+                                has_dout, dk_src, dv_src)
             if dmk_src:
-                dmkp, _ = dkdv(mk, mk, mlse_, deltam, Nm, BLOCK_NM, False, True, False)
+                dmkp, _ = dkdv(mk, mk, mlse_, deltam, Nm, _dkdv_key_block(BLOCK_NM, BLOCK_D, esz), False, True, False)
 
         def scatter_w(acc, n_keys):
             # dk[tok[b, t]] += scale * sum_n w[n, t] q[n]   (one-hot matmul: deterministic)
