@@ -7,11 +7,15 @@ Each mode runs in a fresh subprocess; peak memory is the growth of the resident 
 after a one-step warm-up of the same mode) divided by the images in flight.
 
     python bench/bench_guidance.py [--model sd15-shaped] [--batch 8] [--steps 5] [--device cpu]
+
+Each row also gives the machine's 1-minute load average when the timed run started and ended: on a
+shared CPU the two modes run minutes apart, and a ratio measured under different loads means little.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,6 +62,7 @@ def child(mode, model, batch, steps, device):
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     base = _kb("VmRSS")
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     run(steps, batch)
     if device == "cuda":
@@ -69,7 +74,7 @@ def child(mode, model, batch, steps, device):
     else:
         peak_mb = (_kb("VmHWM") - base) / 1024
     print(json.dumps(dict(mode=mode, images_per_s=batch / dt, seconds=dt, peak_mb=peak_mb,
-                          peak_mb_per_image=peak_mb / in_flight)))
+                          peak_mb_per_image=peak_mb / in_flight, load=[load0, os.getloadavg()[0]])))
 
 
 def main():
@@ -93,9 +98,9 @@ def main():
     r, f = rows["reference-style"], rows["fastfair"]
     mem = "GPU max_memory_allocated growth" if a.device == "cuda" else "peak RSS growth"
     print(f"guided sampling, {a.model}, {a.steps} DDIM steps, {a.batch} images, device {a.device}; memory = {mem}")
-    print("| implementation | images/s | peak MB per image in flight |\n|---|---|---|")
+    print("| implementation | images/s | peak MB per image in flight | 1-min load average (start, end) |\n|---|---|---|---|")
     for k, v in rows.items():
-        print(f"| {k} | {v['images_per_s']:.3f} | {v['peak_mb_per_image']:.0f} |")
+        print(f"| {k} | {v['images_per_s']:.3f} | {v['peak_mb_per_image']:.0f} | {v['load'][0]:.2f}, {v['load'][1]:.2f} |")
     print(f"throughput ratio fastfair/reference-style: {f['images_per_s'] / r['images_per_s']:.2f}x; "
           f"peak memory per image ratio: {f['peak_mb_per_image'] / r['peak_mb_per_image']:.2f}x")
 
