@@ -3,7 +3,8 @@
     fastfair bench [--suite kernels|e2e|all] [--device cuda|cpu] [--dtype fp16|bf16|fp32] [--quick] [--out DIR]
     fastfair.bench.run(suite="all", device="cpu", dtype="fp32", quick=False, out="bench-out")
 
-Writes ``DIR/bench.json`` (every raw timing, the environment, the ceilings, which backends ran and why the
+Writes ``DIR/bench.partial.json`` after every case (what has run survives a crash or a timeout; removed at the
+end), then ``DIR/bench.json`` (every raw timing, the environment, the ceilings, which backends ran and why the
 others did not), ``DIR/bench.md`` (tables) and ``DIR/bench.png`` (time and % of roofline per shape and backend).
 
 **Kernel suite**: every cross-attention shape of SD1.5 (512x512) and SDXL (1024x1024), batches 1, 8, 16 (text keys
@@ -343,7 +344,8 @@ def _finish(row: dict, ceil: dict) -> dict:
 
 
 def kernel_suite(device: torch.device, dtype: torch.dtype, quick: bool, ceil: dict, status: dict,
-                 log=print) -> list[dict]:
+                 log=print, on_progress=None) -> list[dict]:
+    """Rows of every (shape, batch, pass, method); ``on_progress(rows)`` after each (shape, batch)."""
     shapes = QUICK_SHAPES if quick else SD15_SHAPES + SDXL_SHAPES
     batches = QUICK_BATCHES if quick else BATCHES
     run_methods = [m for m in METHOD_ORDER if status[m]["available"]]
@@ -362,9 +364,13 @@ def kernel_suite(device: torch.device, dtype: torch.dtype, quick: bool, ceil: di
                 rows.append(_row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_="all",
                                  method="all", error=f"case process died: {tail}"[:300]))
             log(f"# kernels: {shape} B={B} done")
+            if on_progress:
+                on_progress(rows)
             continue
         rows += _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log)
         log(f"# kernels: {shape} B={B} done")
+        if on_progress:
+            on_progress(rows)
     return rows + _soft_iou_rows(device, quick, batches, ceil, run_methods)
 
 
@@ -681,8 +687,9 @@ def _e2e_subprocess(spec: dict, timeout: float | None) -> dict:
 
 
 def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None = None, images: int | None = None,
-              steps: int | None = None, log=print) -> tuple[list[dict], list[dict]]:
-    """Rows (one per model and mode, or the error / unavailability) and the fastfair / alternative ratios."""
+              steps: int | None = None, log=print, on_progress=None) -> tuple[list[dict], list[dict]]:
+    """Rows (one per model and mode, or the error / unavailability) and the fastfair / alternative ratios;
+    ``on_progress(rows)`` after each case."""
     import importlib.util
 
     if model:
@@ -720,6 +727,8 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
                         row.update(available=True, error=f"{type(e).__name__}: {e}"[:500])
                         log(f"# e2e: {m} {mode}: {row['error']}")
                 rows.append(row)
+                if on_progress:
+                    on_progress(rows)
         del pipe
     ratios = []
     for m in models:
@@ -902,18 +911,31 @@ def run(suite: str = "all", device: str = "cpu", dtype: str | None = None, quick
     res = {"suite": suite, "device": str(dev), "dtype": dtype, "quick": quick, "environment": environment(dev),
            "backends": backend_status(dev), "timing": "CPU: torch.utils.benchmark; CUDA: triton.testing.do_bench "
                                                      "(else CUDA events), rotating inputs > 2x L2"}
+    from ._io import atomic_write
+
+    partial = out / "bench.partial.json"
+
+    def checkpoint(key):  # what has run so far survives a crash or a timeout
+        def save(rows):
+            atomic_write(partial, json.dumps(dict(res, **{key: rows}, partial=True), indent=1,
+                                             default=str).encode(), fsync=False)
+        return save
+
     if suite in ("kernels", "all"):
         bw = copy_bandwidth_gbs(dev, quick)
         mm = matmul_tflops(dev, DTYPES[dtype], quick)
         res["ceilings"] = {"copy_bw_gbs": bw["gbs"], "matmul_tflops": mm["tflops"], "copy": bw, "matmul": mm}
         log(f"# ceilings: copy {bw['gbs']:.1f} GB/s, matmul {mm['tflops']:.3f} TFLOP/s")
-        res["kernels"] = kernel_suite(dev, DTYPES[dtype], quick, res["ceilings"], res["backends"], log)
+        res["kernels"] = kernel_suite(dev, DTYPES[dtype], quick, res["ceilings"], res["backends"], log,
+                                      on_progress=checkpoint("kernels"))
     if suite in ("e2e", "all"):
-        res["e2e"], res["e2e_ratios"] = e2e_suite(dev, dtype, quick, model, images, steps, log)
+        res["e2e"], res["e2e_ratios"] = e2e_suite(dev, dtype, quick, model, images, steps, log,
+                                                  on_progress=checkpoint("e2e"))
     res["wall_s"] = time.perf_counter() - t0
-    (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "bench.md").write_text(to_markdown(res))
+    atomic_write(out / "bench.json", json.dumps(res, indent=1, default=str).encode())
+    atomic_write(out / "bench.md", to_markdown(res).encode())
     res["png_writer"] = write_png(res, out / "bench.png")
+    partial.unlink(missing_ok=True)
     res["outputs"] = {k: str(out / f"bench.{k}") for k in ("json", "md", "png")}
     return res
 

@@ -21,6 +21,22 @@ def test_outputs_written(quick):
         assert (out / name).stat().st_size > 0
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["wall_s"] < 120
+    assert not (out / "bench.partial.json").exists()  # removed once the full results are written
+
+
+def test_partial_results_survive_a_crash(tmp_path, monkeypatch):
+    """A run that dies in the e2e suite leaves the finished kernel cases in bench.partial.json."""
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(bench, "QUICK_SHAPES", bench.QUICK_SHAPES[:1])
+    monkeypatch.setattr(bench, "_soft_iou_rows", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "e2e_suite", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bench.run(suite="all", device="cpu", quick=True, out=tmp_path, log=lambda s: None)
+    d = json.loads((tmp_path / "bench.partial.json").read_text())
+    assert d["partial"] is True and not (tmp_path / "bench.json").exists()
+    assert {r["method"] for r in d["kernels"] if "median_ms" in r} >= {"explicit", "sdpa"}
 
 
 def test_json_structure(quick):
