@@ -185,6 +185,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
+    maps = () if maps is None else maps
     words = [w.strip() for w in (maps.split(",") if isinstance(maps, str) else maps) if w.strip()]
     if len(set(words)) != len(words):
         raise ValueError(f"duplicate words in maps={words}")

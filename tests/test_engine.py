@@ -71,6 +71,8 @@ def test_no_maps_equals_plain_pipeline(tiny_sd):
     assert np.abs(patched - ref).max() <= 1e-5
     gen = fastfair.generate(tiny_sd, PROMPT, seeds=[7], steps=3, progress=False)
     assert np.abs(pil_float(gen.images[0]) - ref[0]).max() <= 1.0 / 255 + 1e-6  # PIL rounding only
+    gen_none = fastfair.generate(tiny_sd, PROMPT, seeds=[7], steps=3, maps=None, progress=False)  # None = no maps
+    assert torch.equal(gen_none.latents, gen.latents) and not gen_none.maps
 
 
 def test_maps_match_independent_recorder_and_images_unchanged(tiny_sd):
