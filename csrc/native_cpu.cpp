@@ -224,17 +224,28 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
 
   const idx_t nblk = (Nq + MB - 1) / MB;
   const int nth = p.nthreads;
+  // Work items: (batch, block of MB query rows, group of heads). Head groups give many-core CPUs
+  // enough items at SD's small layers (Nq 64-256); their number depends on the shapes only, so the
+  // results (the order of the head sums of the maps) do not depend on the thread count.
+  const idx_t base = static_cast<idx_t>(B) * nblk;
+  const int want = static_cast<int>(std::min<idx_t>(H, std::max<idx_t>(1, (32 + base - 1) / base)));
+  const int hpg = (H + want - 1) / want;
+  const int ng = (H + hpg - 1) / hpg;  // head groups of hpg heads
+  const bool partial = has_maps && !p.per_head && ng > 1;
+  A* part = partial ? tl_buf<A, 3>(static_cast<idx_t>(ng) * B * T * Nq) : nullptr;  // (ng, B, T, Nq)
   struct Scratch { std::vector<A> s, o, sm, acc; };
   ff::SerialGroup g;
-  parallel_for(static_cast<idx_t>(B) * nblk, nth, [&](idx_t item, int tid) {
+  parallel_for(base * ng, nth, [&](idx_t item, int tid) {
     thread_local Scratch sc;  // per pool thread, kept between calls
     sc.s.resize(static_cast<idx_t>(MB) * Nkp);
     sc.o.resize(static_cast<idx_t>(MB) * Dvp);
     if (has_mk) sc.sm.resize(static_cast<idx_t>(MB) * Nmp);
     if (has_maps && !p.per_head) sc.acc.assign(static_cast<idx_t>(T) * MB, A(0));
-    const idx_t b = item / nblk, n0 = (item % nblk) * MB;
+    const idx_t gi = item % ng, bi = item / ng;
+    const idx_t b = bi / nblk, n0 = (bi % nblk) * MB;
     const int m = static_cast<int>(std::min<idx_t>(MB, Nq - n0));
-    for (int h = 0; h < H; ++h) {
+    const int h0 = static_cast<int>(gi) * hpg, h1 = std::min(H, h0 + hpg);
+    for (int h = h0; h < h1; ++h) {
       const idx_t bh = b * H + h;
       // q rows are read in place through their strides (the register tiles broadcast them)
       const A* Q = p.q.at<A>(b, h, n0);
@@ -279,12 +290,22 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
         }
       }
     }
-    if (has_maps && !p.per_head)
+    if (has_maps && !p.per_head) {
+      A* dst0 = partial ? part + (gi * B + b) * T * Nq : maps + b * T * Nq;
       for (int t = 0; t < T; ++t) {
-        A* dst = maps + ((b * T + t) * Nq + n0);
+        A* dst = dst0 + static_cast<idx_t>(t) * Nq + n0;
         for (int r = 0; r < m; ++r) dst[r] = sc.acc[static_cast<idx_t>(t) * MB + r];
       }
+    }
   });
+  if (partial)  // head groups' partial maps, summed in group order
+    parallel_for(static_cast<idx_t>(B) * T, nth, [&](idx_t bt, int) {
+      A* dst = maps + bt * Nq;
+      const idx_t gs = static_cast<idx_t>(B) * T * Nq;
+      for (idx_t n = 0; n < Nq; ++n) dst[n] = part[bt * Nq + n];
+      for (int gi = 1; gi < ng; ++gi)
+        for (idx_t n = 0; n < Nq; ++n) dst[n] += part[gi * gs + bt * Nq + n];
+    });
 }
 
 // ------------------------------------------------------------------------------------------
