@@ -130,12 +130,31 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // Grow-only scratch, one per (thread, dtype, slot), kept between calls: fresh large buffers per call
 // cost page faults and zeroing (~15% of a call at SD shapes, perf). Pool threads and the calling
 // thread each have their own, so concurrent callers never share one.
+// Buffers over 32 MiB are not kept: tl_trim (at the end of each kernel) frees them.
+template <class A, int SLOT>
+std::vector<A>& tl_vec() {
+  thread_local std::vector<A> v;
+  return v;
+}
+
 template <class A, int SLOT>
 A* tl_buf(idx_t n, bool zero = false) {
-  thread_local std::vector<A> v;
+  std::vector<A>& v = tl_vec<A, SLOT>();
   if (static_cast<idx_t>(v.size()) < n) v.resize(n);
   if (zero) std::fill(v.begin(), v.begin() + n, A(0));
   return v.data();
+}
+
+template <class A, int SLOT>
+void tl_trim_one() {
+  std::vector<A>& v = tl_vec<A, SLOT>();
+  if (v.capacity() * sizeof(A) > (size_t(32) << 20)) std::vector<A>().swap(v);
+}
+
+template <class A>
+void tl_trim() {
+  tl_trim_one<A, 0>(); tl_trim_one<A, 1>(); tl_trim_one<A, 2>(); tl_trim_one<A, 3>();
+  tl_trim_one<A, 4>(); tl_trim_one<A, 5>(); tl_trim_one<A, 6>(); tl_trim_one<A, 7>();
 }
 
 struct T4 {  // a strided 4-d tensor view (B, H, N, D)
@@ -306,6 +325,7 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
       for (int gi = 1; gi < ng; ++gi)
         for (idx_t n = 0; n < Nq; ++n) dst[n] += part[gi * gs + bt * Nq + n];
     });
+  tl_trim<A>();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -459,6 +479,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
     if (need_mk) reduce(dMK, dmk_p, Nm, D, Dp);
     else std::fill(reinterpret_cast<A*>(dmk_p), reinterpret_cast<A*>(dmk_p) + BH * Nm * D, A(0));
   }
+  tl_trim<A>();
 }
 
 // ------------------------------------------------------------------------------------------
