@@ -277,11 +277,15 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
         for (int j = Nk; j < Nkp; ++j) row[j] = ff::ninf<A>();
         lse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nkp);
       }
-      ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp + bh * szV, Dvp, sc.o.data(), Dvp, false);
-      for (int r = 0; r < m; ++r) {
-        A* o = out + (bh * Nq + n0 + r) * Dv;
-        const A* src = sc.o.data() + static_cast<idx_t>(r) * Dvp;
-        for (int e = 0; e < Dv; ++e) o[e] = src[e];
+      if (Dvp == Dv) {  // head dim a multiple of the vector width: the tiles store straight into out
+        ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp + bh * szV, Dvp, out + (bh * Nq + n0) * Dv, Dv, false);
+      } else {
+        ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp + bh * szV, Dvp, sc.o.data(), Dvp, false);
+        for (int r = 0; r < m; ++r) {
+          A* o = out + (bh * Nq + n0 + r) * Dv;
+          const A* src = sc.o.data() + static_cast<idx_t>(r) * Dvp;
+          for (int e = 0; e < Dv; ++e) o[e] = src[e];
+        }
       }
       const A* P = S;
       int ldp = Nkp;
