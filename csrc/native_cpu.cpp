@@ -18,7 +18,12 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <unistd.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "xattn_row.h"
 
@@ -114,6 +119,20 @@ class Pool {
   std::vector<std::exception_ptr> errs_;
 };
 
+#if defined(_OPENMP)
+std::atomic<bool>& forked_flag() {
+  static std::atomic<bool> f(false);
+  return f;
+}
+bool forked_child() { return forked_flag().load(std::memory_order_relaxed); }
+const int fork_hook_registered = pthread_atfork(nullptr, nullptr, [] { forked_flag().store(true); });
+#endif
+
+// With OpenMP (the default build), the items run on the OpenMP runtime's threads. torch's CPU wheel
+// ships libgomp.so.1 and loads it before this module, so the dynamic linker resolves our libgomp.so.1
+// to that same runtime: one thread pool for torch and fastfair. With a separate pool, torch's OpenMP
+// workers (spinning after each torch op) and ours competed for the cores, and a 2-thread native call
+// interleaved with torch ops ran no faster than a 1-thread one. Without OpenMP: the Pool above.
 template <class F>
 void parallel_for(idx_t n, int nthreads, F&& fn) {
   nthreads = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nthreads, n)));
@@ -121,6 +140,32 @@ void parallel_for(idx_t n, int nthreads, F&& fn) {
     for (idx_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
+#if defined(_OPENMP)
+  if (omp_in_parallel()) {  // called from inside a parallel region: no nested team
+    for (idx_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  if (!forked_child()) {
+  std::vector<std::exception_ptr> errs(nthreads);
+  std::atomic<bool> failed(false);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (idx_t i = 0; i < n; ++i) {
+    if (failed.load(std::memory_order_relaxed)) continue;
+    const int tid = omp_get_thread_num();
+    try {
+      fn(i, tid);
+    } catch (...) {
+      errs[tid] = std::current_exception();
+      failed.store(true);
+    }
+  }
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
+  return;
+  }
+  // In a child forked after OpenMP ran, libgomp's team is gone and a parallel region hangs: use
+  // the Pool, which starts its threads afresh in each process.
+#endif
   const std::function<void(idx_t, int)> f(std::ref(fn));
   Pool::get().run(n, nthreads, f);
 }
