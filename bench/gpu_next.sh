@@ -22,6 +22,9 @@ log install; python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 cat "$RES/setup.log"
 python3 -c "import torch, triton, fastfair.ops as o; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), o.available_backends('cuda'))"
+python3 -c "import torch, fastfair.native; print('OpenMP runtimes mapped:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'omp' in l}))"
+log "call overhead"; python3 bench/bench_call_overhead.py --device cuda --backend native 2>&1 | tail -7
+python3 bench/bench_call_overhead.py --device cuda --backend triton 2>&1 | tail -7
 
 log "repro maps->dq (new tiles; 'old' = the 64-row x 8-warp tile that faulted)"
 for a in "2 8 1024 80" "2 8 1024 80 154" "2 8 256 160" "2 8 4096 40" "16 8 1024 80" "2 8 1024 80 77 old"; do
