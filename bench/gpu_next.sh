@@ -12,6 +12,7 @@ export PYTHONUNBUFFERED=1 FASTFAIR_CACHE=/tmp/ffcache HF_HUB_OFFLINE=1 TRITON_CA
 T0=$(date +%s)
 log() { echo "== $(date +%T) (+$(( $(date +%s) - T0 ))s) $*"; }
 left() { echo $(( ${BUDGET:-540} - ($(date +%s) - T0) )); }
+cap() { local t=$(( $(left) - $2 )); [ $t -gt $1 ] && t=$1; [ $t -lt 20 ] && t=20; echo $t; }  # cap MAX RESERVE
 {
 log device; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -41,10 +42,10 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_nati
 tail -3 "$RES/tests_native.txt"
 
 log "fastfair bench kernels"
-FASTFAIR_TRITON_AUTOTUNE=0 timeout $(( $(left) > 200 ? 200 : $(left) - 60 )) python3 -m fastfair bench --suite kernels --device cuda \
+FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 200 120) python3 -m fastfair bench --suite kernels --device cuda \
   --dtype fp16 --out "$RES/bench_kernels" > "$RES/bench_kernels.log" 2>&1; echo "rc=$?"
 log "fastfair bench e2e"
-timeout $(( $(left) - 70 )) python3 -m fastfair bench --suite e2e --device cuda --dtype fp16 --out "$RES/bench_e2e" \
+timeout $(cap 240 70) python3 -m fastfair bench --suite e2e --device cuda --dtype fp16 --out "$RES/bench_e2e" \
   > "$RES/bench_e2e.log" 2>&1; echo "rc=$?"
 log "guided sampling"
 timeout 60 python3 bench/bench_guidance.py --device cuda --batch 8 --steps 5 > "$RES/guidance.md" 2>&1; tail -6 "$RES/guidance.md"
