@@ -465,3 +465,16 @@ def test_cuda_matches_reference(dtype):
     a, b = a.to(dev), b.to(dev)
     ref = naive.soft_iou(a.double(), b.double(), 0.3, 0.01, 20, 1e-8)
     _close(native.soft_iou_fwd(a, b, 0.3, 0.01, 20, 1e-8), ref, 1e-3, 1e-3)
+
+
+@built
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux-only")
+def test_one_openmp_runtime_in_the_process():
+    """The CPU module's OpenMP must resolve to the libgomp torch loaded (one thread pool for both);
+    a second runtime would bring back the two pools fighting over the cores."""
+    torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not torch_gomp.exists():
+        pytest.skip("this torch build does not ship libgomp.so.1")
+    native.cross_attention_fwd(*_inputs(1, 2, 70, 77, 40, 0, 3, torch.float32, seed=3), 0.2, False)
+    mapped = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(mapped) == 1, mapped
