@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <pthread.h>
@@ -315,12 +316,18 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
       const A* Q = p.q.at<A>(b, h, n0);
       const idx_t sqr = p.q.st[2], sqd = p.q.st[3];
       A* S = sc.s.data();
-      ff::mm_block<W, A>(m, Nkp, D, scale, Q, sqr, sqd, Kt + bh * szK, Nkp, S, Nkp, false);
-      // padded key columns -> -inf, so the row loops run over whole vectors (exp(-inf) = 0)
-      for (int r = 0; r < m; ++r) {
-        A* row = S + static_cast<idx_t>(r) * Nkp;
-        for (int j = Nk; j < Nkp; ++j) row[j] = ff::ninf<A>();
-        lse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nkp);
+      bool fused = false;
+      if constexpr (std::is_same<A, float>::value)  // scores and softmax in registers (keys <= 80)
+        fused = ff::mm_softmax_block<W>(m, Nkp, D, scale, Q, sqr, sqd, Kt + bh * szK, Nkp, S, Nkp, Nk,
+                                        lse + bh * Nq + n0);
+      if (!fused) {
+        ff::mm_block<W, A>(m, Nkp, D, scale, Q, sqr, sqd, Kt + bh * szK, Nkp, S, Nkp, false);
+        // padded key columns -> -inf, so the row loops run over whole vectors (exp(-inf) = 0)
+        for (int r = 0; r < m; ++r) {
+          A* row = S + static_cast<idx_t>(r) * Nkp;
+          for (int j = Nk; j < Nkp; ++j) row[j] = ff::ninf<A>();
+          lse[bh * Nq + n0 + r] = ff::softmax_row(g, row, Nkp);
+        }
       }
       if (Dvp == Dv) {  // head dim a multiple of the vector width: the tiles store straight into out
         ff::mm_block<W, A>(m, Dvp, Nk, A(1), S, Nkp, 1, Vp + bh * szV, Dvp, out + (bh * Nq + n0) * Dv, Dv, false);

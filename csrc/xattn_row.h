@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -176,6 +177,124 @@ inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t l
       }
       memcpy(cp, &cur, sizeof(V));
     }
+}
+
+// Vector exp for the CPU tiles: fast_expf lane by lane, written on vector types so that it stays in
+// registers (same constants and clamping; x < -87.3 gives 0, -inf gives 0).
+// (F and I are template parameters because GCC drops a dependent vector_size on a non-dependent type)
+template <int W, class F = float, class I = int32_t>
+inline void vexp(F (&x)[W]) {
+  typedef F V __attribute__((vector_size(W * sizeof(F))));
+  typedef I IV __attribute__((vector_size(W * sizeof(I))));
+  V v;
+  memcpy(&v, x, sizeof(V));
+  const V hi = V{} + 88.3762626647949f, lo = V{} - 87.33654475f;
+  V xc = v > hi ? hi : v;
+  xc = xc < lo ? lo : xc;
+  const V t = xc * 1.44269504088896341f + 0.5f;
+  V fn = __builtin_convertvector(__builtin_convertvector(t, IV), V);  // trunc
+  fn = fn > t ? fn - 1.0f : fn;                                       // floor
+  V r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  V q = V{} + 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  V y = q * r * r + r + 1.0f;
+  const IV bits = (__builtin_convertvector(fn, IV) + 127) << 23;
+  V sc;
+  memcpy(&sc, &bits, sizeof(V));
+  y = y * sc;
+  y = v < lo ? V{} : y;
+  memcpy(x, &y, sizeof(V));
+}
+
+// Fused scores + softmax for rows whose Nkp = NV * W keys fit one register strip (CLIP's 77 keys:
+// 80 = 5 x 16 floats): S = alpha * A B in registers, padded keys (>= n_valid) masked to -inf, then
+// row max, exp, sum and normalisation without leaving the registers; stores P (ldc) and lse per row.
+template <int R, int NV, int W, class F = float>
+inline void mm_softmax_tile(int K, const F* a, idx_t sam, idx_t sak, const F* b, idx_t ldb, F* c, idx_t ldc,
+                            F alpha, int n_valid, F* lse) {
+  typedef F V __attribute__((vector_size(W * sizeof(F))));
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) memcpy(&bv[v], b + k * ldb + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float ar = a[r * sam + k * sak];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+    }
+  }
+  V col[NV];  // key index of each lane
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < W; ++l) col[v][l] = static_cast<float>(v * W + l);
+  const V ninf_v = V{} - INFINITY, nvalid = V{} + static_cast<float>(n_valid);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    V mx = ninf_v;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = col[v] < nvalid ? acc[r][v] * alpha : ninf_v;
+      mx = acc[r][v] > mx ? acc[r][v] : mx;
+    }
+    float m = mx[0];
+    for (int l = 1; l < W; ++l) m = mx[l] > m ? mx[l] : m;
+    V sum = V{};
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float e[W];
+      V d = acc[r][v] - m;
+      memcpy(e, &d, sizeof(V));
+      vexp<W>(e);
+      memcpy(&acc[r][v], e, sizeof(V));
+      sum += acc[r][v];
+    }
+    float l = 0;
+    for (int i = 0; i < W; ++i) l += sum[i];
+    const float inv = 1.0f / l;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const V pv = acc[r][v] * inv;
+      memcpy(c + r * ldc + v * W, &pv, sizeof(V));
+    }
+    lse[r] = m + logf(l);
+  }
+}
+
+// rows [0, M): fused scores + softmax when the keys fit one strip of at most 5 vectors; returns
+// false (nothing done) otherwise, and the caller takes the unfused path.
+template <int W>
+inline bool mm_softmax_block(int M, int Nkp, int K, float alpha, const float* a, idx_t sam, idx_t sak,
+                             const float* b, idx_t ldb, float* c, idx_t ldc, int n_valid, float* lse) {
+  const int nv = Nkp / W;
+  if (nv < 1 || nv > 5 || nv * W != Nkp) return false;
+  auto rows = [&](auto nvc) {
+    constexpr int NV = decltype(nvc)::value;
+    constexpr int R = NV >= 5 ? 4 : (NV == 4 ? 6 : 8);
+    int m = 0;
+    for (; m + R <= M; m += R)
+      mm_softmax_tile<R, NV, W>(K, a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, alpha, n_valid, lse + m);
+    for (; m < M; ++m)
+      mm_softmax_tile<1, NV, W>(K, a + m * sam, sam, sak, b, ldb, c + m * ldc, ldc, alpha, n_valid, lse + m);
+  };
+  switch (nv) {
+    case 1: rows(std::integral_constant<int, 1>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    case 3: rows(std::integral_constant<int, 3>{}); break;
+    case 4: rows(std::integral_constant<int, 4>{}); break;
+    default: rows(std::integral_constant<int, 5>{}); break;
+  }
+  return true;
 }
 
 // rows [0, M) of one column strip of NV vectors: full tiles of R rows, then one tile of the rest
