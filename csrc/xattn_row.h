@@ -144,11 +144,10 @@ FF_HD A out_col(const A* p, int n, const T* v, idx_t sr, idx_t sc, int e) {
 // vector with AVX-512, or two ymm): per k, NV loads of B and R broadcasts of A feed R*NV FMAs,
 // with R*NV + NV <= 30 registers. The CUDA driver computes its scores with score_dot instead.
 #if !defined(__CUDACC__)
-template <int R, int NV, int W, class A>
-inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb, A* c, idx_t ldc, A alpha,
-                    bool accumulate) {
-  typedef A V __attribute__((vector_size(W * sizeof(A))));
-  V acc[R][NV];
+// acc = A[R x K] B[K x NV*W] in registers: per k, NV loads of B and R broadcasts of A feed R*NV FMAs.
+template <int R, int NV, int W, class A, class V>
+__attribute__((always_inline)) inline void mm_acc(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb,
+                                                  V (&acc)[R][NV]) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -164,6 +163,14 @@ inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t l
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }
   }
+}
+
+template <int R, int NV, int W, class A>
+inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t ldb, A* c, idx_t ldc, A alpha,
+                    bool accumulate) {
+  typedef A V __attribute__((vector_size(W * sizeof(A))));
+  V acc[R][NV];
+  mm_acc<R, NV, W>(K, a, sam, sak, b, ldb, acc);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -219,21 +226,7 @@ inline void mm_softmax_tile(int K, const F* a, idx_t sam, idx_t sak, const F* b,
                             F alpha, int n_valid, F* lse) {
   typedef F V __attribute__((vector_size(W * sizeof(F))));
   V acc[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  for (int k = 0; k < K; ++k) {
-    V bv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) memcpy(&bv[v], b + k * ldb + v * W, sizeof(V));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const float ar = a[r * sam + k * sak];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
-    }
-  }
+  mm_acc<R, NV, W>(K, a, sam, sak, b, ldb, acc);
   V col[NV];  // key index of each lane
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v)
