@@ -24,6 +24,7 @@ This module imports neither diffusers nor transformers.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -60,16 +61,17 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_NATIVE_MOD: list = []  # fastfair.native once imported (or None when it cannot be)
+@functools.cache
+def _native_module():
+    """fastfair.native, imported once (None when it cannot be)."""
+    try:
+        return importlib.import_module("fastfair.native")
+    except ImportError:
+        return None
 
 
 def _native_usable(device: torch.device) -> bool:
-    if not _NATIVE_MOD:
-        try:
-            _NATIVE_MOD.append(importlib.import_module("fastfair.native"))
-        except ImportError:
-            _NATIVE_MOD.append(None)
-    mod = _NATIVE_MOD[0]
+    mod = _native_module()
     return mod is not None and bool(getattr(mod, "usable", lambda d: False)(device))
 
 
@@ -192,18 +194,26 @@ def _fwd_setup(ctx, inputs, output):
     ctx.has_mk = mk is not None
 
 
-def _fwd_backward(ctx, dout, dlse, dmlse, dmaps):
+def _input_grads(ctx, dout, dmaps, bwd):
+    """The 8 input gradients of xattn_fwd from ``bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs)``."""
     q, k, v, mk, tok, out, lse, mlse = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     if not ctx.has_mk:
         needs[3] = False
     if dmaps is not None and dmaps.numel() == 0:
         dmaps = None
-    dq, dk, dv, dmk = _xattn_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, ctx.backend, out, lse, mlse,
-                                 dout, dmaps, needs)
+    if dout is None and dmaps is None:
+        return (None,) * 8
+    dq, dk, dv, dmk = bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs)
     pick = lambda g, n: g if n else None  # noqa: E731
     return (pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]), pick(dmk, needs[3]),
             None, None, None, None)
+
+
+def _fwd_backward(ctx, dout, dlse, dmlse, dmaps):
+    def bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs):
+        return _xattn_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, ctx.backend, out, lse, mlse, dout, dmaps, needs)
+    return _input_grads(ctx, dout, dmaps, bwd)
 
 
 torch.library.register_autograd("fastfair::xattn_fwd", _fwd_backward, setup_context=_fwd_setup)
@@ -220,26 +230,17 @@ class _XAttnEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mk, tok, scale, per_head, backend):
-        out, lse, mlse, maps = _mod(backend).cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
+        output = _mod(backend).cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
         ctx.set_materialize_grads(False)  # an unused output (out or maps) gives None, not zeros
-        ctx.save_for_backward(q, k, v, mk, tok, out, lse, mlse)
-        ctx.scale, ctx.per_head, ctx.backend, ctx.has_mk = scale, per_head, backend, mk is not None
-        return out, maps
+        _fwd_setup(ctx, (q, k, v, mk, tok, scale, per_head, backend), output)
+        return output[0], output[3]
 
     @staticmethod
     def backward(ctx, dout, dmaps):
-        q, k, v, mk, tok, out, lse, mlse = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:4])
-        needs[3] = needs[3] and ctx.has_mk
-        if dmaps is not None and dmaps.numel() == 0:
-            dmaps = None
-        if dout is None and dmaps is None:
-            return (None,) * 8
-        dq, dk, dv, dmk = _mod(ctx.backend).cross_attention_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, out, lse,
-                                                                _opt(mlse), dout, dmaps, tuple(needs))
-        pick = lambda g, n: g if n else None  # noqa: E731
-        return (pick(dq, needs[0]), pick(dk, needs[1]), pick(dv, needs[2]), pick(dmk, needs[3]),
-                None, None, None, None)
+        def bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs):
+            return _mod(ctx.backend).cross_attention_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, out, lse,
+                                                         _opt(mlse), dout, dmaps, tuple(needs))
+        return _input_grads(ctx, dout, dmaps, bwd)
 
 
 _TOK_CACHE: list = [None]  # (tensor given, its version, B, nk, device, normalised): the engine passes one tensor per layer
