@@ -146,7 +146,7 @@ def _all_cases():
             bd = T._p2(D)
             T._OVERRIDE["GPU_CONFIG"] = True
             cfg = T._fwd_heuristic(bd, 128, esz=esz)
-            bn = T._fwd_key_block(77, bd, esz)
+            bn = T._key_tile(77, bd, esz)
             c = dict(HAS_MK=False, HAS_MAPS=True, PER_HEAD=False, COMPUTE_OUT=True, SINGLE=bn == 128,
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BLOCK_NM=16, BLOCK_D=bd, BLOCK_DV=bd, PREC=prec, ALIGN=8,
                      **bt)

@@ -41,10 +41,6 @@ _OVERRIDE: dict = {}
 # and run nothing -- tests/test_triton_compile.py compiles exactly those (meta tensors suffice).
 _RECORD: list | None = None
 
-# Shared memory one block may use (bytes): sm_90 227 KiB, sm_80 163 KiB. Tile rules below keep every
-# config within the smaller one (checked by tests/test_triton_compile.py on sm_90 builds).
-SMEM_LIMIT = {90: 232448, 80: 166912}
-
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -123,7 +119,7 @@ def _dev_ctx(t: torch.Tensor):
 # (seen on an H200 at Nk=154, D=80), so on a GPU no key tile may exceed KEY_TILE_BYTES: longer key
 # sets run the online-softmax loop over several tiles. tests/test_triton_compile.py compiles every
 # config the launchers choose for Nk in {1..4096}, D in {40, 64, 80, 160}, fp16/bf16/fp32 for sm_90
-# and checks shared memory against SMEM_LIMIT[80] (the smaller limit).
+# and checks shared memory against sm_80's 163 KiB (the smaller limit).
 #
 # Backward warps: every bwd config that faulted on the H200 (illegal memory access: maps->dq at D=80,
 # and the unfused backward at Nk=154, D=80) ran 64-query tiles with 8 warps (two warpgroups over one
@@ -236,14 +232,9 @@ def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None) -> di
     return {"BLOCK_M": bm, "num_warps": w, "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2)}
 
 
-def _fwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
-    """Key tile of the forward: Nk rounded up (single pass) unless the tile exceeds KEY_TILE_BYTES on
-    a GPU: then smaller tiles (online softmax)."""
-    return _fit_keys(_key_block(nk), bd, esz)
-
-
-def _bwd_key_block(nk: int, bd: int, esz: int = 2) -> int:
-    """Key tile of the dq kernel's loop (single pass when it covers every key)."""
+def _key_tile(nk: int, bd: int, esz: int = 2) -> int:
+    """Key tile of the forward and of the dq kernel's loop: Nk rounded up (single pass) unless the tile
+    exceeds KEY_TILE_BYTES on a GPU: then smaller tiles (online softmax)."""
     return _fit_keys(_key_block(nk), bd, esz)
 
 
@@ -339,8 +330,8 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
 
     BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
     esz = q.element_size()
-    BLOCK_N = _fwd_key_block(Nk, max(BLOCK_D, BLOCK_DV), esz)
-    BLOCK_NM = _fwd_key_block(Nm, BLOCK_D, esz) if mk is not None else 16
+    BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz)
+    BLOCK_NM = _key_tile(Nm, BLOCK_D, esz) if mk is not None else 16
     BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
     prec, _ = _prec(q.dtype)
 
@@ -427,8 +418,8 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
 
     esz = q.element_size()
     BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
-    BLOCK_N = _bwd_key_block(Nk, max(BLOCK_D, BLOCK_DV), esz)
-    BLOCK_NM = _bwd_key_block(Nm, BLOCK_D, esz) if mk is not None else 16
+    BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz)
+    BLOCK_NM = _key_tile(Nm, BLOCK_D, esz) if mk is not None else 16
     BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
     single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
     # dk/dv/dmk fused into the dq kernel only while their accumulators stay small: with 256-key
