@@ -127,26 +127,9 @@ std::atomic<bool>& forked_flag() {
 }
 bool forked_child() { return forked_flag().load(std::memory_order_relaxed); }
 const int fork_hook_registered = pthread_atfork(nullptr, nullptr, [] { forked_flag().store(true); });
-#endif
 
-// With OpenMP (the default build), the items run on the OpenMP runtime's threads. torch's CPU wheel
-// ships libgomp.so.1 and loads it before this module, so the dynamic linker resolves our libgomp.so.1
-// to that same runtime: one thread pool for torch and fastfair. With a separate pool, torch's OpenMP
-// workers (spinning after each torch op) and ours competed for the cores, and a 2-thread native call
-// interleaved with torch ops ran no faster than a 1-thread one. Without OpenMP: the Pool above.
 template <class F>
-void parallel_for(idx_t n, int nthreads, F&& fn) {
-  nthreads = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nthreads, n)));
-  if (nthreads <= 1) {
-    for (idx_t i = 0; i < n; ++i) fn(i, 0);
-    return;
-  }
-#if defined(_OPENMP)
-  if (omp_in_parallel()) {  // called from inside a parallel region: no nested team
-    for (idx_t i = 0; i < n; ++i) fn(i, 0);
-    return;
-  }
-  if (!forked_child()) {
+void omp_for(idx_t n, int nthreads, F& fn) {
   std::vector<std::exception_ptr> errs(nthreads);
   std::atomic<bool> failed(false);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -162,10 +145,27 @@ void parallel_for(idx_t n, int nthreads, F&& fn) {
   }
   for (auto& e : errs)
     if (e) std::rethrow_exception(e);
-  return;
+}
+#endif
+
+// With OpenMP (the default build), the items run on the OpenMP runtime's threads. torch's CPU wheel
+// ships libgomp.so.1 and loads it before this module, so the dynamic linker resolves our libgomp.so.1
+// to that same runtime: one thread pool for torch and fastfair. With a separate pool, torch's OpenMP
+// workers (spinning after each torch op) and ours competed for the cores, and a 2-thread native call
+// interleaved with torch ops ran no faster than a 1-thread one. Without OpenMP, and in a child forked
+// after OpenMP ran (libgomp's team is gone there and a parallel region would hang): the Pool above.
+template <class F>
+void parallel_for(idx_t n, int nthreads, F&& fn) {
+  nthreads = static_cast<int>(std::max<idx_t>(1, std::min<idx_t>(nthreads, n)));
+#if defined(_OPENMP)
+  if (omp_in_parallel()) nthreads = 1;  // called from inside a parallel region: no nested team
+#endif
+  if (nthreads <= 1) {
+    for (idx_t i = 0; i < n; ++i) fn(i, 0);
+    return;
   }
-  // In a child forked after OpenMP ran, libgomp's team is gone and a parallel region hangs: use
-  // the Pool, which starts its threads afresh in each process.
+#if defined(_OPENMP)
+  if (!forked_child()) return omp_for(n, nthreads, fn);
 #endif
   const std::function<void(idx_t, int)> f(std::ref(fn));
   Pool::get().run(n, nthreads, f);
@@ -174,7 +174,7 @@ void parallel_for(idx_t n, int nthreads, F&& fn) {
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // Grow-only scratch, one per (thread, dtype, slot), kept between calls: fresh large buffers per call
-// cost page faults and zeroing (~15% of a call at SD shapes, perf). Pool threads and the calling
+// cost page faults and zeroing (~15% of a call at SD shapes, perf). Worker threads and the calling
 // thread each have their own, so concurrent callers never share one.
 // Buffers over 32 MiB are not kept: tl_trim (at the end of each kernel) frees them.
 template <class A, int SLOT>
@@ -301,7 +301,7 @@ void xattn_fwd(const XArgs& p, uintptr_t out_p, uintptr_t lse_p, uintptr_t mlse_
   struct Scratch { std::vector<A> s, o, sm, acc; };
   ff::SerialGroup g;
   parallel_for(base * ng, nth, [&](idx_t item, int tid) {
-    thread_local Scratch sc;  // per pool thread, kept between calls
+    thread_local Scratch sc;  // per worker thread, kept between calls
     sc.s.resize(static_cast<idx_t>(MB) * Nkp);
     sc.o.resize(static_cast<idx_t>(MB) * Dvp);
     if (has_mk) sc.sm.resize(static_cast<idx_t>(MB) * Nmp);
@@ -441,7 +441,7 @@ void xattn_bwd(const XArgs& p, uintptr_t lse_p, uintptr_t mlse_p, const T4& dout
   // one block of MB query rows of (b, h)
   auto run_block = [&](idx_t bh, idx_t blk, int tid, A* dKc, A* dVc, A* dMKc) {
     const idx_t b = bh / H, h = bh % H;
-    thread_local Scratch sc;  // per pool thread, kept between calls
+    thread_local Scratch sc;  // per worker thread, kept between calls
     sc.q.resize(static_cast<idx_t>(MB) * Dp);
     sc.s.resize(static_cast<idx_t>(MB) * Nkp);
     sc.dp.resize(static_cast<idx_t>(MB) * Nkp);

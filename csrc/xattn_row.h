@@ -186,15 +186,19 @@ inline void mm_tile(int K, const A* a, idx_t sam, idx_t sak, const A* b, idx_t l
     }
 }
 
-// Vector exp for the CPU tiles: fast_expf lane by lane, written on vector types so that it stays in
-// registers (same constants and clamping; x < -87.3 gives 0, -inf gives 0).
-// (F and I are template parameters because GCC drops a dependent vector_size on a non-dependent type)
+// Vector exp for the CPU tiles: fast_expf lane by lane on W-lane vectors, in registers (same
+// constants and clamping; x < -87.3 gives 0, -inf gives 0). F and I are template parameters because
+// GCC drops a dependent vector_size on a non-dependent type.
 template <int W, class F = float, class I = int32_t>
-inline void vexp(F (&x)[W]) {
+struct Vec {
   typedef F V __attribute__((vector_size(W * sizeof(F))));
   typedef I IV __attribute__((vector_size(W * sizeof(I))));
-  V v;
-  memcpy(&v, x, sizeof(V));
+};
+
+template <int W, class F = float, class I = int32_t>
+inline typename Vec<W, F, I>::V vexp(typename Vec<W, F, I>::V v) {
+  typedef typename Vec<W, F, I>::V V;
+  typedef typename Vec<W, F, I>::IV IV;
   const V hi = V{} + 88.3762626647949f, lo = V{} - 87.33654475f;
   V xc = v > hi ? hi : v;
   xc = xc < lo ? lo : xc;
@@ -214,8 +218,7 @@ inline void vexp(F (&x)[W]) {
   V sc;
   memcpy(&sc, &bits, sizeof(V));
   y = y * sc;
-  y = v < lo ? V{} : y;
-  memcpy(x, &y, sizeof(V));
+  return v < lo ? V{} : y;
 }
 
 // Fused scores + softmax for rows whose Nkp = NV * W keys fit one register strip (CLIP's 77 keys:
@@ -245,11 +248,7 @@ inline void mm_softmax_tile(int K, const F* a, idx_t sam, idx_t sak, const F* b,
     V sum = V{};
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      float e[W];
-      V d = acc[r][v] - m;
-      memcpy(e, &d, sizeof(V));
-      vexp<W>(e);
-      memcpy(&acc[r][v], e, sizeof(V));
+      acc[r][v] = vexp<W, F>(acc[r][v] - m);
       sum += acc[r][v];
     }
     float l = 0;
