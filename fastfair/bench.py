@@ -363,11 +363,8 @@ def kernel_suite(device: torch.device, dtype: torch.dtype, quick: bool, ceil: di
                 tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
                 rows.append(_row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_="all",
                                  method="all", error=f"case process died: {tail}"[:300]))
-            log(f"# kernels: {shape} B={B} done")
-            if on_progress:
-                on_progress(rows)
-            continue
-        rows += _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log)
+        else:
+            rows += _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log)
         log(f"# kernels: {shape} B={B} done")
         if on_progress:
             on_progress(rows)

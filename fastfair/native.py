@@ -149,15 +149,13 @@ def _maps_buffer(q: Tensor, tok: Optional[Tensor], per_head: bool, acc: torch.dt
     return (torch.zeros if zero else torch.empty)(shape, dtype=acc, device=q.device)
 
 
-def _tok(tok: Optional[Tensor]) -> Optional[Tensor]:
-    if tok is None or (tok.dtype == torch.int64 and tok.is_contiguous()):
-        return tok
-    return tok.to(torch.int64).contiguous()
-
-
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """t in dtype, without the cost of a no-op ``.to`` call (~2 us each, several per layer call)."""
     return t if (t is None or t.dtype == dtype) else t.to(dtype)
+
+
+def _tok(tok: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tok is None else _as(tok, torch.int64).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------
