@@ -209,11 +209,11 @@ def test_xattn_determinism_and_threads():
 
 @built
 def test_thread_pool_concurrent_callers_and_fork():
-    """The persistent worker pool: Python threads calling at once (the GIL is released; a caller that
-    finds the pool busy runs inline) get exactly the serial results, and a forked child, where the
-    parent's worker threads do not exist, still runs multi-threaded calls without hanging."""
-    import os
+    """The CPU module's threading: Python threads calling at once (the GIL is released) get exactly the
+    serial results, and a forked child, where the parent's worker threads do not exist, still runs
+    multi-threaded calls without hanging."""
     import threading
+    import time
 
     nt = torch.get_num_threads()
     torch.set_num_threads(max(2, nt))
@@ -243,15 +243,15 @@ def test_thread_pool_concurrent_callers_and_fork():
                 code = 0 if all(torch.equal(a, b) for a, b in zip(o, want[0])) else 2
             finally:
                 os._exit(code)
-        deadline = __import__("time").time() + 60
+        deadline = time.time() + 60
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
-            if __import__("time").time() > deadline:
+            if time.time() > deadline:
                 os.kill(pid, 9)
                 raise AssertionError("forked child hung in a multi-threaded native call")
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     finally:
         torch.set_num_threads(nt)
