@@ -10,8 +10,9 @@ Backends (chosen here and nowhere else):
   ``TRITON_INTERPRET=1`` when asked for by name.
 * ``"native"``: the C++/CUDA extension from ``csrc/`` when it is built.
 
-``backend="auto"`` picks native (else the reference) on CUDA tensors -- triton is opt-in until its
-head-dim-80 maps->dq fault is fixed, see bench/RESULTS.md -- and on CPU native when the extension is built
+``backend="auto"`` picks triton on CUDA tensors (else native, else the reference): on an H200 it beat the
+native CUDA module and the reference at every SD1.5/SDXL shape at batch >= 8 (bench/RESULTS.md) -- and on
+CPU native when the extension is built
 (it measures faster than the reference at every SD shape, bench/bench_native_cpu.py)
 (else the reference, with a one-time warning saying how to build it); the environment
 variable ``FASTFAIR_BACKEND`` overrides ``auto``. Every backend implements the same row math
@@ -113,10 +114,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = os.environ.get("FASTFAIR_BACKEND", "auto") or "auto"
     if backend == "auto":
         if device.type == "cuda":
-            # The Triton backend is opt-in (backend="triton") until its maps->dq backward stops
-            # faulting at head dim 80 (illegal memory access seen on an H200, bench/RESULTS.md);
-            # the native CUDA module passed every GPU check, so auto uses it when it is built.
-            return "native" if _native_usable(device) else "reference"
+            # Triton first: on an H200 (bench/RESULTS.md) it was the fastest fastfair backend at every
+            # shape at batch >= 8 (the native CUDA module's row kernels run at ~0.9 TFLOP/s and fall
+            # behind the reference at large batches); its head-dim-80 backward fault is fixed
+            # (the old 64-row x 8-warp tile still faults, the tiles now chosen pass).
+            for name in ("triton", "native"):
+                if _BACKENDS[name].usable(device):
+                    return name
+            return "reference"
         if device.type == "cpu":  # native beats the reference on CPU (bench/bench_native_cpu.py)
             if _native_usable(device):
                 return "native"

@@ -182,3 +182,21 @@ def test_token_check_cache_sees_changes():
         ops.cross_attention(q, k, v, map_tokens=tok)
     k5 = torch.randn(1, 1, 6, 8)
     ops.cross_attention(q, k5, k5, map_tokens=tok)  # same tensor, more keys: valid again
+
+
+def test_auto_on_cuda_prefers_triton_then_native(monkeypatch):
+    """The CUDA policy (measured on an H200, bench/RESULTS.md): triton, else native, else the reference.
+    Only the usability tests are faked; no CUDA tensor is made."""
+    monkeypatch.delenv("FASTFAIR_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    usable = {"triton": True, "native": True}
+    for name in usable:
+        monkeypatch.setattr(ops._BACKENDS[name], "usable", lambda d, n=name: usable[n] and d.type == "cuda")
+    assert ops.resolve_backend("auto", cuda) == "triton"
+    usable["triton"] = False
+    assert ops.resolve_backend("auto", cuda) == "native"
+    usable["native"] = False
+    assert ops.resolve_backend("auto", cuda) == "reference"
+    monkeypatch.setenv("FASTFAIR_BACKEND", "reference")
+    usable["triton"] = True
+    assert ops.resolve_backend("auto", cuda) == "reference"
