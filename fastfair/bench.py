@@ -516,6 +516,9 @@ def random_pipeline(kind: str, device=None, dtype=torch.float16, seed: int = 0):
 
     from .pipelines import _scheduler, clip_tokenizer
 
+    if kind not in ("random-sd15", "random-sdxl"):
+        raise ValueError(f"unknown random pipeline {kind!r}; choose random-sd15 or random-sdxl")
+
     def te(hidden, layers, heads, proj=None):
         cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
@@ -524,28 +527,33 @@ def random_pipeline(kind: str, device=None, dtype=torch.float16, seed: int = 0):
         return (CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg).eval()
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, latent_channels=4, sample_size=512).eval()
+    # The modules are built (and randomly initialised) on the target device: initialising 1-3.5 B parameters
+    # on the host CPU took most of each e2e case's ~30 s on the H200 machine (the timed runs took ~2 s).
+    # The scheduler and tokenizers stay outside (schedulers keep host tensors).
+    with torch.device(device if device is not None else "cpu"):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                            layers_per_block=2, latent_channels=4, sample_size=512).eval()
+        if kind == "random-sd15":
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+            encoders = dict(text_encoder=te(768, 12, 12))
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816).eval()
+            encoders = dict(text_encoder=te(768, 12, 12), text_encoder_2=te(1280, 32, 20, proj=1280))
     if kind == "random-sd15":
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=te(768, 12, 12), tokenizer=clip_tokenizer(), unet=unet,
-                                       scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    elif kind == "random-sdxl":
-        unet = UNet2DConditionModel(
-            sample_size=128, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816).eval()
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te(768, 12, 12), tokenizer=clip_tokenizer(),
-                                         text_encoder_2=te(1280, 32, 20, proj=1280),
-                                         tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler(),
-                                         force_zeros_for_empty_prompt=True)
+        pipe = StableDiffusionPipeline(vae=vae, tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                       **encoders)
     else:
-        raise ValueError(kind)
+        pipe = StableDiffusionXLPipeline(vae=vae, tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
+                                         unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+                                         **encoders)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -672,6 +680,10 @@ def e2e_case(model: str, mode: str, device: str, dtype: str, images: int, steps:
                images_per_s=images / dt, peak_mb=peak_mb, peak_mb_per_image=peak_mb / in_flight, memory=mem)
     if isinstance(res, dict) and "loss" in res:
         out["loss"] = float(res["loss"])
+    if mode.endswith("fastfair") or mode == "gen-maps":
+        from . import ops
+
+        out["backend"] = ops.resolve_backend("auto", dev)  # what fastfair's kernels ran on
     return out
 
 
@@ -785,7 +797,8 @@ def to_markdown(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
         for r in res["e2e"]:
             if "images_per_s" in r:
-                L.append(f"| {r['model']} | {r['group']} | {r['mode']} | {r['images']} | {r['steps']} | "
+                mode = f"{r['mode']} ({r['backend']})" if r.get("backend") else r["mode"]
+                L.append(f"| {r['model']} | {r['group']} | {mode} | {r['images']} | {r['steps']} | "
                          f"{r['images_per_s']:.4f} | {r['peak_mb']:.0f} | {r['peak_mb_per_image']:.0f} |")
             else:
                 L.append(f"| {r['model']} | {r['group']} | {r['mode']} | | | "

@@ -67,6 +67,9 @@ def test_json_structure(quick):
     assert {"gen-maps", "gen-plain"} <= set(e2e)
     for r in e2e.values():
         assert r["images_per_s"] > 0 and "peak_mb" in r
+    native = d["backends"]["fastfair-native"]["available"]
+    assert e2e["gen-maps"]["backend"] == ("native" if native else "reference")  # what auto ran on CPU
+    assert "backend" not in e2e["gen-plain"]
     assert d["e2e_ratios"] and d["e2e_ratios"][0]["throughput_ratio"] > 0
 
 
@@ -100,3 +103,17 @@ def test_png_without_matplotlib(quick, tmp_path, monkeypatch):
     _, res = quick
     assert bench.write_png(res, tmp_path / "p.png") == "PIL"
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kind,unet_params,cross_dim", [("random-sd15", 859_520_964, 768),
+                                                         ("random-sdxl", 2_567_463_684, 2048)])
+def test_random_pipelines_have_the_published_sizes(kind, unet_params, cross_dim):
+    """The GPU e2e suite's random-weight SD1.5 / SDXL (built on the meta device here: no memory, ~1 s): the
+    UNets have the published parameter counts of SD1.5's and SDXL's UNets."""
+    import torch
+
+    pipe = bench.random_pipeline(kind, "meta", torch.float16)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == unet_params
+    assert pipe.unet.config.cross_attention_dim == cross_dim
+    assert pipe.unet.device.type == "meta" and pipe.unet.dtype == torch.float16
+    assert pipe.scheduler.alphas_cumprod.device.type == "cpu"  # schedulers keep host tensors
