@@ -318,13 +318,35 @@ def pass_cost(pas: str, B: int, H: int, Nq: int, D: int, es: int, maps: bool, nk
 
 
 def _rotating(make, nbytes: int, device: torch.device):
-    """A closure cycling over enough input copies to exceed twice the L2 cache (CUDA), else one copy."""
+    """A closure cycling over enough input copies to exceed twice the L2 cache (CUDA), else one copy;
+    its ``n`` attribute is the number of copies."""
     n = 1
     if device.type == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20) or 50 * 2 ** 20
         n = max(1, min(64, math.ceil(2 * l2 / max(nbytes, 1))))
     sets = [make(seed) for seed in range(n)]
-    return itertools.cycle(sets).__next__
+    it = itertools.cycle(sets)
+
+    def nxt():
+        return next(it)
+
+    nxt.n = n
+    return nxt
+
+
+def graph_time_ms(fn, warm_calls: int, quick: bool = False) -> float:
+    """GPU time of ``fn`` without host cost: ``triton.testing.do_bench_cudagraph`` replays a CUDA graph of
+    unrolled calls (each call still gets the next rotating input set). ``warm_calls`` eager calls first, so
+    that no first-use work (token checks, lazy allocations) happens while the graph is captured."""
+    import triton.testing
+
+    for _ in range(warm_calls):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 30, return_mode="median"))
+    except TypeError:  # an older triton without return_mode
+        return float(triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 30))
 
 
 def _row(**kw) -> dict:
@@ -399,6 +421,12 @@ def _shape_rows(model, Nq, H, D, B, device, dtype, quick, ceil, run_methods, log
             try:
                 row.update(time_fn(call, device, quick))
                 rows.append(_finish(row, ceil))
+                if device.type == "cuda":  # the same calls in a CUDA graph: kernel time without host cost
+                    try:
+                        row["graph_ms"] = graph_time_ms(call, nxt.n + 1, quick)
+                        row["graph_pct_bw"] = 100 * row["bytes"] / (row["graph_ms"] * 1e-3) / (ceil["copy_bw_gbs"] * 1e9)
+                    except Exception as e:  # capture is not possible for every method (host syncs)
+                        row["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             except Exception as e:  # a shape a method has no kernel for, a GPU fault, OOM ...
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 rows.append(row)
@@ -777,20 +805,28 @@ def to_markdown(res: dict) -> str:
     if res.get("kernels"):
         L += ["", "## Kernels", "",
               "Median times; % roofline = max(bytes / copy BW, FLOPs / matmul rate) / time. "
-              "x SDPA: time over SDPA's (no maps) in the same pass.", "",
-              "| shape | B | pass | backend | ms | MB | GFLOP | GB/s | % BW | TFLOP/s | % roofline | x SDPA |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "x SDPA: time over SDPA's (no maps) in the same pass. On CUDA, graph ms: the same calls replayed "
+              "from a CUDA graph (kernel time without the host's per-call cost) and its % of copy bandwidth.", "",
+              "| shape | B | pass | backend | ms | MB | GFLOP | GB/s | % BW | TFLOP/s | % roofline | x SDPA "
+              "| graph ms | graph % BW | graph x SDPA |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         sdpa = {(r["shape"], r["B"], r["pass_"]): r["median_ms"] for r in res["kernels"]
                 if r["method"] == "sdpa" and "median_ms" in r}
+        gsdpa = {(r["shape"], r["B"], r["pass_"]): r["graph_ms"] for r in res["kernels"]
+                 if r["method"] == "sdpa" and "graph_ms" in r}
         for r in res["kernels"]:
             if "error" in r:
                 L.append(f"| {r['shape']} | {r['B']} | {r['pass_']} | {r['method']} | error: {r['error']} "
-                         "|  |  |  |  |  |  |  |")
+                         "|  |  |  |  |  |  |  |  |  |  |")
                 continue
             base = sdpa.get((r["shape"], r["B"], r["pass_"]))
+            gbase, g = gsdpa.get((r["shape"], r["B"], r["pass_"])), r.get("graph_ms")
+            graph = (f"{g:.4f} | {r['graph_pct_bw']:.1f} | {_f(gbase and g / gbase, '{:.2f}')}" if g is not None
+                     else f"{'no graph: ' + r['graph_error'] if r.get('graph_error') else ''} |  | ")
             L.append(f"| {r['shape']} | {r['B']} | {r['pass_']} | {r['method']} | {r['median_ms']:.4f} | "
                      f"{r['bytes'] / 1e6:.2f} | {r['flops'] / 1e9:.3f} | {r['gbs']:.1f} | {r['pct_bw']:.1f} | "
-                     f"{r['tflops']:.3f} | {r['pct_roofline']:.1f} | {_f(base and r['median_ms'] / base, '{:.2f}')} |")
+                     f"{r['tflops']:.3f} | {r['pct_roofline']:.1f} | {_f(base and r['median_ms'] / base, '{:.2f}')} | "
+                     f"{graph} |")
     if res.get("e2e"):
         L += ["", "## End to end", "",
               "| model | workload | mode | images | steps | images/s | peak MB | peak MB / image in flight |",

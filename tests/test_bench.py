@@ -117,3 +117,21 @@ def test_random_pipelines_have_the_published_sizes(kind, unet_params, cross_dim)
     assert pipe.unet.config.cross_attention_dim == cross_dim
     assert pipe.unet.device.type == "meta" and pipe.unet.dtype == torch.float16
     assert pipe.scheduler.alphas_cumprod.device.type == "cpu"  # schedulers keep host tensors
+
+
+def test_markdown_graph_columns(quick):
+    """CUDA rows carry kernel-only times from a CUDA graph (or why capture failed); CPU rows leave them blank."""
+    _, res = quick
+    rows = [dict(r) for r in res["kernels"] if r["pass_"] == "fwd" and r["method"] in ("sdpa", "explicit")][:2]
+    assert {r["method"] for r in rows} == {"sdpa", "explicit"} and rows[0]["shape"] == rows[1]["shape"]
+    g = {"sdpa": 0.01, "explicit": 0.04}
+    for r in rows:
+        r.update(graph_ms=g[r["method"]], graph_pct_bw=12.5)
+    failed = dict(rows[0], method="fastfair-native", graph_error="RuntimeError: capture failed")
+    del failed["graph_ms"], failed["graph_pct_bw"]
+    md = bench.to_markdown(dict(res, kernels=rows + [failed], e2e=[]))
+    line = {r.split("|")[4].strip(): r for r in md.splitlines() if r.startswith(f"| {rows[0]['shape']} ")}
+    assert line["explicit"].rstrip().endswith("| 0.0400 | 12.5 | 4.00 |")
+    assert line["sdpa"].rstrip().endswith("| 0.0100 | 12.5 | 1.00 |")
+    assert "no graph: RuntimeError: capture failed" in line["fastfair-native"]
+    assert all(r.count("|") == 16 for r in line.values())
