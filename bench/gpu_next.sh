@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks still owed (issues 3, 4, 9), in two device calls of <= 9 minutes each:
 #   bash bench/gpu_next.sh A   setup, per-call cost (triton, native), Triton + native CUDA tests (xdist),
+#                              bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph times),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
 #                              guided sampling vs the reference style
@@ -39,6 +40,8 @@ if [ "$PART" = A ]; then
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 170 330) python3 -m pytest -q -p no:cacheprovider --noconftest -n 8 \
     tests/test_triton_xattn.py tests/test_triton_softiou.py tests/test_native.py > "$RES/tests.log" 2>&1; echo "rc=$?"
   tail -4 "$RES/tests.log" | tee "$RES/tests.txt"
+  log "triton tile / split sweep (CUDA graphs)"
+  timeout $(cap 90 200) python3 bench/triton_sweep.py > "$RES/sweep.txt" 2>&1; echo "rc=$?"
   log "fastfair bench kernels"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 320 15) python3 -m fastfair bench --suite kernels --device cuda \
     --dtype fp16 --out "$RES/bench_kernels" > "$RES/bench_kernels.log" 2>&1; echo "rc=$?"
