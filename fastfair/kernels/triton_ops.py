@@ -55,8 +55,18 @@ def _gpu_rules() -> bool:
     return not _interpret() or bool(_OVERRIDE.get("GPU_CONFIG"))
 
 
+def _cdiv(a: int, b: int) -> int:
+    """triton.cdiv in plain int math: Triton's is a JIT function (~4 us per call from Python)."""
+    return -(-a // b)
+
+
+def _np2(x: int) -> int:
+    """triton.next_power_of_2 for x >= 1 in plain int math."""
+    return 1 << (max(1, x) - 1).bit_length()
+
+
 def _p2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(1, int(x))))
+    return max(lo, _np2(int(x)))
 
 
 def _key_block(n: int) -> int:
@@ -80,7 +90,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _nq_bucket(nq: int) -> int:
-    return min(triton.next_power_of_2(max(nq, 1)), 8192)
+    return min(_np2(nq), 8192)
 
 
 def _prec(dtype: torch.dtype) -> tuple[str, str]:
@@ -338,12 +348,12 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
     # head groups: all heads in one program (maps summed in registers) unless that leaves the GPU
     # idle; then groups of heads whose partial maps are summed below.
     if has_maps and not per_head:
-        nprog = triton.cdiv(Nq, 64) * B
-        hg = max(1, min(H, triton.cdiv(_target_programs(dev), nprog)))
+        nprog = _cdiv(Nq, 64) * B
+        hg = max(1, min(H, _cdiv(_target_programs(dev), nprog)))
         if "HEAD_GROUPS" in _OVERRIDE:
             hg = min(H, _OVERRIDE["HEAD_GROUPS"])
-        hpp = triton.cdiv(H, hg)
-        hg = triton.cdiv(H, hpp)
+        hpp = _cdiv(H, hg)
+        hg = _cdiv(H, hpp)
     else:
         hg, hpp = H, 1
     if has_maps and not per_head and hg > 1:
@@ -371,7 +381,7 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
                       SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                       BLOCK_T=BLOCK_T, PREC=prec, ALIGN=align)
         cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV)
-        grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
+        grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         _launch("fwd", grid, args, consts, cfg, tune="FWD_BLOCK_M" not in _OVERRIDE)
 
     with _dev_ctx(q):
@@ -431,15 +441,15 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     need_delta = (not fuse) and (dk_src or dmk_src)
     prec, prec_map = _prec(q.dtype)
     BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz)
-    NMB = triton.cdiv(Nq, BLOCK_M)
+    NMB = _cdiv(Nq, BLOCK_M)
     if fuse:
-        nsplit = max(1, min(NMB, triton.cdiv(_target_programs(dev), B * H)))
+        nsplit = max(1, min(NMB, _cdiv(_target_programs(dev), B * H)))
         if "NSPLIT" in _OVERRIDE:
             nsplit = max(1, min(NMB, _OVERRIDE["NSPLIT"]))
     else:
         nsplit = NMB
-    mb_per = triton.cdiv(NMB, nsplit)
-    nsplit = triton.cdiv(NMB, mb_per)
+    mb_per = _cdiv(NMB, nsplit)
+    nsplit = _cdiv(NMB, mb_per)
 
     f32 = dict(dtype=torch.float32, device=dev)
     dq_buf = torch.empty(B, H, Nq, D, dtype=q.dtype, device=dev) if dq_src else lse
@@ -479,12 +489,12 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
                 _bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M))
 
         def dkdv(K_, V_, L_, DEL_, n_keys, block_n, has_do, need_dk_, need_dv_):
-            nkb = triton.cdiv(n_keys, block_n)
-            ns = max(1, min(NMB, triton.cdiv(_target_programs(dev), nkb * B * H)))
+            nkb = _cdiv(n_keys, block_n)
+            ns = max(1, min(NMB, _cdiv(_target_programs(dev), nkb * B * H)))
             if "NSPLIT" in _OVERRIDE:
                 ns = max(1, min(NMB, _OVERRIDE["NSPLIT"]))
-            per = triton.cdiv(NMB, ns)
-            ns = triton.cdiv(NMB, per)
+            per = _cdiv(NMB, ns)
+            ns = _cdiv(NMB, per)
             kp = torch.empty(ns, B, H, n_keys, D, **f32) if need_dk_ else lse
             vp = torch.empty(ns, B, H, n_keys, DV, **f32) if need_dv_ else lse
             a = (q, K_, V_, dout_, L_, DEL_, kp, vp,
