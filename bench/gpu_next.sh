@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks still owed (issues 3, 4, 9), in two device calls of <= 9 minutes each:
-#   bash bench/gpu_next.sh A   setup, per-call cost (triton, native), Triton + native CUDA tests (xdist),
+#   bash bench/gpu_next.sh A   setup, per-call cost (triton, native; Triton launch counts), Triton + native
+#                              CUDA tests (xdist, incl. the direct-launch path now on by default),
 #                              bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph times),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
@@ -36,6 +37,7 @@ python3 -c "import torch, triton, fastfair.ops as o; print(torch.__version__, tr
 if [ "$PART" = A ]; then
   log "call overhead"
   for be in triton native; do python3 bench/bench_call_overhead.py --device cuda --backend $be 2>&1 | tail -7; done | tee "$RES/overhead.txt"
+  timeout 90 python3 bench/triton_host_overhead.py --device cuda --calls 200 2>&1 | tail -8 | tee -a "$RES/overhead.txt"
   log "triton + native CUDA tests (8 workers)"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 170 330) python3 -m pytest -q -p no:cacheprovider --noconftest -n 8 \
     tests/test_triton_xattn.py tests/test_triton_softiou.py tests/test_native.py > "$RES/tests.log" 2>&1; echo "rc=$?"
