@@ -5,7 +5,7 @@ real compiles for sm_90, a launcher that records its calls instead of launching 
 forward launch site: the first two calls go through Triton's JITFunction.run (the second with the
 compiled kernel's launcher spied on), later calls skip it and hand the launcher exactly the call Triton
 itself made for the same tensors (grid, stream, function, metadata, every argument); a tensor that is not
-16-byte aligned takes Triton's own path again.
+16-byte aligned takes Triton's own path again, and FASTFAIR_TRITON_DIRECT=0 turns direct launches off.
 """
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ tok_a, tok = tok, tok_u
 res["unaligned_jit"] = call(q.clone())[0]
 tok = tok_a
 res["aligned_again_jit"] = call(q.clone())[0]
+# FASTFAIR_TRITON_DIRECT=0: a new launch site (another query count) never leaves Triton's path
+os.environ["FASTFAIR_TRITON_DIRECT"] = "0"
+q2 = torch.randn(1, 2, 48, 16, generator=g).half()
+res["disabled_jit"] = [call(q2.clone())[0] for _ in range(4)]
 print("RESULT " + json.dumps(res))
 """
 
@@ -86,3 +90,4 @@ def test_direct_launch_is_the_call_triton_makes():
     assert res["n_args"] > 9
     assert res["unaligned_jit"] == 1  # unaligned pointer: Triton's own path (another specialisation)
     assert res["aligned_again_jit"] == 0
+    assert res["disabled_jit"] == [1, 1, 1, 1]

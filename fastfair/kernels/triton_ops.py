@@ -13,7 +13,8 @@ Provides ``naive.py``'s functions with the same signatures and return convention
 * Deterministic: no atomics; partial sums (head groups, query splits) are reduced by torch.
 * Host side (what decides the speed at SD shapes, where a kernel runs for tens of microseconds): the
   launchers cache a plan per shapes / strides / dtypes / flags and launch checked compiled kernels
-  directly (see "host-side launch path"; bench/triton_host_overhead.py measures it).
+  directly (see "host-side launch path"; bench/triton_host_overhead.py measures it);
+  ``FASTFAIR_TRITON_DIRECT=0`` keeps every launch on Triton's own ``JITFunction.run``.
 """
 from __future__ import annotations
 
@@ -461,6 +462,8 @@ class _Site:
         if self.state != 0:
             return
         self.state = -1
+        if os.environ.get("FASTFAIR_TRITON_DIRECT", "1") == "0":  # escape hatch: always Triton's own path
+            return
         if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
             return
         params = getattr(self.fn, "params", None)
