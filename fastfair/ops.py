@@ -141,6 +141,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# backend name per (requested backend, device type), as the last eager call resolved it: torch.compile
+# reads it instead of re-running resolve_backend, whose module imports dynamo cannot trace (one graph
+# break per attention layer otherwise).
+_RESOLVED: dict = {}
+
+
+def _resolve_for_call(backend: str, device: torch.device) -> str:
+    key = (backend, device.type)
+    if torch.compiler.is_compiling():
+        name = _RESOLVED.get(key)
+        if name is not None:
+            return name
+    name = _RESOLVED[key] = resolve_backend(backend, device)
+    return name
+
+
 def _mod(backend: str):
     return _BACKENDS[backend].load()
 
@@ -310,7 +326,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
         nk = map_keys.shape[2] if map_keys is not None else k.shape[2]
         tok = _normalise_tokens(map_tokens, B, nk, q.device)
     scale = naive.default_scale(D) if scale is None else float(scale)
-    name = resolve_backend(backend, q.device)
+    name = _resolve_for_call(backend, q.device)
     per_head = head_reduce == "none"
     if torch.compiler.is_compiling():
         out, _, _, maps = torch.ops.fastfair.xattn_fwd(q, k, v, map_keys, tok, scale, per_head, name)

@@ -136,6 +136,7 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
     """
     if is_patched(pipe):
         pipe._fastfair.backend = backend
+        _prime_backend(backend, pipe.unet)
         return pipe._fastfair
     unet = getattr(pipe, "unet", None)
     if unet is None:
@@ -155,7 +156,16 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
     for n, m in mods.items():
         m.set_processor(FastFairCrossAttnProcessor(n, state, state.originals[n]))
     pipe._fastfair = state
+    _prime_backend(backend, unet)
     return state
+
+
+def _prime_backend(backend: str, unet) -> None:
+    """Resolve the backend for the UNet's device now, outside any torch.compile trace: a compiled UNet
+    then reads the resolved name instead of running resolve_backend's imports (a graph break per layer)."""
+    p = next(unet.parameters(), None)
+    if p is not None:
+        ops._resolve_for_call(backend, p.device)
 
 
 def unpatch(pipe) -> None:
