@@ -6,6 +6,8 @@
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
 #                              guided sampling vs the reference style
+#   bash bench/gpu_next.sh C   setup, bench/compile_check.py: generate with maps, eager vs torch.compile'd UNet
+#                              (default and reduce-overhead = CUDA graphs): speed and map agreement
 # Carry .whl (diffusers + importlib_metadata wheels, see bench/RESULTS.md). $OUT gets results.tgz and summary.md;
 # every bench leaves bench.partial.json behind if it is cut, so a timeout loses only the case in flight.
 # History: the first H200 run (2026-11-26 05:38) confirmed the head-dim-80 fault fix; see bench/RESULTS.md.
@@ -47,6 +49,9 @@ if [ "$PART" = A ]; then
   log "fastfair bench kernels"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 320 15) python3 -m fastfair bench --suite kernels --device cuda \
     --dtype fp16 --out "$RES/bench_kernels" > "$RES/bench_kernels.log" 2>&1; echo "rc=$?"
+elif [ "$PART" = C ]; then
+  log "torch.compile check"
+  timeout $(cap 480 10) python3 bench/compile_check.py --device cuda > "$RES/compile.txt" 2>&1; tail -6 "$RES/compile.txt"
 else
   log "fastfair bench e2e"
   timeout $(cap 400 70) python3 -m fastfair bench --suite e2e --device cuda --dtype fp16 --out "$RES/bench_e2e" \
