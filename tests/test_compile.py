@@ -1,5 +1,5 @@
 """generate with a torch.compile'd UNet: fastfair's processors trace without graph breaks (the point of
-compiling on a GPU is one graph per UNet call, without Python between layers) and give the eager maps."""
+compiling on a GPU is one graph per UNet call, without Python between layers) and give the eager results."""
 import torch
 
 import fastfair
@@ -8,23 +8,27 @@ from fastfair import pipelines
 PROMPT = "a photo of the face of a doctor"
 
 
-def test_compiled_unet_no_graph_breaks_same_maps():
+def _eager_and_compiled(**kw):
+    """(eager result, compiled-UNet result, dynamo's graph-break counts, graphs compiled) on tiny-sd."""
     from torch._dynamo.utils import counters
 
     pipe = pipelines.load_pipeline("tiny-sd", device="cpu")
-    kw = dict(seeds=[0, 1], steps=2, maps=["doctor", "face"], progress=False)
-    eager = fastfair.generate(pipe, PROMPT, **kw)
+    eager = fastfair.generate(pipe, PROMPT, progress=False, **kw)
     torch._dynamo.reset()
     counters.clear()
     pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
     try:
-        comp = fastfair.generate(pipe, PROMPT, **kw)
+        comp = fastfair.generate(pipe, PROMPT, progress=False, **kw)
     finally:
         pipe.unet = pipe.unet._orig_mod
         torch._dynamo.reset()
-    breaks = dict(counters["graph_break"])
+    return pipe, eager, comp, dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+
+def test_compiled_unet_no_graph_breaks_same_maps():
+    _, eager, comp, breaks, graphs = _eager_and_compiled(seeds=[0, 1], steps=2, maps=["doctor", "face"])
     assert not breaks, list(breaks)[:1]
-    assert counters["stats"]["unique_graphs"] <= 2  # the UNet call (and at most one recompile)
+    assert graphs <= 2  # the UNet call (and at most one recompile)
     for w in ("doctor", "face"):
         torch.testing.assert_close(comp.maps[w], eager.maps[w], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(comp.latents, eager.latents, rtol=1e-4, atol=1e-5)
@@ -33,19 +37,9 @@ def test_compiled_unet_no_graph_breaks_same_maps():
 def test_compiled_unet_guided_sampling():
     """Entanglement guidance (gradient of SoftIoU through the maps into the latents) through a compiled UNet:
     the custom op's registered autograd formula is traced too; no graph breaks, eager latents."""
-    from torch._dynamo.utils import counters
-
-    pipe = pipelines.load_pipeline("tiny-sd", device="cpu")
-    kw = dict(seeds=[0, 1], steps=2, guidance=fastfair.EntanglementGuidance("doctor", "face"), progress=False)
-    eager = fastfair.generate(pipe, PROMPT, **kw)
-    torch._dynamo.reset()
-    counters.clear()
-    pipe.unet = torch.compile(pipe.unet, backend="aot_eager")
-    try:
-        comp = fastfair.generate(pipe, PROMPT, **kw)
-    finally:
-        pipe.unet = pipe.unet._orig_mod
-        torch._dynamo.reset()
-    assert not dict(counters["graph_break"])
-    assert not torch.equal(eager.latents, fastfair.generate(pipe, PROMPT, seeds=[0, 1], steps=2, progress=False).latents)
+    pipe, eager, comp, breaks, _ = _eager_and_compiled(
+        seeds=[0, 1], steps=2, guidance=fastfair.EntanglementGuidance("doctor", "face"))
+    assert not breaks, list(breaks)[:1]
+    plain = fastfair.generate(pipe, PROMPT, seeds=[0, 1], steps=2, progress=False)
+    assert not torch.equal(eager.latents, plain.latents)  # the guidance did act
     torch.testing.assert_close(comp.latents, eager.latents, rtol=1e-4, atol=1e-5)
