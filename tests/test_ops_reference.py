@@ -200,3 +200,23 @@ def test_auto_on_cuda_prefers_triton_then_native(monkeypatch):
     monkeypatch.setenv("FASTFAIR_BACKEND", "reference")
     usable["triton"] = True
     assert ops.resolve_backend("auto", cuda) == "reference"
+
+
+def test_soft_iou_auto_on_cuda_prefers_native(monkeypatch):
+    """SoftIoU's own CUDA choice (native's kernels measured 3.5-4x faster than Triton's on an H200):
+    native, else the cross-attention order (triton, reference); a named backend or FASTFAIR_BACKEND wins."""
+    monkeypatch.delenv("FASTFAIR_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    usable = {"triton": True, "native": True}
+    for name in usable:
+        monkeypatch.setattr(ops._BACKENDS[name], "usable", lambda d, n=name: usable[n] and d.type == "cuda")
+    monkeypatch.setattr(ops, "_native_usable", lambda d: usable["native"] and d.type == "cuda")
+    assert ops._resolve_soft_iou("auto", cuda) == "native"
+    assert ops.resolve_backend("auto", cuda) == "triton"  # cross attention keeps triton
+    assert ops._resolve_soft_iou("triton", cuda) == "triton"
+    assert ops._resolve_soft_iou("auto", torch.device("cpu")) == ops.resolve_backend("auto", torch.device("cpu"))
+    usable["native"] = False
+    assert ops._resolve_soft_iou("auto", cuda) == "triton"
+    usable["native"] = True
+    monkeypatch.setenv("FASTFAIR_BACKEND", "reference")
+    assert ops._resolve_soft_iou("auto", cuda) == "reference"
