@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks still owed (issues 3, 4, 9), in two device calls of <= 9 minutes each:
+# The GPU checks still owed (issues 3, 4, 9), in device calls of <= 9 minutes each (A and B first; C if time is left):
 #   bash bench/gpu_next.sh A   setup, per-call cost (triton, native; Triton launch counts), Triton + native
 #                              CUDA tests (xdist, incl. the direct-launch path now on by default),
-#                              bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph times),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
 #                              guided sampling vs the reference style
-#   bash bench/gpu_next.sh C   setup, bench/compile_check.py: generate with maps, eager vs torch.compile'd UNet
-#                              (default and reduce-overhead = CUDA graphs): speed and map agreement
+#   bash bench/gpu_next.sh C   setup, bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph
+#                              times), bench/compile_check.py (generate with maps, eager vs torch.compile'd
+#                              UNet, default and reduce-overhead = CUDA graphs: speed and map agreement)
 # Carry .whl (diffusers + importlib_metadata wheels, see bench/RESULTS.md). $OUT gets results.tgz and summary.md;
 # every bench leaves bench.partial.json behind if it is cut, so a timeout loses only the case in flight.
 # History: the first H200 run (2026-11-26 05:38) confirmed the head-dim-80 fault fix; see bench/RESULTS.md.
@@ -45,12 +45,12 @@ if [ "$PART" = A ]; then
     tests/test_triton_xattn.py tests/test_triton_softiou.py > "$RES/tests.log" 2>&1; echo "rc=$?"
   timeout 60 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_native.py -k cuda >> "$RES/tests.log" 2>&1
   grep -E "passed|failed|error" "$RES/tests.log" | tee "$RES/tests.txt"
-  log "triton tile / split sweep (CUDA graphs)"
-  timeout $(cap 90 200) python3 bench/triton_sweep.py > "$RES/sweep.txt" 2>&1; echo "rc=$?"
   log "fastfair bench kernels"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 320 15) python3 -m fastfair bench --suite kernels --device cuda \
     --dtype fp16 --out "$RES/bench_kernels" > "$RES/bench_kernels.log" 2>&1; echo "rc=$?"
 elif [ "$PART" = C ]; then
+  log "triton tile / split sweep (CUDA graphs)"
+  timeout $(cap 150 300) python3 bench/triton_sweep.py > "$RES/sweep.txt" 2>&1; echo "rc=$?"
   log "torch.compile check"
   timeout $(cap 480 10) python3 bench/compile_check.py --device cuda > "$RES/compile.txt" 2>&1; tail -6 "$RES/compile.txt"
 else
