@@ -42,7 +42,7 @@ if [ "$PART" = A ]; then
   timeout 90 python3 bench/triton_host_overhead.py --device cuda --calls 200 2>&1 | tail -8 | tee -a "$RES/overhead.txt"
   log "triton + native CUDA tests (8 workers)"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 150 330) python3 -m pytest -q -p no:cacheprovider --noconftest -n 8 \
-    tests/test_triton_xattn.py tests/test_triton_softiou.py > "$RES/tests.log" 2>&1; echo "rc=$?"
+    tests/test_triton_xattn.py tests/test_triton_softiou.py tests/test_triton_engine.py > "$RES/tests.log" 2>&1; echo "rc=$?"
   timeout 60 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_native.py -k cuda >> "$RES/tests.log" 2>&1
   grep -E "passed|failed|error" "$RES/tests.log" | tee "$RES/tests.txt"
   log "fastfair bench kernels"
