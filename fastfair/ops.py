@@ -10,8 +10,9 @@ Backends (chosen here and nowhere else):
   ``TRITON_INTERPRET=1`` when asked for by name.
 * ``"native"``: the C++/CUDA extension from ``csrc/`` when it is built.
 
-``backend="auto"`` picks triton on CUDA tensors (else native, else the reference): on an H200 it beat the
-native CUDA module and the reference at every SD1.5/SDXL shape at batch >= 8 (bench/RESULTS.md) -- and on
+``backend="auto"`` picks triton on CUDA tensors of sm_80 / sm_90 GPUs (else native on sm_80 or newer, else
+the reference): on an H200 it beat the native CUDA module and the reference at every SD1.5/SDXL shape at
+batch >= 8 (bench/RESULTS.md) -- and on
 CPU native when the extension is built
 (it measures faster than the reference at every SD shape, bench/bench_native_cpu.py)
 (else the reference, with a one-time warning saying how to build it); ``soft_iou`` on CUDA prefers
@@ -109,6 +110,20 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
+# CUDA architectures where ``auto`` picks triton: those its launch rules are sized and compile-tested for
+# (tests/test_triton_compile.py: sm_90 codegen, sm_80's shared-memory limit), and measured on (H200).
+TRITON_AUTO_CAPABILITIES = ((8, 0), (9, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` (or the FASTFAIR_BACKEND override) to a concrete, usable backend name."""
     if backend == "auto":
@@ -118,8 +133,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             # Triton first: on an H200 (bench/RESULTS.md) it was the fastest fastfair backend at every
             # shape at batch >= 8 (the native CUDA module's row kernels run at ~0.9 TFLOP/s and fall
             # behind the reference at large batches); its head-dim-80 backward fault is fixed
-            # (the old 64-row x 8-warp tile still faults, the tiles now chosen pass).
-            for name in ("triton", "native"):
+            # (the old 64-row x 8-warp tile still faults, the tiles now chosen pass). Only on the
+            # architectures its tiles are sized and compile-tested for (sm_80, sm_90: up to 144 KiB of
+            # shared memory per block; sm_86/89 allow 99 KiB, sm_75 64 KiB); native needs sm_80 or newer.
+            cc = _capability(device)
+            order = (("triton",) if cc in TRITON_AUTO_CAPABILITIES else ()) + (("native",) if cc >= (8, 0) else ())
+            for name in order:
                 if _BACKENDS[name].usable(device):
                     return name
             return "reference"
@@ -168,7 +187,7 @@ def _resolve_soft_iou(backend: str, device: torch.device) -> str:
     the Triton ones on an H200 (0.41-0.48 vs 1.65 ms for 64x64 maps, 1.31 vs 5.43 ms for 128x128, fwd + bwd,
     bench/RESULTS.md). Elsewhere, and when a backend is named, as resolve_backend."""
     if (backend == "auto" and not os.environ.get("FASTFAIR_BACKEND") and device.type == "cuda"
-            and _native_usable(device)):
+            and _capability(device) >= (8, 0) and _native_usable(device)):
         return "native"
     return resolve_backend(backend, device)
 

@@ -192,7 +192,18 @@ def test_auto_on_cuda_prefers_triton_then_native(monkeypatch):
     usable = {"triton": True, "native": True}
     for name in usable:
         monkeypatch.setattr(ops._BACKENDS[name], "usable", lambda d, n=name: usable[n] and d.type == "cuda")
+    cc = [(9, 0)]
+    monkeypatch.setattr(ops, "_capability", lambda d: cc[0])
     assert ops.resolve_backend("auto", cuda) == "triton"
+    cc[0] = (8, 0)
+    assert ops.resolve_backend("auto", cuda) == "triton"
+    # consumer Ampere / Ada (99 KiB of shared memory per block): native; Turing: the reference
+    cc[0] = (8, 9)
+    assert ops.resolve_backend("auto", cuda) == "native"
+    assert ops.resolve_backend("triton", cuda) == "triton"  # a named backend is still honoured
+    cc[0] = (7, 5)
+    assert ops.resolve_backend("auto", cuda) == "reference"
+    cc[0] = (9, 0)
     usable["triton"] = False
     assert ops.resolve_backend("auto", cuda) == "native"
     usable["native"] = False
@@ -210,7 +221,9 @@ def test_soft_iou_auto_on_cuda_prefers_native(monkeypatch):
     usable = {"triton": True, "native": True}
     for name in usable:
         monkeypatch.setattr(ops._BACKENDS[name], "usable", lambda d, n=name: usable[n] and d.type == "cuda")
-    monkeypatch.setattr(ops, "_native_usable", lambda d: usable["native"] and d.type == "cuda")
+    cpu_usable = ops._native_usable
+    monkeypatch.setattr(ops, "_native_usable", lambda d: usable["native"] if d.type == "cuda" else cpu_usable(d))
+    monkeypatch.setattr(ops, "_capability", lambda d: (9, 0))
     assert ops._resolve_soft_iou("auto", cuda) == "native"
     assert ops.resolve_backend("auto", cuda) == "triton"  # cross attention keeps triton
     assert ops._resolve_soft_iou("triton", cuda) == "triton"
