@@ -10,8 +10,8 @@ Backends (chosen here and nowhere else):
   ``TRITON_INTERPRET=1`` when asked for by name.
 * ``"native"``: the C++/CUDA extension from ``csrc/`` when it is built.
 
-``backend="auto"`` picks triton on CUDA tensors of sm_80 / sm_90 GPUs (else native on sm_80 or newer, else
-the reference): on an H200 it beat the native CUDA module and the reference at every SD1.5/SDXL shape at
+``backend="auto"`` picks triton on CUDA tensors of sm_80 / 86 / 89 / 90 GPUs (else native on sm_80 or newer,
+else the reference): on an H200 it beat the native CUDA module and the reference at every SD1.5/SDXL shape at
 batch >= 8 (bench/RESULTS.md) -- and on
 CPU native when the extension is built
 (it measures faster than the reference at every SD shape, bench/bench_native_cpu.py)
@@ -111,8 +111,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 # CUDA architectures where ``auto`` picks triton: those its launch rules are sized and compile-tested for
-# (tests/test_triton_compile.py: sm_90 codegen, sm_80's shared-memory limit), and measured on (H200).
-TRITON_AUTO_CAPABILITIES = ((8, 0), (9, 0))
+# (tests/test_triton_compile.py: sm_90 codegen within sm_80's shared memory; sm_86 codegen within the 99 KiB
+# of sm_86 / sm_89, for which the tiles shrink by the device's shared memory). Measured on an H200 only.
+TRITON_AUTO_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,8 +135,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             # shape at batch >= 8 (the native CUDA module's row kernels run at ~0.9 TFLOP/s and fall
             # behind the reference at large batches); its head-dim-80 backward fault is fixed
             # (the old 64-row x 8-warp tile still faults, the tiles now chosen pass). Only on the
-            # architectures its tiles are sized and compile-tested for (sm_80, sm_90: up to 144 KiB of
-            # shared memory per block; sm_86/89 allow 99 KiB, sm_75 64 KiB); native needs sm_80 or newer.
+            # architectures its tiles are sized and compile-tested for (TRITON_AUTO_CAPABILITIES; Turing's
+            # 64 KiB of shared memory per block is not); native needs sm_80 or newer.
             cc = _capability(device)
             order = (("triton",) if cc in TRITON_AUTO_CAPABILITIES else ()) + (("native",) if cc >= (8, 0) else ())
             for name in order:

@@ -197,11 +197,12 @@ def test_auto_on_cuda_prefers_triton_then_native(monkeypatch):
     assert ops.resolve_backend("auto", cuda) == "triton"
     cc[0] = (8, 0)
     assert ops.resolve_backend("auto", cuda) == "triton"
-    # consumer Ampere / Ada (99 KiB of shared memory per block): native; Turing: the reference
-    cc[0] = (8, 9)
+    cc[0] = (8, 9)  # consumer Ada: tiles sized for its 99 KiB (tests/test_triton_compile.py)
+    assert ops.resolve_backend("auto", cuda) == "triton"
+    cc[0] = (12, 0)  # not compile-tested for triton: native
     assert ops.resolve_backend("auto", cuda) == "native"
     assert ops.resolve_backend("triton", cuda) == "triton"  # a named backend is still honoured
-    cc[0] = (7, 5)
+    cc[0] = (7, 5)  # Turing: the native module has no sm_75 code, triton's tiles do not fit 64 KiB
     assert ops.resolve_backend("auto", cuda) == "reference"
     cc[0] = (9, 0)
     usable["triton"] = False

@@ -60,7 +60,7 @@ def _cases(full: bool | None = None):
     return cases + _launcher_cases(full)
 
 
-def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4):
+def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4, budget=None):
     """The launches (kernel name, args, constexprs, options) triton_ops would make on a GPU for
     these shapes (diffusers layout), recorded by a dry run on meta tensors."""
     import torch
@@ -76,6 +76,8 @@ def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4):
     T_._OVERRIDE.clear()
     T_._OVERRIDE["TARGET_PROGRAMS"] = 2 * 132  # two waves of an H100 / H200
     T_._OVERRIDE["GPU_CONFIG"] = True  # GPU tiles even when this process runs the interpreter
+    if budget is not None:
+        T_._OVERRIDE["SMEM_BUDGET"] = budget  # a GPU with this much shared memory per block
     T_._RECORD = rec = []
     try:
         out, lse, _, maps = T_.cross_attention_fwd(q, k, v, None, tok, 0.125, False)
@@ -93,7 +95,7 @@ def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4):
 _SHAPE_ONLY = {"Nk", "Nm"}  # key counts only bound masks along key rows (not the vectorised axis)
 
 
-def _launcher_cases(full: bool | None = None):
+def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: int = 90):
     """One case per distinct compiled kernel the launchers choose for LAUNCH_NK x LAUNCH_D x dtypes
     (sizes that only bound masks along non-contiguous axes are not part of the identity). bf16 gets
     the same tiles as fp16 (test_launcher_records_the_fixed_tiles checks it), so its compiles, which
@@ -112,7 +114,7 @@ def _launcher_cases(full: bool | None = None):
         for Nk in LAUNCH_NK:
             for D in LAUNCH_D:
                 for mode in ("full", "maps_dq"):
-                    for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode):
+                    for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode, budget=budget):
                         sig = inspect.signature(getattr(xattn, kname).fn).parameters.values()
                         names = [p.name for p in sig if "constexpr" not in str(p.annotation)]
                         spec = {}
@@ -126,8 +128,8 @@ def _launcher_cases(full: bool | None = None):
                         key = json.dumps([kname, dt, consts, opts, spec], sort_keys=True)
                         if key not in seen:
                             seen[key] = (f"launch_{kname.strip('_')}_{dt}_Nk{Nk}_D{D}_{mode}_w{opts['num_warps']}"
-                                         f"s{opts['num_stages']}", f"xattn:{kname}", dt, consts,
-                                         dict(opts, _spec=spec))
+                                         f"s{opts['num_stages']}" + (f"_sm{arch}" if arch != 90 else ""),
+                                         f"xattn:{kname}", dt, consts, dict(opts, _spec=spec, _arch=arch))
     return list(seen.values())
 
 
@@ -218,6 +220,7 @@ def _compile_one(case):
     name, ref, dt, consts, opts = case
     opts = dict(opts)
     spec = opts.pop("_spec", None)  # launcher cases: the JIT's specialisation of the int arguments
+    arch = opts.pop("_arch", 90)  # compile target (sm_90 unless a case says otherwise)
     mod, attr = ref.split(":")
     fn = getattr({"xattn": xattn, "softiou": softiou}[mod], attr)
     sig = {}
@@ -241,7 +244,7 @@ def _compile_one(case):
     # and 16-byte aligned pointers (launcher cases: 16-divisible integers too)
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if sig[p.name].startswith("*") or (spec and sig[p.name] == "i32" and spec.get(p.name, ("", 0))[1] == 16)}
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=target, options=opts)
@@ -267,10 +270,19 @@ def _compile_one(case):
     return info
 
 
-def _worker() -> int:
+SMALL_SMEM = 101376  # shared memory per block on sm_86 / sm_89 (99 KiB): RTX 30xx / 40xx, A10, L4, L40
+
+
+def _small_smem_cases():
+    """The launchers' configs on a 99 KiB GPU (triton_ops sizes its tiles by the device's shared memory),
+    compiled for sm_86."""
+    return _launcher_cases(False, budget=SMALL_SMEM, arch=86)
+
+
+def _worker(small: bool = False) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
-    cases = _cases()
+    cases = _small_smem_cases() if small else _cases()
     jobs = int(os.environ.get("FASTFAIR_COMPILE_JOBS", str(min(4, os.cpu_count() or 1))))
     failed = 0
     with ProcessPoolExecutor(max_workers=jobs) as ex:
@@ -282,6 +294,27 @@ def _worker() -> int:
                 failed += 1
                 print(json.dumps({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
     return 1 if failed else 0
+
+
+def _run_worker(*flags):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *flags], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    errors = [x for x in lines if "error" in x]
+    assert r.returncode == 0 and not errors and lines, (errors or r.stderr[-4000:])
+    return lines
+
+
+def test_launcher_configs_fit_99k_gpus():
+    """On GPUs with 99 KiB of shared memory per block (sm_86 / sm_89) the launchers pick configs that fit it:
+    every one compiles for sm_86 within 99 KiB (with sm_80's rules, 11 did not: up to 144 KiB)."""
+    lines = _run_worker("--small-smem")
+    assert len(lines) == len(_small_smem_cases())
+    too_big = [(x["name"], x["shared"]) for x in lines if x["shared"] > SMALL_SMEM]
+    assert not too_big, f"configs above {SMALL_SMEM} B of shared memory: {too_big}"
 
 
 def test_all_kernels_compile_for_sm90():
@@ -330,6 +363,29 @@ def test_launcher_records_the_fixed_tiles():
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        sys.exit(_worker())
+        sys.exit(_worker("--small-smem" in sys.argv))
     os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(_worker())
+
+
+def test_smem_budget_rules():
+    """The device's shared memory sizes the tiles: sm_80's rules at >= 163 KiB (and off a GPU), smaller
+    pipelining / key tiles / fp32 backward rows below it."""
+    import torch
+
+    from fastfair.kernels import triton_ops as T_
+
+    assert T_._smem_budget(torch.device("cpu")) == T_.SM80_SMEM
+    saved = dict(T_._OVERRIDE)
+    try:
+        T_._OVERRIDE.update(SMEM_BUDGET=SMALL_SMEM, GPU_CONFIG=True)
+        assert T_._smem_budget(torch.device("cpu")) == SMALL_SMEM
+        # SD1.5's D=80 layer, fp16: K/V double-buffered take 144 KiB -> single-buffered on a 99 KiB GPU
+        assert T_._fwd_heuristic(128, 128, esz=2, budget=T_.SM80_SMEM)["num_stages"] == 2
+        assert T_._fwd_heuristic(128, 128, esz=2, budget=SMALL_SMEM)["num_stages"] == 1
+        assert T_._key_tile(77, 256, 4, T_.SM80_SMEM) == 32 and T_._key_tile(77, 256, 4, SMALL_SMEM) == 16
+        assert T_._bwd_block_m(128, 128, True, 4, T_.SM80_SMEM) == 32
+        assert T_._bwd_block_m(128, 128, True, 4, SMALL_SMEM) == 16
+    finally:
+        T_._OVERRIDE.clear()
+        T_._OVERRIDE.update(saved)

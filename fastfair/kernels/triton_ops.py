@@ -145,6 +145,29 @@ def _dev_ctx(t: torch.Tensor):
 KEY_TILE_BYTES = 32 * 1024  # largest key tile (keys x padded head dim x element size) on a GPU
 KV_ROWS_BYTES = 16 * 1024  # largest key block of the separate dk/dv kernel (it also holds V, dK, dV)
 STAGED_BYTES = 144 * 1024  # pipelined (num_stages=2) forward only while its K/V buffers stay below this
+SM80_SMEM = 166912  # shared memory per block on sm_80 (163 KiB): the budget the rules above were sized for
+# Shared memory per block (opt-in) by compute capability, where torch does not report it: consumer Ampere
+# and Ada (sm_86, sm_89) and Blackwell (sm_120) allow 99 KiB, Turing 64 KiB.
+_SMEM_BY_CC = {(7, 5): 65536, (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+               (12, 0): 101376}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    n = getattr(props, "shared_memory_per_block_optin", None)
+    return int(n) if n else _SMEM_BY_CC.get((props.major, props.minor), 101376)
+
+
+def _smem_budget(device) -> int:
+    """Shared memory the launch rules may use per block: the device's (at most SM80_SMEM, what the rules
+    were sized and compile-tested for); SM80_SMEM under the interpreter; ``_OVERRIDE["SMEM_BUDGET"]``
+    in tests (tests/test_triton_compile.py records and compiles the configs for a 99 KiB budget)."""
+    if "SMEM_BUDGET" in _OVERRIDE:
+        return int(_OVERRIDE["SMEM_BUDGET"])
+    if device is None or getattr(device, "type", None) != "cuda":
+        return SM80_SMEM
+    return min(SM80_SMEM, _cuda_smem(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def _fit_keys(bn: int, bd: int, esz: int, limit: int = KEY_TILE_BYTES) -> int:
@@ -156,11 +179,12 @@ def _fit_keys(bn: int, bd: int, esz: int, limit: int = KEY_TILE_BYTES) -> int:
     return bn
 
 
-def _fwd_stages(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int) -> int:
+def _fwd_stages(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int, budget: int = SM80_SMEM) -> int:
     """num_stages of a forward config: 2 (K/V double-buffered in shared memory: measured on sm_90 as
     2 x BLOCK_N x (BLOCK_D + BLOCK_DV) x esz + BLOCK_M x BLOCK_D x esz) only for half inputs whose
-    buffers stay under STAGED_BYTES; else 1."""
-    if stages > 1 and (esz >= 4 or stages * bn * (bd + bdv) * esz + bm * bd * esz > STAGED_BYTES):
+    buffers stay under STAGED_BYTES and the device's budget; else 1."""
+    limit = min(STAGED_BYTES, budget)
+    if stages > 1 and (esz >= 4 or stages * bn * (bd + bdv) * esz + bm * bd * esz > limit):
         return 1
     return stages
 
@@ -178,7 +202,8 @@ def _fwd_prune(configs, named_args, **kwargs):
     bn = max(kwargs.get("BLOCK_N", 64), kwargs.get("BLOCK_NM", 16))
     q = (named_args or {}).get("Q")
     esz = q.element_size() if q is not None else 2
-    h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv)
+    budget = _smem_budget(q.device if q is not None else None)
+    h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv, budget=budget)
     if esz >= 4 and max(bd, bdv) > 64:
         return [triton.Config({"BLOCK_M": h["BLOCK_M"]}, num_warps=h["num_warps"], num_stages=h["num_stages"])]
     out = []
@@ -187,7 +212,7 @@ def _fwd_prune(configs, named_args, **kwargs):
         if bm == 128 and (max(bd, bdv) > 64 or esz >= 4):
             continue
         out.append(triton.Config({"BLOCK_M": bm}, num_warps=c.num_warps,
-                                 num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages)))
+                                 num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages, budget)))
     return out
 
 
@@ -234,7 +259,7 @@ _KERNELS = {
 }
 
 
-def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None) -> dict:
+def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None, budget: int = SM80_SMEM) -> dict:
     """Tile config without autotuning. Checked on sm_90 for spills and shared memory by
     tests/test_triton_compile.py."""
     if "FWD_BLOCK_M" in _OVERRIDE:
@@ -244,13 +269,14 @@ def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None) -> di
     if esz >= 4:  # fp32 operands: twice the shared memory per tile
         return {"BLOCK_M": 64 if bd <= 64 else 32, "num_warps": 4 if bd <= 64 else 8, "num_stages": 1}
     bm, w = (128, 8) if bd <= 64 else (64, 8)
-    return {"BLOCK_M": bm, "num_warps": w, "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2)}
+    return {"BLOCK_M": bm, "num_warps": w, "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2, budget)}
 
 
-def _key_tile(nk: int, bd: int, esz: int = 2) -> int:
+def _key_tile(nk: int, bd: int, esz: int = 2, budget: int = SM80_SMEM) -> int:
     """Key tile of the forward and of the dq kernel's loop: Nk rounded up (single pass) unless the tile
-    exceeds KEY_TILE_BYTES on a GPU: then smaller tiles (online softmax)."""
-    return _fit_keys(_key_block(nk), bd, esz)
+    exceeds KEY_TILE_BYTES on a GPU (half that on GPUs with less shared memory than sm_80: the fp32
+    head-dim-160 backward needed 112 KiB with 32 KiB tiles): then smaller tiles (online softmax)."""
+    return _fit_keys(_key_block(nk), bd, esz, KEY_TILE_BYTES if budget >= SM80_SMEM else KEY_TILE_BYTES // 2)
 
 
 def _dkdv_key_block(bn: int, bd: int, esz: int = 2) -> int:
@@ -259,13 +285,14 @@ def _dkdv_key_block(bn: int, bd: int, esz: int = 2) -> int:
     return _fit_keys(bn, bd, esz, KV_ROWS_BYTES)
 
 
-def _bwd_block_m(bd: int, bn: int, fused: bool, esz: int = 2) -> int:
+def _bwd_block_m(bd: int, bn: int, fused: bool, esz: int = 2, budget: int = SM80_SMEM) -> int:
     if "BWD_BLOCK_M" in _OVERRIDE:
         return _OVERRIDE["BWD_BLOCK_M"]
     if not _gpu_rules():
         return 64
-    if esz >= 4 and bd > 128:
+    if esz >= 4 and (bd > 128 or (bd > 64 and budget < SM80_SMEM)):
         return 16  # fp32 with head dims > 128: 32-row tiles need 176 KiB of shared memory on sm_90
+        # (head dims > 64 with less than sm_80's shared memory: 32-row tiles need 104-112 KiB)
     return 32 if (fused or esz >= 4 or bd > 64) else 64
 
 
@@ -569,8 +596,9 @@ class _FwdPlan:
 
         BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
         esz = q.element_size()
-        BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz)
-        BLOCK_NM = _key_tile(Nm, BLOCK_D, esz) if mk is not None else 16
+        budget = _smem_budget(dev)
+        BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz, budget)
+        BLOCK_NM = _key_tile(Nm, BLOCK_D, esz, budget) if mk is not None else 16
         BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
         prec, _ = _prec(q.dtype)
 
@@ -593,7 +621,8 @@ class _FwdPlan:
         self.consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head,
                            SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D,
                            BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec)
-        self.cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV)
+        self.cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
+                                  budget=budget)
         self.grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         self.t0s = (0,) + tuple(range(BLOCK_T, T, BLOCK_T))  # more tokens than one tile: maps-only passes
         self.tune = "FWD_BLOCK_M" not in _OVERRIDE
@@ -685,8 +714,9 @@ class _BwdPlan:
 
         esz = q.element_size()
         BLOCK_D, BLOCK_DV = _p2(D), _p2(DV)
-        BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz)
-        BLOCK_NM = _key_tile(Nm, BLOCK_D, esz) if mk is not None else 16
+        budget = _smem_budget(q.device)
+        BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz, budget)
+        BLOCK_NM = _key_tile(Nm, BLOCK_D, esz, budget) if mk is not None else 16
         BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
         single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
         # dk/dv/dmk fused into the dq kernel only while their accumulators stay small: with 256-key
@@ -697,7 +727,7 @@ class _BwdPlan:
         need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
         need_delta = (not fuse) and (dk_src or dmk_src)
         prec, prec_map = _prec(q.dtype)
-        BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz)
+        BLOCK_M = _bwd_block_m(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, budget)
         NMB = _cdiv(Nq, BLOCK_M)
         if fuse:
             nsplit = max(1, min(NMB, _cdiv(_target_programs(dev), B * H)))
