@@ -109,7 +109,11 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(cuda=torch.version.cuda, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                   memory_gb=p.total_memory / 1e9, l2_bytes=getattr(p, "L2_cache_size", None))
+                   memory_gb=p.total_memory / 1e9, l2_bytes=getattr(p, "L2_cache_size", None),
+                   smem_per_block=getattr(p, "shared_memory_per_block_optin", None))
+    from . import ops
+
+    env["auto_backend"] = ops.resolve_backend("auto", device)  # what backend="auto" runs here
     with contextlib.suppress(OSError):
         env["loadavg"] = os.getloadavg()
     return env

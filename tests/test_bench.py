@@ -45,6 +45,7 @@ def test_json_structure(quick):
     env = d["environment"]
     for key in ("device_name", "torch", "triton", "diffusers", "git_revision"):
         assert key in env
+    assert env["auto_backend"] == ("native" if d["backends"]["fastfair-native"]["available"] else "reference")
     assert d["ceilings"]["copy_bw_gbs"] > 0 and d["ceilings"]["matmul_tflops"] > 0
     assert set(d["backends"]) == set(bench.METHOD_ORDER)
     ran = {r["method"] for r in d["kernels"] if "median_ms" in r}
