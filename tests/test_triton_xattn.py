@@ -381,3 +381,11 @@ def test_guarded_d160_gpu_tiles(monkeypatch, dtype):
     """D=160 on the GPU's tiles: 64-key (fp16) / 32-key (fp32) forward and dq tiles, separate dk/dv
     kernel with 32- / 16-key blocks; fp32 runs 16-row backward tiles."""
     _guarded_run(monkeypatch, 1, 1, 40, 77, 160, dtype, "full", T=4)
+
+
+@pytest.mark.skipif(GPU, reason="interpreter harness (guards via torch.empty)")
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 80), (torch.float32, 160), (torch.float16, 80)])
+def test_guarded_small_smem_gpu_tiles(monkeypatch, dtype, D):
+    """The tiles of a 99 KiB GPU (sm_86 / sm_89): half-size key tiles (online softmax over more tiles),
+    single-buffered forward, 16-row fp32 backward at D > 64 -- against float64, guard bands intact."""
+    _guarded_run(monkeypatch, 1, 1, 40, 77, D, dtype, "full", T=4, overrides={"SMEM_BUDGET": 101376})
