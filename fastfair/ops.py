@@ -162,7 +162,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# backend name per (requested backend, device type), as the last eager call resolved it: torch.compile
+# backend name per (requested backend, device), as the last eager call resolved it: torch.compile
 # reads it instead of re-running resolve_backend, whose module imports dynamo cannot trace (one graph
 # break per attention layer otherwise).
 _RESOLVED: dict = {}
@@ -170,7 +170,7 @@ _RESOLVED: dict = {}
 
 def _resolve_for_call(backend: str, device: torch.device) -> str:
     """resolve_backend for one op call; ``"soft_iou:<backend>"`` applies soft_iou's own choice."""
-    key = (backend, device.type)
+    key = (backend, device.type, device.index)
     if torch.compiler.is_compiling():
         name = _RESOLVED.get(key)
         if name is not None:
