@@ -66,21 +66,28 @@ FF_HD A ld(const T* p, idx_t i) { return Cvt<T>::template load<A>(p[i]); }
 template <class A>
 FF_HD A ninf() { return static_cast<A>(-INFINITY); }
 
+// exp(xc) / 2^fn for fn = round(xc / ln 2): two-step Cody-Waite reduction and the Cephes polynomial.
+// T is float or a float vector (vexp below); the same operations in the same order for both.
+template <class T>
+FF_HD T exp_poly(T xc, T fn) {
+  T r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  T p = T{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // Branch-free float exp (Cephes polynomial, ~1 ulp) that gcc vectorises; x < -87.3 gives 0.
 FF_HD float fast_expf(float x) {
   float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
   xc = xc < -87.33654475f ? -87.33654475f : xc;
   float t = xc * 1.44269504088896341f;
   const float fn = floorf(t + 0.5f);  // inlined (roundps) with -fno-trapping-math
-  float r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
+  float y = exp_poly(xc, fn);
   int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
   float sc;
   memcpy(&sc, &bits, sizeof(float));
@@ -205,15 +212,7 @@ inline typename Vec<W, F, I>::V vexp(typename Vec<W, F, I>::V v) {
   const V t = xc * 1.44269504088896341f + 0.5f;
   V fn = __builtin_convertvector(__builtin_convertvector(t, IV), V);  // trunc
   fn = fn > t ? fn - 1.0f : fn;                                       // floor
-  V r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  V q = V{} + 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  V y = q * r * r + r + 1.0f;
+  V y = exp_poly(xc, fn);
   const IV bits = (__builtin_convertvector(fn, IV) + 127) << 23;
   V sc;
   memcpy(&sc, &bits, sizeof(V));
