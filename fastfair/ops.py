@@ -168,18 +168,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _RESOLVED: dict = {}
 
 
-def _resolve_for_call(backend: str, device: torch.device) -> str:
-    """resolve_backend for one op call; ``"soft_iou:<backend>"`` applies soft_iou's own choice."""
-    key = (backend, device.type, device.index)
+def _resolve_for_call(backend: str, device: torch.device, op: str = "xattn") -> str:
+    """resolve_backend for one call of ``op`` ("xattn", or "soft_iou" with its own CUDA choice)."""
+    key = (op, backend, device.type, device.index)
     if torch.compiler.is_compiling():
         name = _RESOLVED.get(key)
         if name is not None:
             return name
-    if backend.startswith("soft_iou:"):
-        name = _resolve_soft_iou(backend[len("soft_iou:"):], device)
-    else:
-        name = resolve_backend(backend, device)
-    _RESOLVED[key] = name
+    name = _RESOLVED[key] = (_resolve_soft_iou if op == "soft_iou" else resolve_backend)(backend, device)
     return name
 
 
@@ -419,7 +415,7 @@ def soft_iou(a: Tensor, b: Tensor, *, top_k: float | None = 0.3, gamma: float = 
         a2, b2 = a2.float(), b2.float()
     if top_k is not None and not 0.0 < top_k < 1.0:
         raise ValueError(f"top_k must be in (0, 1) or None; got {top_k}")
-    name = _resolve_for_call("soft_iou:" + backend, a.device)
+    name = _resolve_for_call(backend, a.device, "soft_iou")
     if name == "reference":
         return naive.soft_iou(a2, b2, top_k, gamma, iters, eps)
     return torch.ops.fastfair.soft_iou(a2.contiguous(), b2.contiguous(), -1.0 if top_k is None else float(top_k),

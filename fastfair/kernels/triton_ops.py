@@ -108,17 +108,6 @@ def _prec(dtype: torch.dtype) -> tuple[str, str]:
     return ("tf32x3", "tf32x3") if dtype == torch.float32 else ("tf32", "tf32x3")
 
 
-def _align(*ts) -> int:
-    """8 when every tensor has a unit last-dim stride, 16-byte aligned data and row strides that are
-    multiples of 8 elements (the kernels then promise the compiler 16-byte vector loads), else 1."""
-    for t in ts:
-        if t is None:
-            continue
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:-1]):
-            return 1
-    return 8
-
-
 def _dev_ctx(t: torch.Tensor):
     if t.is_cuda:
         return torch.cuda.device(t.device)
@@ -361,11 +350,8 @@ def _plan(key, build):
 
 
 def _mode() -> tuple:
-    """What, besides the tensors, changes the host-side plan: interpreter, autotuning (as _interpret and
-    _autotune_on), tunables."""
-    env = os.environ
-    interp = env.get("TRITON_INTERPRET", "0") == "1"
-    return interp, not interp and env.get("FASTFAIR_TRITON_AUTOTUNE", "1") != "0", tuple(_OVERRIDE.items())
+    """What, besides the tensors, changes the host-side plan: interpreter, autotuning, tunables."""
+    return _interpret(), _autotune_on(), tuple(_OVERRIDE.items())
 
 
 def _sig(t):
@@ -373,7 +359,9 @@ def _sig(t):
 
 
 def _strides_ok(*ts) -> bool:
-    """_align's stride conditions (fixed by a plan's key); the data pointers are checked per call."""
+    """The stride half of ALIGN=8 (fixed by a plan's key): unit last-dim strides and row strides that are
+    multiples of 8 elements; with 16-byte aligned data (_ptrs_aligned, per call) the kernels then promise
+    the compiler 16-byte vector loads."""
     return all(t is None or (t.stride(-1) == 1 and not any(st % 8 for st in t.stride()[:-1])) for t in ts)
 
 
