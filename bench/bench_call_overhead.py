@@ -15,6 +15,20 @@ import torch
 from fastfair import ops
 
 
+def time_call(f, calls: int = 300, sync=lambda: None) -> float:
+    """Median microseconds of ``f()`` (each call followed by ``sync()``), after 20 warm-up calls."""
+    for _ in range(20):
+        f()
+    sync()
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        f()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -23,18 +37,6 @@ def main():
     torch.set_num_threads(1)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def t(f, n=300):
-        for _ in range(20):
-            f()
-        sync()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            f()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e6
 
     q, k, v = (torch.randn(1, 1, n, 8, device=dev) for n in (4, 3, 3))
     tok = torch.tensor([1], device=dev)
@@ -57,7 +59,7 @@ def main():
     ]
     print(f"device {a.device}, backend {be}, torch {torch.__version__}; median us per call")
     for name, f in rows:
-        print(f"| {name} | {t(f):.1f} |")
+        print(f"| {name} | {time_call(f, 300, sync):.1f} |")
 
 
 if __name__ == "__main__":

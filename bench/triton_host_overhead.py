@@ -43,7 +43,6 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -54,6 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bench_call_overhead import time_call  # noqa: E402  (bench/ is on sys.path as this script's folder)
 
 COUNTS: collections.Counter = collections.Counter()
 
@@ -247,19 +248,6 @@ def make_cases(T_, shape: str, dtype: torch.dtype, device: str = "cpu"):
     except Exception as e:  # an ops API this version of the script does not know
         print(f"(ops.cross_attention row left out: {type(e).__name__}: {e})")
     return rows
-
-
-def time_call(f, calls: int, sync=lambda: None) -> float:
-    for _ in range(20):
-        f()
-    sync()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        f()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
 
 
 def main():
