@@ -5,8 +5,10 @@ topology, 64x64 latent, 16 cross-attention layers):
 
 * ``generate``: ``fastfair.generate`` without maps -- the plain pipeline (the baseline);
 * ``audit, no maps``: ``fastfair.audit`` with ``entanglement="none"`` (generation + PNG + Parquet);
-* ``audit, maps``: ``fastfair.audit`` with open-vocabulary entanglement for one attribute word
-  (maps of the profession and "gender", IoU@p70, SoftIoU, map shard, PNG, Parquet).
+* ``audit, maps``: ``fastfair.audit`` with open-vocabulary entanglement for the ``--attributes``
+  (default "gender"; maps of the profession and the attribute word, IoU@p70, SoftIoU, map shard,
+  PNG, Parquet). Every attribute word's attribution prompt is read from the neutral image's one
+  generation, so ``--attributes gender,race,age`` should cost about what "gender" alone does.
 
 The classifier is off in all three so that only the map machinery differs. One warm-up batch runs
 first. Usage::
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--attributes", default="gender", help="attribute sets of the open-vocabulary audit")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
         for name, ent in (("audit, no maps", "none"), ("audit, maps", "open")):
             sync()
             t = time.perf_counter()
-            fastfair.audit(args.model, "list:" + ",".join(profs), pipeline=pipe, attributes="gender", seeds=seeds,
+            fastfair.audit(args.model, "list:" + ",".join(profs), pipeline=pipe, attributes=args.attributes, seeds=seeds,
                            steps=args.steps, batch_size=args.batch_size, entanglement=ent, classifier="none",
                            report=False, progress=False, n_boot=100, out=tmp / name.replace(", ", "-"))
             sync()
@@ -90,10 +93,11 @@ def main(argv=None) -> int:
     for r in rows.values():
         r["vs_generate"] = r["images_per_s"] / base
     meta = {"model": args.model, "device": device, "dtype": dtype, "images": n, "steps": args.steps,
+            "attributes": args.attributes,
             "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine()}
     print(f"{args.model} on {device} ({dtype}), {n} images, {args.steps} steps, batch {args.batch_size}, "
-          f"{meta['torch_threads']} threads")
+          f"{meta['torch_threads']} threads, attributes {args.attributes}")
     print(f"{'':16s} {'seconds':>8s} {'images/s':>9s} {'vs generate':>12s}")
     for k, r in rows.items():
         print(f"{k:16s} {r['seconds']:8.2f} {r['images_per_s']:9.4f} {r['vs_generate']:12.3f}")

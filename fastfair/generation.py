@@ -85,6 +85,8 @@ class Generation:
     seeds: list[int]
     config: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)  # guidance: (steps, N) tensors per key
+    # ``attributions=``: name -> word -> (N, h, w) maps looked up in that attribution prompt
+    attribution_maps: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,6 +122,11 @@ class Generation:
                     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
                     for i, (name, img) in enumerate(zip(names, self.images)):
                         atomic_write(out / "overlays" / f"{name}_{safe}.png", _png(overlay(img, m[i])))
+        if self.attribution_maps:
+            tensors = {f"{name}/{w}": m.contiguous() for name, d in self.attribution_maps.items() for w, m in d.items()}
+            atomic_write(out / "attribution_maps.safetensors",
+                         st_save(tensors, metadata={"names": json.dumps({n: list(d) for n, d in
+                                                                        self.attribution_maps.items()})}))
         meta = dict(self.config, prompts=self.prompts, seeds=self.seeds, words=list(self.maps),
                     images=[f"images/{n}.png" for n in names])
         atomic_write(out / "generation.json", json.dumps(meta, indent=2).encode())
@@ -154,6 +161,39 @@ def _token_layout(pipe, texts: Sequence[str], words: Sequence[str]):
     return tok, wts
 
 
+def _parse_words(maps) -> list[str]:
+    maps = () if maps is None else maps
+    words = [w.strip() for w in (maps.split(",") if isinstance(maps, str) else maps) if w.strip()]
+    if len(set(words)) != len(words):
+        raise ValueError(f"duplicate words in maps={words}")
+    return words
+
+
+def _parse_attributions(attributions, n_prompts: int) -> dict:
+    """{name: (attribution prompt or one per prompt, words)} -> {name: (texts per prompt, words)}."""
+    if attributions is None:
+        return {}
+    if not hasattr(attributions, "items"):
+        raise TypeError("attributions must be a mapping name -> (attribution prompt, words), e.g. "
+                        "{'gender': ('a photo of the face of a doctor and gender', ['doctor', 'gender'])}")
+    out = {}
+    for name, spec in attributions.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"attribution names must be non-empty strings; got {name!r}")
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            raise ValueError(f"attributions[{name!r}] must be (attribution prompt, words); got {spec!r}")
+        text, words = spec
+        texts = [text] * n_prompts if isinstance(text, str) else list(text)
+        if len(texts) != n_prompts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"attributions[{name!r}]: give one attribution prompt, or one per prompt "
+                             f"({n_prompts}); got {text!r}")
+        words = _parse_words(words)
+        if not words:
+            raise ValueError(f"attributions[{name!r}] has no words to map")
+        out[name] = (texts, words)
+    return out
+
+
 def _stack_layouts(lay):
     """Per-item layouts [(tok (1,T_i), weights (1,W,T_i))] -> (B, T) tokens and (B, W, T) weights,
     padded with key 0 at weight 0."""
@@ -164,7 +204,8 @@ def _stack_layouts(lay):
 
 
 def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[str] = (),
-             attribution_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
+             attribution_prompt: str | Sequence[str] | None = None, attributions=None,
+             steps: int = 50, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, batch_size: int = 8,
              aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
              negative_prompt: str | None = None, backend: str = "auto", guidance=None,
@@ -174,7 +215,12 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     ``seeds=[s]`` reproduces ``pipe(prompt, generator=torch.Generator(device).manual_seed(s))``; the
     seeds alone fix the output, whatever ``batch_size``. ``maps`` are words of each prompt (or of
     ``attribution_prompt`` for open-vocabulary maps, e.g. "a photo of the face of a doctor and
-    gender"). ``aggregation`` is "fastfair" (default: mean attention probability over heads, all
+    gender"). ``attributions`` adds open-vocabulary maps of further attribution prompts from the
+    same generation: ``{name: (attribution prompt or one per prompt, words)}`` gives
+    ``Generation.attribution_maps[name][word]``, equal to what ``maps=words,
+    attribution_prompt=...`` would give, without generating the images again (BiasMap's
+    attribution prompt holds one attribute word, so auditing gender, race and age of one image
+    needs three). ``aggregation`` is "fastfair" (default: mean attention probability over heads, all
     layers and steps, on the latent grid), "daam" or "biasmap" (see ``fastfair.maps``).
     ``map_steps`` restricts the maps to those denoising step indices. ``guidance`` takes a
     ``fastfair.EntanglementGuidance`` (BiasMap's energy guidance); its per-step diagnostics land in
@@ -185,10 +231,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
-    maps = () if maps is None else maps
-    words = [w.strip() for w in (maps.split(",") if isinstance(maps, str) else maps) if w.strip()]
-    if len(set(words)) != len(words):
-        raise ValueError(f"duplicate words in maps={words}")
+    words = _parse_words(maps)
+    extra = _parse_attributions(attributions, len(prompts))
     seeds = parse_seeds(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -221,6 +265,11 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     texts = attr if attr is not None else prompts
     layouts = {t: _token_layout(pipe, [t], words) for t in set(texts)} if words else {}
     attr_states = {t: _encode_attribution(pipe, t, device) for t in set(attr)} if attr is not None else {}
+    extra_layouts = {}
+    for name, (etexts, ewords) in extra.items():
+        extra_layouts[name] = {t: _token_layout(pipe, [t], ewords) for t in set(etexts)}
+        for t in set(etexts) - set(attr_states):
+            attr_states[t] = _encode_attribution(pipe, t, device)
     if guidance is not None:
         from .guidance import check_scheduler
 
@@ -232,7 +281,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                    if guidance.attribution_prompt else None)
         gpairs = [(gwords.index(a), gwords.index(b)) for a, b in guidance.pairs]
 
-    needs_patch = bool(words) or guidance is not None
+    records = bool(words) or bool(extra)
+    needs_patch = records or guidance is not None
     we_patched = False
     if needs_patch and not is_patched(pipe):
         patch(pipe, backend=backend)
@@ -242,18 +292,29 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     saved_pb = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
     images, latents_out, map_chunks, diag_chunks = [], [], [], []
+    extra_chunks = {name: [] for name in extra}
     bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             lat = torch.cat([_initial_latents(pipe, s, latent_hw, device) for _, s in chunk])
             rec = None
-            if words:
-                tok, wts = _stack_layouts([layouts[texts[pi]] for pi, _ in chunk])
-                ms = torch.cat([attr_states[attr[pi]] for pi, _ in chunk]) if attr is not None else None
-                rec = MapRecorder(tok.to(device), len(chunk), latent_hw, agg, map_states=ms,
-                                  steps=frozenset(map_steps) if map_steps is not None else None,
+            if records:
+                msteps = frozenset(map_steps) if map_steps is not None else None
+                tok = ms = None
+                if words:
+                    tok, wts = _stack_layouts([layouts[texts[pi]] for pi, _ in chunk])
+                    tok = tok.to(device)
+                    ms = torch.cat([attr_states[attr[pi]] for pi, _ in chunk]) if attr is not None else None
+                rec = MapRecorder(tok, len(chunk), latent_hw, agg, map_states=ms, steps=msteps,
                                   daam_latent_hw=daam_hw)
+                extra_wts = {}
+                for name, (etexts, _) in extra.items():
+                    etok, extra_wts[name] = _stack_layouts([extra_layouts[name][etexts[pi]] for pi, _ in chunk])
+                    ems = torch.cat([attr_states[etexts[pi]] for pi, _ in chunk])
+                    rec.extras[name] = MapRecorder(etok.to(device), len(chunk), latent_hw, agg, map_states=ems,
+                                                   steps=msteps, daam_latent_hw=daam_hw,
+                                                   _seen_factors=rec._seen_factors)
                 pipe._fastfair.recorder = rec
             final = {}
 
@@ -266,7 +327,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                                          "(dtype=torch.float32) or a smaller guidance_scale")
                 _final["latents"] = x.detach()
                 if _rec is not None:
-                    _rec.step = i + 1
+                    _rec.set_step(i + 1)
                 return {}
 
             kwargs = dict(prompt=[prompts[pi] for pi, _ in chunk], latents=lat, num_inference_steps=steps,
@@ -298,11 +359,13 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             images.extend(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(imgs)))
             latents_out.append(final.get("latents", lat).float().cpu())
             if rec is not None:
-                m = rec.finalize()  # (B, T, h, w)
-                wm = torch.einsum("bkt,btyx->bkyx", wts.to(m.device, m.dtype), m).float().cpu()
-                if not torch.isfinite(wm).all():
-                    raise NonFiniteError("attention maps are non-finite; use float32")
-                map_chunks.append(wm)
+                for r, w, dest in ([(rec, wts, map_chunks)] if words else []) + [
+                        (rec.extras[name], extra_wts[name], extra_chunks[name]) for name in extra]:
+                    m = r.finalize()  # (B, T, h, w)
+                    wm = torch.einsum("bkt,btyx->bkyx", w.to(m.device, m.dtype), m).float().cpu()
+                    if not torch.isfinite(wm).all():
+                        raise NonFiniteError("attention maps are non-finite; use float32")
+                    dest.append(wm)
                 pipe._fastfair.recorder = None
             bar.update(len(chunk))
     finally:
@@ -316,12 +379,18 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if words:
         allm = torch.cat(map_chunks)
         word_maps = {w: allm[:, i].contiguous() for i, w in enumerate(words)}
+    attribution_maps = {}
+    for name, (_, ewords) in extra.items():
+        allm = torch.cat(extra_chunks[name])
+        attribution_maps[name] = {w: allm[:, i].contiguous() for i, w in enumerate(ewords)}
     diagnostics = {}
     if diag_chunks and diag_chunks[0]:
         diagnostics = {k: (torch.cat([d[k] for d in diag_chunks], dim=1) if diag_chunks[0][k].dim() == 2
                            else diag_chunks[0][k]) for k in diag_chunks[0]}
     config = dict(steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                   aggregation=agg.name, attribution_prompt=attribution_prompt, map_steps=map_steps,
+                  attributions={n: dict(prompt=t[0] if len(set(t)) == 1 else t, words=w) for n, (t, w) in extra.items()}
+                  or None,
                   negative_prompt=negative_prompt, pipeline=type(pipe).__name__,
                   guidance=None if guidance is None else dict(pairs=guidance.pairs, scale=guidance.scale,
                                                               max_grad_norm=guidance.max_grad_norm,
@@ -331,7 +400,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                                                               top_k=guidance.top_k))
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
-                      diagnostics=diagnostics)
+                      diagnostics=diagnostics, attribution_maps=attribution_maps)
 
 
 def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:

@@ -158,8 +158,9 @@ class _JointRecorder:
     def __init__(self, guide: MapRecorder, user: MapRecorder | None):
         self.guide, self.user = guide, user
         self.replay = False
-        self._tu = 0 if user is None else user.tokens.shape[1]
-        self.tokens = guide.tokens if user is None else torch.cat([user.tokens, guide.tokens.to(user.tokens.device)], 1)
+        user_tok = None if user is None else user.tokens  # None: the user records only further attribution prompts
+        self._tu = 0 if user_tok is None else user_tok.shape[1]
+        self.tokens = guide.tokens if user_tok is None else torch.cat([user_tok, guide.tokens.to(user_tok.device)], 1)
         self.map_states = guide.map_states if user is None or guide.map_states is not None else user.map_states
         self.aggregation = user.aggregation if user is not None else guide.aggregation  # processors read .per_head
         self._want = (False, False)
@@ -169,6 +170,11 @@ class _JointRecorder:
         g = self.guide.wants(block, nq)
         self._want = (u, g)
         return u or g
+
+    @property
+    def extras(self) -> dict:
+        """The user's further attribution prompts, recorded when the user's maps are (not on replay)."""
+        return self.user.extras if self.user is not None and self._want[0] and not self.replay else {}
 
     def rows(self, batch: int) -> slice:
         if batch != self.guide.n_items:
@@ -180,7 +186,7 @@ class _JointRecorder:
             return
         u, g = self._want
         tu, per_head = self._tu, self.aggregation.per_head
-        if u:
+        if u and tu:
             self.user.add(layer, (maps[:, :, :tu] if per_head else maps[:, :tu]).detach(), nq, heads)
         if g:
             self.guide.add(layer, maps[:, :, tu:].sum(1) if per_head else maps[:, tu:], nq, heads)
@@ -212,7 +218,9 @@ class Guider:
         key = id(user)
         if key not in self._compat:
             a, b = user.map_states, self.map_states
-            if a is None or b is None:
+            if user.tokens is None:  # no maps of its own: only further attribution prompts (maps-only calls)
+                ok = True
+            elif a is None or b is None:
                 ok = a is None and b is None
             else:
                 ok = a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))

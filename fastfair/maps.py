@@ -93,6 +93,9 @@ class MapRecorder:
     steps: frozenset | None = None            # step indices that count (None: all)
     daam_latent_hw: int = 4096
     step: int = 0
+    # further attribution prompts, recorded in the same UNet pass (maps only, ``ops.attention_maps``):
+    # name -> a MapRecorder with the same aggregation, its own ``tokens`` and ``map_states``
+    extras: dict = field(default_factory=dict)
     _acc: dict = field(default_factory=dict)
     _count: dict = field(default_factory=dict)
     _seen_factors: set = field(default_factory=set)
@@ -100,6 +103,11 @@ class MapRecorder:
     @property
     def active(self) -> bool:
         return self.steps is None or self.step in self.steps
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        for sub in self.extras.values():
+            sub.step = step
 
     def wants(self, block: str, nq: int) -> bool:
         agg = self.aggregation

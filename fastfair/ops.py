@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .kernels import naive
 
-__all__ = ["cross_attention", "soft_iou", "available_backends", "resolve_backend", "register_backend"]
+__all__ = ["cross_attention", "attention_maps", "soft_iou", "available_backends", "resolve_backend", "register_backend"]
 
 
 @dataclass
@@ -368,6 +368,33 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
     else:  # inference: no autograd bookkeeping at all
         out, _, _, maps = _mod(name).cross_attention_fwd(q, k, v, map_keys, tok, scale, per_head)
     return out, (maps if tok is not None else None)
+
+
+def attention_maps(q: Tensor, map_keys: Tensor, map_tokens, *, scale: float | None = None,
+                   head_reduce: str = "sum") -> Tensor:
+    """Maps only, for a further attribution prompt in the same pass over ``q``: the ``map_tokens``
+    columns of ``softmax(q map_keys^T scale)``, summed over heads ((B,T,Nq)) or not ((B,H,T,Nq)) --
+    what ``cross_attention(q, k, v, map_keys=map_keys, map_tokens=map_tokens)`` returns as maps,
+    without its attention output.
+
+    An attribution prompt is short (BOS, its words, EOS: no padding), so its probabilities are
+    small next to ``q``; this runs in PyTorch on every device (chunked over queries, float32
+    accumulation, float64 for float64 inputs) and is differentiable by torch's autograd.
+    """
+    if q.dim() != 4 or map_keys.dim() != 4:
+        raise ValueError(f"q and map_keys must be (B,H,N,D); got {tuple(q.shape)}, {tuple(map_keys.shape)}")
+    B, H, Nq, D = q.shape
+    if map_keys.shape[:2] != (B, H) or map_keys.shape[3] != D:
+        raise ValueError(f"map_keys must be (B={B}, H={H}, Nm, D={D}); got {tuple(map_keys.shape)}")
+    if map_keys.shape[2] == 0:
+        raise ValueError("attention_maps needs at least one attribution key")
+    if head_reduce not in ("sum", "none"):
+        raise ValueError(f"head_reduce must be 'sum' or 'none', got {head_reduce!r}")
+    if map_tokens is None:
+        raise ValueError("attention_maps needs map_tokens: say which attribution-prompt tokens to map")
+    tok = _normalise_tokens(map_tokens, B, map_keys.shape[2], q.device)
+    scale = naive.default_scale(D) if scale is None else float(scale)
+    return naive.attention_maps(q, map_keys, tok, scale, head_reduce == "none")
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,20 +90,30 @@ class FastFairCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        rows = rec.rows(batch)
-        map_keys = None
-        if rec.map_states is not None:
-            ms = rec.map_states.to(encoder_hidden_states.dtype)
+        def keys_of(states):  # the layer's keys for an attribution prompt's encoder states
+            ms = states.to(encoder_hidden_states.dtype)
             if attn.norm_cross:
                 ms = attn.norm_encoder_hidden_states(ms)
-            map_keys = split(attn.to_k(ms))
-            if attn.norm_k is not None:
-                map_keys = attn.norm_k(map_keys)
+            mk = split(attn.to_k(ms))
+            return attn.norm_k(mk) if attn.norm_k is not None else mk
+
+        rows = rec.rows(batch)
+        map_keys = keys_of(rec.map_states) if rec.map_states is not None else None
         per_head = rec.aggregation.per_head
+        reduce = "none" if per_head else "sum"
         out_rec, maps = ops.cross_attention(query[rows], key[rows], value[rows], map_tokens=rec.tokens,
-                                            map_keys=map_keys, scale=attn.scale,
-                                            head_reduce="none" if per_head else "sum", backend=self.state.backend)
-        rec.add(self.name, maps, query.shape[2], heads)
+                                            map_keys=map_keys, scale=attn.scale, head_reduce=reduce,
+                                            backend=self.state.backend)
+        if maps is not None:  # None: the recorder only serves further attribution prompts
+            rec.add(self.name, maps, query.shape[2], heads)
+        extras = rec.extras
+        if extras:  # further attribution prompts: maps only, from the same queries (never differentiated)
+            with torch.no_grad():
+                q_rec = query[rows].detach()
+                for sub in extras.values():
+                    sub.add(self.name, ops.attention_maps(q_rec, keys_of(sub.map_states), sub.tokens,
+                                                          scale=attn.scale, head_reduce=reduce),
+                            query.shape[2], heads)
         if rows.start == 0 and rows.stop == batch:
             out = out_rec
         else:

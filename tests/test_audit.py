@@ -87,8 +87,10 @@ def test_rows_equal_independent_generation_metrics_and_classifier(run, tiny_sd):
             gen = fastfair.generate(tiny_sd, prompt, seeds=[0, 1], steps=2, maps=[prof, word],
                                     attribution_prompt=f"{prompt} and {word}", progress=False)
             np.testing.assert_array_equal(rows[f"iou_open_{word}"].to_numpy(), gen.iou(prof, word).numpy())
+            # the audit reads all attribution prompts from one generation (maps-only ops.attention_maps for
+            # each): float32 rounding apart from the fused op's maps (~3e-7), which Sinkhorn amplifies ~10x
             np.testing.assert_allclose(rows[f"softiou_open_{word}"].to_numpy(), gen.soft_iou(prof, word).numpy(),
-                                       rtol=1e-6)
+                                       rtol=2e-5)
         # the stored image is the generated one (PNG is lossless)
         for i, (_, r) in enumerate(rows.iterrows()):
             np.testing.assert_array_equal(np.asarray(Image.open(res.run_dir / r["image"])), np.asarray(gen.images[i]))

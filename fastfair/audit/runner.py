@@ -17,9 +17,9 @@ seed, settings); a run directory refuses other settings; ``resume=True`` skips c
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the plan is split round-robin by
 rank, each rank commits its own part files, and rank 0 merges, summarises and writes the report.
 
-The open-vocabulary maps of different attribute words need different attribution prompts, and
-``fastfair.generate`` takes one attribution prompt per image, so a neutral image is generated once
-per open word (seeds fix the image, so the runs agree; the first run's images are kept).
+The open-vocabulary maps of different attribute words need different attribution prompts; a
+neutral image is generated once and every attribution prompt's maps come from that one UNet pass
+(``generate(..., attributions=...)``).
 """
 from __future__ import annotations
 
@@ -491,17 +491,17 @@ class _BatchContext:
     schema: object
     rank: int
 
-    def _gen(self, prompt, seeds, words=(), attribution_prompt=None):
-        return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attribution_prompt=attribution_prompt,
+    def _gen(self, prompt, seeds, words=(), attributions=None):
+        return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
                              steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
                              width=self.width, batch_size=len(seeds), aggregation=self.aggregation,
                              negative_prompt=self.negative_prompt, backend=self.backend, progress=False)
 
-    def _pair(self, gen, a, b):
+    def _pair(self, maps, a, b):
         from .. import metrics
 
-        iou = metrics.iou(gen.maps[a], gen.maps[b], self.percentile).double().cpu().numpy()
-        soft = metrics.soft_iou(gen.maps[a], gen.maps[b], top_k=self.soft["top_k"], gamma=self.soft["gamma"],
+        iou = metrics.iou(maps[a], maps[b], self.percentile).double().cpu().numpy()
+        soft = metrics.soft_iou(maps[a], maps[b], top_k=self.soft["top_k"], gamma=self.soft["gamma"],
                                 iters=self.soft["iters"]).double().cpu().numpy()
         return iou, soft
 
@@ -515,24 +515,23 @@ class _BatchContext:
         maps: dict[str, torch.Tensor] = {}
         images = None
         if first.kind == "neutral":
-            if self.open_words:
-                for w in self.open_words:
-                    ap = P.fill(self.attribution_template, prof, attribute=w, prompt=prompt)
-                    gen = self._gen(prompt, seeds, [prof, w], ap)
-                    if images is None:
-                        images = gen.images
-                    iou, soft = self._pair(gen, prof, w)
-                    for i, it in enumerate(batch):
-                        rows[i][f"iou_open_{slug(w)}"] = float(iou[i])
-                        rows[i][f"softiou_open_{slug(w)}"] = float(soft[i])
-                        maps[f"{it.work_id}:open:{slug(w)}:profession"] = gen.maps[prof][i].half()
-                        maps[f"{it.work_id}:open:{slug(w)}:attribute"] = gen.maps[w][i].half()
-            else:
-                images = self._gen(prompt, seeds).images
+            # one generation: every open word's attribution prompt is read from the same UNet pass
+            attributions = {w: (P.fill(self.attribution_template, prof, attribute=w, prompt=prompt), [prof, w])
+                            for w in self.open_words}
+            gen = self._gen(prompt, seeds, attributions=attributions or None)
+            images = gen.images
+            for w in self.open_words:
+                amaps = gen.attribution_maps[w]
+                iou, soft = self._pair(amaps, prof, w)
+                for i, it in enumerate(batch):
+                    rows[i][f"iou_open_{slug(w)}"] = float(iou[i])
+                    rows[i][f"softiou_open_{slug(w)}"] = float(soft[i])
+                    maps[f"{it.work_id}:open:{slug(w)}:profession"] = amaps[prof][i].half()
+                    maps[f"{it.work_id}:open:{slug(w)}:attribute"] = amaps[w][i].half()
         else:
             gen = self._gen(prompt, seeds, [prof, first.word])
             images = gen.images
-            iou, soft = self._pair(gen, prof, first.word)
+            iou, soft = self._pair(gen.maps, prof, first.word)
             for i, it in enumerate(batch):
                 rows[i]["iou_inprompt"] = float(iou[i])
                 rows[i]["softiou_inprompt"] = float(soft[i])

@@ -103,6 +103,26 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool, chunk: i
     return out, lse, mlse, maps
 
 
+def attention_maps(q, mk, tok, scale: float, per_head: bool, chunk: int = DEFAULT_CHUNK):
+    """Maps only: ``Pm = softmax(q @ mk^T * scale)`` at the ``tok`` columns, summed over heads
+    (``per_head=False``: (B,T,Nq)) or not ((B,H,T,Nq)), in acc_dtype; no output, no LSE.
+    The maps ``cross_attention_fwd(q, k, v, mk, tok, ...)`` gives for any k, v."""
+    B, H, Nq, D = q.shape
+    acc = acc_dtype(q, mk)
+    mkf = mk.to(acc)
+    T = tok.shape[1]
+    maps = torch.empty((B, H, T, Nq) if per_head else (B, T, Nq), dtype=acc, device=q.device)
+    for s, e in _chunks(Nq, chunk):
+        sm = torch.matmul(q[:, :, s:e].to(acc), mkf.transpose(-1, -2)) * scale
+        p = torch.exp(sm - torch.logsumexp(sm, dim=-1)[..., None])  # as cross_attention_fwd: same bits
+        sel = _gather_cols(p, tok)  # (B,H,T,n)
+        if per_head:
+            maps[:, :, :, s:e] = sel
+        else:
+            maps[:, :, s:e] = sel.sum(1)
+    return maps
+
+
 def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse, mlse, dout, dmaps,
                         needs=(True, True, True, True), chunk: int = DEFAULT_CHUNK):
     """Returns (dq, dk, dv, dmk); entries not in ``needs`` (or without a source) are None.
