@@ -19,6 +19,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--maps", default="", help="comma-separated words to map, e.g. doctor,face")
     p.add_argument("--attribution-prompt", default=None,
                    help='open-vocabulary maps: words are looked up in this prompt, e.g. "a photo of a doctor and gender"')
+    p.add_argument("--attribution", nargs=3, action="append", default=None, metavar=("NAME", "PROMPT", "WORDS"),
+                   help="further open-vocabulary maps from the same images (repeat for several), e.g. "
+                        '--attribution race "a photo of a doctor and race" doctor,race')
     p.add_argument("--seeds", default="0", help="seeds: 0-3, or 0,2,5")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
@@ -67,16 +70,29 @@ def _generate(args) -> int:
 
         edit = apply_file(pipe, args.edit)
         print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
+    attributions = None
+    if args.attribution:
+        attributions = {}
+        for name, text, ws in args.attribution:
+            if name in attributions:
+                raise ValueError(f"--attribution {name!r} given twice; give each name once")
+            attributions[name] = (text, ws)
     gen = generate(pipe, args.prompt, seeds=args.seeds, maps=args.maps, attribution_prompt=args.attribution_prompt,
-                   steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                   attributions=attributions, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                    batch_size=args.batch_size, aggregation=args.aggregation, backend=args.backend,
                    guidance=guidance, progress=not args.no_progress)
     out = gen.save(args.out)
     words = list(gen.maps)
     pairs = list(itertools.combinations(words, 2))
-    if pairs:
-        head = ["item", "seed", "prompt"] + [f"IoU({a},{b})" for a, b in pairs]
-        ious = [gen.iou(a, b, args.percentile) for a, b in pairs]
+    head = ["item", "seed", "prompt"] + [f"IoU({a},{b})" for a, b in pairs]
+    ious = [gen.iou(a, b, args.percentile) for a, b in pairs]
+    from .metrics import iou
+
+    for name, amaps in gen.attribution_maps.items():
+        for a, b in itertools.combinations(list(amaps), 2):
+            head.append(f"{name}:IoU({a},{b})")
+            ious.append(iou(amaps[a], amaps[b], args.percentile))
+    if ious:
         print("\t".join(head))
         for i in range(len(gen)):
             print("\t".join([str(i), str(gen.seeds[i]), gen.prompts[i]] + [f"{float(v[i]):.4f}" for v in ious]))
@@ -84,7 +100,8 @@ def _generate(args) -> int:
         d = gen.diagnostics
         print(f"guidance: {int(d['applied'].sum())} of {d['applied'].numel()} image-steps updated, "
               f"{int(d['nonfinite'].sum())} non-finite; energy {d['energy'][0].mean():.4f} -> {d['energy'][-1].mean():.4f}")
-    print(f"wrote {len(gen)} images{', maps and overlays' if words else ''} to {out}")
+    print(f"wrote {len(gen)} images{', maps and overlays' if words else ''}"
+          f"{', attribution maps' if gen.attribution_maps else ''} to {out}")
     return 0
 
 

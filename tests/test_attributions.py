@@ -158,3 +158,24 @@ def test_save_writes_attribution_maps(tiny_sd, tmp_path):
 def test_bad_attributions(tiny_sd, spec, err, match):
     with pytest.raises(err, match=match):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False, attributions=spec)
+
+
+def test_cli_attribution(tmp_path, capsys):
+    from fastfair import metrics
+    from fastfair.cli import main
+
+    args = ["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--seeds", "0-1", "--steps", "2", "--no-progress",
+            "--attribution", "race", ATTR["race"][0], "doctor,race",
+            "--attribution", "age", ATTR["age"][0], "doctor,age"]
+    assert main(args + ["--out", str(tmp_path / "cli")]) == 0
+    lines = [ln.split("\t") for ln in capsys.readouterr().out.splitlines() if ln.count("\t") >= 3]
+    assert lines[0][3:] == ["race:IoU(doctor,race)", "age:IoU(doctor,age)"]
+    sep = fastfair.generate(fastfair.load_pipeline("tiny-sd"), PROMPT, seeds=[0, 1], steps=2, progress=False,
+                            maps=["doctor", "race"], attribution_prompt=ATTR["race"][0])
+    want = metrics.iou(sep.maps["doctor"], sep.maps["race"], 70.0)
+    assert [float(r[3]) for r in lines[1:]] == pytest.approx(want.tolist(), abs=1e-4)
+    assert (tmp_path / "cli" / "attribution_maps.safetensors").is_file()
+    assert main(args[:-4] + ["--attribution", "race", ATTR["age"][0], "age", "--out", str(tmp_path / "bad")]) == 1
+    assert "twice" in capsys.readouterr().err
+    assert main(args[:-4] + ["--attribution", "age", ATTR["age"][0], "race", "--out", str(tmp_path / "bad")]) == 1
+    assert "race" in capsys.readouterr().err
