@@ -6,7 +6,8 @@ For a GPU session: it says which head-group split / query split / row tile the l
 
 Compares, per SD1.5/SDXL cross-attention shape at batches 8 and 16 (fp16, Nk 77, 8 map tokens, diffusers
 layout): the heuristic launch against forced head groups (fwd: HEAD_GROUPS 1/2/4/8, each with the heuristic
-row tile and with 64-row x 4-warp tiles) and forced query splits of the fused maps->dq backward (NSPLIT).
+row tile and with 64-row x 4-warp tiles), the same forward without maps (the attention core alone) and
+forced query splits of the fused maps->dq backward (NSPLIT).
 Prints ms per call, % of the measured copy bandwidth (fwd bytes as in fastfair.bench.pass_cost) and the
 ratio to SDPA without maps. Needs a CUDA device.
 """
@@ -47,11 +48,15 @@ def main():
 
             cfgs = [("heuristic", {})] + [(f"head groups {g}", {"HEAD_GROUPS": g}) for g in (1, 2, 4, 8)] + \
                    [(f"head groups {g}, 64-row x 4-warp", {"HEAD_GROUPS": g, "FWD_BLOCK_M": 64}) for g in (1, 2, 4, 8)]
-            for label, ov in cfgs:
+            def fwd_plain():  # the attention core alone (no maps: one head per program, as SDPA)
+                with torch.no_grad():
+                    return ops.cross_attention(q, k, v, backend="triton")
+
+            for label, ov in cfgs + [("no maps", None)]:
                 T._OVERRIDE.clear()
-                T._OVERRIDE.update(ov)
+                T._OVERRIDE.update(ov or {})
                 try:
-                    ms = gtime(fwd, a.quick)
+                    ms = gtime(fwd if ov is not None else fwd_plain, a.quick)
                     print(f"| {name} | {B} | fwd | {label} | {ms:.4f} | {100 * nbytes / (ms * 1e-3) / (ceil * 1e9):.1f} "
                           f"| {ms / sdpa:.2f} |", flush=True)
                 except Exception as e:
