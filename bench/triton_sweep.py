@@ -6,7 +6,8 @@ For a GPU session: it says which head-group split / query split / row tile the l
 
 Compares, per SD1.5/SDXL cross-attention shape at batches 8 and 16 (fp16, Nk 77, 8 map tokens, diffusers
 layout): the heuristic launch against forced head groups (fwd: HEAD_GROUPS 1/2/4/8, each with the heuristic
-row tile and with 64-row x 4-warp tiles), the same forward without maps (the attention core alone) and
+row tile and with 64-row x 4-warp tiles; DIV_D 1 = the scalar head-dim loads of before), the same forward
+without maps (the attention core alone) and
 forced query splits of the fused maps->dq backward (NSPLIT).
 Prints ms per call, % of the measured copy bandwidth (fwd bytes as in fastfair.bench.pass_cost) and the
 ratio to SDPA without maps. Needs a CUDA device.
@@ -52,6 +53,7 @@ def main():
                 with torch.no_grad():
                     return ops.cross_attention(q, k, v, backend="triton")
 
+            cfgs.append(("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1}))
             for label, ov in cfgs + [("no maps", None)]:
                 T._OVERRIDE.clear()
                 T._OVERRIDE.update(ov or {})
@@ -68,7 +70,8 @@ def main():
                 (dq,) = torch.autograd.grad(m.square().mean(), qg)
                 return dq
 
-            for label, ov in [("heuristic", {})] + [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)]:
+            for label, ov in [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1})] + \
+                    [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)]:
                 T._OVERRIDE.clear()
                 T._OVERRIDE.update(ov)
                 try:

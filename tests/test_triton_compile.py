@@ -234,6 +234,9 @@ def _compile_one(case):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
+    consts = dict(consts)
+    if "DIV_D" in [p.name for p in fn.params]:  # hand-written cases: SD's head dims (multiples of 8)
+        consts.setdefault("DIV_D", 8 if consts.get("ALIGN") == 8 else 1)
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
     assert not missing, (name, missing)
     consts = dict(consts)
@@ -380,9 +383,18 @@ def test_smem_budget_rules():
     try:
         T_._OVERRIDE.update(SMEM_BUDGET=SMALL_SMEM, GPU_CONFIG=True)
         assert T_._smem_budget(torch.device("cpu")) == SMALL_SMEM
-        # SD1.5's D=80 layer, fp16: K/V double-buffered take 144 KiB -> single-buffered on a 99 KiB GPU
-        assert T_._fwd_heuristic(128, 128, esz=2, budget=T_.SM80_SMEM)["num_stages"] == 2
-        assert T_._fwd_heuristic(128, 128, esz=2, budget=SMALL_SMEM)["num_stages"] == 1
+        # the key loop at head dim 128 (online softmax), fp16: K/V double-buffered take 144 KiB ->
+        # single-buffered on a 99 KiB GPU
+        assert T_._fwd_heuristic(128, 128, esz=2, budget=T_.SM80_SMEM, single=False)["num_stages"] == 2
+        assert T_._fwd_heuristic(128, 128, esz=2, budget=SMALL_SMEM, single=False)["num_stages"] == 1
+        # single-tile forward (SD's 77 keys): the head loop stages q, K, V and the map keys -- 116 KiB at
+        # head dims <= 64 (SD1.5's D=40, SDXL's 64; measured on sm_90), 184 KiB at D=80 (over STAGED_BYTES)
+        assert T_._fwd_smem(128, 128, 64, 64, 2, 2, True) == 118784
+        assert T_._fwd_smem(64, 128, 128, 128, 2, 2, True) == 188416
+        assert T_._fwd_heuristic(64, 128, esz=2, budget=T_.SM80_SMEM)["num_stages"] == 2
+        assert T_._fwd_heuristic(64, 128, esz=2, budget=SMALL_SMEM)["num_stages"] == 1
+        assert T_._fwd_heuristic(128, 128, esz=2, budget=T_.SM80_SMEM)["num_stages"] == 1
+        assert T_._div_d(40, 40) == 8 and T_._div_d(20, 20) == 4 and T_._div_d(40, 7) == 1
         assert T_._key_tile(77, 256, 4, T_.SM80_SMEM) == 32 and T_._key_tile(77, 256, 4, SMALL_SMEM) == 16
         assert T_._bwd_block_m(128, 128, True, 4, T_.SM80_SMEM) == 32
         assert T_._bwd_block_m(128, 128, True, 4, SMALL_SMEM) == 16

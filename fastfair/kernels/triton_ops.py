@@ -168,14 +168,34 @@ def _fit_keys(bn: int, bd: int, esz: int, limit: int = KEY_TILE_BYTES) -> int:
     return bn
 
 
-def _fwd_stages(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int, budget: int = SM80_SMEM) -> int:
-    """num_stages of a forward config: 2 (K/V double-buffered in shared memory: measured on sm_90 as
-    2 x BLOCK_N x (BLOCK_D + BLOCK_DV) x esz + BLOCK_M x BLOCK_D x esz) only for half inputs whose
-    buffers stay under STAGED_BYTES and the device's budget; else 1."""
+def _fwd_smem(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int, single: bool, bt: int = 16) -> int:
+    """Shared memory of a pipelined forward, as compiled for sm_90 (tests/test_triton_compile.py checks the
+    launchers' configs): the key loop stages K and V (stages x BLOCK_N x (BLOCK_D + BLOCK_DV)) next to one
+    q tile; the single-tile forward pipelines the head loop, so q and the map-token keys are staged too."""
+    if single:
+        return (stages * (bn * (bd + bdv) + (bm + bt) * bd) + bm * bd) * esz
+    return (stages * bn * (bd + bdv) + bm * bd) * esz
+
+
+def _fwd_stages(bm: int, bn: int, bd: int, bdv: int, esz: int, stages: int, budget: int = SM80_SMEM,
+                single: bool = True, bt: int = 16) -> int:
+    """num_stages of a forward config: 2 (double-buffered in shared memory, _fwd_smem) only for half inputs
+    whose buffers stay under STAGED_BYTES and the device's budget; else 1."""
     limit = min(STAGED_BYTES, budget)
-    if stages > 1 and (esz >= 4 or stages * bn * (bd + bdv) * esz + bm * bd * esz > limit):
+    if stages > 1 and (esz >= 4 or _fwd_smem(bm, bn, bd, bdv, esz, stages, single, bt) > limit):
         return 1
     return stages
+
+
+def _div_d(*dims: int) -> int:
+    """The largest of 8, 4, 2, 1 dividing every head dim: the kernels' DIV_D (mask constancy along D).
+    ``_OVERRIDE["DIV_D"] = 1`` restores the scalar loads of before, for bench/triton_sweep.py."""
+    if "DIV_D" in _OVERRIDE:
+        return _OVERRIDE["DIV_D"]
+    for m in (8, 4, 2):
+        if all(d % m == 0 for d in dims):
+            return m
+    return 1
 
 
 def _fwd_configs():
@@ -192,7 +212,8 @@ def _fwd_prune(configs, named_args, **kwargs):
     q = (named_args or {}).get("Q")
     esz = q.element_size() if q is not None else 2
     budget = _smem_budget(q.device if q is not None else None)
-    h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv, budget=budget)
+    single, bt = kwargs.get("SINGLE", True), kwargs.get("BLOCK_T", 16)
+    h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv, budget=budget, single=single, bt=bt)
     if esz >= 4 and max(bd, bdv) > 64:
         return [triton.Config({"BLOCK_M": h["BLOCK_M"]}, num_warps=h["num_warps"], num_stages=h["num_stages"])]
     out = []
@@ -201,7 +222,7 @@ def _fwd_prune(configs, named_args, **kwargs):
         if bm == 128 and (max(bd, bdv) > 64 or esz >= 4):
             continue
         out.append(triton.Config({"BLOCK_M": bm}, num_warps=c.num_warps,
-                                 num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages, budget)))
+                                 num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages, budget, single, bt)))
     return out
 
 
@@ -248,7 +269,8 @@ _KERNELS = {
 }
 
 
-def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None, budget: int = SM80_SMEM) -> dict:
+def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None, budget: int = SM80_SMEM,
+                   single: bool = True, bt: int = 16) -> dict:
     """Tile config without autotuning. Checked on sm_90 for spills and shared memory by
     tests/test_triton_compile.py."""
     if "FWD_BLOCK_M" in _OVERRIDE:
@@ -258,7 +280,8 @@ def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None, budge
     if esz >= 4:  # fp32 operands: twice the shared memory per tile
         return {"BLOCK_M": 64 if bd <= 64 else 32, "num_warps": 4 if bd <= 64 else 8, "num_stages": 1}
     bm, w = (128, 8) if bd <= 64 else (64, 8)
-    return {"BLOCK_M": bm, "num_warps": w, "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2, budget)}
+    return {"BLOCK_M": bm, "num_warps": w,
+            "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2, budget, single, bt)}
 
 
 def _key_tile(nk: int, bd: int, esz: int = 2, budget: int = SM80_SMEM) -> int:
@@ -608,9 +631,9 @@ class _FwdPlan:
         self.post = (hpp, float(scale) * LOG2E, _nq_bucket(Nq))
         self.consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head,
                            SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D,
-                           BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec)
+                           BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, DIV_D=_div_d(D, DV))
         self.cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
-                                  budget=budget)
+                                  budget=budget, single=Nk <= BLOCK_N, bt=BLOCK_T)
         self.grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         self.t0s = (0,) + tuple(range(BLOCK_T, T, BLOCK_T))  # more tokens than one tile: maps-only passes
         self.tune = "FWD_BLOCK_M" not in _OVERRIDE
@@ -744,7 +767,8 @@ class _BwdPlan:
                            NEED_DQ=dq_src, NEED_DELTA=need_delta, NEED_W=need_w,
                            FUSE_DK=fuse and dk_src, FUSE_DV=fuse and dv_src, FUSE_DMK=fuse and dmk_src,
                            SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM,
-                           BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map)
+                           BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
+                           DIV_D=_div_d(D, DV))
         self.cfg = _bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M)
         self.grid = lambda meta: (nsplit, B * H)  # noqa: E731
         self.mode, self.dev = mode, dev
@@ -776,7 +800,7 @@ class _BwdPlan:
             vp=(ns,) * (ns > 1) + (B, H, n_keys, DV) if need_dv else None,
             post=(H, Nq, n_keys, D, DV, NMB, per, self.scale * LOG2E, self.scale, _nq_bucket(Nq)),
             consts=dict(HAS_DOUT=has_do, NEED_DK=need_dk, NEED_DV=need_dv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec),
+                        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, DIV_D=_div_d(D, DV)),
             cfg=_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M),
             grid=lambda meta: (nkb, B * H, ns),
             sites={})

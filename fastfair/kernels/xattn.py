@@ -28,6 +28,14 @@ Design
 * fp16/bf16 inputs use tensor cores with fp32 accumulation (P and dS are rounded to the input
   dtype for their dots, as in FlashAttention); the fp32 map-gradient dots and every dot on fp32
   inputs use 3xTF32 (``PREC`` / ``PREC_MAP``): ~fp32 accuracy on tensor cores.
+* ``DIV_D``: the head dims are multiples of it (8 for SD's 40 / 80 / 160). The masks along the head
+  dim are written against ``(D // DIV_D) * DIV_D`` so the compiler knows they are constant over
+  DIV_D elements: with a runtime D that is not a multiple of 16 (SD1.5's 40, which Triton's JIT
+  does not specialise) every q/K/V load was a scalar 2-byte ``ld.global`` and the forward's key
+  loop could not use async copies; with it they are 16-byte vectors / ``cp.async``.
+* Forward with every key in one tile (``SINGLE``: Nk <= BLOCK_N, SD's 77): no key loop, so the head
+  loop is the innermost loop and ``num_stages=2`` pipelines it -- the next head's q, K, V tiles are
+  copied into shared memory while this head computes.
 * Registers: only 1D vectors live across loops; 2D addresses/masks are formed at each load, and
   ``ALIGN`` (8 when all row strides are multiples of 8 elements and data is 16-byte aligned)
   promises the compiler 16-byte vector loads. Without it sm_90 builds spill heavily (see
@@ -63,7 +71,7 @@ def _xattn_fwd_kernel(
     SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    PREC: tl.constexpr, ALIGN: tl.constexpr,
+    PREC: tl.constexpr, ALIGN: tl.constexpr, DIV_D: tl.constexpr,
 ):
     """grid (cdiv(Nq, BLOCK_M), B, head groups). SINGLE: Nk <= BLOCK_N (informational, autotune key)."""
     pid_m = tl.program_id(0)
@@ -75,9 +83,9 @@ def _xattn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < Nq
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    mask_d = offs_d < (D // DIV_D) * DIV_D  # DIV_D: D is a multiple of it (mask constancy -> vector loads)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < DV
+    mask_dv = offs_dv < (DV // DIV_D) * DIV_D
     offs_n = tl.arange(0, BLOCK_N)
     offs_nm = tl.arange(0, BLOCK_NM)
     # Only 1D vectors live across the loops; 2D addresses and masks are formed at each load from
@@ -97,10 +105,24 @@ def _xattn_fwd_kernel(
         lrow = (b * H + h) * Nq + offs_m
         kbh = b * skb + h * skh
         mbh = b * smb + h * smh
-        if COMPUTE_OUT:
+        if COMPUTE_OUT and SINGLE:
+            # every key in one tile: exact single pass, no key loop -- the head loop is then the
+            # innermost loop, which Triton's pipeliner can prefetch (next head's q, K, V) across
             vbh = b * svb + h * svh
-            # online softmax over key blocks; for Nk <= BLOCK_N one trip = exact single pass (kept a
-            # loop so K/V go through the pipelined async copies into shared memory)
+            mask_n = offs_n < Nk
+            kt = tl.load(K + tl.multiple_of(kbh + offs_n * skn, ALIGN)[None, :] + offs_d[:, None] * skd,
+                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * scale_log2
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_i = tl.max(s, 1)
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            vb = tl.load(V + tl.multiple_of(vbh + offs_n * svn, ALIGN)[:, None] + offs_dv[None, :] * svd,
+                         mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+            acc = tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+        elif COMPUTE_OUT:
+            vbh = b * svb + h * svh
+            # online softmax over key blocks
             m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -119,6 +141,7 @@ def _xattn_fwd_kernel(
                              mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
                 m_i = m_new
+        if COMPUTE_OUT:
             out = acc / l_i[:, None]
             orow = tl.multiple_of((b * sob + h * soh) + offs_m * son, ALIGN)
             tl.store(OUT + orow[:, None] + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
@@ -191,7 +214,7 @@ def _xattn_bwd_kernel(
     SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    PREC: tl.constexpr, PREC_MAP: tl.constexpr, ALIGN: tl.constexpr,
+    PREC: tl.constexpr, PREC_MAP: tl.constexpr, ALIGN: tl.constexpr, DIV_D: tl.constexpr,
 ):
     """grid (nsplit, B*H): program (sp, bh) handles query blocks [sp*MB_PER_PROG, ...) of (b, h).
 
@@ -211,9 +234,9 @@ def _xattn_bwd_kernel(
     MAPS_MK: tl.constexpr = HAS_MAPS and HAS_MK
 
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    mask_d = offs_d < (D // DIV_D) * DIV_D  # DIV_D: D is a multiple of it (mask constancy -> vector loads)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < DV
+    mask_dv = offs_dv < (DV // DIV_D) * DIV_D
     offs_n = tl.arange(0, BLOCK_N)
     offs_nm = tl.arange(0, BLOCK_NM)
     offs_t = tl.arange(0, BLOCK_T)
@@ -408,7 +431,7 @@ def _xattn_bwd_dkdv_kernel(
     NQ_BUCKET,
     HAS_DOUT: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, ALIGN: tl.constexpr,
+    PREC: tl.constexpr, ALIGN: tl.constexpr, DIV_D: tl.constexpr,
 ):
     """grid (cdiv(Nk, BLOCK_N), B*H, nsplit). dS^T = P^T * (dP^T - delta); K may be the map keys
     (then HAS_DOUT is False and LSE/DELTA are the map-key ones). Writes fp32 partials (scaled dk)."""
@@ -422,9 +445,9 @@ def _xattn_bwd_dkdv_kernel(
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < Nk
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    mask_d = offs_d < (D // DIV_D) * DIV_D  # DIV_D: D is a multiple of it (mask constancy -> vector loads)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_dv = offs_dv < DV
+    mask_dv = offs_dv < (DV // DIV_D) * DIV_D
     qbh = b * sqb + h * sqh
     dobh = b * sdob + h * sdoh
     kb = tl.load(K + tl.multiple_of(b * skb + h * skh + offs_k * skn, ALIGN)[:, None] + offs_d[None, :] * skd,
