@@ -255,7 +255,13 @@ def _compile_one(case):
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options=opts)
     info = {"name": name, "shared": k.metadata.shared, "num_warps": k.metadata.num_warps,
-            "launcher": spec is not None}
+            "launcher": spec is not None, "kernel": attr, "dtype": dt, "num_stages": opts.get("num_stages"),
+            "block_d": consts.get("BLOCK_D"), "single": consts.get("SINGLE")}
+    import re
+
+    ptx = k.asm.get("ptx", "")
+    info["ld_scalar16"] = len(re.findall(r"ld\.global\.(?:b16|u16|f16|b8|u8)\b", ptx))  # 1-2 byte loads
+    info["cp_async"] = len(re.findall(r"cp\.async\.c[ag]\b", ptx))
     try:  # registers / spills, when cuobjdump is bundled
         import re
         import tempfile
@@ -338,6 +344,15 @@ def test_all_kernels_compile_for_sm90():
     assert launch, "no launcher configs were compiled"
     too_big = [x for x in launch if x["shared"] > SHARED_LIMIT_SM80]
     assert not too_big, f"launcher configs above sm_80's shared memory ({SHARED_LIMIT_SM80} B): {too_big}"
+    # every head dim the launchers see is a multiple of 8 (40, 64, 80, 160): no scalar 1-2 byte loads of
+    # q / k / v / dout (with a runtime D of 40 they all were: 100 ld.global.b16 in the forward, before DIV_D)
+    xk = [x for x in launch if x["kernel"].startswith("_xattn")]
+    scalar = [(x["name"], x["ld_scalar16"]) for x in xk if x["ld_scalar16"]]
+    assert not scalar, f"scalar 16-bit global loads: {scalar}"
+    # the pipelined single-tile forward copies the next head's tiles asynchronously
+    piped = [x for x in xk if x["kernel"] == "_xattn_fwd_kernel" and x["single"] and x["num_stages"] == 2
+             and x["dtype"] != "fp32"]
+    assert piped and all(x["cp_async"] > 0 for x in piped), [(x["name"], x["cp_async"]) for x in piped]
 
 
 def test_launcher_records_the_fixed_tiles():
