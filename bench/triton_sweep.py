@@ -8,7 +8,7 @@ Compares, per SD1.5/SDXL cross-attention shape at batches 8 and 16 (fp16, Nk 77,
 layout): the heuristic launch against forced head groups (fwd: HEAD_GROUPS 1/2/4/8, each with the heuristic
 row tile and with 64-row x 4-warp tiles; DIV_D 1 = the scalar head-dim loads of before), the same forward
 without maps (the attention core alone) and
-forced query splits of the fused maps->dq backward (NSPLIT).
+forced query splits (and num_stages 2: the query-block loop pipelined) of the fused maps->dq backward (NSPLIT).
 Prints ms per call, % of the measured copy bandwidth (fwd bytes as in fastfair.bench.pass_cost) and the
 ratio to SDPA without maps. Needs a CUDA device.
 """
@@ -70,7 +70,7 @@ def main():
                 (dq,) = torch.autograd.grad(m.square().mean(), qg)
                 return dq
 
-            for label, ov in [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1})] + \
+            for label, ov in [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1}), ("num_stages 2", {"BWD_STAGES": 2})] + \
                     [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)]:
                 T._OVERRIDE.clear()
                 T._OVERRIDE.update(ov)

@@ -316,7 +316,9 @@ def _bwd_heuristic(bd: int, bn: int, fused: bool, esz: int = 2, block_m: int = 6
     w = 8 if (fused or bd >= 128 or bn >= 256 or esz >= 4) else 4
     if not _bwd_warps_ok(block_m, w):
         w = 4
-    return {"num_warps": w, "num_stages": 1}
+    # BWD_STAGES=2 pipelines the query-block loop (cp.async; sm_90 PTX: maps->dq at D <= 64 then takes 244
+    # registers without spilling, same shared memory); unmeasured, so bench/triton_sweep.py times it first
+    return {"num_warps": w, "num_stages": _OVERRIDE.get("BWD_STAGES", 1)}
 
 
 def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
