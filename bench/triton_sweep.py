@@ -8,36 +8,51 @@ Compares, per SD1.5/SDXL cross-attention shape at batches 8 and 16 (fp16, Nk 77,
 layout): the heuristic launch against forced head groups (fwd: HEAD_GROUPS 1/2/4/8, each with the heuristic
 row tile and with 64-row x 4-warp tiles; DIV_D 1 = the scalar head-dim loads of before), the same forward
 without maps (the attention core alone) and
-forced query splits (and num_stages 2: the query-block loop pipelined) of the fused maps->dq backward (NSPLIT).
+forced query splits (and num_stages 2: the query-block loop pipelined) of the fused maps->dq backward (NSPLIT), and the full backward (dq, dk, dv: DFT's case) fused against
+unfused, its x SDPA column against SDPA's forward + backward.
 Prints ms per call, % of the measured copy bandwidth (fwd bytes as in fastfair.bench.pass_cost) and the
 ratio to SDPA without maps. Needs a CUDA device.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+
+if "--dry-run" in sys.argv:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 
 from fastfair import bench, ops
 from fastfair.kernels import triton_ops as T
 
+DRY = "--dry-run" in sys.argv
+
 
 def gtime(fn, quick):
+    if DRY:  # every case once, wall clock: checks the script on CPU before it spends GPU minutes
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     return bench.graph_time_ms(fn, 2, quick)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one tiny shape, timed once")
     a = ap.parse_args()
-    dev = torch.device("cuda")
-    ceil = bench.copy_bandwidth_gbs(dev, a.quick)["gbs"]
-    shapes = (bench.SD15_SHAPES + bench.SDXL_SHAPES)[: 2 if a.quick else None]
-    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {ceil:.0f} GB/s; CUDA-graph medians (ms)")
+    dev = torch.device("cpu" if DRY else "cuda")
+    ceil = 1.0 if DRY else bench.copy_bandwidth_gbs(dev, a.quick)["gbs"]
+    shapes = [("tiny", 40, 2, 40)] if DRY else (bench.SD15_SHAPES + bench.SDXL_SHAPES)[: 2 if a.quick else None]
+    name_dev = "CPU (dry run: interpreter, wall clock)" if DRY else torch.cuda.get_device_name()
+    print(f"device {name_dev}, copy bandwidth {ceil:.0f} GB/s; CUDA-graph medians (ms)")
     print("| shape | B | pass | config | ms | % copy BW | x SDPA |")
     print("|---|---|---|---|---|---|---|")
     for (model, Nq, H, D) in shapes:
-        for B in (8, 16):
+        for B in ((2,) if DRY else (8, 16)):
             q, k, v, tok = bench.make_inputs(B, Nq, H, D, torch.float16, 0, dev)
             nbytes = bench.pass_cost("fwd", B, H, Nq, D, 2, True)[0]
             sdpa = gtime(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), a.quick)
@@ -79,6 +94,29 @@ def main():
                     print(f"| {name} | {B} | fwd + maps->dq | {label} | {ms:.4f} | | |", flush=True)
                 except Exception as e:
                     print(f"| {name} | {B} | fwd + maps->dq | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |",
+                          flush=True)
+            kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
+            dout = torch.randn_like(q)
+
+            def full():  # DFT's case: dq, dk, dv from the output and the maps
+                o, m = ops.cross_attention(qg, kg, vg, map_tokens=tok, backend="triton")
+                return torch.autograd.grad((o * dout).sum() + m.square().mean(), (qg, kg, vg))
+
+            def sdpa_full():
+                o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                return torch.autograd.grad((o * dout).sum(), (qg, kg, vg))
+
+            ref = gtime(sdpa_full, a.quick)
+            # fused dq + dk + dv (default) spills 864 B/thread at D=80 on sm_90; unfused: dq kernel + dk/dv kernel
+            for label, ov in [("heuristic", {}), ("unfused dk/dv", {"NO_FUSE": True}),
+                              ("num_stages 2", {"BWD_STAGES": 2})]:
+                T._OVERRIDE.clear()
+                T._OVERRIDE.update(ov)
+                try:
+                    ms = gtime(full, a.quick)
+                    print(f"| {name} | {B} | fwd + full bwd | {label} | {ms:.4f} | | {ms / ref:.2f} |", flush=True)
+                except Exception as e:
+                    print(f"| {name} | {B} | fwd + full bwd | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |",
                           flush=True)
             T._OVERRIDE.clear()
 
