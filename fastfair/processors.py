@@ -106,7 +106,7 @@ class FastFairCrossAttnProcessor:
                                             backend=self.state.backend)
         if maps is not None:  # None: the recorder only serves further attribution prompts
             rec.add(self.name, maps, query.shape[2], heads)
-        extras = rec.extras
+        extras = getattr(rec, "extras", None)  # MapRecorder and the guidance joint recorder have them
         if extras:  # further attribution prompts: maps only, from the same queries (never differentiated)
             with torch.no_grad():
                 q_rec = query[rows].detach()
