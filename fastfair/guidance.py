@@ -21,7 +21,7 @@ At every guided step, for the batch of N images:
 The guider wraps ``pipe.unet.forward`` and ``pipe.scheduler.step``, so it works with any diffusers
 SD/SDXL pipeline (every batch-sized argument of the UNet call -- encoder states, SDXL's
 ``added_cond_kwargs``, ``timestep_cond``, ControlNet residuals -- is split the same way) and any
-scheduler that has ``alphas_cumprod`` and predicts epsilon (DDIM, DPM-Solver++, Euler, ...). Steps
+scheduler that has ``alphas_cumprod`` and predicts epsilon or v (DDIM, DPM-Solver++, Euler, ...). Steps
 outside ``steps`` run the plain UNet call, without grad. Nothing is retained across steps.
 """
 from __future__ import annotations
@@ -101,9 +101,9 @@ def check_scheduler(scheduler) -> None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: entanglement guidance needs a "
                          "DDPM-family scheduler (DDIM, DPMSolverMultistep, EulerDiscrete, ...)")
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
-    if pred != "epsilon":
+    if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"entanglement guidance adds to the noise estimate; this scheduler predicts {pred!r}. "
-                         "Use an epsilon-prediction model/scheduler")
+                         "Use an epsilon- or v-prediction model/scheduler")
 
 
 def _split_rows(obj, rows: slice, batch: int):
@@ -350,6 +350,10 @@ class Guider:
         else:
             abar = float(sched.alphas_cumprod[t_int])
         coef = g.scale * math.sqrt(1.0 - abar)
+        if getattr(sched.config, "prediction_type", "epsilon") == "v_prediction":
+            # eps = sqrt(abar) v + sqrt(1 - abar) x_t: at fixed x_t the same nudge of the noise estimate
+            # is a nudge of v divided by sqrt(abar) (SD 2.x 768-v)
+            coef = coef / math.sqrt(abar)
         model_output = model_output + (coef * factor.view(-1, *[1] * (grad.dim() - 1)) * grad).to(model_output.dtype)
         self.records.append(dict(step=i, timestep=t_int, energy=E.float().cpu(), grad_norm=n.float().cpu(),
                                  applied=apply.cpu(), clipped=(apply & (n >= g.max_grad_norm)).cpu(),
