@@ -68,7 +68,9 @@ def main():
                 with torch.no_grad():
                     return ops.cross_attention(q, k, v, backend="triton")
 
-            cfgs.append(("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1}))
+            cfgs += [("64-row x 4-warp, pipelined (2 per SM)", {"FWD_BLOCK_M": 64, "FWD_STAGES": 2}),
+                     ("num_stages 1 (head loop not pipelined)", {"FWD_STAGES": 1}),
+                     ("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1})]
             for label, ov in cfgs + [("no maps", None)]:
                 T._OVERRIDE.clear()
                 T._OVERRIDE.update(ov or {})

@@ -273,15 +273,18 @@ def _fwd_heuristic(bd: int, bn: int, esz: int = 2, bdv: int | None = None, budge
                    single: bool = True, bt: int = 16) -> dict:
     """Tile config without autotuning. Checked on sm_90 for spills and shared memory by
     tests/test_triton_compile.py."""
-    if "FWD_BLOCK_M" in _OVERRIDE:
-        return {"BLOCK_M": _OVERRIDE["FWD_BLOCK_M"], "num_warps": 4, "num_stages": 1}
+    if "FWD_BLOCK_M" in _OVERRIDE:  # tests and bench/triton_sweep.py (FWD_STAGES: 1 or 2, else 1)
+        return {"BLOCK_M": _OVERRIDE["FWD_BLOCK_M"], "num_warps": 4,
+                "num_stages": _fwd_stages(_OVERRIDE["FWD_BLOCK_M"], bn, bd, bdv or bd, esz,
+                                          _OVERRIDE.get("FWD_STAGES", 1), budget, single, bt)}
     if not _gpu_rules():
         return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
     if esz >= 4:  # fp32 operands: twice the shared memory per tile
         return {"BLOCK_M": 64 if bd <= 64 else 32, "num_warps": 4 if bd <= 64 else 8, "num_stages": 1}
     bm, w = (128, 8) if bd <= 64 else (64, 8)
     return {"BLOCK_M": bm, "num_warps": w,
-            "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, 2, budget, single, bt)}
+            "num_stages": _fwd_stages(bm, bn, bd, bdv or bd, esz, _OVERRIDE.get("FWD_STAGES", 2), budget, single,
+                                      bt)}
 
 
 def _key_tile(nk: int, bd: int, esz: int = 2, budget: int = SM80_SMEM) -> int:
