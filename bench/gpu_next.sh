@@ -11,6 +11,10 @@
 # Carry .whl (diffusers + importlib_metadata wheels, see bench/RESULTS.md). $OUT gets results.tgz and summary.md;
 # every bench leaves bench.partial.json behind if it is cut, so a timeout loses only the case in flight.
 # History: the first H200 run (2026-11-26 05:38) confirmed the head-dim-80 fault fix; see bench/RESULTS.md.
+# New since (08:00-08:40, unmeasured): DIV_D (SD1.5's D=40 loads were scalar 2-byte ld.global), the pipelined
+# head loop of the single-tile forward, BWD_STAGES / NO_FUSE / FWD_STAGES sweep rows. A's GPU tests check the
+# new kernels first; A's kernel suite gives their speed against the 05:47 table; C's sweep attributes it.
+# Before spending device time: python bench/triton_sweep.py --dry-run (CPU, interpreter).
 set -u
 PART=${1:-A}
 OUT=${OUT:-/tmp/fastfair-gpu}; RES=/tmp/ffres-$PART; rm -rf "$RES"; mkdir -p "$OUT" "$RES"
