@@ -62,24 +62,31 @@ def main():
                 with torch.no_grad():
                     return ops.cross_attention(q, k, v, map_tokens=tok, backend="triton")
 
-            cfgs = [("heuristic", {})] + [(f"head groups {g}", {"HEAD_GROUPS": g}) for g in (1, 2, 4, 8)] + \
-                   [(f"head groups {g}, 64-row x 4-warp", {"HEAD_GROUPS": g, "FWD_BLOCK_M": 64}) for g in (1, 2, 4, 8)]
             def fwd_plain():  # the attention core alone (no maps: one head per program, as SDPA)
                 with torch.no_grad():
                     return ops.cross_attention(q, k, v, backend="triton")
 
-            cfgs += [("64-row x 4-warp, pipelined (2 per SM)", {"FWD_BLOCK_M": 64, "FWD_STAGES": 2}),
-                     ("num_stages 1 (head loop not pipelined)", {"FWD_STAGES": 1}),
-                     ("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1})]
-            for label, ov in cfgs + [("no maps", None)]:
+            def rows(pass_name, fn, cfgs, ref=None, bw=False):
+                """Time fn under each (label, overrides); None overrides: fn_plain instead (fwd only)."""
+                for label, ov in cfgs:
+                    T._OVERRIDE.clear()
+                    T._OVERRIDE.update(ov or {})
+                    try:
+                        ms = gtime(fn if ov is not None else fwd_plain, a.quick)
+                        pct = f"{100 * nbytes / (ms * 1e-3) / (ceil * 1e9):.1f}" if bw else ""
+                        ratio = f"{ms / ref:.2f}" if ref else ""
+                        print(f"| {name} | {B} | {pass_name} | {label} | {ms:.4f} | {pct} | {ratio} |", flush=True)
+                    except Exception as e:
+                        print(f"| {name} | {B} | {pass_name} | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |",
+                              flush=True)
                 T._OVERRIDE.clear()
-                T._OVERRIDE.update(ov or {})
-                try:
-                    ms = gtime(fwd if ov is not None else fwd_plain, a.quick)
-                    print(f"| {name} | {B} | fwd | {label} | {ms:.4f} | {100 * nbytes / (ms * 1e-3) / (ceil * 1e9):.1f} "
-                          f"| {ms / sdpa:.2f} |", flush=True)
-                except Exception as e:
-                    print(f"| {name} | {B} | fwd | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
+
+            rows("fwd", fwd, [("heuristic", {})] + [(f"head groups {g}", {"HEAD_GROUPS": g}) for g in (1, 2, 4, 8)]
+                 + [(f"head groups {g}, 64-row x 4-warp", {"HEAD_GROUPS": g, "FWD_BLOCK_M": 64}) for g in (1, 2, 4, 8)]
+                 + [("64-row x 4-warp, pipelined (2 per SM)", {"FWD_BLOCK_M": 64, "FWD_STAGES": 2}),
+                    ("num_stages 1 (head loop not pipelined)", {"FWD_STAGES": 1}),
+                    ("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1}),
+                    ("no maps", None)], ref=sdpa, bw=True)
             qg = q.detach().requires_grad_(True)
 
             def maps_dq():
@@ -87,16 +94,9 @@ def main():
                 (dq,) = torch.autograd.grad(m.square().mean(), qg)
                 return dq
 
-            for label, ov in [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1}), ("num_stages 2", {"BWD_STAGES": 2})] + \
-                    [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)]:
-                T._OVERRIDE.clear()
-                T._OVERRIDE.update(ov)
-                try:
-                    ms = gtime(maps_dq, a.quick)
-                    print(f"| {name} | {B} | fwd + maps->dq | {label} | {ms:.4f} | | |", flush=True)
-                except Exception as e:
-                    print(f"| {name} | {B} | fwd + maps->dq | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |",
-                          flush=True)
+            rows("fwd + maps->dq", maps_dq, [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1}),
+                                              ("num_stages 2", {"BWD_STAGES": 2})]
+                 + [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)])
             kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
             dout = torch.randn_like(q)
 
@@ -108,19 +108,9 @@ def main():
                 o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
                 return torch.autograd.grad((o * dout).sum(), (qg, kg, vg))
 
-            ref = gtime(sdpa_full, a.quick)
             # fused dq + dk + dv (default) spills 864 B/thread at D=80 on sm_90; unfused: dq kernel + dk/dv kernel
-            for label, ov in [("heuristic", {}), ("unfused dk/dv", {"NO_FUSE": True}),
-                              ("num_stages 2", {"BWD_STAGES": 2})]:
-                T._OVERRIDE.clear()
-                T._OVERRIDE.update(ov)
-                try:
-                    ms = gtime(full, a.quick)
-                    print(f"| {name} | {B} | fwd + full bwd | {label} | {ms:.4f} | | {ms / ref:.2f} |", flush=True)
-                except Exception as e:
-                    print(f"| {name} | {B} | fwd + full bwd | {label} | error: {type(e).__name__}: {str(e)[:80]} | | |",
-                          flush=True)
-            T._OVERRIDE.clear()
+            rows("fwd + full bwd", full, [("heuristic", {}), ("unfused dk/dv", {"NO_FUSE": True}),
+                                          ("num_stages 2", {"BWD_STAGES": 2})], ref=gtime(sdpa_full, a.quick))
 
 
 if __name__ == "__main__":
