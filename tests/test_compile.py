@@ -43,3 +43,16 @@ def test_compiled_unet_guided_sampling():
     plain = fastfair.generate(pipe, PROMPT, seeds=[0, 1], steps=2, progress=False)
     assert not torch.equal(eager.latents, plain.latents)  # the guidance did act
     torch.testing.assert_close(comp.latents, eager.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_unet_further_attribution_prompts():
+    """attributions= (maps-only calls beside the fused op) inside a compiled UNet: no graph breaks, eager maps."""
+    attr = {w: (f"{PROMPT} and {w}", ["doctor", w]) for w in ("gender", "race")}
+    _, eager, comp, breaks, graphs = _eager_and_compiled(seeds=[0, 1], steps=2, maps=["face"], attributions=attr)
+    assert not breaks, list(breaks)[:1]
+    assert graphs <= 2
+    for name, (_, words) in attr.items():
+        for w in words:
+            torch.testing.assert_close(comp.attribution_maps[name][w], eager.attribution_maps[name][w],
+                                       rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(comp.maps["face"], eager.maps["face"], rtol=1e-4, atol=1e-6)
