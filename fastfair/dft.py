@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from . import alignment
 from .alignment import TargetError
+from .guidance import abar_at
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
            "grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
@@ -572,9 +573,15 @@ class DFTTrainer:
             s = DDIMScheduler.from_config(base.config)
         else:
             s = copy.deepcopy(base)
-        if getattr(s.config, "prediction_type", "epsilon") != "epsilon":
+        pred = getattr(s.config, "prediction_type", "epsilon")
+        self._v_pred = pred == "v_prediction"
+        if self._v_pred:
+            # SD 2.x 768-v: the sampler runs on eps = sqrt(abar) v + sqrt(1 - abar) x_t (exact at the UNet's
+            # input x_t), so adjusted DFT scales the noise prediction's gradient as for an epsilon model
+            s = type(s).from_config(s.config, prediction_type="epsilon")
+        elif pred != "epsilon":
             raise DFTError("adjusted DFT scales the noise prediction; this model predicts "
-                           f"{s.config.prediction_type!r}")
+                           f"{pred!r} (epsilon and v-prediction models are supported)")
         return s
 
     def _add_trainables(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -723,6 +730,9 @@ class DFTTrainer:
                 if cfg_on:
                     eu, ec = eps.chunk(2)
                     eps = eu + cfg.guidance_scale * (ec - eu)
+                if self._v_pred:  # the model's output is v (CFG is linear, so combine first)
+                    abar = abar_at(sched, t)[1]
+                    eps = math.sqrt(abar) * eps + math.sqrt(1.0 - abar) * zin[:B].float()
                 if grad:
                     eps = scale_grad(eps, float(coefs[i]))
                 z = sched.step(eps, t, z.float(), return_dict=False)[0]

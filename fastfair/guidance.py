@@ -106,6 +106,17 @@ def check_scheduler(scheduler) -> None:
                          "Use an epsilon- or v-prediction model/scheduler")
 
 
+def abar_at(sched, timestep) -> tuple[int, float]:
+    """(rounded timestep, alpha_bar) of a scheduler step: ``alphas_cumprod[t]``, or 1 / (1 + sigma^2) for
+    sigma-parametrised schedulers (Euler) at fractional timesteps."""
+    t_val = float(timestep.item() if torch.is_tensor(timestep) else timestep)
+    t_int = int(round(t_val))
+    sigmas, step_index = getattr(sched, "sigmas", None), getattr(sched, "step_index", None)
+    if sigmas is not None and step_index is not None and t_val != t_int:
+        return t_int, 1.0 / (1.0 + float(sigmas[step_index]) ** 2)
+    return t_int, float(sched.alphas_cumprod[t_int])
+
+
 def _split_rows(obj, rows: slice, batch: int):
     """``obj`` with every tensor whose leading dimension is ``batch`` cut to ``rows`` (through dicts,
     lists and tuples); everything else unchanged."""
@@ -340,15 +351,8 @@ class Guider:
             apply = finite
             factor = torch.where(finite, torch.clamp(g.max_grad_norm / (n + 1e-12), max=1.0), torch.zeros_like(n))
         grad = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
-        t_val = float(timestep.item() if torch.is_tensor(timestep) else timestep)
-        t_int = int(round(t_val))
         sched = self.pipe.scheduler
-        sigmas, step_index = getattr(sched, "sigmas", None), getattr(sched, "step_index", None)
-        if sigmas is not None and step_index is not None and t_val != t_int:
-            # sigma-parametrised schedulers (Euler) with fractional timesteps: abar = 1 / (1 + sigma^2)
-            abar = 1.0 / (1.0 + float(sigmas[step_index]) ** 2)
-        else:
-            abar = float(sched.alphas_cumprod[t_int])
+        t_int, abar = abar_at(sched, timestep)
         coef = g.scale * math.sqrt(1.0 - abar)
         if getattr(sched.config, "prediction_type", "epsilon") == "v_prediction":
             # eps = sqrt(abar) v + sqrt(1 - abar) x_t: at fixed x_t the same nudge of the noise estimate

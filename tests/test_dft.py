@@ -154,6 +154,44 @@ def test_sampler_gradient_path(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 @needs_peft
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
+def test_v_prediction_model_equals_its_epsilon_twin(scheduler):
+    """A v-prediction model (SD 2.x 768-v) samples and trains as its epsilon twin: the sampler converts
+    v to eps = sqrt(abar) v + sqrt(1 - abar) x_t before the adjusted gradient scaling and the solver."""
+    import diffusers
+
+    from tiny_models import PredictV
+
+    out = []
+    for pred in ("epsilon", "v_prediction"):
+        pipe = fresh()
+        if pred == "v_prediction":
+            pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=pred)
+            pipe.unet = PredictV(pipe.unet, pipe.scheduler.alphas_cumprod)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(scheduler=scheduler), quality_encoder=None)
+        assert tr._v_pred == (pred == "v_prediction")
+        noise = tr.noises(2, torch.Generator().manual_seed(0))
+        with tr._attention():
+            img = tr.sample(PROMPT, noise, 2, grad=True)
+            g = torch.autograd.grad((img[:, 0] * torch.linspace(0, 1, 32)).sum(), tr.params)
+        out.append((img.detach(), torch.cat([x.flatten() for x in g])))
+        tr.close()
+    (img_e, g_e), (img_v, g_v) = out
+    assert g_e.abs().max() > 0
+    torch.testing.assert_close(img_v, img_e, rtol=1e-4, atol=1e-5)
+    assert float((g_v - g_e).abs().max() / g_e.abs().max()) < 1e-3
+
+
+def test_sample_prediction_refused():
+    import diffusers
+
+    pipe = fresh()
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    with pytest.raises(dft.DFTError, match="epsilon and v-prediction"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(scheduler="ddim"), quality_encoder=None)
+
+
 def test_text_lora_steps_move_distribution_to_target():
     """From ~90/10 to within 15 points of 50/50 in a few LoRA (text encoder) steps.
 

@@ -10,6 +10,8 @@ from fastfair.generation import _token_layout
 from fastfair.guidance import EntanglementGuidance, Guider
 from fastfair.maps import Aggregation, MapRecorder
 
+from tiny_models import PredictV
+
 PROMPT = "a photo of the face of a doctor"
 
 
@@ -274,34 +276,6 @@ def test_no_cfg_guidance(tiny_sd):
     assert gen.diagnostics["energy"].shape == (2, 2) and torch.isfinite(gen.latents).all()
 
 
-class _PredictV(torch.nn.Module):
-    """An epsilon UNet turned into a v-prediction one: v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)."""
-
-    def __init__(self, unet, alphas_cumprod):
-        super().__init__()
-        self.inner = unet
-        self.config = unet.config
-        self.abar = alphas_cumprod.double()
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
-        eps = self.inner(sample, timestep, *args, return_dict=False, **kwargs)[0]
-        abar = self.abar[int(torch.as_tensor(timestep).flatten()[0])]
-        v = (eps - (1 - abar).sqrt().to(eps.dtype) * sample) / abar.sqrt().to(eps.dtype)
-        if not return_dict:
-            return (v,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=v)
-
-
 @pytest.mark.parametrize("sched", ["DDIMScheduler", "EulerDiscreteScheduler"])
 def test_v_prediction_equals_epsilon(sd64, sched):
     """A v-prediction model gets the same guided trajectory as its epsilon twin: the nudge is translated
@@ -312,7 +286,7 @@ def test_v_prediction_equals_epsilon(sd64, sched):
     eps_pipe.scheduler = getattr(diffusers, sched).from_config(sd64.scheduler.config)
     v_pipe = copy.copy(sd64)
     v_pipe.scheduler = getattr(diffusers, sched).from_config(sd64.scheduler.config, prediction_type="v_prediction")
-    v_pipe.unet = _PredictV(sd64.unet, v_pipe.scheduler.alphas_cumprod)
+    v_pipe.unet = PredictV(sd64.unet, v_pipe.scheduler.alphas_cumprod)
     kw = dict(seeds=[0, 1], steps=4, progress=False, backend="reference", maps=["doctor"])
     plain_e = fastfair.generate(eps_pipe, PROMPT, **kw)
     plain_v = fastfair.generate(v_pipe, PROMPT, **kw)

@@ -19,3 +19,31 @@ def tiny_clip(seed: int = 0):
                            image_size=32, patch_size=8),
         projection_dim=16)
     return CLIPModel(cfg).eval(), clip_tokenizer()
+
+
+class PredictV(torch.nn.Module):
+    """An epsilon UNet turned into a v-prediction one: v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)."""
+
+    def __init__(self, unet, alphas_cumprod):
+        super().__init__()
+        self.inner = unet
+        self.config = unet.config
+        self.abar = alphas_cumprod.double()
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
+        eps = self.inner(sample, timestep, *args, return_dict=False, **kwargs)[0]
+        abar = self.abar[int(torch.as_tensor(timestep).flatten()[0])]
+        v = (eps - (1 - abar).sqrt().to(eps.dtype) * sample) / abar.sqrt().to(eps.dtype)
+        if not return_dict:
+            return (v,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=v)
