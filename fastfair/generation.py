@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import concepts, metrics
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import is_patched, patch, unpatch
+from .processors import denoiser, is_patched, patch, unpatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -250,13 +250,24 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
 
     device = pipe.device
     vsf = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * vsf
-    width = width or pipe.unet.config.sample_size * vsf
+    net = denoiser(pipe)
+    if net is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
+                         "Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines")
+    if getattr(pipe, "unet", None) is None:  # SD3 (MMDiT): maps from the joint attention over the prompt's tokens
+        if attr is not None or extra:
+            raise ValueError("open-vocabulary maps (attribution_prompt / attributions) are not supported for "
+                             f"{type(pipe).__name__} yet: map words of the prompt itself")
+        if agg.name != "fastfair":
+            raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
+                             "Use aggregation='fastfair'")
+    height = height or net.config.sample_size * vsf
+    width = width or net.config.sample_size * vsf
     if height % vsf or width % vsf:
         raise ValueError(f"height and width must be multiples of the VAE scale factor {vsf}; got {height}x{width}")
     latent_hw = (height // vsf, width // vsf)
     if agg.name == "daam":
-        daam_hw = 4096 if pipe.unet.config.sample_size * vsf in (512, 1024) else 9216
+        daam_hw = 4096 if net.config.sample_size * vsf in (512, 1024) else 9216
     else:
         daam_hw = 4096
 
@@ -408,5 +419,6 @@ def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:
     from diffusers.utils.torch_utils import randn_tensor
 
     g = torch.Generator(device).manual_seed(seed)
-    shape = (1, pipe.unet.config.in_channels, latent_hw[0], latent_hw[1])
-    return randn_tensor(shape, generator=g, device=device, dtype=pipe.unet.dtype)
+    net = denoiser(pipe)
+    shape = (1, net.config.in_channels, latent_hw[0], latent_hw[1])
+    return randn_tensor(shape, generator=g, device=device, dtype=net.dtype)

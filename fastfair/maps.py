@@ -7,7 +7,9 @@ processors hand it each layer's maps -- (B, T, Nq) summed over heads, or (B, H, 
 Presets (``aggregation=``):
 
 ``"fastfair"`` (default)
-    All cross-attention layers (down, mid and up blocks). Per resolution, one accumulator sums
+    All cross-attention layers (down, mid and up blocks; SD3: every joint-attention layer, the
+    probability that an image token gives the word's text tokens in the joint softmax over image and
+    text tokens). Per resolution, one accumulator sums
     the maps over heads, layers and the selected timesteps; each is bilinearly upsampled
     (align_corners=False) to the latent grid and the sum is divided by the number of
     (head, layer, step) terms. A word's map is therefore the *mean attention probability* that a
@@ -40,7 +42,7 @@ DAAM_FACTORS = frozenset({0, 1, 2, 4, 8, 16, 32, 64})
 @dataclass(frozen=True)
 class Aggregation:
     name: str = "fastfair"
-    blocks: frozenset = frozenset({"down", "mid", "up"})
+    blocks: frozenset = frozenset({"down", "mid", "up", "joint"})
     normalize: bool = True            # divide by the number of (head, layer, step) terms
     branch: str = "cond"              # which half of a CFG batch the maps read
     factors: frozenset | None = None  # daam only
@@ -64,9 +66,12 @@ class Aggregation:
 
 
 def block_of(module_name: str) -> str:
+    """"down" / "mid" / "up" for UNet layers, "joint" for an MMDiT's (SD3) transformer blocks."""
     for b in ("down", "mid", "up"):
         if module_name.startswith(f"{b}_blocks") or module_name.startswith(f"{b}_block") or f".{b}_block" in module_name:
             return b
+    if module_name.startswith("transformer_blocks") or ".transformer_blocks." in module_name:
+        return "joint"
     return "other"
 
 

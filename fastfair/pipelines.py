@@ -7,6 +7,9 @@ Presets (random weights, deterministic from ``seed``, real CLIP BPE tokenizer, D
 * ``"tiny-sdxl"``: a small StableDiffusionXLPipeline with two text encoders.
 * ``"sd15-shaped"``: SD1.5's UNet topology with narrow channels: 16 cross-attention layers at query
   lengths 4096x5, 1024x5, 256x5 and 64x1 for a 64x64 latent, 8 heads, VAE scale factor 8.
+* ``"tiny-sd3"``: a small StableDiffusion3Pipeline (MMDiT with 2 joint blocks, patch size 2, 16 latent
+  channels, flow-matching Euler) with the two CLIP text encoders and no T5 (the pipeline then feeds
+  zeros for T5's 256 tokens, as diffusers does without ``text_encoder_3``).
 
 Presets are built once, saved with ``save_pretrained`` under the cache folder
 (``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``) with an atomic rename, and always loaded back
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("tiny-sd", "tiny-sdxl", "sd15-shaped")
+PRESETS = ("tiny-sd", "tiny-sdxl", "sd15-shaped", "tiny-sd3")
 _PRESET_VERSION = "v1"
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
@@ -157,6 +160,26 @@ def _build(name: str, seed: int):
             vae=_vae((16, 16, 16, 16), seed + 2), text_encoder=_text_encoder(32, seed + 3), tokenizer=clip_tokenizer(),
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
             unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
+    if name == "tiny-sd3":
+        from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                               StableDiffusion3Pipeline)
+
+        torch.manual_seed(seed + 1)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32).eval()
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
+                            layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
+                            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                            use_post_quant_conv=False).eval()
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=_text_encoder(32, seed + 3, projection=32), tokenizer=clip_tokenizer(),
+            text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
+            text_encoder_3=None, tokenizer_3=None)
     raise KeyError(name)
 
 
@@ -197,6 +220,8 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
     source = build_preset(name, seed) if name in PRESETS else name
+    if name == "tiny-sd3":  # saved without T5: diffusers wants the missing components named
+        kwargs = dict(dict(text_encoder_3=None, tokenizer_3=None), **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:

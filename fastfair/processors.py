@@ -1,7 +1,8 @@
 """fastfair's cross-attention processor for diffusers, and patch / unpatch.
 
 ``patch(pipe)`` puts a ``FastFairCrossAttnProcessor`` on every cross-attention module (``attn2``)
-of the UNet; self-attention keeps its processor. While no ``MapRecorder`` is active, the
+of the UNet; self-attention keeps its processor. SD3 pipelines (an MMDiT ``transformer``) get a
+``FastFairJointAttnProcessor`` on every joint attention module instead. While no ``MapRecorder`` is active, the
 processor calls the module's original processor, so the pipeline's output is unchanged bit for bit.
 While recording, it computes attention for the rows that count (the conditional half of a CFG
 batch) with ``fastfair.ops.cross_attention`` -- one fused pass giving the output and the maps --
@@ -19,6 +20,7 @@ from .maps import MapRecorder, block_of
 # diffusers processors that compute plain scaled-dot-product attention; anything else is "custom".
 _STANDARD = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
              "SlicedAttnProcessor", "FusedAttnProcessor2_0"}
+_STANDARD_JOINT = {"JointAttnProcessor2_0"}  # SD3's plain joint attention
 
 
 class PatchError(RuntimeError):
@@ -41,6 +43,28 @@ def cross_attention_modules(unet) -> dict:
         if hasattr(m, "set_processor") and getattr(m, "is_cross_attention", False):
             mods[name] = m
     return mods
+
+
+def joint_attention_modules(transformer) -> dict:
+    """name -> Attention module for every joint (image + text) attention module of an MMDiT (SD3)."""
+    return {name: m for name, m in transformer.named_modules()
+            if hasattr(m, "set_processor") and getattr(m, "add_k_proj", None) is not None}
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network: ``unet`` (SD 1.x/2.x, SDXL) or ``transformer`` (SD3)."""
+    net = getattr(pipe, "unet", None)
+    return net if net is not None else getattr(pipe, "transformer", None)
+
+
+def text_attention_modules(pipe) -> dict:
+    """The attention modules whose keys include the prompt's tokens: UNet cross-attention, or SD3's joint
+    attention."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return cross_attention_modules(unet)
+    tr = getattr(pipe, "transformer", None)
+    return joint_attention_modules(tr) if tr is not None else {}
 
 
 class FastFairCrossAttnProcessor:
@@ -132,6 +156,68 @@ class FastFairCrossAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class FastFairJointAttnProcessor:
+    """SD3's joint attention (image and text tokens in one softmax) with maps: the image queries of the rows
+    that count go through ``ops.cross_attention`` over the keys [image; text] (Nk = image tokens + 333: the
+    online-softmax path), the maps reading the text columns; everything else through SDPA, as diffusers'
+    ``JointAttnProcessor2_0`` computes it."""
+
+    def __init__(self, name: str, state: PatchState, original):
+        self.name = name
+        self.block = block_of(name)
+        self.state = state
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        rec = self.state.recorder
+        if rec is None or encoder_hidden_states is None or not rec.active or attention_mask is not None \
+                or not rec.wants(self.block, hidden_states.shape[1]):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+        heads = attn.heads
+        head_dim = attn.to_k.out_features // heads
+
+        def split(x):
+            return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq = split(attn.add_q_proj(encoder_hidden_states))
+        ck = split(attn.add_k_proj(encoder_hidden_states))
+        cv = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        key, value = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+        rows = rec.rows(batch)
+        per_head = rec.aggregation.per_head
+        out_rec, maps = ops.cross_attention(q[rows], key[rows], value[rows], map_tokens=rec.tokens + n_img,
+                                            scale=attn.scale, head_reduce="none" if per_head else "sum",
+                                            backend=self.state.backend)
+        rec.add(self.name, maps, n_img, heads)
+        if rows.start == 0 and rows.stop == batch:
+            out_img = out_rec
+        else:
+            other = slice(0, rows.start) if rows.start > 0 else slice(rows.stop, batch)
+            out_other = F.scaled_dot_product_attention(q[other], key[other], value[other], dropout_p=0.0,
+                                                       is_causal=False, scale=attn.scale)
+            out_img = torch.cat([out_other, out_rec] if rows.start > 0 else [out_rec, out_other], dim=0)
+        out_txt = F.scaled_dot_product_attention(cq, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+        def merge(x):
+            return x.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](merge(out_img)))
+        encoder_hidden_states = merge(out_txt)
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
 def is_patched(pipe) -> bool:
     return getattr(pipe, "_fastfair", None) is not None
 
@@ -146,25 +232,28 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
     """
     if is_patched(pipe):
         pipe._fastfair.backend = backend
-        _prime_backend(backend, pipe.unet)
+        _prime_backend(backend, denoiser(pipe))
         return pipe._fastfair
-    unet = getattr(pipe, "unet", None)
+    unet = denoiser(pipe)
     if unet is None:
-        raise PatchError(f"{type(pipe).__name__} has no UNet; fastfair patches UNet cross-attention "
-                         "(Stable Diffusion 1.x/2.x and SDXL pipelines)")
-    mods = cross_attention_modules(unet)
+        raise PatchError(f"{type(pipe).__name__} has no UNet or transformer; fastfair patches the attention "
+                         "layers that read the prompt (Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines)")
+    mods = text_attention_modules(pipe)
     if not mods:
-        raise PatchError(f"{type(unet).__name__} has no cross-attention layer (no text conditioning): "
-                         "there are no word maps to capture")
-    custom = {n: type(m.processor).__name__ for n, m in mods.items() if type(m.processor).__name__ not in _STANDARD}
+        raise PatchError(f"{type(unet).__name__} has no cross-attention or joint-attention layer (no text "
+                         "conditioning): there are no word maps to capture")
+    joint = getattr(pipe, "unet", None) is None
+    standard = _STANDARD_JOINT if joint else _STANDARD
+    custom = {n: type(m.processor).__name__ for n, m in mods.items() if type(m.processor).__name__ not in standard}
     if custom and not force:
         first = next(iter(custom.items()))
         raise PatchError(f"{len(custom)} cross-attention layers already use a custom processor (e.g. {first[0]}: "
                          f"{first[1]}). fastfair would bypass it while recording maps. Remove it, or call "
                          "patch(pipe, force=True) to accept that; unpatch() restores it either way.")
     state = PatchState({n: m.processor for n, m in mods.items()}, backend)
+    cls = FastFairJointAttnProcessor if joint else FastFairCrossAttnProcessor
     for n, m in mods.items():
-        m.set_processor(FastFairCrossAttnProcessor(n, state, state.originals[n]))
+        m.set_processor(cls(n, state, state.originals[n]))
     pipe._fastfair = state
     _prime_backend(backend, unet)
     return state
@@ -183,7 +272,7 @@ def unpatch(pipe) -> None:
     state = getattr(pipe, "_fastfair", None)
     if state is None:
         return
-    mods = cross_attention_modules(pipe.unet)
+    mods = text_attention_modules(pipe)
     for n, proc in state.originals.items():
         mods[n].set_processor(proc)
     pipe._fastfair = None

@@ -18,8 +18,8 @@ PROMPT = "a photo of the face of a doctor"
 DEV = "cuda" if GPU else "cpu"
 
 
-def _pair(monkeypatch, **kw):
-    pipe = pipelines.load_pipeline("tiny-sd", device=DEV)
+def _pair(monkeypatch, model="tiny-sd", **kw):
+    pipe = pipelines.load_pipeline(model, device=DEV)
     ref = fastfair.generate(pipe, PROMPT, backend="reference", progress=False, **kw)
     calls = {"fwd": 0, "bwd": 0}
     for name in calls:  # count the Triton backend's calls: it really ran
@@ -48,3 +48,13 @@ def test_guided_generate_triton_equals_reference(monkeypatch):
     assert calls["fwd"] > 0 and calls["bwd"] > 0
     scale = float(ref.latents.abs().max())
     assert float((tri.latents - ref.latents).abs().max()) <= 1e-4 * scale  # measured 1.7e-5 x scale
+
+
+def test_sd3_joint_attention_triton_equals_reference(monkeypatch):
+    """SD3: image queries over [image; text] keys (64 + 333 = 397 keys: the online-softmax loop)."""
+    ref, tri, calls = _pair(monkeypatch, model="tiny-sd3", seeds=[0, 1], steps=2, maps=["doctor", "face"])
+    assert calls["fwd"] > 0
+    for w in ("doctor", "face"):
+        err = float((tri.maps[w] - ref.maps[w]).abs().max() / ref.maps[w].abs().max())
+        assert err <= 1e-5, (w, err)
+    torch.testing.assert_close(tri.latents, ref.latents, rtol=0, atol=2e-4)
