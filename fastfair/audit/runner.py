@@ -326,8 +326,18 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                                                                   or type(pipe).__name__)
         dev = pipe.device
         vsf = pipe.vae_scale_factor
-        height = height or pipe.unet.config.sample_size * vsf
-        width = width or pipe.unet.config.sample_size * vsf
+        from ..processors import denoiser
+
+        net = denoiser(pipe)
+        if net is None:
+            raise AuditInputError(f"{type(pipe).__name__} has neither a UNet nor a transformer: not a text-to-image "
+                                  "diffusion pipeline fastfair can audit")
+        if getattr(pipe, "unet", None) is None and "open" in modes:
+            raise AuditInputError(f"open-vocabulary entanglement is not supported for {type(pipe).__name__} yet "
+                                  "(SD3's text tokens change block by block, so an attribution prompt has no fixed "
+                                  "keys); use --entanglement inprompt (or none)")
+        height = height or net.config.sample_size * vsf
+        width = width or net.config.sample_size * vsf
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
@@ -360,7 +370,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             check_labels(clf, sets)
 
         settings = {
-            "model": model_name, "pipeline": type(pipe).__name__, "dtype": _dtype_name(pipe.unet.dtype),
+            "model": model_name, "pipeline": type(pipe).__name__, "dtype": _dtype_name(net.dtype),
             "template": template, "entanglement": modes,
             "attribution_template": attribution_template if "open" in modes else None,
             "inprompt_template": inprompt_template if "inprompt" in modes else None,
