@@ -255,7 +255,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines")
     if getattr(pipe, "unet", None) is None:  # SD3 (MMDiT): maps from the joint attention over the prompt's tokens
-        if attr is not None or extra:
+        if attr is not None or extra or (guidance is not None and guidance.attribution_prompt):
             raise ValueError("open-vocabulary maps (attribution_prompt / attributions) are not supported for "
                              f"{type(pipe).__name__} yet: map words of the prompt itself")
         if agg.name != "fastfair":
@@ -284,7 +284,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if guidance is not None:
         from .guidance import check_scheduler
 
-        check_scheduler(pipe.scheduler)
+        check_scheduler(pipe.scheduler, flow_model=getattr(pipe, "unet", None) is None)
         gwords = guidance.words
         gtexts = [guidance.attribution_prompt] * len(prompts) if guidance.attribution_prompt else prompts
         glayouts = {t: _token_layout(pipe, [t], gwords) for t in set(gtexts)}

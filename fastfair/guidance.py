@@ -21,7 +21,8 @@ At every guided step, for the batch of N images:
 The guider wraps ``pipe.unet.forward`` and ``pipe.scheduler.step``, so it works with any diffusers
 SD/SDXL pipeline (every batch-sized argument of the UNet call -- encoder states, SDXL's
 ``added_cond_kwargs``, ``timestep_cond``, ControlNet residuals -- is split the same way) and any
-scheduler that has ``alphas_cumprod`` and predicts epsilon or v (DDIM, DPM-Solver++, Euler, ...). Steps
+scheduler that has ``alphas_cumprod`` and predicts epsilon or v (DDIM, DPM-Solver++, Euler, ...), and
+SD3 pipelines (keyword-called MMDiT, flow-matching Euler: the nudge is translated to the velocity). Steps
 outside ``steps`` run the plain UNet call, without grad. Nothing is retained across steps.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from . import metrics
 from .maps import Aggregation, MapRecorder
 
-GUIDANCE_AGGREGATION = Aggregation("guidance", frozenset({"down", "up"}), True, "cond")
+GUIDANCE_AGGREGATION = Aggregation("guidance", frozenset({"down", "up", "joint"}), True, "cond")
 
 
 @dataclass
@@ -96,10 +97,24 @@ class EntanglementGuidance:
         return EntanglementGuidance([p[0].strip() for p in pairs], [p[1].strip() for p in pairs], **kwargs)
 
 
-def check_scheduler(scheduler) -> None:
+def is_flow_matching(scheduler) -> bool:
+    """A rectified-flow scheduler (SD3): x_t = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0."""
+    return type(scheduler).__name__.startswith("FlowMatch") and getattr(scheduler, "sigmas", None) is not None
+
+
+def check_scheduler(scheduler, flow_model: bool = False) -> None:
+    """Raise unless guidance can run with ``scheduler``: a DDPM-family one, or (``flow_model``: SD3's
+    transformer) a flow-matching one."""
+    if is_flow_matching(scheduler):
+        if flow_model:
+            return
+        raise ValueError(f"{type(scheduler).__name__} is a flow-matching scheduler but this pipeline's UNet is a "
+                         "diffusion (noise-prediction) model: use a DDPM-family scheduler (DDIM, DPMSolverMultistep, "
+                         "EulerDiscrete, ...), which has alphas_cumprod")
     if getattr(scheduler, "alphas_cumprod", None) is None:
         raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: entanglement guidance needs a "
-                         "DDPM-family scheduler (DDIM, DPMSolverMultistep, EulerDiscrete, ...)")
+                         "DDPM-family scheduler (DDIM, DPMSolverMultistep, EulerDiscrete, ...) or SD3's "
+                         "flow-matching Euler")
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(f"entanglement guidance adds to the noise estimate; this scheduler predicts {pred!r}. "
@@ -208,7 +223,7 @@ class Guider:
 
     def __init__(self, pipe, guidance: EntanglementGuidance, tokens: torch.Tensor, pair_index: list,
                  latent_hw, map_states: torch.Tensor | None, n_items: int):
-        check_scheduler(pipe.scheduler)
+        check_scheduler(pipe.scheduler, flow_model=getattr(pipe, "unet", None) is None)
         self.pipe, self.g = pipe, guidance
         self.tokens, self.pair_index = tokens, pair_index   # pair_index: [(col_sem, col_dem)] into token groups
         self.latent_hw, self.map_states, self.n = latent_hw, map_states, n_items
@@ -219,6 +234,10 @@ class Guider:
         self._compat: dict = {}
         self.records: list[dict] = []
         self.word_weights = None  # (B, W, T), set by generate
+        from .processors import denoiser
+
+        self.net = denoiser(pipe)
+        self._by_keyword = getattr(pipe, "unet", None) is None  # SD3's transformer: hidden_states=, timestep=
 
     # -- the pieces -----------------------------------------------------------------------------
     def _guided(self, i: int) -> bool:
@@ -247,6 +266,11 @@ class Guider:
                                                iters=self.g.iters, backend=self.pipe._fastfair.backend)
         return energy
 
+    def _invoke(self, forward, sample, timestep, args, kwargs):
+        if self._by_keyword:
+            return forward(*args, hidden_states=sample, timestep=timestep, **kwargs)
+        return forward(sample, timestep, *args, **kwargs)
+
     def _guided_call(self, forward, sample: torch.Tensor, timestep, args, kwargs, want_grad: bool = True):
         """The UNet call of a guided step: unconditional rows without grad, conditional rows with
         grad to their input (recording the guidance maps, and the user's), one pass each. Leaves
@@ -269,7 +293,7 @@ class Guider:
             t_u, a_u, k_u = part(slice(0, n))
             with torch.no_grad(), _recording(state, user if user is not None and user.aggregation.branch == "uncond"
                                              else None):
-                outs.append(forward(sample[:n], t_u, *a_u, **k_u)[0])
+                outs.append(self._invoke(forward, sample[:n], t_u, a_u, k_u)[0])
             if user is not None and user.aggregation.branch == "uncond":
                 user = None
         t_c, a_c, k_c = part(cond)
@@ -277,18 +301,22 @@ class Guider:
             # the user's maps read other keys than the guidance's (e.g. the prompt's against an
             # attribution prompt's): the fused op gives one softmax per call, so they need their own pass
             with torch.no_grad(), _recording(state, user):
-                forward(sample[cond], t_c, *a_c, **k_c)
+                self._invoke(forward, sample[cond], t_c, a_c, k_c)
             user = None
         guide = MapRecorder(self.tokens, n, self.latent_hw, GUIDANCE_AGGREGATION, map_states=self.map_states)
         joint = _JointRecorder(guide, user)
         leaf = sample[cond].detach().requires_grad_(want_grad)
-        with torch.enable_grad(), _input_grads_only(self.pipe.unet), _recording(state, joint):
-            eps_c = forward(leaf, t_c, *a_c, **k_c)[0]
+        with torch.enable_grad(), _input_grads_only(self.net), _recording(state, joint):
+            eps_c = self._invoke(forward, leaf, t_c, a_c, k_c)[0]
             energy = self._energy(guide)
         joint.replay = True
         self._pending = (energy, leaf, joint)
         out = torch.cat(outs + [eps_c.detach()]) if outs else eps_c.detach()
         if return_dict:
+            if self._by_keyword:
+                from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+                return Transformer2DModelOutput(sample=out)
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=out)
@@ -305,11 +333,12 @@ class Guider:
         if leaf.shape != sample.shape:
             raise RuntimeError(f"the UNet's conditional input {tuple(leaf.shape)} does not match the latents "
                                f"{tuple(sample.shape)}; entanglement guidance needs a plain text-to-image UNet input")
-        with torch.enable_grad(), _input_grads_only(self.pipe.unet), _recording(self.pipe._fastfair, joint):
+        with torch.enable_grad(), _input_grads_only(self.net), _recording(self.pipe._fastfair, joint):
             g_in = torch.autograd.grad(energy.sum(), leaf)[0]
-            # the UNet saw scale_model_input(sample): chain through it (identity for DDIM)
+            # the UNet saw scale_model_input(sample): chain through it (identity for DDIM; SD3 has none)
             s = sample.detach().requires_grad_(True)
-            y = self.pipe.scheduler.scale_model_input(s, timestep)
+            scale_in = getattr(self.pipe.scheduler, "scale_model_input", None)
+            y = s if scale_in is None else scale_in(s, timestep)
             if y is s:
                 grad = g_in
             elif y.requires_grad:
@@ -324,15 +353,20 @@ class Guider:
         args, kwargs = self.unet_call
         ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
         x = torch.cat([latents] * 2) if ehs.shape[0] == 2 * self.n else latents
-        forward = self._forward or self.pipe.unet.forward
+        forward = self._forward or self.net.forward
+        scale_in = getattr(self.pipe.scheduler, "scale_model_input", None)
         with torch.no_grad():
-            x_in = self.pipe.scheduler.scale_model_input(x, t)
+            x_in = x if scale_in is None else scale_in(x, t)
         self._guided_call(forward, x_in, t, args, kwargs, want_grad=want_grad)
         return self._finish(latents, t, want_grad)
 
-    def _unet_forward(self, sample, timestep, *args, **kwargs):
+    def _unet_forward(self, *args, **kwargs):
         if not self._guided(self.step_idx):
-            return self._forward(sample, timestep, *args, **kwargs)
+            return self._forward(*args, **kwargs)
+        if self._by_keyword:  # SD3 calls its transformer with keywords only
+            sample, timestep = kwargs.pop("hidden_states"), kwargs.pop("timestep")
+        else:
+            sample, timestep, args = args[0], args[1], args[2:]
         return self._guided_call(self._forward, sample, timestep, args, kwargs)
 
     def _step(self, orig_step, model_output, timestep, sample, *args, **kwargs):
@@ -352,9 +386,25 @@ class Guider:
             factor = torch.where(finite, torch.clamp(g.max_grad_norm / (n + 1e-12), max=1.0), torch.zeros_like(n))
         grad = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
         sched = self.pipe.scheduler
-        t_int, abar = abar_at(sched, timestep)
-        coef = g.scale * math.sqrt(1.0 - abar)
-        if getattr(sched.config, "prediction_type", "epsilon") == "v_prediction":
+        if is_flow_matching(sched):
+            # x_t = (1 - sigma) x0 + sigma eps and v = eps - x0, so eps = x_t + (1 - sigma) v: BiasMap's
+            # eps += scale * sigma * g (sigma: the noise's std, as sqrt(1 - abar) in DDPM) is
+            # v += scale * sigma / (1 - sigma) * g; at sigma ~ 1 (the first step, pure noise) v says nothing
+            # about eps and the step is not guided
+            if getattr(sched, "step_index", None) is None:
+                sched._init_step_index(timestep)
+            sigma = float(sched.sigmas[sched.step_index])
+            t_int = int(round(float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep)))
+            if 1.0 - sigma < 1e-3:
+                factor = torch.zeros_like(factor)
+                apply = torch.zeros_like(apply)
+                coef = 0.0
+            else:
+                coef = g.scale * sigma / (1.0 - sigma)
+        else:
+            t_int, abar = abar_at(sched, timestep)
+            coef = g.scale * math.sqrt(1.0 - abar)
+        if not is_flow_matching(sched) and getattr(sched.config, "prediction_type", "epsilon") == "v_prediction":
             # eps = sqrt(abar) v + sqrt(1 - abar) x_t: at fixed x_t the same nudge of the noise estimate
             # is a nudge of v divided by sqrt(abar) (SD 2.x 768-v)
             coef = coef / math.sqrt(abar)
@@ -366,7 +416,7 @@ class Guider:
 
     # -- install / remove ------------------------------------------------------------------------
     def __enter__(self):
-        sched, unet = self.pipe.scheduler, self.pipe.unet
+        sched, unet = self.pipe.scheduler, self.net
         orig = sched.step
         self._orig_attr = sched.__dict__.get("step")
         sched.step = lambda *a, **k: self._step(orig, *a, **k)
@@ -380,7 +430,7 @@ class Guider:
         return self
 
     def __exit__(self, *exc):
-        sched, unet = self.pipe.scheduler, self.pipe.unet
+        sched, unet = self.pipe.scheduler, self.net
         self._pending = None
         if self._orig_attr is None:
             del sched.step
