@@ -466,9 +466,14 @@ class DFTTrainer:
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts:
             raise DFTError("no training prompts")
-        if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "unet", None) is None:
-            raise DFTError("DFT supports Stable Diffusion 1.x/2.x pipelines (one text encoder); "
-                           f"got {type(pipe).__name__}")
+        if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
+            raise DFTError("DFT supports Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
+                           f"encoders); got {type(pipe).__name__}")
+        self._xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: two text encoders, pooled + time ids
+        if self._xl and cfg.trainable == "soft-tokens":
+            raise DFTError("soft tokens on SDXL would need an embedding in each of its two text encoders, which "
+                           "fastfair does not train yet; use trainable='text-lora' (both encoders), 'unet-lora' "
+                           "or 'text+unet-lora'")
         self.device = pipe.device
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
@@ -512,8 +517,9 @@ class DFTTrainer:
                 quality_encoder.requires_grad_(False)
 
         # the model ---------------------------------------------------------------------------------
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.requires_grad_(False)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is not None:
+                m.requires_grad_(False)
         self._sched = self._make_scheduler()
         torch.manual_seed(cfg.seed)  # adapter / token initialisation
         self.named_params = self._add_trainables()
@@ -599,9 +605,10 @@ class DFTTrainer:
             lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=list(cfg.text_lora_modules))
             # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs
-            inject_adapter_in_model(lc, pipe.text_encoder, adapter_name="default")
-            self.lora_configs["text_encoder"] = lc
-            out += [(f"text_encoder.{n}", p) for n, p in pipe.text_encoder.named_parameters() if "lora_" in n]
+            for name in ("text_encoder", "text_encoder_2") if self._xl else ("text_encoder",):
+                inject_adapter_in_model(lc, getattr(pipe, name), adapter_name="default")
+                self.lora_configs[name] = lc
+                out += [(f"{name}.{n}", p) for n, p in getattr(pipe, name).named_parameters() if "lora_" in n]
         if cfg.trainable in ("unet-lora", "text+unet-lora"):
             lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=list(cfg.unet_lora_modules))
@@ -717,7 +724,19 @@ class DFTTrainer:
         ctx = self.frozen() if frozen else contextlib.nullcontext()
         text = prompt if frozen else self.train_prompt(prompt)
         with ctx, torch.set_grad_enabled(grad), self._attention(), self._autocast():
-            cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
+            extra = {}
+            if self._xl:  # SDXL: pooled text embeddings and size / crop ids next to the token embeddings
+                cond, uncond, pooled, upooled = pipe.encode_prompt(prompt=text, device=self.device,
+                                                                   num_images_per_prompt=1,
+                                                                   do_classifier_free_guidance=cfg_on)
+                h, w = self._latent_hw()
+                vsf = pipe.vae_scale_factor
+                ids = torch.tensor([[h * vsf, w * vsf, 0, 0, h * vsf, w * vsf]], device=self.device,
+                                   dtype=cond.dtype).expand(B, -1)
+                pooled = torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]) if cfg_on else pooled.expand(B, -1)
+                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.cat([ids, ids]) if cfg_on else ids}
+            else:
+                cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
             emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if cfg_on else cond.expand(B, -1, -1)
             sched.set_timesteps(n_steps, device=self.device)
             coefs = grad_coefficients(sched) if grad else None
@@ -726,7 +745,7 @@ class DFTTrainer:
                 zin = z.detach()
                 zin = torch.cat([zin, zin]) if cfg_on else zin
                 zin = sched.scale_model_input(zin, t)
-                eps = pipe.unet(zin, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+                eps = pipe.unet(zin, t, encoder_hidden_states=emb, return_dict=False, **extra)[0].float()
                 if cfg_on:
                     eu, ec = eps.chunk(2)
                     eps = eu + cfg.guidance_scale * (ec - eu)
@@ -1001,7 +1020,7 @@ class DFTTrainer:
 
     def save_lora(self, out_dir: str | os.PathLike) -> Path:
         """Write the LoRA in diffusers' format: ``pipe.load_lora_weights(out_dir)`` loads it."""
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -1011,7 +1030,8 @@ class DFTTrainer:
             kw[f"{name}_lora_layers"] = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             if lc.lora_alpha != lc.r:
                 kw[f"{name}_lora_adapter_metadata"] = lc.to_dict()
-        StableDiffusionPipeline.save_lora_weights(str(out_dir), safe_serialization=True, **kw)
+        cls = StableDiffusionXLPipeline if self._xl else StableDiffusionPipeline
+        cls.save_lora_weights(str(out_dir), safe_serialization=True, **kw)
         return Path(out_dir)
 
     def save_soft_tokens(self, path: str | os.PathLike) -> Path:

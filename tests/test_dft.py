@@ -325,6 +325,57 @@ def test_soft_tokens_through_cli(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
+# SDXL
+# --------------------------------------------------------------------------------------------
+
+def test_sdxl_sampler_equals_the_diffusers_pipeline():
+    """DFT's own sampler on SDXL (pooled embeddings, size / crop time ids, CFG) gives diffusers' images."""
+    import diffusers
+
+    pipe = fastfair.load_pipeline("tiny-sdxl")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(scheduler="ddim", trainable="unet-lora", height=64,
+                                                           width=64), quality_encoder=None)
+    noise = tr.noises(2, torch.Generator().manual_seed(0))
+    with tr._attention():
+        img = tr.sample(PROMPT, noise, 3, grad=False, frozen=True)
+    tr.close()
+    ref_pipe = fastfair.load_pipeline("tiny-sdxl")
+    ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
+    ref = ref_pipe([PROMPT] * 2, latents=noise, num_inference_steps=3, guidance_scale=tr.cfg.guidance_scale,
+                   height=64, width=64, output_type="pt").images
+    torch.testing.assert_close(img, ref.float(), rtol=1e-4, atol=2e-5)
+
+
+@needs_peft
+def test_sdxl_lora_of_both_text_encoders_loads_with_load_lora_weights(tmp_path):
+    pipe = fastfair.load_pipeline("tiny-sdxl")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+unet-lora", steps=1, lr=5e-2),
+                    quality_encoder=None, out_dir=tmp_path)
+    assert {n.split(".")[0] for n, _ in tr.named_params} == {"text_encoder", "text_encoder_2", "unet"}
+    r = tr.step()
+    assert math.isfinite(r["loss"])
+    res = tr.save_outputs()
+    tr.close()
+
+    def images(p):
+        gen = fastfair.generate(p, PROMPT, seeds=[0, 1], steps=3, height=64, width=64, progress=False)
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images])
+
+    trained, base = images(pipe), images(fastfair.load_pipeline("tiny-sdxl"))
+    loaded_pipe = fastfair.load_pipeline("tiny-sdxl")
+    loaded_pipe.load_lora_weights(str(res.lora_dir))
+    loaded = images(loaded_pipe)
+    assert (loaded - base).abs().mean() > 1.0
+    assert (loaded - trained).abs().max() <= 2.0
+
+
+def test_sdxl_soft_tokens_refused():
+    with pytest.raises(dft.DFTError, match="soft tokens on SDXL"):
+        DFTTrainer(fastfair.load_pipeline("tiny-sdxl"), [PROMPT], RedClassifier(), small(trainable="soft-tokens"),
+                   quality_encoder=None)
+
+
+# --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
 
