@@ -64,13 +64,41 @@ def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
     return tuple(hits)
 
 
+SD3_T5_TOKENS = 256  # SD3's T5 sequence (max_sequence_length), after the 77 CLIP positions
+
+
+def t5_positions(tokenizer, prompt: str, word: str, offset: int, limit: int = SD3_T5_TOKENS) -> tuple[int, ...]:
+    """Positions of ``word``'s SentencePiece tokens in SD3's text sequence: ``offset`` (the CLIP part's 77)
+    plus the index in the T5 tokens (no BOS; EOS after the last token)."""
+    toks = tokenizer.tokenize(prompt)
+    if len(toks) + 1 > limit:
+        raise ConceptError(f"prompt has {len(toks)} T5 tokens plus EOS, more than SD3's {limit}; the T5 encoder "
+                           f"would silently truncate it. Shorten the prompt: {prompt!r}")
+    wt = tokenizer.tokenize(word)
+    hits: list[int] = []
+    for i in range(len(toks) - len(wt) + 1):
+        if toks[i:i + len(wt)] == wt:
+            hits.extend(range(offset + i, offset + i + len(wt)))
+    if not hits:
+        raise ConceptError(f"word {word!r} is in the CLIP tokens of {prompt!r} but not in its T5 tokens "
+                           f"({' '.join(toks)}; the word alone: {' '.join(wt)}); write it as a separate word")
+    return tuple(hits)
+
+
 def resolve(pipe_or_tokenizers, prompt: str, word: str) -> Concept:
-    """Resolve ``word`` in ``prompt`` through every tokenizer of the pipeline (they must agree)."""
+    """Resolve ``word`` in ``prompt`` through every tokenizer of the pipeline (the CLIP ones must agree).
+    SD3 with its T5 encoder: the word's T5 tokens count too (text positions 77 + i), so its map is the mean
+    over its CLIP and T5 tokens."""
     toks = pipe_or_tokenizers if isinstance(pipe_or_tokenizers, (list, tuple)) else pipeline_tokenizers(pipe_or_tokenizers)
     positions = [resolve_word(t, prompt, word) for t in toks]
     if any(p != positions[0] for p in positions[1:]):
         raise ConceptError(f"the pipeline's tokenizers disagree on {word!r} in {prompt!r}: {positions}")
-    return Concept(word, prompt, positions[0])
+    pos = positions[0]
+    t5 = getattr(pipe_or_tokenizers, "tokenizer_3", None)
+    if t5 is not None and getattr(pipe_or_tokenizers, "text_encoder_3", None) is not None \
+            and getattr(pipe_or_tokenizers, "transformer", None) is not None:
+        pos = pos + t5_positions(t5, prompt, word, toks[0].model_max_length)
+    return Concept(word, prompt, pos)
 
 
 def eos_position(tokenizer, prompt: str) -> int:

@@ -8,8 +8,8 @@ Presets (random weights, deterministic from ``seed``, real CLIP BPE tokenizer, D
 * ``"sd15-shaped"``: SD1.5's UNet topology with narrow channels: 16 cross-attention layers at query
   lengths 4096x5, 1024x5, 256x5 and 64x1 for a 64x64 latent, 8 heads, VAE scale factor 8.
 * ``"tiny-sd3"``: a small StableDiffusion3Pipeline (MMDiT with 2 joint blocks, patch size 2, 16 latent
-  channels, flow-matching Euler) with the two CLIP text encoders and no T5 (the pipeline then feeds
-  zeros for T5's 256 tokens, as diffusers does without ``text_encoder_3``).
+  channels, flow-matching Euler) with the two CLIP text encoders and a 2-layer T5 encoder whose
+  SentencePiece-style tokenizer is built in code (``t5_tokenizer``: no T5 vocabulary is downloadable).
 
 Presets are built once, saved with ``save_pretrained`` under the cache folder
 (``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``) with an atomic rename, and always loaded back
@@ -86,6 +86,34 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     vocab, merges = tokenizer_files()
     return CLIPTokenizer(vocab, merges, model_max_length=77, pad_token=pad_token,
                          bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+# A small T5-style (SentencePiece unigram) tokenizer for the SD3 preset's T5: no sentencepiece model can be
+# downloaded here, so its vocabulary is built in code -- whole pieces for common prompt words, and every
+# printable character (with and without the word-start marker) so that any prompt tokenizes.
+_T5_WORDS = ("a an the of and or in on at with for to photo picture portrait face headshot image person people "
+             "man woman men women boy girl male female young old child doctor nurse janitor teacher engineer "
+             "lawyer ceo chef pilot farmer cashier scientist gender race age white black asian african american "
+             "indian latino hispanic middle eastern")
+
+
+def t5_tokenizer(max_length: int = 256):
+    """A T5TokenizerFast (pad 0, eos 1, unk 2; "▁" marks a word start) with a built-in vocabulary."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -2.0) for w in dict.fromkeys(_T5_WORDS.split())]
+    vocab += [("\u2581" + c, -6.0) for c in chars] + [(c, -8.0) for c in chars] + [("\u2581", -10.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,11 +203,17 @@ def _build(name: str, seed: int):
                             layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
                             scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                             use_post_quant_conv=False).eval()
+        from transformers import T5Config, T5EncoderModel
+
+        t5_tok = t5_tokenizer()
+        torch.manual_seed(seed + 5)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_ff=128, d_kv=16, num_layers=2,
+                                     num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
         return StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
             text_encoder=_text_encoder(32, seed + 3, projection=32), tokenizer=clip_tokenizer(),
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
-            text_encoder_3=None, tokenizer_3=None)
+            text_encoder_3=t5, tokenizer_3=t5_tok)
     raise KeyError(name)
 
 
@@ -220,8 +254,6 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
     source = build_preset(name, seed) if name in PRESETS else name
-    if name == "tiny-sd3":  # saved without T5: diffusers wants the missing components named
-        kwargs = dict(dict(text_encoder_3=None, tokenizer_3=None), **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:

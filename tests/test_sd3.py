@@ -41,10 +41,28 @@ def sd35(sd3):
     return pipe
 
 
-def test_preset_is_sd3_without_t5(sd3):
+@pytest.fixture(scope="module")
+def sd3_no_t5(sd3):
+    """SD3 run without its T5 encoder (diffusers then feeds zeros for T5's 256 tokens): CLIP positions only."""
+    pipe = copy.copy(sd3)
+    pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+    return pipe
+
+
+def test_preset_is_sd3_with_a_t5(sd3):
     assert type(sd3).__name__ == "StableDiffusion3Pipeline"
-    assert sd3.text_encoder_3 is None and sd3.transformer.config.in_channels == 16
+    assert sd3.text_encoder_3 is not None and sd3.transformer.config.in_channels == 16
+    assert sd3.tokenizer_3.tokenize("a photo of a janitor") == ["\u2581a", "\u2581photo", "\u2581of", "\u2581a",
+                                                                "\u2581janitor"]
     assert len(joint_attention_modules(sd3.transformer)) == 2
+
+
+def test_word_positions_clip_and_t5(sd3, sd3_no_t5):
+    # CLIP: BOS + tokens (jan + itor); T5 after the 77 CLIP positions, no BOS
+    assert concepts.resolve(sd3, "a photo of a janitor", "janitor").positions == (5, 6, 77 + 4)
+    assert concepts.resolve(sd3_no_t5, "a photo of a janitor", "janitor").positions == (5, 6)
+    with pytest.raises(concepts.ConceptError, match="more than SD3's 256"):
+        concepts.resolve(sd3, "doctor " + "photographs " * 40, "doctor")  # 41 CLIP tokens, 281 T5 pieces
 
 
 def test_no_maps_is_the_plain_pipeline(sd3):
@@ -87,7 +105,8 @@ class _ExplicitJoint:
         return img, txt
 
 
-@pytest.mark.parametrize("model,backend", [("sd3", "reference"), ("sd3", "native"), ("sd35", "reference")])
+@pytest.mark.parametrize("model,backend", [("sd3", "reference"), ("sd3", "native"), ("sd35", "reference"),
+                                           ("sd3_no_t5", "reference")])
 def test_maps_equal_explicit_joint_softmax(request, model, backend):
     if backend == "native" and "native" not in fastfair.ops.available_backends("cpu"):
         pytest.skip("native extension not built")
@@ -97,7 +116,8 @@ def test_maps_equal_explicit_joint_softmax(request, model, backend):
                             batch_size=2)
     pipe = copy.deepcopy(sd3)
     positions = {w: concepts.resolve(pipe, PROMPT, w).positions for w in words}
-    assert positions == {"doctor": (8,), "face": (5,)}
+    t5 = pipe.text_encoder_3 is not None
+    assert positions == ({"doctor": (8, 84), "face": (5, 81)} if t5 else {"doctor": (8,), "face": (5,)})
     store = []
     mods = joint_attention_modules(pipe.transformer)
     for m in mods.values():
