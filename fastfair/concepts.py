@@ -67,28 +67,54 @@ def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
 SD3_T5_TOKENS = 256  # SD3's T5 sequence (max_sequence_length), after the 77 CLIP positions
 
 
-def t5_positions(tokenizer, prompt: str, word: str, offset: int, limit: int = SD3_T5_TOKENS) -> tuple[int, ...]:
-    """Positions of ``word``'s SentencePiece tokens in SD3's text sequence: ``offset`` (the CLIP part's 77)
-    plus the index in the T5 tokens (no BOS; EOS after the last token)."""
+def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: int = SD3_T5_TOKENS
+                 ) -> tuple[int, ...]:
+    """Positions of ``word``'s SentencePiece tokens in the text sequence: ``offset`` (SD3: the CLIP part's 77;
+    Flux: 0) plus the index in the T5 tokens (no BOS; EOS after the last token). ``word=None``: only the
+    length check."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConceptError(f"prompt must be a non-empty string, got {prompt!r}")
     toks = tokenizer.tokenize(prompt)
     if len(toks) + 1 > limit:
-        raise ConceptError(f"prompt has {len(toks)} T5 tokens plus EOS, more than SD3's {limit}; the T5 encoder "
-                           f"would silently truncate it. Shorten the prompt: {prompt!r}")
+        raise ConceptError(f"prompt has {len(toks)} T5 tokens plus EOS, more than the {limit} the pipeline encodes; "
+                           f"the T5 encoder would silently truncate it. Shorten the prompt: {prompt!r}")
+    if word is None:
+        return ()
     wt = tokenizer.tokenize(word)
+    if not word.strip() or not wt:
+        raise ConceptError(f"empty word {word!r}")
     hits: list[int] = []
     for i in range(len(toks) - len(wt) + 1):
         if toks[i:i + len(wt)] == wt:
             hits.extend(range(offset + i, offset + i + len(wt)))
     if not hits:
-        raise ConceptError(f"word {word!r} is in the CLIP tokens of {prompt!r} but not in its T5 tokens "
-                           f"({' '.join(toks)}; the word alone: {' '.join(wt)}); write it as a separate word")
+        raise ConceptError(f"word {word!r} (T5 tokens {' '.join(wt)}) is not in the prompt {prompt!r}, whose T5 tokens "
+                           f"are [{' '.join(toks)}]. Use a word from the prompt, written as a separate word")
     return tuple(hits)
+
+
+FLUX_T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
+
+
+def _is_flux(pipe) -> bool:
+    return hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks")
+
+
+def check_prompt(pipe, prompt: str) -> None:
+    """Raise if the text encoder that carries the prompt's tokens would truncate it: CLIP (77) for SD / SDXL /
+    SD3, T5 (512) for Flux, whose CLIP encoder only gives the pooled embedding."""
+    if _is_flux(pipe):
+        t5_positions(pipe.tokenizer_2, prompt, None, 0, FLUX_T5_TOKENS)
+    else:
+        prompt_tokens(pipeline_tokenizers(pipe)[0], prompt)
 
 
 def resolve(pipe_or_tokenizers, prompt: str, word: str) -> Concept:
     """Resolve ``word`` in ``prompt`` through every tokenizer of the pipeline (the CLIP ones must agree).
     SD3 with its T5 encoder: the word's T5 tokens count too (text positions 77 + i), so its map is the mean
     over its CLIP and T5 tokens."""
+    if _is_flux(pipe_or_tokenizers):  # Flux's text sequence is T5's tokens only (no BOS)
+        return Concept(word, prompt, t5_positions(pipe_or_tokenizers.tokenizer_2, prompt, word, 0, FLUX_T5_TOKENS))
     toks = pipe_or_tokenizers if isinstance(pipe_or_tokenizers, (list, tuple)) else pipeline_tokenizers(pipe_or_tokenizers)
     positions = [resolve_word(t, prompt, word) for t in toks]
     if any(p != positions[0] for p in positions[1:]):

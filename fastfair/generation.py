@@ -237,9 +237,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     agg = Aggregation.get(aggregation)
-    tokenizer = concepts.pipeline_tokenizers(pipe)[0]
     for p in prompts:
-        concepts.prompt_tokens(tokenizer, p)  # length check up front, before any work
+        concepts.check_prompt(pipe, p)  # length check up front, before any work
     attr = None
     if attribution_prompt is not None:
         attr = [attribution_prompt] * len(prompts) if isinstance(attribution_prompt, str) else list(attribution_prompt)
@@ -253,7 +252,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     net = denoiser(pipe)
     if net is None:
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
-                         "Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines")
+                         "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
     if getattr(pipe, "unet", None) is None:  # SD3 (MMDiT): maps from the joint attention over the prompt's tokens
         if attr is not None or extra or (guidance is not None and guidance.attribution_prompt):
             raise ValueError("open-vocabulary maps (attribution_prompt / attributions) are not supported for "
@@ -261,13 +260,14 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         if agg.name != "fastfair":
             raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
                              "Use aggregation='fastfair'")
-    height = height or net.config.sample_size * vsf
-    width = width or net.config.sample_size * vsf
+    sample_size = getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)  # Flux: none
+    height = height or sample_size * vsf
+    width = width or sample_size * vsf
     if height % vsf or width % vsf:
         raise ValueError(f"height and width must be multiples of the VAE scale factor {vsf}; got {height}x{width}")
     latent_hw = (height // vsf, width // vsf)
     if agg.name == "daam":
-        daam_hw = 4096 if net.config.sample_size * vsf in (512, 1024) else 9216
+        daam_hw = 4096 if sample_size * vsf in (512, 1024) else 9216
     else:
         daam_hw = 4096
 
@@ -368,7 +368,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                 raise NonFiniteError(f"decoded images are NaN/Inf for items {bad.nonzero().flatten().tolist()} "
                                      "(a half-precision VAE overflow?); use float32 or upcast the VAE")
             images.extend(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(imgs)))
-            latents_out.append(final.get("latents", lat).float().cpu())
+            fin = final.get("latents", lat)
+            if fin.dim() == 3:  # Flux packs 2x2 latent patches into tokens: back to (N, C, h, w)
+                fin = pipe._unpack_latents(fin, height, width, vsf)
+            latents_out.append(fin.float().cpu())
             if rec is not None:
                 for r, w, dest in ([(rec, wts, map_chunks)] if words else []) + [
                         (rec.extras[name], extra_wts[name], extra_chunks[name]) for name in extra]:
@@ -420,5 +423,9 @@ def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:
 
     g = torch.Generator(device).manual_seed(seed)
     net = denoiser(pipe)
+    if hasattr(pipe, "_pack_latents"):  # Flux: 16 channels drawn as (1, C, h, w), then packed into 2x2 tokens
+        c = net.config.in_channels // 4
+        x = randn_tensor((1, c, latent_hw[0], latent_hw[1]), generator=g, device=device, dtype=net.dtype)
+        return pipe._pack_latents(x, 1, c, latent_hw[0], latent_hw[1])
     shape = (1, net.config.in_channels, latent_hw[0], latent_hw[1])
     return randn_tensor(shape, generator=g, device=device, dtype=net.dtype)

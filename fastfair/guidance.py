@@ -22,7 +22,7 @@ The guider wraps ``pipe.unet.forward`` and ``pipe.scheduler.step``, so it works 
 SD/SDXL pipeline (every batch-sized argument of the UNet call -- encoder states, SDXL's
 ``added_cond_kwargs``, ``timestep_cond``, ControlNet residuals -- is split the same way) and any
 scheduler that has ``alphas_cumprod`` and predicts epsilon or v (DDIM, DPM-Solver++, Euler, ...), and
-SD3 pipelines (keyword-called MMDiT, flow-matching Euler: the nudge is translated to the velocity). Steps
+SD3 and Flux pipelines (keyword-called MMDiT, flow-matching Euler: the nudge is translated to the velocity). Steps
 outside ``steps`` run the plain UNet call, without grad. Nothing is retained across steps.
 """
 from __future__ import annotations

@@ -70,7 +70,8 @@ def block_of(module_name: str) -> str:
     for b in ("down", "mid", "up"):
         if module_name.startswith(f"{b}_blocks") or module_name.startswith(f"{b}_block") or f".{b}_block" in module_name:
             return b
-    if module_name.startswith("transformer_blocks") or ".transformer_blocks." in module_name:
+    if module_name.startswith(("transformer_blocks", "single_transformer_blocks")) \
+            or ".transformer_blocks." in module_name:
         return "joint"
     return "other"
 

@@ -10,6 +10,9 @@ Presets (random weights, deterministic from ``seed``, real CLIP BPE tokenizer, D
 * ``"tiny-sd3"``: a small StableDiffusion3Pipeline (MMDiT with 2 joint blocks, patch size 2, 16 latent
   channels, flow-matching Euler) with the two CLIP text encoders and a 2-layer T5 encoder whose
   SentencePiece-style tokenizer is built in code (``t5_tokenizer``: no T5 vocabulary is downloadable).
+* ``"tiny-flux"``: a small FluxPipeline (one double-stream and one single-stream block, RoPE, guidance
+  embedding as FLUX.1-dev, packed 16-channel latents, flow matching with dynamic shifting), CLIP for the
+  pooled embedding and the same built-in T5.
 
 Presets are built once, saved with ``save_pretrained`` under the cache folder
 (``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``) with an atomic rename, and always loaded back
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("tiny-sd", "tiny-sdxl", "sd15-shaped", "tiny-sd3")
+PRESETS = ("tiny-sd", "tiny-sdxl", "sd15-shaped", "tiny-sd3", "tiny-flux")
 _PRESET_VERSION = "v1"
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
@@ -189,32 +192,53 @@ def _build(name: str, seed: int):
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
             unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
     if name == "tiny-sd3":
-        from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                               StableDiffusion3Pipeline)
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
         torch.manual_seed(seed + 1)
         transformer = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
             pos_embed_max_size=32).eval()
-        torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
-                            layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
-                            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                            use_post_quant_conv=False).eval()
-        from transformers import T5Config, T5EncoderModel
-
-        t5_tok = t5_tokenizer()
-        torch.manual_seed(seed + 5)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_ff=128, d_kv=16, num_layers=2,
-                                     num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
         return StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_sd3_vae(seed + 2),
             text_encoder=_text_encoder(32, seed + 3, projection=32), tokenizer=clip_tokenizer(),
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
-            text_encoder_3=t5, tokenizer_3=t5_tok)
+            text_encoder_3=_t5_encoder(seed + 5), tokenizer_3=t5_tokenizer())
+    if name == "tiny-flux":
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+        torch.manual_seed(seed + 1)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6)).eval()
+        return FluxPipeline(
+            transformer=transformer, vae=_sd3_vae(seed + 2, scaling_factor=0.3611, shift_factor=0.1159),
+            scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=256, max_image_seq_len=4096),
+            text_encoder=_text_encoder(32, seed + 3), tokenizer=clip_tokenizer(),
+            text_encoder_2=_t5_encoder(seed + 5), tokenizer_2=t5_tokenizer(512))
     raise KeyError(name)
+
+
+def _sd3_vae(seed: int, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """A 16-channel VAE with SD3 / Flux's latent scaling and shift."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False).eval()
+
+
+def _t5_encoder(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer()), d_model=64, d_ff=128, d_kv=16, num_layers=2,
+                                   num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
 
 
 def preset_path(name: str, seed: int = 0) -> Path:

@@ -2,7 +2,8 @@
 
 ``patch(pipe)`` puts a ``FastFairCrossAttnProcessor`` on every cross-attention module (``attn2``)
 of the UNet; self-attention keeps its processor. SD3 pipelines (an MMDiT ``transformer``) get a
-``FastFairJointAttnProcessor`` on every joint attention module instead. While no ``MapRecorder`` is active, the
+``FastFairJointAttnProcessor`` on every joint attention module instead, Flux a
+``FastFairFluxAttnProcessor`` on every double- and single-stream attention. While no ``MapRecorder`` is active, the
 processor calls the module's original processor, so the pipeline's output is unchanged bit for bit.
 While recording, it computes attention for the rows that count (the conditional half of a CFG
 batch) with ``fastfair.ops.cross_attention`` -- one fused pass giving the output and the maps --
@@ -20,7 +21,7 @@ from .maps import MapRecorder, block_of
 # diffusers processors that compute plain scaled-dot-product attention; anything else is "custom".
 _STANDARD = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
              "SlicedAttnProcessor", "FusedAttnProcessor2_0"}
-_STANDARD_JOINT = {"JointAttnProcessor2_0"}  # SD3's plain joint attention
+_STANDARD_JOINT = {"JointAttnProcessor2_0", "FluxAttnProcessor"}  # SD3's and Flux's plain attention
 
 
 class PatchError(RuntimeError):
@@ -34,6 +35,7 @@ class PatchState:
         self.originals = originals        # module name -> original processor object
         self.backend = backend
         self.recorder: MapRecorder | None = None
+        self.n_text: int | None = None  # Flux: text length of the current call (single-stream blocks)
 
 
 def cross_attention_modules(unet) -> dict:
@@ -46,9 +48,17 @@ def cross_attention_modules(unet) -> dict:
 
 
 def joint_attention_modules(transformer) -> dict:
-    """name -> Attention module for every joint (image + text) attention module of an MMDiT (SD3)."""
+    """name -> attention module for every attention over image and text tokens of an MMDiT: SD3's joint
+    attention; Flux's double-stream (joint) and single-stream (one sequence [text; image]) attention."""
+    if is_flux(transformer):
+        return {name: m for name, m in transformer.named_modules()
+                if type(m).__name__ == "FluxAttention" and hasattr(m, "set_processor")}
     return {name: m for name, m in transformer.named_modules()
             if hasattr(m, "set_processor") and getattr(m, "add_k_proj", None) is not None}
+
+
+def is_flux(net) -> bool:
+    return net is not None and hasattr(net, "single_transformer_blocks")
 
 
 def denoiser(pipe):
@@ -218,6 +228,73 @@ class FastFairJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+class FastFairFluxAttnProcessor:
+    """Flux: text tokens come first ([text; image]) and RoPE rotates q and k. Double-stream blocks get the
+    text as ``encoder_hidden_states``; single-stream blocks get the one sequence, whose text length the
+    state remembers from the double-stream blocks of the same call. The image queries of the rows that count
+    go through ``ops.cross_attention`` over all keys (maps at the text columns); the rest through SDPA."""
+
+    def __init__(self, name: str, state: PatchState, original):
+        self.name = name
+        self.block = block_of(name)
+        self.state = state
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        double = encoder_hidden_states is not None
+        if double:
+            self.state.n_text = encoder_hidden_states.shape[1]
+        n_text = getattr(self.state, "n_text", None)
+        rec = self.state.recorder
+
+        def plain():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                 *args, **kwargs)
+
+        if rec is None or not rec.active or attention_mask is not None or n_text is None:
+            return plain()
+        n_img = hidden_states.shape[1] - (0 if double else n_text)
+        if not rec.wants(self.block, n_img):
+            return plain()
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if double:
+            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
+        batch, scale = q.shape[0], attn.head_dim ** -0.5
+        rows = rec.rows(batch)
+        per_head = rec.aggregation.per_head
+        q_img = q[:, :, n_text:]
+        out_rec, maps = ops.cross_attention(q_img[rows], k[rows], v[rows], map_tokens=rec.tokens, scale=scale,
+                                            head_reduce="none" if per_head else "sum", backend=self.state.backend)
+        rec.add(self.name, maps, n_img, attn.heads)
+        parts = []
+        if rows.start > 0:
+            parts.append(F.scaled_dot_product_attention(q_img[:rows.start], k[:rows.start], v[:rows.start],
+                                                        scale=scale))
+        parts.append(out_rec)
+        if rows.stop < batch:
+            parts.append(F.scaled_dot_product_attention(q_img[rows.stop:], k[rows.stop:], v[rows.stop:], scale=scale))
+        out_img = torch.cat(parts) if len(parts) > 1 else out_rec
+        out_txt = F.scaled_dot_product_attention(q[:, :, :n_text], k, v, scale=scale)
+        out = torch.cat([out_txt, out_img], dim=2).transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if not double:
+            return out
+        txt, img = out[:, :n_text], out[:, n_text:]
+        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+        return img, attn.to_add_out(txt.contiguous())
+
+
 def is_patched(pipe) -> bool:
     return getattr(pipe, "_fastfair", None) is not None
 
@@ -237,7 +314,7 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
     unet = denoiser(pipe)
     if unet is None:
         raise PatchError(f"{type(pipe).__name__} has no UNet or transformer; fastfair patches the attention "
-                         "layers that read the prompt (Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines)")
+                         "layers that read the prompt (Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines)")
     mods = text_attention_modules(pipe)
     if not mods:
         raise PatchError(f"{type(unet).__name__} has no cross-attention or joint-attention layer (no text "
@@ -251,7 +328,8 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
                          f"{first[1]}). fastfair would bypass it while recording maps. Remove it, or call "
                          "patch(pipe, force=True) to accept that; unpatch() restores it either way.")
     state = PatchState({n: m.processor for n, m in mods.items()}, backend)
-    cls = FastFairJointAttnProcessor if joint else FastFairCrossAttnProcessor
+    cls = (FastFairFluxAttnProcessor if is_flux(unet) else FastFairJointAttnProcessor) if joint \
+        else FastFairCrossAttnProcessor
     for n, m in mods.items():
         m.set_processor(cls(n, state, state.originals[n]))
     pipe._fastfair = state

@@ -61,7 +61,7 @@ def test_word_positions_clip_and_t5(sd3, sd3_no_t5):
     # CLIP: BOS + tokens (jan + itor); T5 after the 77 CLIP positions, no BOS
     assert concepts.resolve(sd3, "a photo of a janitor", "janitor").positions == (5, 6, 77 + 4)
     assert concepts.resolve(sd3_no_t5, "a photo of a janitor", "janitor").positions == (5, 6)
-    with pytest.raises(concepts.ConceptError, match="more than SD3's 256"):
+    with pytest.raises(concepts.ConceptError, match="more than the 256"):
         concepts.resolve(sd3, "doctor " + "photographs " * 40, "doctor")  # 41 CLIP tokens, 281 T5 pieces
 
 

@@ -69,3 +69,14 @@ def test_sd3_guided_triton_equals_reference(monkeypatch):
     assert ref.diagnostics["applied"].any()
     scale = float(ref.latents.abs().max())
     assert float((tri.latents - ref.latents).abs().max()) <= 1e-4 * scale
+
+
+def test_flux_triton_equals_reference(monkeypatch):
+    """Flux: text first, RoPE'd q/k, single-stream blocks; image queries over 512 + 64 keys (online softmax)."""
+    ref, tri, calls = _pair(monkeypatch, model="tiny-flux", seeds=[0, 1], steps=2, maps=["doctor", "face"],
+                            height=128, width=128)
+    assert calls["fwd"] > 0
+    for w in ("doctor", "face"):
+        err = float((tri.maps[w] - ref.maps[w]).abs().max() / ref.maps[w].abs().max())
+        assert err <= 1e-5, (w, err)
+    torch.testing.assert_close(tri.latents, ref.latents, rtol=0, atol=2e-4)
