@@ -334,19 +334,21 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert re.search(r'<div id="js-errors"></div>', dom.stdout), "the page reported a script error"
 
 
-def test_sd3_inprompt_audit_and_open_refusal(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_mmdit_inprompt_audit_and_open_refusal(tmp_path, model):
     """SD3 pipelines audit with in-prompt entanglement (the prompt's own words); open-vocabulary is refused
     up front with the way out."""
-    sd3 = fastfair.load_pipeline("tiny-sd3")
+    sd3 = fastfair.load_pipeline(model)
+    size = dict(height=128, width=128)
     with pytest.raises(AuditInputError, match="use --entanglement inprompt"):
-        fastfair.audit("tiny-sd3", "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "a",
-                       classifier="none", **COMMON)
-    res = fastfair.audit("tiny-sd3", "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "b",
-                         classifier="none", entanglement="inprompt", **COMMON)
+        fastfair.audit(model, "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "a",
+                       classifier="none", **COMMON, **size)
+    res = fastfair.audit(model, "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "b",
+                         classifier="none", entanglement="inprompt", **COMMON, **size)
     df = res.results
     ip = df[df["kind"] == "inprompt"].sort_values(["prompt", "seed"])
     assert len(ip) == 4 and ip["iou_inprompt"].notna().all()
     row = ip.iloc[0]
     gen = fastfair.generate(sd3, row["prompt"], seeds=[int(row["seed"])], steps=2, maps=["doctor", row["word"]],
-                            progress=False)
+                            progress=False, **size)
     assert row["iou_inprompt"] == pytest.approx(float(gen.iou("doctor", row["word"])[0]), abs=1e-6)

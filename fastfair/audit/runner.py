@@ -336,8 +336,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             raise AuditInputError(f"open-vocabulary entanglement is not supported for {type(pipe).__name__} yet "
                                   "(SD3's text tokens change block by block, so an attribution prompt has no fixed "
                                   "keys); use --entanglement inprompt (or none)")
-        height = height or net.config.sample_size * vsf
-        width = width or net.config.sample_size * vsf
+        sample_size = getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)  # Flux
+        height = height or sample_size * vsf
+        width = width or sample_size * vsf
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
