@@ -6,7 +6,7 @@
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
 #                              guided sampling vs the reference style
 #   bash bench/gpu_next.sh C   setup, bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph
-#                              times), bench/compile_check.py (generate with maps, eager vs torch.compile'd
+#                              times; --mmdit: SD3 / Flux joint attention), bench/compile_check.py (generate with maps, eager vs torch.compile'd
 #                              UNet, default and reduce-overhead = CUDA graphs: speed and map agreement)
 # Carry .whl (diffusers + importlib_metadata wheels, see bench/RESULTS.md). $OUT gets results.tgz and summary.md;
 # every bench leaves bench.partial.json behind if it is cut, so a timeout loses only the case in flight.
@@ -55,6 +55,8 @@ if [ "$PART" = A ]; then
 elif [ "$PART" = C ]; then
   log "triton tile / split sweep (CUDA graphs)"
   timeout $(cap 150 300) python3 bench/triton_sweep.py > "$RES/sweep.txt" 2>&1; echo "rc=$?"
+  log "SD3 / Flux joint attention: maps split vs SDPA"
+  timeout $(cap 60 240) python3 bench/triton_sweep.py --mmdit > "$RES/sweep_mmdit.txt" 2>&1; echo "rc=$?"
   log "torch.compile check"
   timeout $(cap 480 10) python3 bench/compile_check.py --device cuda > "$RES/compile.txt" 2>&1; tail -6 "$RES/compile.txt"
 else

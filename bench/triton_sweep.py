@@ -2,7 +2,7 @@
 graphs so that only kernel time counts (the eager calls are host-bound at SD shapes, bench/RESULTS.md).
 For a GPU session: it says which head-group split / query split / row tile the launch heuristics should pick.
 
-    python bench/triton_sweep.py [--quick]
+    python bench/triton_sweep.py [--quick] [--mmdit] [--dry-run]
 
 Compares, per SD1.5/SDXL cross-attention shape at batches 8 and 16 (fp16, Nk 77, 8 map tokens, diffusers
 layout): the heuristic launch against forced head groups (fwd: HEAD_GROUPS 1/2/4/8, each with the heuristic
@@ -43,7 +43,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, one tiny shape, timed once")
+    ap.add_argument("--mmdit", action="store_true",
+                    help="SD3 / Flux joint attention instead (image queries over [image; text] keys, online softmax)")
     a = ap.parse_args()
+    if a.mmdit:
+        return mmdit(a)
     dev = torch.device("cpu" if DRY else "cuda")
     ceil = 1.0 if DRY else bench.copy_bandwidth_gbs(dev, a.quick)["gbs"]
     shapes = [("tiny", 40, 2, 40)] if DRY else (bench.SD15_SHAPES + bench.SDXL_SHAPES)[: 2 if a.quick else None]
@@ -111,6 +115,61 @@ def main():
             # fused dq + dk + dv (default) spills 864 B/thread at D=80 on sm_90; unfused: dq kernel + dk/dv kernel
             rows("fwd + full bwd", full, [("heuristic", {}), ("unfused dk/dv", {"NO_FUSE": True}),
                                           ("num_stages 2", {"BWD_STAGES": 2})], ref=gtime(sdpa_full, a.quick))
+
+
+# SD3-medium / FLUX.1 at 1024^2: 4096 image tokens; text 333 (77 CLIP + 256 T5) / 512 (T5); heads x head dim
+MMDIT_SHAPES = [("sd3", 4096, 333, 24, 64), ("flux", 4096, 512, 24, 128)]
+
+
+def mmdit(a):
+    """What maps cost in a joint-attention layer: SDPA over all queries (the plain processor) against
+    fastfair's processor split -- the image queries through ops.cross_attention (Triton, online softmax over
+    image + text keys, maps at text columns) and the text queries through SDPA -- and the same with the
+    maps -> dq backward (guidance)."""
+    dev = torch.device("cpu" if DRY else "cuda")
+    shapes = [("tiny", 40, 24, 2, 40)] if DRY else MMDIT_SHAPES
+    name_dev = "CPU (dry run: interpreter, wall clock)" if DRY else torch.cuda.get_device_name()
+    print(f"device {name_dev}; joint attention, CUDA-graph medians (ms)")
+    print("| model | B | pass | path | ms | x SDPA |")
+    print("|---|---|---|---|---|---|")
+    for model, n_img, n_txt, H, D in shapes:
+        for B in ((1,) if DRY else (1, 2)):
+            g = torch.Generator(device=dev).manual_seed(0)
+            S = n_img + n_txt
+            q, k, v = (torch.randn(B, S, H * D, device=dev, generator=g).to(torch.float16).view(B, S, H, D)
+                       .transpose(1, 2) for _ in range(3))
+            text_first = model == "flux"
+            img = slice(n_txt, S) if text_first else slice(0, n_img)
+            txt = slice(0, n_txt) if text_first else slice(n_img, S)
+            tok = (torch.arange(1, 9, device=dev) + txt.start)[None].expand(B, -1).contiguous()
+
+            def plain():
+                with torch.no_grad():
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+            def split():
+                with torch.no_grad():
+                    o, m = ops.cross_attention(q[:, :, img], k, v, map_tokens=tok, backend="triton")
+                    return o, m, torch.nn.functional.scaled_dot_product_attention(q[:, :, txt], k, v)
+
+            qg = q.detach().requires_grad_(True)
+
+            def plain_bwd():
+                return torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(qg, k, v).float().mean(), qg)
+
+            def guided():
+                _, m = ops.cross_attention(qg[:, :, img], k, v, map_tokens=tok, backend="triton")
+                return torch.autograd.grad(m.square().mean(), qg)
+
+            for pas, base_fn, fn in (("fwd", plain, split), ("fwd + maps->dq", plain_bwd, guided)):
+                try:
+                    ref, ms = gtime(base_fn, a.quick), gtime(fn, a.quick)
+                    print(f"| {model} img {n_img} txt {n_txt} H {H} D {D} | {B} | {pas} | SDPA all queries | "
+                          f"{ref:.4f} | 1.00 |", flush=True)
+                    print(f"| {model} img {n_img} txt {n_txt} H {H} D {D} | {B} | {pas} | fastfair split (maps) | "
+                          f"{ms:.4f} | {ms / ref:.2f} |", flush=True)
+                except Exception as e:
+                    print(f"| {model} | {B} | {pas} | error: {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
 
 
 if __name__ == "__main__":
