@@ -179,3 +179,15 @@ def test_cli_attribution(tmp_path, capsys):
     assert "twice" in capsys.readouterr().err
     assert main(args[:-4] + ["--attribution", "age", ATTR["age"][0], "race", "--out", str(tmp_path / "bad")]) == 1
     assert "race" in capsys.readouterr().err
+
+
+def test_sdxl_equal_to_separate_generations(tiny_sdxl):
+    """SDXL: the attribution prompt's keys come from both text encoders (as for attribution_prompt=)."""
+    p = "a photo of a janitor"
+    attr = {a: (f"{p} and {a}", ["janitor", a]) for a in ("gender", "age")}
+    kw = dict(seeds=[0], steps=2, progress=False, backend="reference")
+    gen = fastfair.generate(tiny_sdxl, p, attributions=attr, **kw)
+    for name, (ap, ws) in attr.items():
+        sep = fastfair.generate(tiny_sdxl, p, maps=ws, attribution_prompt=ap, **kw)
+        for w in ws:
+            torch.testing.assert_close(gen.attribution_maps[name][w], sep.maps[w], rtol=0, atol=0)
