@@ -470,10 +470,6 @@ class DFTTrainer:
             raise DFTError("DFT supports Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
                            f"encoders); got {type(pipe).__name__}")
         self._xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: two text encoders, pooled + time ids
-        if self._xl and cfg.trainable == "soft-tokens":
-            raise DFTError("soft tokens on SDXL would need an embedding in each of its two text encoders, which "
-                           "fastfair does not train yet; use trainable='text-lora' (both encoders), 'unet-lora' "
-                           "or 'text+unet-lora'")
         self.device = pipe.device
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
@@ -623,28 +619,42 @@ class DFTTrainer:
                            f"{cfg.unet_lora_modules})")
         return out
 
+    def _soft_encoders(self) -> list[tuple[object, object]]:
+        """(text encoder, tokenizer) pairs that get the soft tokens: SDXL's two, else the one."""
+        pipe = self.pipe
+        pairs = [(pipe.text_encoder, pipe.tokenizer)]
+        if self._xl:
+            pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
+        return pairs
+
     def _setup_soft_tokens(self):
+        """k trainable token embeddings, one parameter (k, sum of the encoders' widths): on SDXL its first
+        columns are the tokens' embeddings in CLIP ViT-L, the rest in OpenCLIP ViT-bigG."""
         cfg, pipe = self.cfg, self.pipe
-        emb = pipe.text_encoder.get_input_embeddings()
-        std = float(emb.weight.std())
         g = torch.Generator().manual_seed(cfg.seed)
-        init = torch.randn(cfg.soft_tokens, emb.weight.shape[1], generator=g) * std
-        pipe.load_textual_inversion({cfg.token: init.to(emb.weight.dtype)}, token=cfg.token)
         toks = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)]
-        ids = pipe.tokenizer.convert_tokens_to_ids(toks)
-        self.soft_ids = torch.tensor(ids, device=self.device)
-        self.soft = torch.nn.Parameter(init.to(self.device, torch.float32))
-        emb = pipe.text_encoder.get_input_embeddings()
+        inits, self._soft_cols, self._soft_hooks, col = [], [], [], 0
+        for enc, tok in self._soft_encoders():
+            w = enc.get_input_embeddings().weight
+            init = torch.randn(cfg.soft_tokens, w.shape[1], generator=g) * float(w.std())
+            pipe.load_textual_inversion({cfg.token: init.to(w.dtype)}, token=cfg.token, text_encoder=enc,
+                                        tokenizer=tok)
+            ids = torch.tensor(tok.convert_tokens_to_ids(toks), device=self.device)
+            cols = slice(col, col + w.shape[1])
+            col = cols.stop
+            inits.append(init)
+            self._soft_cols.append(cols)
 
-        def hook(module, inputs, output):
-            ids_in = inputs[0]
-            match = ids_in[..., None] == self.soft_ids  # (B, L, k)
-            if not match.any():
-                return output
-            which = match.float().argmax(-1)
-            return torch.where(match.any(-1, keepdim=True), self.soft[which].to(output.dtype), output)
+            def hook(module, inputs, output, _ids=ids, _cols=cols):
+                ids_in = inputs[0]
+                match = ids_in[..., None] == _ids  # (B, L, k)
+                if not match.any():
+                    return output
+                which = match.float().argmax(-1)
+                return torch.where(match.any(-1, keepdim=True), self.soft[which][..., _cols].to(output.dtype), output)
 
-        self._soft_hook = emb.register_forward_hook(hook)
+            self._soft_hooks.append(enc.get_input_embeddings().register_forward_hook(hook))
+        self.soft = torch.nn.Parameter(torch.cat(inits, 1).to(self.device, torch.float32))
 
     def _set_checkpointing(self, on: bool):
         state = {}
@@ -1041,7 +1051,12 @@ class DFTTrainer:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({self.cfg.token: self.soft.detach().cpu().float().contiguous()}, str(path))
+        soft = self.soft.detach().cpu().float()
+        if self._xl:  # SDXL's textual-inversion layout: load each with text_encoder= / tokenizer= (see README)
+            tensors = {name: soft[:, cols].contiguous() for name, cols in zip(("clip_l", "clip_g"), self._soft_cols)}
+        else:
+            tensors = {self.cfg.token: soft.contiguous()}
+        save_file(tensors, str(path))
         return path
 
     def save_outputs(self, out_dir: str | os.PathLike | None = None) -> DFTResult:
@@ -1141,8 +1156,18 @@ def cli_main(args) -> int:
         if path is not None:
             print(f"wrote {what}: {path}")
     if res.soft_tokens is not None:
-        print(f"use: pipe.load_textual_inversion('{res.soft_tokens}', token='{res.token}') and prompts starting "
-              f"with {res.token}")
+        from safetensors import safe_open
+
+        with safe_open(str(res.soft_tokens), "pt") as f:
+            xl = "clip_g" in f.keys()
+        if xl:  # SDXL: one embedding per text encoder
+            print(f"use: sd = safetensors.torch.load_file('{res.soft_tokens}'); "
+                  f"pipe.load_textual_inversion(sd['clip_l'], token='{res.token}', text_encoder=pipe.text_encoder, "
+                  f"tokenizer=pipe.tokenizer); pipe.load_textual_inversion(sd['clip_g'], token='{res.token}', "
+                  f"text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2); prompts starting with {res.token}")
+        else:
+            print(f"use: pipe.load_textual_inversion('{res.soft_tokens}', token='{res.token}') and prompts starting "
+                  f"with {res.token}")
     elif res.lora_dir is not None:
         print(f"use: pipe.load_lora_weights('{res.lora_dir}')")
     return 0

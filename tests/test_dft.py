@@ -369,10 +369,37 @@ def test_sdxl_lora_of_both_text_encoders_loads_with_load_lora_weights(tmp_path):
     assert (loaded - trained).abs().max() <= 2.0
 
 
-def test_sdxl_soft_tokens_refused():
-    with pytest.raises(dft.DFTError, match="soft tokens on SDXL"):
-        DFTTrainer(fastfair.load_pipeline("tiny-sdxl"), [PROMPT], RedClassifier(), small(trainable="soft-tokens"),
-                   quality_encoder=None)
+def test_sdxl_soft_tokens_train_and_load_as_textual_inversion(tmp_path):
+    """SDXL soft tokens: one embedding per text encoder, saved as clip_l / clip_g that diffusers'
+    load_textual_inversion takes (once per encoder) and that reproduce the trained images."""
+    from safetensors.torch import load_file
+
+    pipe = fastfair.load_pipeline("tiny-sdxl")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="soft-tokens", soft_tokens=2, lr=0.5, steps=2),
+                    quality_encoder=None, out_dir=tmp_path)
+    assert tr.soft.shape == (2, 64)  # 32 + 32 wide encoders
+    before = tr.soft.detach().clone()
+    res = tr.train(progress=False)
+    tr.close()
+    assert (tr.soft.detach() - before)[:, :32].abs().max() > 0 and (tr.soft.detach() - before)[:, 32:].abs().max() > 0
+    sd = load_file(str(res.soft_tokens))
+    assert set(sd) == {"clip_l", "clip_g"} and sd["clip_l"].shape == sd["clip_g"].shape == (2, 32)
+
+    def images(p, prompt):
+        gen = fastfair.generate(p, prompt, seeds=[0, 1], steps=3, height=64, width=64, progress=False)
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images])
+
+    tok = tr.cfg.token
+    trained = images(pipe, f"{tok} {PROMPT}")
+    fresh_xl = fastfair.load_pipeline("tiny-sdxl")
+    base = images(fresh_xl, PROMPT)
+    fresh_xl.load_textual_inversion(sd["clip_l"], token=tok, text_encoder=fresh_xl.text_encoder,
+                                    tokenizer=fresh_xl.tokenizer)
+    fresh_xl.load_textual_inversion(sd["clip_g"], token=tok, text_encoder=fresh_xl.text_encoder_2,
+                                    tokenizer=fresh_xl.tokenizer_2)
+    loaded = images(fresh_xl, f"{tok} {PROMPT}")
+    assert (loaded - base).abs().mean() > 1.0
+    assert (loaded - trained).abs().max() <= 2.0
 
 
 # --------------------------------------------------------------------------------------------
