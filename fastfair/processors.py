@@ -148,13 +148,7 @@ class FastFairCrossAttnProcessor:
                     sub.add(self.name, ops.attention_maps(q_rec, keys_of(sub.map_states), sub.tokens,
                                                           scale=attn.scale, head_reduce=reduce),
                             query.shape[2], heads)
-        if rows.start == 0 and rows.stop == batch:
-            out = out_rec
-        else:
-            other = slice(0, rows.start) if rows.start > 0 else slice(rows.stop, batch)
-            out_other = F.scaled_dot_product_attention(query[other], key[other], value[other], dropout_p=0.0,
-                                                       is_causal=False, scale=attn.scale)
-            out = torch.cat([out_other, out_rec] if rows.start > 0 else [out_rec, out_other], dim=0)
+        out = _with_other_rows(out_rec, query, key, value, rows, batch, attn.scale)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -209,13 +203,7 @@ class FastFairJointAttnProcessor:
                                             scale=attn.scale, head_reduce="none" if per_head else "sum",
                                             backend=self.state.backend)
         rec.add(self.name, maps, n_img, heads)
-        if rows.start == 0 and rows.stop == batch:
-            out_img = out_rec
-        else:
-            other = slice(0, rows.start) if rows.start > 0 else slice(rows.stop, batch)
-            out_other = F.scaled_dot_product_attention(q[other], key[other], value[other], dropout_p=0.0,
-                                                       is_causal=False, scale=attn.scale)
-            out_img = torch.cat([out_other, out_rec] if rows.start > 0 else [out_rec, out_other], dim=0)
+        out_img = _with_other_rows(out_rec, q, key, value, rows, batch, attn.scale)
         out_txt = F.scaled_dot_product_attention(cq, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
 
         def merge(x):
@@ -278,14 +266,7 @@ class FastFairFluxAttnProcessor:
         out_rec, maps = ops.cross_attention(q_img[rows], k[rows], v[rows], map_tokens=rec.tokens, scale=scale,
                                             head_reduce="none" if per_head else "sum", backend=self.state.backend)
         rec.add(self.name, maps, n_img, attn.heads)
-        parts = []
-        if rows.start > 0:
-            parts.append(F.scaled_dot_product_attention(q_img[:rows.start], k[:rows.start], v[:rows.start],
-                                                        scale=scale))
-        parts.append(out_rec)
-        if rows.stop < batch:
-            parts.append(F.scaled_dot_product_attention(q_img[rows.stop:], k[rows.stop:], v[rows.stop:], scale=scale))
-        out_img = torch.cat(parts) if len(parts) > 1 else out_rec
+        out_img = _with_other_rows(out_rec, q_img, k, v, rows, batch, scale)
         out_txt = F.scaled_dot_product_attention(q[:, :, :n_text], k, v, scale=scale)
         out = torch.cat([out_txt, out_img], dim=2).transpose(1, 2).flatten(2, 3).to(q.dtype)
         if not double:
@@ -293,6 +274,17 @@ class FastFairFluxAttnProcessor:
         txt, img = out[:, :n_text], out[:, n_text:]
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         return img, attn.to_add_out(txt.contiguous())
+
+
+def _with_other_rows(out_rec, q, k, v, rows: slice, batch: int, scale: float):
+    """The whole batch's attention output: the recorded rows' from the fused op, the other rows' (the CFG half
+    whose maps do not count) from SDPA."""
+    if rows.start == 0 and rows.stop == batch:
+        return out_rec
+    other = slice(0, rows.start) if rows.start > 0 else slice(rows.stop, batch)
+    out_other = F.scaled_dot_product_attention(q[other], k[other], v[other], dropout_p=0.0, is_causal=False,
+                                               scale=scale)
+    return torch.cat([out_other, out_rec] if rows.start > 0 else [out_rec, out_other], dim=0)
 
 
 def is_patched(pipe) -> bool:

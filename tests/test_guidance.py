@@ -10,7 +10,7 @@ from fastfair.generation import _token_layout
 from fastfair.guidance import EntanglementGuidance, Guider
 from fastfair.maps import Aggregation, MapRecorder
 
-from tiny_models import PredictV
+from tiny_models import PredictV, check_gradient_fd
 
 PROMPT = "a photo of the face of a doctor"
 
@@ -40,17 +40,7 @@ def latents(n, seed=0):
 
 def test_gradient_matches_central_finite_differences(sd64):
     gd, t = make_guider(sd64, 1)
-    x = latents(1)
-    E, g = gd.energy_and_grad(x, t)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        d = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        d /= d.norm()
-        h = 1e-4
-        Ep, _ = gd.energy_and_grad(x + h * d, t, want_grad=False)
-        Em, _ = gd.energy_and_grad(x - h * d, t, want_grad=False)
-        fd = (Ep - Em).item() / (2 * h)
-        assert fd == pytest.approx((g * d).sum().item(), rel=1e-4, abs=1e-9)
+    check_gradient_fd(gd, latents(1), t)
 
 
 def test_descent(sd64):

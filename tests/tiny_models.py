@@ -47,3 +47,20 @@ class PredictV(torch.nn.Module):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=v)
+
+
+def check_gradient_fd(guider, x, t, n_dirs: int = 3, h: float = 1e-4, rel: float = 1e-4):
+    """Directional derivatives of a Guider's energy along random unit directions: its gradient against central
+    finite differences (float64)."""
+    import pytest
+
+    E, g = guider.energy_and_grad(x, t)
+    assert g.abs().max() > 0
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(n_dirs):
+        d = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        d /= d.norm()
+        Ep, _ = guider.energy_and_grad(x + h * d, t, want_grad=False)
+        Em, _ = guider.energy_and_grad(x - h * d, t, want_grad=False)
+        assert (Ep - Em).item() / (2 * h) == pytest.approx((g * d).sum().item(), rel=rel, abs=1e-9)
+    return E, g
