@@ -161,7 +161,19 @@ def mmdit(a):
                 _, m = ops.cross_attention(qg[:, :, img], k, v, map_tokens=tok, backend="triton")
                 return torch.autograd.grad(m.square().mean(), qg)
 
-            for pas, base_fn, fn in (("fwd", plain, split), ("fwd + maps->dq", plain_bwd, guided)):
+            kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
+
+            def plain_full():
+                o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                return torch.autograd.grad(o.float().mean(), (qg, kg, vg))
+
+            def guided_full():  # SD3 / Flux guidance: image keys and values depend on the latents too
+                o, m = ops.cross_attention(qg[:, :, img], kg, vg, map_tokens=tok, backend="triton")
+                o_t = torch.nn.functional.scaled_dot_product_attention(qg[:, :, txt], kg, vg)
+                return torch.autograd.grad(o.float().mean() + o_t.float().mean() + m.square().mean(), (qg, kg, vg))
+
+            for pas, base_fn, fn in (("fwd", plain, split), ("fwd + maps->dq", plain_bwd, guided),
+                                     ("fwd + full bwd", plain_full, guided_full)):
                 try:
                     ref, ms = gtime(base_fn, a.quick), gtime(fn, a.quick)
                     print(f"| {model} img {n_img} txt {n_txt} H {H} D {D} | {B} | {pas} | SDPA all queries | "
