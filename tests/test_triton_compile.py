@@ -19,6 +19,7 @@ memory usage of each configuration (from cuobjdump on the cubin, when available)
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -60,9 +61,10 @@ def _cases(full: bool | None = None):
     return cases + _launcher_cases(full)
 
 
-def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4, budget=None):
+def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4, budget=None, Nm=0, per_head=False):
     """The launches (kernel name, args, constexprs, options) triton_ops would make on a GPU for
-    these shapes (diffusers layout), recorded by a dry run on meta tensors."""
+    these shapes (diffusers layout), recorded by a dry run on meta tensors. ``Nm``: an attribution prompt's
+    keys (map_keys); ``per_head``: head_reduce="none" (the daam preset)."""
     import torch
 
     from fastfair.kernels import triton_ops as T_
@@ -71,6 +73,7 @@ def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4, budget=None):
         return torch.empty(B, n, H * D, dtype=dtype, device="meta").view(B, n, H, D).transpose(1, 2)
 
     q, k, v = view(Nq), view(Nk), view(Nk)
+    mk = view(Nm) if Nm else None
     tok = torch.zeros(B, T, dtype=torch.int64, device="meta")
     saved = dict(T_._OVERRIDE)
     T_._OVERRIDE.clear()
@@ -80,10 +83,10 @@ def _record_launches(Nq, Nk, D, dtype, mode, B=2, H=8, T=4, budget=None):
         T_._OVERRIDE["SMEM_BUDGET"] = budget  # a GPU with this much shared memory per block
     T_._RECORD = rec = []
     try:
-        out, lse, _, maps = T_.cross_attention_fwd(q, k, v, None, tok, 0.125, False)
+        out, lse, mlse, maps = T_.cross_attention_fwd(q, k, v, mk, tok, 0.125, per_head)
         dout = torch.empty(out.shape, dtype=dtype, device="meta") if mode == "full" else None
-        needs = (True, True, True, False) if mode == "full" else (True, False, False, False)
-        T_.cross_attention_bwd(q, k, v, None, tok, 0.125, False, out, lse, None, dout,
+        needs = (True, True, True, mk is not None) if mode == "full" else (True, False, False, False)
+        T_.cross_attention_bwd(q, k, v, mk, tok, 0.125, per_head, out, lse, mlse if mk is not None else None, dout,
                                torch.empty(maps.shape, device="meta"), needs)
     finally:
         T_._RECORD = None
@@ -113,8 +116,12 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
             continue
         for Nk in LAUNCH_NK:
             for D in LAUNCH_D:
-                for mode in ("full", "maps_dq"):
-                    for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode, budget=budget):
+                variants = [(0, False)]
+                if dt == "fp16" and Nk == 77:  # attribution prompts (map keys) and the daam preset's per-head maps
+                    variants += [(12, False), (0, True), (12, True)]
+                for (Nm, per_head), mode in itertools.product(variants, ("full", "maps_dq")):
+                    for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode, budget=budget,
+                                                                      Nm=Nm, per_head=per_head):
                         sig = inspect.signature(getattr(xattn, kname).fn).parameters.values()
                         names = [p.name for p in sig if "constexpr" not in str(p.annotation)]
                         spec = {}
@@ -127,7 +134,8 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
                                 spec[nm] = ("i32", 1 if a == 1 else (16 if a % 16 == 0 else 2))
                         key = json.dumps([kname, dt, consts, opts, spec], sort_keys=True)
                         if key not in seen:
-                            seen[key] = (f"launch_{kname.strip('_')}_{dt}_Nk{Nk}_D{D}_{mode}_w{opts['num_warps']}"
+                            tag = ("_mk" if Nm else "") + ("_perhead" if per_head else "")
+                            seen[key] = (f"launch_{kname.strip('_')}_{dt}_Nk{Nk}_D{D}_{mode}{tag}_w{opts['num_warps']}"
                                          f"s{opts['num_stages']}" + (f"_sm{arch}" if arch != 90 else ""),
                                          f"xattn:{kname}", dt, consts, dict(opts, _spec=spec, _arch=arch))
     return list(seen.values())

@@ -151,16 +151,16 @@ def _xattn_fwd_kernel(
             if HAS_MK:
                 mm_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
                 ml_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for start in range(0, Nm, BLOCK_NM):
-                    cols = start + offs_nm
-                    mask_n = cols < Nm
-                    kt = tl.load(MK + tl.multiple_of(mbh + cols * smn, ALIGN)[None, :] + offs_d[:, None] * smd,
-                                 mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-                    s = tl.dot(q, kt, input_precision=PREC) * scale_log2
-                    s = tl.where(mask_n[None, :], s, float("-inf"))
-                    m_new = tl.maximum(mm_i, tl.max(s, 1))
-                    ml_i = ml_i * tl.exp2(mm_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-                    mm_i = m_new
+                for start in range(0, Nm, BLOCK_NM):  # own names: the single-tile branch's are live here
+                    cols_m = start + offs_nm
+                    mask_nm = cols_m < Nm
+                    kt_m = tl.load(MK + tl.multiple_of(mbh + cols_m * smn, ALIGN)[None, :] + offs_d[:, None] * smd,
+                                   mask=mask_nm[None, :] & mask_d[:, None], other=0.0)
+                    s_m = tl.dot(q, kt_m, input_precision=PREC) * scale_log2
+                    s_m = tl.where(mask_nm[None, :], s_m, float("-inf"))
+                    mm_new = tl.maximum(mm_i, tl.max(s_m, 1))
+                    ml_i = ml_i * tl.exp2(mm_i - mm_new) + tl.sum(tl.exp2(s_m - mm_new[:, None]), 1)
+                    mm_i = mm_new
                 mlse2 = mm_i + tl.log2(ml_i)
                 tl.store(MLSE + lrow, mlse2 * LN2_C, mask=mask_m)
         else:
