@@ -116,12 +116,13 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
             continue
         for Nk in LAUNCH_NK:
             for D in LAUNCH_D:
-                variants = [(0, False)]
-                if dt == "fp16" and Nk == 77:  # attribution prompts (map keys) and the daam preset's per-head maps
-                    variants += [(12, False), (0, True), (12, True)]
-                for (Nm, per_head), mode in itertools.product(variants, ("full", "maps_dq")):
+                variants = [(0, False, 4)]
+                if dt == "fp16" and Nk == 77:  # attribution prompts (map keys), the daam preset's per-head maps,
+                    # and more map tokens than one tile (maps-only passes after the first)
+                    variants += [(12, False, 4), (0, True, 4), (12, True, 4), (0, False, 72)]
+                for (Nm, per_head, T), mode in itertools.product(variants, ("full", "maps_dq")):
                     for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode, budget=budget,
-                                                                      Nm=Nm, per_head=per_head):
+                                                                      Nm=Nm, per_head=per_head, T=T):
                         sig = inspect.signature(getattr(xattn, kname).fn).parameters.values()
                         names = [p.name for p in sig if "constexpr" not in str(p.annotation)]
                         spec = {}
@@ -134,7 +135,7 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
                                 spec[nm] = ("i32", 1 if a == 1 else (16 if a % 16 == 0 else 2))
                         key = json.dumps([kname, dt, consts, opts, spec], sort_keys=True)
                         if key not in seen:
-                            tag = ("_mk" if Nm else "") + ("_perhead" if per_head else "")
+                            tag = ("_mk" if Nm else "") + ("_perhead" if per_head else "") + (f"_T{T}" if T > 4 else "")
                             seen[key] = (f"launch_{kname.strip('_')}_{dt}_Nk{Nk}_D{D}_{mode}{tag}_w{opts['num_warps']}"
                                          f"s{opts['num_stages']}" + (f"_sm{arch}" if arch != 90 else ""),
                                          f"xattn:{kname}", dt, consts, dict(opts, _spec=spec, _arch=arch))

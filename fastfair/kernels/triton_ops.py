@@ -734,6 +734,9 @@ class _BwdPlan:
         BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz, budget)
         BLOCK_NM = _key_tile(Nm, BLOCK_D, esz, budget) if mk is not None else 16
         BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
+        if budget < SM80_SMEM and max(BLOCK_D, BLOCK_DV) >= 256:
+            # the kernel loops over token tiles; 64 tokens of 256-wide keys need 116 KiB at head dim 160 (>99 KiB)
+            BLOCK_T = min(BLOCK_T, 16)
         single = Nk <= BLOCK_N and (mk is None or Nm <= BLOCK_NM)
         # dk/dv/dmk fused into the dq kernel only while their accumulators stay small: with 256-key
         # tiles (Nk > 128) the fused kernel needs more than sm_90's 227 KiB of shared memory (seen on an
