@@ -117,7 +117,7 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
         for Nk in LAUNCH_NK:
             for D in LAUNCH_D:
                 variants = [(0, False, 4)]
-                if dt == "fp16" and Nk == 77:  # attribution prompts (map keys), the daam preset's per-head maps,
+                if dt in ("fp16", "fp32") and Nk == 77:  # attribution prompts (map keys), the daam preset's per-head maps,
                     # and more map tokens than one tile (maps-only passes after the first)
                     variants += [(12, False, 4), (0, True, 4), (12, True, 4), (0, False, 72)]
                 for (Nm, per_head, T), mode in itertools.product(variants, ("full", "maps_dq")):
