@@ -198,6 +198,32 @@ def _div_d(*dims: int) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _maxnreg(device) -> int | None:
+    """``maxnreg`` for the launches on ``device``: 255 on Ampere / Ada (sm_8x), else None (ptxas decides).
+    Compiled for sm_80 without it, ptxas (12.9) gave the fp32 kernels 32 registers and a ~10 KB stack and the
+    fp16 full backward 128 registers and a 2.5-4 KB stack; with it 255 registers and 3 KB / 1.2-2.6 KB (sm_90
+    already uses up to 255 unasked: there it is left alone). ``_OVERRIDE["MAXNREG"]`` (0: none) for tests."""
+    if "MAXNREG" in _OVERRIDE:
+        return _OVERRIDE["MAXNREG"] or None
+    if device is None or getattr(device, "type", None) != "cuda":
+        return None
+    return 255 if _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) == 8 else None
+
+
+def _with_maxnreg(configs, named_args):
+    """Autotune configs with the device's ``maxnreg`` (see _maxnreg)."""
+    q = (named_args or {}).get("Q")
+    mr = _maxnreg(q.device if q is not None else None)
+    if mr is None:
+        return configs
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=mr) for c in configs]
+
+
 def _fwd_configs():
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
             for bm, w in ((64, 4), (64, 8), (128, 8)) for st in (2,)]
@@ -215,7 +241,8 @@ def _fwd_prune(configs, named_args, **kwargs):
     single, bt = kwargs.get("SINGLE", True), kwargs.get("BLOCK_T", 16)
     h = _fwd_heuristic(max(bd, bdv), bn, esz=esz, bdv=bdv, budget=budget, single=single, bt=bt)
     if esz >= 4 and max(bd, bdv) > 64:
-        return [triton.Config({"BLOCK_M": h["BLOCK_M"]}, num_warps=h["num_warps"], num_stages=h["num_stages"])]
+        return _with_maxnreg([triton.Config({"BLOCK_M": h["BLOCK_M"]}, num_warps=h["num_warps"],
+                                            num_stages=h["num_stages"])], named_args)
     out = []
     for c in configs:
         bm = c.kwargs["BLOCK_M"]
@@ -223,7 +250,7 @@ def _fwd_prune(configs, named_args, **kwargs):
             continue
         out.append(triton.Config({"BLOCK_M": bm}, num_warps=c.num_warps,
                                  num_stages=_fwd_stages(bm, bn, bd, bdv, esz, c.num_stages, budget, single, bt)))
-    return out
+    return _with_maxnreg(out, named_args)
 
 
 def _bwd_configs():
@@ -241,12 +268,13 @@ def _bwd_prune(configs, named_args, **kwargs):
     out = [c for c in configs if _bwd_warps_ok(bm, c.num_warps)]
     if kwargs.get("FUSE_DK") or kwargs.get("FUSE_DV") or kwargs.get("FUSE_DMK"):
         out = [c for c in out if c.num_warps == 8] or out
-    return out or [triton.Config({}, num_warps=4, num_stages=1)]
+    return _with_maxnreg(out or [triton.Config({}, num_warps=4, num_stages=1)], named_args)
 
 
 def _dkdv_prune(configs, named_args, **kwargs):
     bm = kwargs.get("BLOCK_M", 64)
-    return [c for c in configs if _bwd_warps_ok(bm, c.num_warps)] or [triton.Config({}, num_warps=4, num_stages=1)]
+    return _with_maxnreg([c for c in configs if _bwd_warps_ok(bm, c.num_warps)]
+                         or [triton.Config({}, num_warps=4, num_stages=1)], named_args)
 
 
 _FWD_KEY = ["NQ_BUCKET", "Nk", "Nm", "D", "DV", "HAS_MK", "HAS_MAPS", "PER_HEAD", "COMPUTE_OUT"]
@@ -333,10 +361,12 @@ def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
         cands = [dict(cfg)]
         if tune:
             for c in prune(configs, dict(zip(fn.arg_names, args)), **consts):
-                cands.append(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                cands.append(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                                  **({"maxnreg": c.maxnreg} if getattr(c, "maxnreg", None) else {})))
         seen = []
         for c in cands:
-            opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+            opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"],
+                    **({"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {})}
             cx = dict(consts, **{k: v for k, v in c.items() if k not in opts})
             if (cx, opts) not in seen:
                 seen.append((cx, opts))
@@ -639,6 +669,8 @@ class _FwdPlan:
                            BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, DIV_D=_div_d(D, DV))
         self.cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
                                   budget=budget, single=Nk <= BLOCK_N, bt=BLOCK_T)
+        if _maxnreg(dev):
+            self.cfg["maxnreg"] = _maxnreg(dev)
         self.grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         self.t0s = (0,) + tuple(range(BLOCK_T, T, BLOCK_T))  # more tokens than one tile: maps-only passes
         self.tune = "FWD_BLOCK_M" not in _OVERRIDE
@@ -778,6 +810,8 @@ class _BwdPlan:
                            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
                            DIV_D=_div_d(D, DV))
         self.cfg = _bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M)
+        if _maxnreg(dev):
+            self.cfg["maxnreg"] = _maxnreg(dev)
         self.grid = lambda meta: (nsplit, B * H)  # noqa: E731
         self.mode, self.dev = mode, dev
         self.sites: dict = {}
@@ -809,7 +843,8 @@ class _BwdPlan:
             post=(H, Nq, n_keys, D, DV, NMB, per, self.scale * LOG2E, self.scale, _nq_bucket(Nq)),
             consts=dict(HAS_DOUT=has_do, NEED_DK=need_dk, NEED_DV=need_dv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, DIV_D=_div_d(D, DV)),
-            cfg=_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M),
+            cfg=dict(_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M),
+                     **({"maxnreg": _maxnreg(self.dev)} if _maxnreg(self.dev) else {})),
             grid=lambda meta: (nkb, B * H, ns),
             sites={})
 
