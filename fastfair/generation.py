@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import concepts, metrics
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import denoiser, is_patched, patch, unpatch
+from .processors import default_sample_size, denoiser, is_patched, patch, unpatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -260,7 +260,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         if agg.name != "fastfair":
             raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
                              "Use aggregation='fastfair'")
-    sample_size = getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)  # Flux: none
+    sample_size = default_sample_size(pipe)
     height = height or sample_size * vsf
     width = width or sample_size * vsf
     if height % vsf or width % vsf:

@@ -67,6 +67,12 @@ def denoiser(pipe):
     return net if net is not None else getattr(pipe, "transformer", None)
 
 
+def default_sample_size(pipe) -> int:
+    """The denoiser's default latent size (its config's ``sample_size``; Flux has none: the pipeline's)."""
+    net = denoiser(pipe)
+    return getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)
+
+
 def text_attention_modules(pipe) -> dict:
     """The attention modules whose keys include the prompt's tokens: UNet cross-attention, or SD3's joint
     attention."""

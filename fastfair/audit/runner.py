@@ -325,8 +325,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None)
                                                                   or type(pipe).__name__)
         dev = pipe.device
-        vsf = pipe.vae_scale_factor
-        from ..processors import denoiser
+        from ..processors import default_sample_size, denoiser
 
         net = denoiser(pipe)
         if net is None:
@@ -336,9 +335,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             raise AuditInputError(f"open-vocabulary entanglement is not supported for {type(pipe).__name__} yet "
                                   "(SD3's text tokens change block by block, so an attribution prompt has no fixed "
                                   "keys); use --entanglement inprompt (or none)")
-        sample_size = getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)  # Flux
-        height = height or sample_size * vsf
-        width = width or sample_size * vsf
+        height = height or default_sample_size(pipe) * pipe.vae_scale_factor
+        width = width or default_sample_size(pipe) * pipe.vae_scale_factor
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
