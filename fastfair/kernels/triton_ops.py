@@ -215,6 +215,12 @@ def _maxnreg(device) -> int | None:
     return 255 if _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) == 8 else None
 
 
+def _cfg_for(cfg: dict, device) -> dict:
+    """A heuristic launch config with the device's ``maxnreg`` (see _maxnreg)."""
+    mr = _maxnreg(device)
+    return dict(cfg, maxnreg=mr) if mr else cfg
+
+
 def _with_maxnreg(configs, named_args):
     """Autotune configs with the device's ``maxnreg`` (see _maxnreg)."""
     q = (named_args or {}).get("Q")
@@ -352,6 +358,9 @@ def _bwd_heuristic(bd: int, bn: int, fused: bool, esz: int = 2, block_m: int = 6
     return {"num_warps": w, "num_stages": _OVERRIDE.get("BWD_STAGES", 1)}
 
 
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compile options in a config; the rest are constexprs
+
+
 def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
     """Run kernel ``name`` with the heuristic ``cfg`` (num_warps, num_stages and maybe BLOCK_M) or,
     when autotuning (and ``tune``), through its autotuner. ``grid(meta)`` gives the grid. In a dry run
@@ -362,12 +371,11 @@ def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
         if tune:
             for c in prune(configs, dict(zip(fn.arg_names, args)), **consts):
                 cands.append(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
-                                  **({"maxnreg": c.maxnreg} if getattr(c, "maxnreg", None) else {})))
+                                  maxnreg=getattr(c, "maxnreg", None)))
         seen = []
         for c in cands:
-            opts = {"num_warps": c["num_warps"], "num_stages": c["num_stages"],
-                    **({"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {})}
-            cx = dict(consts, **{k: v for k, v in c.items() if k not in opts})
+            opts = {k: c[k] for k in _LAUNCH_OPTIONS if c.get(k)}
+            cx = dict(consts, **{k: v for k, v in c.items() if k not in _LAUNCH_OPTIONS})
             if (cx, opts) not in seen:
                 seen.append((cx, opts))
                 _RECORD.append((fn.fn.__name__, tuple(args), cx, opts))
@@ -667,10 +675,8 @@ class _FwdPlan:
         self.consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head,
                            SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D,
                            BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, DIV_D=_div_d(D, DV))
-        self.cfg = _fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
-                                  budget=budget, single=Nk <= BLOCK_N, bt=BLOCK_T)
-        if _maxnreg(dev):
-            self.cfg["maxnreg"] = _maxnreg(dev)
+        self.cfg = _cfg_for(_fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
+                                           budget=budget, single=Nk <= BLOCK_N, bt=BLOCK_T), dev)
         self.grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         self.t0s = (0,) + tuple(range(BLOCK_T, T, BLOCK_T))  # more tokens than one tile: maps-only passes
         self.tune = "FWD_BLOCK_M" not in _OVERRIDE
@@ -809,9 +815,7 @@ class _BwdPlan:
                            SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM,
                            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
                            DIV_D=_div_d(D, DV))
-        self.cfg = _bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M)
-        if _maxnreg(dev):
-            self.cfg["maxnreg"] = _maxnreg(dev)
+        self.cfg = _cfg_for(_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M), dev)
         self.grid = lambda meta: (nsplit, B * H)  # noqa: E731
         self.mode, self.dev = mode, dev
         self.sites: dict = {}
@@ -843,8 +847,7 @@ class _BwdPlan:
             post=(H, Nq, n_keys, D, DV, NMB, per, self.scale * LOG2E, self.scale, _nq_bucket(Nq)),
             consts=dict(HAS_DOUT=has_do, NEED_DK=need_dk, NEED_DV=need_dv, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
                         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, DIV_D=_div_d(D, DV)),
-            cfg=dict(_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M),
-                     **({"maxnreg": _maxnreg(self.dev)} if _maxnreg(self.dev) else {})),
+            cfg=_cfg_for(_bwd_heuristic(max(BLOCK_D, BLOCK_DV), block_n, False, esz, BLOCK_M), self.dev),
             grid=lambda meta: (nkb, B * H, ns),
             sites={})
 
