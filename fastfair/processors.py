@@ -62,7 +62,7 @@ def is_flux(net) -> bool:
 
 
 def denoiser(pipe):
-    """The pipeline's denoising network: ``unet`` (SD 1.x/2.x, SDXL) or ``transformer`` (SD3)."""
+    """The pipeline's denoising network: ``unet`` (SD 1.x/2.x, SDXL) or ``transformer`` (SD3, Flux)."""
     net = getattr(pipe, "unet", None)
     return net if net is not None else getattr(pipe, "transformer", None)
 
@@ -74,8 +74,8 @@ def default_sample_size(pipe) -> int:
 
 
 def text_attention_modules(pipe) -> dict:
-    """The attention modules whose keys include the prompt's tokens: UNet cross-attention, or SD3's joint
-    attention."""
+    """The attention modules whose keys include the prompt's tokens: UNet cross-attention, or an MMDiT's (SD3,
+    Flux) attention over image and text tokens."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return cross_attention_modules(unet)
@@ -83,13 +83,17 @@ def text_attention_modules(pipe) -> dict:
     return joint_attention_modules(tr) if tr is not None else {}
 
 
-class FastFairCrossAttnProcessor:
+class _FastFairProcessor:
+    """What every fastfair processor holds: its module's name and block, the patch state, the original."""
+
     def __init__(self, name: str, state: PatchState, original):
         self.name = name
         self.block = block_of(name)
         self.state = state
         self.original = original
 
+
+class FastFairCrossAttnProcessor(_FastFairProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         rec = self.state.recorder
         if rec is None or encoder_hidden_states is None or not rec.active:
@@ -166,17 +170,11 @@ class FastFairCrossAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-class FastFairJointAttnProcessor:
+class FastFairJointAttnProcessor(_FastFairProcessor):
     """SD3's joint attention (image and text tokens in one softmax) with maps: the image queries of the rows
     that count go through ``ops.cross_attention`` over the keys [image; text] (Nk = image tokens + 333: the
     online-softmax path), the maps reading the text columns; everything else through SDPA, as diffusers'
     ``JointAttnProcessor2_0`` computes it."""
-
-    def __init__(self, name: str, state: PatchState, original):
-        self.name = name
-        self.block = block_of(name)
-        self.state = state
-        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         rec = self.state.recorder
@@ -222,17 +220,11 @@ class FastFairJointAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-class FastFairFluxAttnProcessor:
+class FastFairFluxAttnProcessor(_FastFairProcessor):
     """Flux: text tokens come first ([text; image]) and RoPE rotates q and k. Double-stream blocks get the
     text as ``encoder_hidden_states``; single-stream blocks get the one sequence, whose text length the
     state remembers from the double-stream blocks of the same call. The image queries of the rows that count
     go through ``ops.cross_attention`` over all keys (maps at the text columns); the rest through SDPA."""
-
-    def __init__(self, name: str, state: PatchState, original):
-        self.name = name
-        self.block = block_of(name)
-        self.state = state
-        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
