@@ -601,7 +601,7 @@ class DFTTrainer:
             lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=list(cfg.text_lora_modules))
             # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs
-            for name in ("text_encoder", "text_encoder_2") if self._xl else ("text_encoder",):
+            for name in self._text_encoders():
                 inject_adapter_in_model(lc, getattr(pipe, name), adapter_name="default")
                 self.lora_configs[name] = lc
                 out += [(f"{name}.{n}", p) for n, p in getattr(pipe, name).named_parameters() if "lora_" in n]
@@ -619,13 +619,9 @@ class DFTTrainer:
                            f"{cfg.unet_lora_modules})")
         return out
 
-    def _soft_encoders(self) -> list[tuple[object, object]]:
-        """(text encoder, tokenizer) pairs that get the soft tokens: SDXL's two, else the one."""
-        pipe = self.pipe
-        pairs = [(pipe.text_encoder, pipe.tokenizer)]
-        if self._xl:
-            pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
-        return pairs
+    def _text_encoders(self) -> tuple[str, ...]:
+        """The pipeline's text encoders that LoRA / soft tokens train: SDXL's two, else the one."""
+        return ("text_encoder", "text_encoder_2") if self._xl else ("text_encoder",)
 
     def _setup_soft_tokens(self):
         """k trainable token embeddings, one parameter (k, sum of the encoders' widths): on SDXL its first
@@ -634,7 +630,8 @@ class DFTTrainer:
         g = torch.Generator().manual_seed(cfg.seed)
         toks = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)]
         inits, self._soft_cols, self._soft_hooks, col = [], [], [], 0
-        for enc, tok in self._soft_encoders():
+        for name in self._text_encoders():
+            enc, tok = getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer"))
             w = enc.get_input_embeddings().weight
             init = torch.randn(cfg.soft_tokens, w.shape[1], generator=g) * float(w.std())
             pipe.load_textual_inversion({cfg.token: init.to(w.dtype)}, token=cfg.token, text_encoder=enc,

@@ -335,8 +335,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             raise AuditInputError(f"open-vocabulary entanglement is not supported for {type(pipe).__name__} yet "
                                   "(SD3's text tokens change block by block, so an attribution prompt has no fixed "
                                   "keys); use --entanglement inprompt (or none)")
-        height = height or default_sample_size(pipe) * pipe.vae_scale_factor
-        width = width or default_sample_size(pipe) * pipe.vae_scale_factor
+        size = default_sample_size(pipe) * pipe.vae_scale_factor
+        height, width = height or size, width or size
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
