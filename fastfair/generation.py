@@ -136,6 +136,8 @@ class Generation:
 def _encode_attribution(pipe, text: str, device) -> torch.Tensor:
     """Encoder states (1, L+2, C) of the attribution prompt: BOS, its tokens, EOS (no padding).
     CLIP's text encoder is causal, so these equal the first L+2 positions of the padded encoding."""
+    if getattr(pipe, "unet", None) is None:
+        return _encode_mmdit_text(pipe, text, device)
     n = len(concepts.prompt_tokens(concepts.pipeline_tokenizers(pipe)[0], text)) + 2
     with torch.no_grad():
         if getattr(pipe, "text_encoder_2", None) is not None:
@@ -144,6 +146,18 @@ def _encode_attribution(pipe, text: str, device) -> torch.Tensor:
         else:
             emb = pipe.encode_prompt(text, device, 1, False)[0]
     return emb[:, :n]
+
+
+def _encode_mmdit_text(pipe, text: str, device) -> torch.Tensor:
+    """An MMDiT's (SD3, Flux) encoder states (1, L, C) of an attribution prompt, exactly as the pipeline encodes a
+    prompt (padded: SD3 77 CLIP + 256 T5 positions, Flux 512 T5 positions): its text stream starts from them
+    (``fastfair.shadow``)."""
+    concepts.check_prompt(pipe, text)
+    with torch.no_grad():
+        if hasattr(pipe, "text_encoder_3"):  # SD3: (embeds, negative, pooled, negative pooled)
+            return pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)[0]
+        return pipe.encode_prompt(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1)[0]  # Flux
 
 
 def _token_layout(pipe, texts: Sequence[str], words: Sequence[str]):
@@ -253,10 +267,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if net is None:
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
-    if getattr(pipe, "unet", None) is None:  # SD3 (MMDiT): maps from the joint attention over the prompt's tokens
-        if attr is not None or extra or (guidance is not None and guidance.attribution_prompt):
-            raise ValueError("open-vocabulary maps (attribution_prompt / attributions) are not supported for "
-                             f"{type(pipe).__name__} yet: map words of the prompt itself")
+    if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if agg.name != "fastfair":
             raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
                              "Use aggregation='fastfair'")

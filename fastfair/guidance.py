@@ -202,6 +202,10 @@ class _JointRecorder:
         """The user's further attribution prompts, recorded when the user's maps are (not on replay)."""
         return self.user.extras if self.user is not None and self._want[0] and not self.replay else {}
 
+    def attribution_recorders(self) -> dict:
+        """The user's further attribution prompts (their text streams on an MMDiT run whenever the user's are)."""
+        return self.user.extras if self.user is not None else {}
+
     def rows(self, batch: int) -> slice:
         if batch != self.guide.n_items:
             raise RuntimeError(f"guided conditional pass saw a batch of {batch} for {self.guide.n_items} images")

@@ -110,6 +110,10 @@ class MapRecorder:
     def active(self) -> bool:
         return self.steps is None or self.step in self.steps
 
+    def attribution_recorders(self) -> dict:
+        """name -> recorder of each further attribution prompt (their text streams on an MMDiT)."""
+        return self.extras
+
     def set_step(self, step: int) -> None:
         self.step = step
         for sub in self.extras.values():

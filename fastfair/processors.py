@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, shadow
 from .maps import MapRecorder, block_of
 
 # diffusers processors that compute plain scaled-dot-product attention; anything else is "custom".
@@ -36,6 +36,8 @@ class PatchState:
         self.backend = backend
         self.recorder: MapRecorder | None = None
         self.n_text: int | None = None  # Flux: text length of the current call (single-stream blocks)
+        self.shadows: dict = {}  # MMDiT: attribution prompts' text streams in the current call (fastfair.shadow)
+        self.shadow_hooks = None
 
 
 def cross_attention_modules(unet) -> dict:
@@ -174,57 +176,100 @@ class FastFairJointAttnProcessor(_FastFairProcessor):
     """SD3's joint attention (image and text tokens in one softmax) with maps: the image queries of the rows
     that count go through ``ops.cross_attention`` over the keys [image; text] (Nk = image tokens + 333: the
     online-softmax path), the maps reading the text columns; everything else through SDPA, as diffusers'
-    ``JointAttnProcessor2_0`` computes it."""
+    ``JointAttnProcessor2_0`` computes it. Attribution prompts (open-vocabulary maps) read their own text
+    stream's keys (``fastfair.shadow``), whose attention output this layer computes too."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         rec = self.state.recorder
-        if rec is None or encoder_hidden_states is None or not rec.active or attention_mask is not None \
-                or not rec.wants(self.block, hidden_states.shape[1]):
+        if rec is None or encoder_hidden_states is None or not rec.active or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        shadows = _pending_shadows(self.state)
+        wants = rec.wants(self.block, hidden_states.shape[1])
+        if not wants and not shadows:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
         heads = attn.heads
         head_dim = attn.to_k.out_features // heads
 
         def split(x):
-            return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+            return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)
+
+        def text_qkv(states):
+            tq, tk, tv = split(attn.add_q_proj(states)), split(attn.add_k_proj(states)), split(attn.add_v_proj(states))
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            return tq, tk, tv
 
         q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        cq = split(attn.add_q_proj(encoder_hidden_states))
-        ck = split(attn.add_k_proj(encoder_hidden_states))
-        cv = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
+        cq, ck, cv = text_qkv(encoder_hidden_states)
         key, value = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
         rows = rec.rows(batch)
-        per_head = rec.aggregation.per_head
-        out_rec, maps = ops.cross_attention(q[rows], key[rows], value[rows], map_tokens=rec.tokens + n_img,
-                                            scale=attn.scale, head_reduce="none" if per_head else "sum",
-                                            backend=self.state.backend)
-        rec.add(self.name, maps, n_img, heads)
-        out_img = _with_other_rows(out_rec, q, key, value, rows, batch, attn.scale)
+        sqkv = {name: _shadow_projection(sh, text_qkv) for name, sh in shadows.items()}
+        if wants:
+            out_img = self._record(rec, attn, q, key, value, rows, n_img, heads, sqkv,
+                                   lambda name: torch.cat([k[rows], sqkv[name][1]], dim=2), batch)
+        else:
+            out_img = F.scaled_dot_product_attention(q, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
         out_txt = F.scaled_dot_product_attention(cq, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)
 
         def merge(x):
-            return x.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+            return x.transpose(1, 2).reshape(x.shape[0], -1, heads * head_dim).to(q.dtype)
 
+        for name, sh in shadows.items():  # each attribution prompt's text: its queries over [image; its text]
+            sq, sk, sv = sqkv[name]
+            if sh.pending[0] == "last":  # SD3's last block writes no text
+                sh.attn = ()
+                continue
+            o = merge(shadow.attend(sh, sq, torch.cat([k[rows], sk], 2), torch.cat([v[rows], sv], 2), attn.scale))
+            with torch.set_grad_enabled(sh.grad and torch.is_grad_enabled()):
+                sh.attn = attn.to_add_out(o)
         hidden_states = attn.to_out[1](attn.to_out[0](merge(out_img)))
         encoder_hidden_states = merge(out_txt)
         if not attn.context_pre_only:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states
 
+    def _record(self, rec, attn, q, key, value, rows, n_img, heads, sqkv, map_keys_of, batch, text_first=False,
+                scale=None):
+        """The recorded rows' image attention with their maps (the prompt's text columns, or the attribution
+        prompt's shadow keys), the further attribution prompts' maps, the other rows through SDPA."""
+        scale = attn.scale if scale is None else scale
+        per_head = rec.aggregation.per_head
+        reduce = "none" if per_head else "sum"
+        off = 0 if text_first else n_img
+        if getattr(rec, "map_states", None) is not None and "" not in sqkv:
+            raise RuntimeError(f"{self.name}: the attribution prompt's text stream did not reach this layer "
+                               "(fastfair.shadow's block hooks are missing: patch the pipeline with fastfair.patch)")
+        mk = map_keys_of("") if "" in sqkv else None
+        tokens = None if rec.tokens is None else rec.tokens + off  # text columns: the prompt's or the shadow's
+        out_rec, maps = ops.cross_attention(q[rows], key[rows], value[rows], map_tokens=tokens, map_keys=mk,
+                                            scale=scale, head_reduce=reduce, backend=self.state.backend)
+        if maps is not None:
+            rec.add(self.name, maps, n_img, heads)
+        extras = getattr(rec, "extras", None)
+        if extras:  # further attribution prompts: maps only (never differentiated)
+            with torch.no_grad():
+                q_rec = q[rows].detach()
+                for name, sub in extras.items():
+                    if name not in sqkv:
+                        raise RuntimeError(f"attribution prompt {name!r} has no text stream in {self.name}")
+                    sub.add(self.name, ops.attention_maps(q_rec, map_keys_of(name).detach(), sub.tokens + off,
+                                                          scale=scale, head_reduce=reduce), n_img, heads)
+        return _with_other_rows(out_rec, q, key, value, rows, batch, scale)
 
-class FastFairFluxAttnProcessor(_FastFairProcessor):
+
+class FastFairFluxAttnProcessor(FastFairJointAttnProcessor):
     """Flux: text tokens come first ([text; image]) and RoPE rotates q and k. Double-stream blocks get the
     text as ``encoder_hidden_states``; single-stream blocks get the one sequence, whose text length the
     state remembers from the double-stream blocks of the same call. The image queries of the rows that count
-    go through ``ops.cross_attention`` over all keys (maps at the text columns); the rest through SDPA."""
+    go through ``ops.cross_attention`` over all keys (maps at the text columns); the rest through SDPA.
+    Attribution prompts' text streams (``fastfair.shadow``) take the text positions' rotations."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
@@ -241,7 +286,9 @@ class FastFairFluxAttnProcessor(_FastFairProcessor):
         if rec is None or not rec.active or attention_mask is not None or n_text is None:
             return plain()
         n_img = hidden_states.shape[1] - (0 if double else n_text)
-        if not rec.wants(self.block, n_img):
+        shadows = _pending_shadows(self.state)
+        wants = rec.wants(self.block, n_img)
+        if not wants and not shadows:
             return plain()
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -259,19 +306,57 @@ class FastFairFluxAttnProcessor(_FastFairProcessor):
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, S, D)
         batch, scale = q.shape[0], attn.head_dim ** -0.5
         rows = rec.rows(batch)
-        per_head = rec.aggregation.per_head
+
+        def text_qkv(states):  # a text stream's q, k, v as this layer makes them (rotated at the text positions)
+            if states.shape[1] != n_text:
+                raise RuntimeError(f"attribution prompt's text has {states.shape[1]} tokens, the prompt's {n_text}")
+            if double:
+                tq, tk, tv = _get_qkv_projections(attn, states[:, :0], states)[3:]
+            else:
+                tq, tk, tv = _get_qkv_projections(attn, states)[:3]
+            tq, tk, tv = (x.unflatten(-1, (-1, attn.head_dim)) for x in (tq, tk, tv))
+            tq, tk = (attn.norm_added_q(tq), attn.norm_added_k(tk)) if double else (attn.norm_q(tq), attn.norm_k(tk))
+            if image_rotary_emb is not None:
+                rot = tuple(f[:n_text] for f in image_rotary_emb)
+                tq = apply_rotary_emb(tq, rot, sequence_dim=1)
+                tk = apply_rotary_emb(tk, rot, sequence_dim=1)
+            return tuple(x.transpose(1, 2) for x in (tq, tk, tv))
+
+        sqkv = {name: _shadow_projection(sh, text_qkv) for name, sh in shadows.items()}
         q_img = q[:, :, n_text:]
-        out_rec, maps = ops.cross_attention(q_img[rows], k[rows], v[rows], map_tokens=rec.tokens, scale=scale,
-                                            head_reduce="none" if per_head else "sum", backend=self.state.backend)
-        rec.add(self.name, maps, n_img, attn.heads)
-        out_img = _with_other_rows(out_rec, q_img, k, v, rows, batch, scale)
+        if wants:
+            out_img = self._record(rec, attn, q_img, k, v, rows, n_img, attn.heads, sqkv,
+                                   lambda name: torch.cat([sqkv[name][1], k[rows, :, n_text:]], dim=2), batch,
+                                   text_first=True, scale=scale)
+        else:
+            out_img = F.scaled_dot_product_attention(q_img, k, v, scale=scale)
         out_txt = F.scaled_dot_product_attention(q[:, :, :n_text], k, v, scale=scale)
-        out = torch.cat([out_txt, out_img], dim=2).transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+        def merge(x):
+            return x.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+        for name, sh in shadows.items():
+            sq, sk, sv = sqkv[name]
+            o = merge(shadow.attend(sh, sq, torch.cat([sk, k[rows, :, n_text:]], 2),
+                                    torch.cat([sv, v[rows, :, n_text:]], 2), scale))
+            with torch.set_grad_enabled(sh.grad and torch.is_grad_enabled()):
+                sh.attn = attn.to_add_out(o.contiguous()) if double else o
+        out = torch.cat([merge(out_txt), merge(out_img)], dim=1)
         if not double:
             return out
         txt, img = out[:, :n_text], out[:, n_text:]
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         return img, attn.to_add_out(txt.contiguous())
+
+
+def _pending_shadows(state) -> dict:
+    """The attribution prompts' text streams waiting for this block's attention (``fastfair.shadow``)."""
+    return {name: sh for name, sh in getattr(state, "shadows", {}).items() if sh.pending is not None}
+
+
+def _shadow_projection(sh, text_qkv):
+    with torch.set_grad_enabled(sh.grad and torch.is_grad_enabled()):
+        return text_qkv(sh.pending[1])
 
 
 def _with_other_rows(out_rec, q, k, v, rows: slice, batch: int, scale: float):
@@ -322,6 +407,8 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
         else FastFairCrossAttnProcessor
     for n, m in mods.items():
         m.set_processor(cls(n, state, state.originals[n]))
+    if joint:
+        state.shadow_hooks = shadow.ShadowHooks(state, unet)
     pipe._fastfair = state
     _prime_backend(backend, unet)
     return state
@@ -343,4 +430,6 @@ def unpatch(pipe) -> None:
     mods = text_attention_modules(pipe)
     for n, proc in state.originals.items():
         mods[n].set_processor(proc)
+    if state.shadow_hooks is not None:
+        state.shadow_hooks.remove()
     pipe._fastfair = None

@@ -335,16 +335,13 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
-def test_mmdit_inprompt_audit_and_open_refusal(tmp_path, model):
-    """SD3 pipelines audit with in-prompt entanglement (the prompt's own words); open-vocabulary is refused
-    up front with the way out."""
+def test_mmdit_audit_open_and_inprompt(tmp_path, model):
+    """SD3 / Flux audits: open-vocabulary entanglement (the attribution prompt's own text stream through the
+    MMDiT, fastfair.shadow) and in-prompt entanglement; rows equal generate's metrics."""
     sd3 = fastfair.load_pipeline(model)
     size = dict(height=128, width=128)
-    with pytest.raises(AuditInputError, match="use --entanglement inprompt"):
-        fastfair.audit(model, "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "a",
-                       classifier="none", **COMMON, **size)
     res = fastfair.audit(model, "list:doctor", pipeline=sd3, attributes="gender", out=tmp_path / "b",
-                         classifier="none", entanglement="inprompt", **COMMON, **size)
+                         classifier="none", entanglement="both", **COMMON, **size)
     df = res.results
     ip = df[df["kind"] == "inprompt"].sort_values(["prompt", "seed"])
     assert len(ip) == 4 and ip["iou_inprompt"].notna().all()
@@ -352,3 +349,9 @@ def test_mmdit_inprompt_audit_and_open_refusal(tmp_path, model):
     gen = fastfair.generate(sd3, row["prompt"], seeds=[int(row["seed"])], steps=2, maps=["doctor", row["word"]],
                             progress=False, **size)
     assert row["iou_inprompt"] == pytest.approx(float(gen.iou("doctor", row["word"])[0]), abs=1e-6)
+    neutral = df[df["kind"] == "neutral"].sort_values("seed")
+    assert len(neutral) == 2 and neutral["iou_open_gender"].notna().all()
+    prompt = neutral.iloc[0]["prompt"]
+    gen = fastfair.generate(sd3, prompt, seeds=[0, 1], steps=2, maps=["doctor", "gender"],
+                            attribution_prompt=f"{prompt} and gender", progress=False, **size)
+    np.testing.assert_allclose(neutral["iou_open_gender"].to_numpy(), gen.iou("doctor", "gender").numpy(), atol=1e-6)

@@ -331,10 +331,6 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         if net is None:
             raise AuditInputError(f"{type(pipe).__name__} has neither a UNet nor a transformer: not a text-to-image "
                                   "diffusion pipeline fastfair can audit")
-        if getattr(pipe, "unet", None) is None and "open" in modes:
-            raise AuditInputError(f"open-vocabulary entanglement is not supported for {type(pipe).__name__} yet "
-                                  "(SD3's text tokens change block by block, so an attribution prompt has no fixed "
-                                  "keys); use --entanglement inprompt (or none)")
         size = default_sample_size(pipe) * pipe.vae_scale_factor
         height, width = height or size, width or size
 
