@@ -7,8 +7,10 @@ of the UNet; self-attention keeps its processor. SD3 pipelines (an MMDiT ``trans
 processor calls the module's original processor, so the pipeline's output is unchanged bit for bit.
 While recording, it computes attention for the rows that count (the conditional half of a CFG
 batch) with ``fastfair.ops.cross_attention`` -- one fused pass giving the output and the maps --
-and the other rows with ``scaled_dot_product_attention``. ``unpatch(pipe)`` restores the exact
-original processor objects.
+and the other rows with ``scaled_dot_product_attention``. On an MMDiT, ``patch`` also hooks the transformer
+blocks to carry attribution prompts' text streams (``fastfair.shadow``) for open-vocabulary maps; the
+hooks do nothing while no recorder with attribution prompts is installed. ``unpatch(pipe)`` restores the
+exact original processor objects and removes the hooks.
 """
 from __future__ import annotations
 

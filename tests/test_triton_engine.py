@@ -49,6 +49,19 @@ def test_generate_triton_equals_reference(monkeypatch, model, size):
     torch.testing.assert_close(tri.latents, ref.latents, rtol=0, atol=2e-4)
 
 
+@pytest.mark.parametrize("model,size", [("tiny-sd3", {}), ("tiny-flux", dict(height=128, width=128))])
+def test_mmdit_attribution_triton_equals_reference(monkeypatch, model, size):
+    """Open-vocabulary maps on an MMDiT: the fused op's maps read the attribution prompt's text-stream keys
+    (map_keys of 64 + 333 / 512 + 64 rows: the map-key loop past one tile)."""
+    ref, tri, calls = _pair(monkeypatch, model=model, seeds=[0], steps=2, maps=["woman", "doctor"],
+                            attribution_prompt=PROMPT + " and a woman", **size)
+    assert calls["fwd"] > 0
+    for w in ("woman", "doctor"):
+        err = float((tri.maps[w] - ref.maps[w]).abs().max() / ref.maps[w].abs().max())
+        assert err <= 1e-5, (w, err)
+    torch.testing.assert_close(tri.latents, ref.latents, rtol=0, atol=2e-4)
+
+
 def test_guided_generate_triton_equals_reference(monkeypatch):
     ref, tri, calls = _pair(monkeypatch, seeds=[0], steps=2, guidance=fastfair.EntanglementGuidance("doctor", "face"))
     assert calls["fwd"] > 0 and calls["bwd"] > 0

@@ -93,9 +93,11 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool, chunk: i
             sm = torch.matmul(qc, mkf.transpose(-1, -2)) * scale
             lm = torch.logsumexp(sm, dim=-1)
             mlse[:, :, s:e] = lm
-            p = torch.exp(sm - lm[..., None])
         if tok is not None:
-            sel = _gather_cols(p, tok)  # (B,H,T,n)
+            if mk is not None:  # only the selected columns: exp(s - lse) there (the same bits as gathering P)
+                sel = torch.exp(_gather_cols(sm, tok) - lm[:, :, None, :])
+            else:
+                sel = _gather_cols(p, tok)  # (B,H,T,n)
             if per_head:
                 maps[:, :, :, s:e] = sel
             else:
@@ -114,8 +116,8 @@ def attention_maps(q, mk, tok, scale: float, per_head: bool, chunk: int = DEFAUL
     maps = torch.empty((B, H, T, Nq) if per_head else (B, T, Nq), dtype=acc, device=q.device)
     for s, e in _chunks(Nq, chunk):
         sm = torch.matmul(q[:, :, s:e].to(acc), mkf.transpose(-1, -2)) * scale
-        p = torch.exp(sm - torch.logsumexp(sm, dim=-1)[..., None])  # as cross_attention_fwd: same bits
-        sel = _gather_cols(p, tok)  # (B,H,T,n)
+        lm = torch.logsumexp(sm, dim=-1)
+        sel = torch.exp(_gather_cols(sm, tok) - lm[:, :, None, :])  # (B,H,T,n); as cross_attention_fwd: same bits
         if per_head:
             maps[:, :, :, s:e] = sel
         else:
