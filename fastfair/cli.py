@@ -14,7 +14,8 @@ def _add_generate(sub) -> None:
                                    "write images, maps (safetensors) and heat-map overlays, and print the IoU of "
                                    "every pair of words per image.")
     p.add_argument("--model", default="tiny-sd",
-                   help="offline preset (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, sd15-shaped), a hub id or a local pipeline folder")
+                   help="offline preset (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, sd15-shaped), a hub id or a local "
+                        "pipeline folder")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     p.add_argument("--maps", default="", help="comma-separated words to map, e.g. doctor,face")
     p.add_argument("--attribution-prompt", default=None,
