@@ -4,7 +4,7 @@
 #                              CUDA tests (xdist, incl. the direct-launch path now on by default),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
-#                              guided sampling vs the reference style
+#                              guided sampling vs the reference style, SD3-medium-size attribution text streams
 #   bash bench/gpu_next.sh C   setup, bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph
 #                              times; --mmdit: SD3 / Flux joint attention), bench/compile_check.py (generate with maps, eager vs torch.compile'd
 #                              UNet, default and reduce-overhead = CUDA graphs: speed and map agreement)
@@ -66,4 +66,7 @@ else
   log "guided sampling"
   timeout $(cap 60 5) python3 bench/bench_guidance.py --device cuda --batch 8 --steps 5 > "$RES/guidance.md" 2>&1
   tail -6 "$RES/guidance.md"
+  log "SD3-medium-size open-vocabulary maps (attribution text streams) vs plain"
+  timeout $(cap 90 5) python3 bench/bench_mmdit_attribution.py --device cuda --layers 24 --size 1024 --steps 4 \
+    --images 2 --repeats 3 > "$RES/mmdit_attribution.txt" 2>&1; tail -7 "$RES/mmdit_attribution.txt"
 fi

@@ -371,15 +371,18 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
 
 
 def attention_maps(q: Tensor, map_keys: Tensor, map_tokens, *, scale: float | None = None,
-                   head_reduce: str = "sum") -> Tensor:
+                   head_reduce: str = "sum", backend: str = "reference") -> Tensor:
     """Maps only, for a further attribution prompt in the same pass over ``q``: the ``map_tokens``
     columns of ``softmax(q map_keys^T scale)``, summed over heads ((B,T,Nq)) or not ((B,H,T,Nq)) --
     what ``cross_attention(q, k, v, map_keys=map_keys, map_tokens=map_tokens)`` returns as maps,
     without its attention output.
 
-    An attribution prompt is short (BOS, its words, EOS: no padding), so its probabilities are
-    small next to ``q``; this runs in PyTorch on every device (chunked over queries, float32
-    accumulation, float64 for float64 inputs) and is differentiable by torch's autograd.
+    ``backend="reference"`` (default) runs in PyTorch on every device (chunked over queries, float32
+    accumulation, float64 for float64 inputs) and is differentiable by torch's autograd: enough for a
+    UNet's attribution prompt (BOS, its words, EOS: a few keys). An MMDiT's attribution keys are
+    [image; text] (thousands): there a fused backend (``"auto"``, ``"native"``, ``"triton"``) computes
+    the maps in its fused forward, whose attention output runs over a single zero key (negligible);
+    that path is for inference (no gradient) and falls back to the reference when one is needed.
     """
     if q.dim() != 4 or map_keys.dim() != 4:
         raise ValueError(f"q and map_keys must be (B,H,N,D); got {tuple(q.shape)}, {tuple(map_keys.shape)}")
@@ -394,7 +397,12 @@ def attention_maps(q: Tensor, map_keys: Tensor, map_tokens, *, scale: float | No
         raise ValueError("attention_maps needs map_tokens: say which attribution-prompt tokens to map")
     tok = _normalise_tokens(map_tokens, B, map_keys.shape[2], q.device)
     scale = naive.default_scale(D) if scale is None else float(scale)
-    return naive.attention_maps(q, map_keys, tok, scale, head_reduce == "none")
+    name = "reference" if backend == "reference" else _resolve_for_call(backend, q.device)
+    grad = torch.is_grad_enabled() and (q.requires_grad or map_keys.requires_grad)
+    if name == "reference" or grad or torch.compiler.is_compiling():
+        return naive.attention_maps(q, map_keys, tok, scale, head_reduce == "none")
+    zero = q.new_zeros(B, H, 1, D)  # the fused forward's own attention: one zero key and value
+    return _mod(name).cross_attention_fwd(q, zero, zero, map_keys, tok, scale, head_reduce == "none")[3]
 
 
 # --------------------------------------------------------------------------------------------

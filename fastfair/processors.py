@@ -262,7 +262,8 @@ class FastFairJointAttnProcessor(_FastFairProcessor):
                     if name not in sqkv:
                         raise RuntimeError(f"attribution prompt {name!r} has no text stream in {self.name}")
                     sub.add(self.name, ops.attention_maps(q_rec, map_keys_of(name).detach(), sub.tokens + off,
-                                                          scale=scale, head_reduce=reduce), n_img, heads)
+                                                          scale=scale, head_reduce=reduce,
+                                                          backend=self.state.backend), n_img, heads)
         return _with_other_rows(out_rec, q, key, value, rows, batch, scale)
 
 

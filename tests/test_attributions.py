@@ -43,6 +43,30 @@ def test_attention_maps_against_explicit_softmax(B, H, Nq, Nm, D, per_head, dtyp
     torch.testing.assert_close(got, fused, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("Nm", [9, 333, 1100])  # a UNet's attribution prompt; an MMDiT's [image; text] keys
+@pytest.mark.parametrize("per_head", [False, True])
+def test_attention_maps_fused_backend(Nm, per_head):
+    """A fused backend's maps-only path (its forward over one zero key, the maps from the attribution keys) against
+    float64 explicit softmax, and equal to its own fused op's maps."""
+    if "native" not in ops.available_backends("cpu"):
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(Nm)
+    B, H, Nq, D = 2, 3, 70, 40
+    q, mk = torch.randn(B, H, Nq, D, generator=g), torch.randn(B, H, Nm, D, generator=g)
+    tok = torch.stack([torch.randperm(Nm, generator=g)[:3] for _ in range(B)])
+    red = "none" if per_head else "sum"
+    got = ops.attention_maps(q, mk, tok, scale=D ** -0.5, head_reduce=red, backend="native")
+    torch.testing.assert_close(got.double(), explicit_maps(q, mk, tok, D ** -0.5, per_head), rtol=1e-5, atol=1e-8)
+    k = torch.randn(B, H, 77, D, generator=g)
+    _, fused = ops.cross_attention(q, k, k, map_tokens=tok, map_keys=mk, scale=D ** -0.5, head_reduce=red,
+                                   backend="native")
+    torch.testing.assert_close(got, fused, rtol=1e-6, atol=1e-9)
+    # with a gradient to take, the reference (autograd) path runs
+    qg = q.clone().requires_grad_(True)
+    torch.testing.assert_close(ops.attention_maps(qg, mk, tok, scale=D ** -0.5, head_reduce=red, backend="native"),
+                               ops.attention_maps(q, mk, tok, scale=D ** -0.5, head_reduce=red), rtol=0, atol=0)
+
+
 def test_attention_maps_gradient_matches_explicit():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64, requires_grad=True)
