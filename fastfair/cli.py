@@ -41,8 +41,23 @@ def _add_generate(sub) -> None:
     p.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) to the model before generating")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (classifier-free guidance's other branch)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier generation's outputs in --out (otherwise such a folder is refused)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _digest(path) -> str:
+    """A short content hash of a file or folder (an edit's or a LoRA's), for run names that never mix."""
+    import hashlib
+    from pathlib import Path
+
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _generate(args) -> int:
@@ -50,9 +65,13 @@ def _generate(args) -> int:
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    from .generation import generate
+    from .generation import check_out_dir, generate, parse_seeds
     from .pipelines import load_pipeline
 
+    check_out_dir(args.out, args.overwrite)  # before any work: a bad --out must not cost the generation
+    parse_seeds(args.seeds)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
@@ -66,10 +85,12 @@ def _generate(args) -> int:
                                               scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
                                               on_large_grad=args.guide_on_large_grad)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    model = args.model
     if args.edit:
         from .mist import apply_file
 
         edit = apply_file(pipe, args.edit)
+        model += f"+mist:{_digest(args.edit)}"
         print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
     attributions = None
     if args.attribution:
@@ -81,8 +102,9 @@ def _generate(args) -> int:
     gen = generate(pipe, args.prompt, seeds=args.seeds, maps=args.maps, attribution_prompt=args.attribution_prompt,
                    attributions=attributions, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                    batch_size=args.batch_size, aggregation=args.aggregation, backend=args.backend,
-                   guidance=guidance, progress=not args.no_progress)
-    out = gen.save(args.out)
+                   negative_prompt=args.negative_prompt, guidance=guidance, progress=not args.no_progress)
+    gen.config.update(model=model, edit=args.edit, dtype=dtype, device=device)  # which model made these images
+    out = gen.save(args.out, overwrite=args.overwrite)
     words = list(gen.maps)
     pairs = list(itertools.combinations(words, 2))
     head = ["item", "seed", "prompt"] + [f"IoU({a},{b})" for a, b in pairs]
@@ -179,19 +201,11 @@ def _audit(args) -> int:
     _quiet_libraries()
     model, pipe = args.model, None
     if args.edit or args.lora:
-        import hashlib
         from pathlib import Path
 
         import torch
 
         from .pipelines import load_pipeline
-
-        def digest(path) -> str:
-            files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-            h = hashlib.sha256()
-            for f in files:
-                h.update(f.read_bytes())
-            return h.hexdigest()[:12]
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device,
@@ -200,12 +214,12 @@ def _audit(args) -> int:
             from .mist import apply_file
 
             apply_file(pipe, args.edit)
-            model += f"+mist:{digest(args.edit)}"
+            model += f"+mist:{_digest(args.edit)}"
         if args.lora:
             if not Path(args.lora).exists():
                 raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
             pipe.load_lora_weights(args.lora)
-            model += f"+lora:{digest(args.lora)}"
+            model += f"+lora:{_digest(args.lora)}"
     res = audit(model, args.prompts, pipeline=pipe, template=args.template, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
                 inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
@@ -219,16 +233,18 @@ def _audit(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     s = res.summary
+    def est(o) -> str:  # mean [lo, hi]; "n/a" where undefined (no finite values) or not bootstrapped (--n-boot 0)
+        f = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+        return f"{f(o['mean'])} [{f(o['lo'])}, {f(o['hi'])}]" if o["lo"] is not None else f(o["mean"])
+
     for w, blk in s.get("entanglement", {}).get("open", {}).items():
-        o = blk["iou"]["overall"]
-        print(f"mIoU(profession, {w}) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}] (open vocabulary)")
+        print(f"mIoU(profession, {w}) = {est(blk['iou']['overall'])} (open vocabulary)")
     for name, blk in s.get("entanglement", {}).get("inprompt", {}).items():
-        o = blk["iou"]["overall"]
-        print(f"mIoU(profession, {name} word) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}] (in-prompt)")
+        print(f"mIoU(profession, {name} word) = {est(blk['iou']['overall'])} (in-prompt)")
     for name, blk in s.get("distribution", {}).items():
         o = blk["overall"]["dft_bias"]
         if o["mean"] is not None:
-            print(f"DFT bias({name}) = {o['mean']:.4f} [{o['lo']:.4f}, {o['hi']:.4f}]")
+            print(f"DFT bias({name}) = {est(o)}")
     print(f"wrote {len(res.results)} rows to {res.run_dir / 'results.parquet'}"
           + ("" if args.no_report else f" and the report to {res.run_dir / 'report.html'}"))
     return 0
@@ -385,6 +401,9 @@ def _add_finetune(sub) -> None:
                    help="frozen weights' dtype (LoRA / tokens stay fp32)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a DFT run (removes its outputs and checkpoints); "
+                        "otherwise such a folder is refused unless --resume")
     d.add_argument("--no-progress", action="store_true")
 
 
@@ -439,6 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file or folder the command reads or writes (missing, a file where a folder goes...)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"fastfair {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastfair {args.command}: interrupted; finished work is kept (audits and finetuning resume with "
+              "--resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -456,11 +456,13 @@ class DFTTrainer:
     :func:`as_differentiable`). ``quality_encoder``: "clip" (default, ``ClipFeatures``), "clip:MODEL_ID", a
     torch module mapping images in [0, 1] to features, or None (no quality regulariser).
     ``out_dir``: where checkpoints and outputs go. ``resume``: a checkpoint folder, or "latest" in out_dir.
+    An ``out_dir`` that holds a run (outputs or checkpoints) is refused without ``resume`` -- its LoRA would be
+    replaced and its checkpoints would mix with the new run's -- unless ``overwrite=True``, which removes them.
     """
 
     def __init__(self, pipe, prompts: Sequence[str] | str, classifier, config: DFTConfig | None = None, *,
                  labels=None, quality_encoder="clip", out_dir: str | os.PathLike | None = None,
-                 resume: str | os.PathLike | None = None):
+                 resume: str | os.PathLike | None = None, overwrite: bool = False):
         self.pipe = pipe
         self.cfg = cfg = config or DFTConfig()
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -472,6 +474,8 @@ class DFTTrainer:
         self._xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: two text encoders, pooled + time ids
         self.device = pipe.device
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            _check_run_dir(self.out_dir, resume is not None, overwrite)
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
             raise DFTError(f"mixed_precision={cfg.mixed_precision!r} is autocast on CUDA; on {self.device.type} "
                            "use 'no'")
@@ -1083,15 +1087,38 @@ class DFTTrainer:
         return res
 
 
+RUN_FILES = ("dft.json", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
+
+
+def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, or that holds a run when neither resuming nor overwriting; with
+    ``overwrite`` remove that run's outputs and checkpoints (and nothing else)."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise DFTError(f"out_dir {str(out)!r}: {str(p)!r} is a file; give a folder (it is created if missing)")
+    found = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise DFTError(f"out_dir {str(out)!r} holds a DFT run ({', '.join(found)}): continue it with resume='latest' "
+                       "(--resume latest), choose another folder, or start over with overwrite=True (--overwrite), "
+                       "which removes its outputs and checkpoints")
+    import shutil
+
+    for n in found:
+        p = out / n
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, labels=None, quality_encoder="clip",
-                 out_dir=None, resume=None, progress: bool = True, **overrides) -> DFTResult:
+                 out_dir=None, resume=None, overwrite: bool = False, progress: bool = True, **overrides) -> DFTResult:
     """Adjusted DFT of ``pipe`` toward the target distribution; see :class:`DFTTrainer`. Keyword ``overrides``
     replace fields of ``config``."""
     cfg = config or DFTConfig()
     if overrides:
         cfg = DFTConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **overrides})
     tr = DFTTrainer(pipe, prompts, classifier, cfg, labels=labels, quality_encoder=quality_encoder, out_dir=out_dir,
-                    resume=resume)
+                    resume=resume, overwrite=overwrite)
     try:
         return tr.train(progress=progress)
     finally:
@@ -1113,6 +1140,8 @@ def cli_main(args) -> int:
     """``fastfair finetune dft`` (the parser is in ``fastfair.cli``)."""
     from .pipelines import load_pipeline
 
+    if not args.overwrite:  # before loading anything: a run in --out is continued or overwritten, never mixed
+        _check_run_dir(Path(args.out), args.resume is not None, False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = _prompts_from_args(args)
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
@@ -1143,7 +1172,7 @@ def cli_main(args) -> int:
     clf = load_classifier(args.classifier, attributes, device=device, clip_model=args.clip_model)
     qe = None if args.quality_encoder == "none" or args.quality_weight <= 0 else args.quality_encoder
     res = finetune_dft(pipe, prompts, clf, cfg, quality_encoder=qe, out_dir=args.out, resume=args.resume,
-                       progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=not args.no_progress)
     last = res.history[-1] if res.history else None
     if last is not None:
         dist = "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in d) for a, d in last["distribution"].items())

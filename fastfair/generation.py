@@ -23,27 +23,40 @@ class NonFiniteError(FloatingPointError):
 
 
 def parse_seeds(seeds) -> list[int]:
-    """``[0, 1]``, ``3``, ``"0-3"`` or ``"0,2,5-7"`` -> list of ints."""
-    if isinstance(seeds, int):
-        return [seeds]
-    if isinstance(seeds, str):
+    """``[0, 1]``, ``3``, ``"0-3"`` or ``"0,2,5-7"`` -> list of distinct non-negative ints."""
+    import re
+
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        seeds = [int(seeds)]
+    elif isinstance(seeds, str):
         out: list[int] = []
         for part in seeds.split(","):
             part = part.strip()
             if not part:
                 continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                lo, hi = int(lo), int(hi)
-                if hi < lo:
-                    raise ValueError(f"seed range {part!r} is empty (end before start)")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if m is None:
+                raise ValueError(f"seeds: {part!r} is not a seed or a range of seeds; write e.g. '0-3' or '0,2,5-7' "
+                                 "(non-negative integers)")
+            lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+            if hi < lo:
+                raise ValueError(f"seeds: range {part!r} is empty (end before start)")
+            out.extend(range(lo, hi + 1))
         seeds = out
-    seeds = [int(s) for s in seeds]
+    else:
+        try:
+            seeds = [int(s) for s in seeds]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"seeds must be integers, e.g. seeds=[0, 1] or seeds='0-3'; got {seeds!r}") from e
     if not seeds:
         raise ValueError("no seeds given; pass e.g. seeds=[0, 1] or seeds='0-3'")
+    neg = [s for s in seeds if s < 0]
+    if neg:
+        raise ValueError(f"seeds must be >= 0; got {neg[0]}")
+    seen: set[int] = set()
+    dup = next((s for s in seeds if s in seen or seen.add(s)), None)
+    if dup is not None:
+        raise ValueError(f"seed {dup} is given twice: every image would be generated twice; give each seed once")
     return seeds
 
 
@@ -104,12 +117,23 @@ class Generation:
         """Per-item SoftIoU of two words' maps (see ``fastfair.metrics.soft_iou``)."""
         return metrics.soft_iou(self._map(a), self._map(b), **kwargs)
 
-    def save(self, out_dir: str | os.PathLike, overlays: bool = True) -> Path:
+    def save(self, out_dir: str | os.PathLike, overlays: bool = True, overwrite: bool = False) -> Path:
         """Write images/, maps.safetensors, overlays/ and generation.json under ``out_dir``.
-        Each file is written atomically (temporary file + rename)."""
+        Each file is written atomically (temporary file + rename). A folder that already holds a
+        generation's outputs is refused (its images and maps would mix with these) unless
+        ``overwrite=True``, which first removes those outputs (and nothing else)."""
         from safetensors.torch import save as st_save
 
-        out = Path(out_dir)
+        out = check_out_dir(out_dir, overwrite)
+        if overwrite:
+            import shutil
+
+            for name in OUTPUTS:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
         names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
         for name, img in zip(names, self.images):
             atomic_write(out / "images" / f"{name}.png", _png(img))
@@ -118,10 +142,10 @@ class Generation:
             tensors["latents"] = self.latents.float().contiguous()
             atomic_write(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
             if overlays:
-                for w, m in self.maps.items():
+                for k, (w, m) in enumerate(self.maps.items()):  # the word's index keeps names unique
                     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
                     for i, (name, img) in enumerate(zip(names, self.images)):
-                        atomic_write(out / "overlays" / f"{name}_{safe}.png", _png(overlay(img, m[i])))
+                        atomic_write(out / "overlays" / f"{name}_w{k}_{safe}.png", _png(overlay(img, m[i])))
         if self.attribution_maps:
             tensors = {f"{name}/{w}": m.contiguous() for name, d in self.attribution_maps.items() for w, m in d.items()}
             atomic_write(out / "attribution_maps.safetensors",
@@ -131,6 +155,27 @@ class Generation:
                     images=[f"images/{n}.png" for n in names])
         atomic_write(out / "generation.json", json.dumps(meta, indent=2).encode())
         return out
+
+
+OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json")
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output folder of ``Generation.save``, checked before any work: not a file, and not holding an
+    earlier generation's outputs unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} is a file; give a folder (it is created if missing)")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"output folder {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    if out.is_dir() and not overwrite:
+        found = [n for n in OUTPUTS if (out / n).exists()]
+        if found:
+            raise ValueError(f"output folder {str(out)!r} already holds a generation ({', '.join(found)}); its images "
+                             "and maps would mix with the new ones. Choose another folder, or overwrite it "
+                             "(--overwrite / save(..., overwrite=True))")
+    return out
 
 
 def _encode_attribution(pipe, text: str, device) -> torch.Tensor:

@@ -34,6 +34,9 @@ def iou(a: torch.Tensor, b: torch.Tensor, percentile: float = 70.0) -> torch.Ten
     Returns a float64 tensor of the leading (batch) shape. Where both masks are empty (constant
     maps) the IoU is undefined and NaN is returned.
     """
+    if not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be in [0, 100); got {percentile} (at 100 no pixel lies above the "
+                         "threshold; BiasMap uses 70)")
     a2, b2, lead = _check(a, b)
     A, B = binarize(a2, percentile), binarize(b2, percentile)
     inter = (A & B).sum(-1).double()

@@ -448,6 +448,8 @@ def test_cli_edit_and_generate(tmp_path, capsys, tiny_sd):
                "--height", "64", "--width", "64", "--edit", str(out), "--out", str(tmp_path / "gen"),
                "--device", "cpu", "--no-progress"])
     assert rc == 0 and "MIST edit" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "gen" / "generation.json").read_text())  # the images say which model made them
+    assert meta["model"].startswith("tiny-sd+mist:") and meta["edit"] == str(out)
     # refusing a bad target is an error message, not a traceback
     rc = main(["edit", "mist", "--model", "tiny-sd", "--concepts", "doctor", "--target", "0.7,0.2",
                "--measured", str(measured), "--out", str(tmp_path / "y.safetensors"), "--device", "cpu"])

@@ -93,12 +93,9 @@ def parse_audit_seeds(seeds) -> list[int]:
             raise AuditInputError(f"seeds={seeds!r}: need at least one seed")
         return list(range(n))
     try:
-        out = parse_seeds(seeds)
+        return parse_seeds(seeds)  # distinct, non-negative
     except ValueError as e:
         raise AuditInputError(str(e)) from e
-    if len(set(out)) != len(out):
-        raise AuditInputError(f"seeds repeat: {sorted({s for s in out if out.count(s) > 1})}")
-    return out
 
 
 def parse_targets(targets, sets: Sequence[AttributeSet]) -> dict[str, list[float]]:
@@ -294,8 +291,12 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         targets_v = parse_targets(targets, sets)
         if batch_size < 1:
             raise AuditInputError(f"batch_size must be >= 1; got {batch_size}")
-        if not 0 <= percentile <= 100:
-            raise AuditInputError(f"percentile must be in [0, 100]; got {percentile}")
+        if not 0 <= percentile < 100:  # at 100 no pixel is strictly above the threshold: every IoU undefined
+            raise AuditInputError(f"percentile must be in [0, 100); got {percentile} (BiasMap uses 70)")
+        if steps < 1:
+            raise AuditInputError(f"steps must be >= 1; got {steps}")
+        if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
+            raise AuditInputError(f"n_boot must be a whole number >= 0 (0: no confidence intervals); got {n_boot}")
         if inprompt_template is None:
             inprompt_template = P.inprompt_template_from(template)
         try:

@@ -1,0 +1,119 @@
+"""Outputs never mix and bad input fails before any work: generate / finetune folders that hold an earlier
+run, an --out that is a file, seeds, audit settings that cannot give a result, overlay names."""
+import json
+import time
+
+import pytest
+import torch
+
+import fastfair
+from fastfair.cli import main
+from fastfair.generation import check_out_dir, parse_seeds
+
+PROMPT = "a photo of the face of a doctor"
+
+
+def _gen(out, *extra):
+    return main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--steps", "2", "--out", str(out),
+                 "--no-progress", *extra])
+
+
+def test_generate_refuses_a_folder_with_an_earlier_generation_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _gen(out, "--maps", "doctor", "--seeds", "0-3") == 0
+    assert len(list((out / "images").iterdir())) == 4
+    capsys.readouterr()
+    t = time.perf_counter()
+    assert _gen(out, "--seeds", "5") == 1
+    err = capsys.readouterr().err
+    assert "already holds a generation" in err and "--overwrite" in err
+    assert time.perf_counter() - t < 5  # refused before loading or generating anything
+    assert len(list((out / "images").iterdir())) == 4  # untouched
+    (out / "notes.txt").write_text("mine")
+    assert _gen(out, "--seeds", "5", "--overwrite") == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000_seed5.png"]
+    assert not (out / "maps.safetensors").exists() and not (out / "overlays").exists()  # the old run's maps are gone
+    assert (out / "notes.txt").read_text() == "mine"  # nothing but fastfair's outputs is removed
+    meta = json.loads((out / "generation.json").read_text())
+    assert meta["seeds"] == [5] and meta["model"] == "tiny-sd" and meta["edit"] is None
+
+
+def test_out_that_is_a_file_fails_up_front(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert _gen(f) == 1
+    assert "is a file" in capsys.readouterr().err
+    assert _gen(f / "sub") == 1
+    with pytest.raises(ValueError, match="is a file"):
+        check_out_dir(f / "sub")
+    # an OSError anywhere in a command is one clear line, not a traceback
+    assert main(["report", str(tmp_path / "missing-run"), "--out", str(f / "r.html")]) == 1
+
+
+def test_overlay_names_are_unique_per_word(tiny_sd, tmp_path):
+    prompt = "a photo of a doctor \U0001F469\u200d\u2695\ufe0f and \U0001F468\u200d\u2695\ufe0f"
+    words = ["\U0001F469\u200d\u2695\ufe0f", "\U0001F468\u200d\u2695\ufe0f"]  # both sanitise to "____"
+    gen = fastfair.generate(tiny_sd, prompt, seeds=[0], steps=1, maps=words, progress=False)
+    out = gen.save(tmp_path / "e")
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("bad,msg", [("abc", "not a seed or a range"), ("-1", "not a seed or a range"),
+                                     ("0,0", "given twice"), ("3-1", "empty"), ("", "no seeds")])
+def test_seed_errors(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_seeds(bad)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        parse_seeds([2, -3])
+
+
+def test_seed_forms():
+    assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("0,2,5-7") == [0, 2, 5, 6, 7]
+    assert parse_seeds(3) == [3] and parse_seeds([4, 1]) == [4, 1] and parse_seeds(" 4 - 5 ") == [4, 5]
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--n-boot", "-1", "n_boot"), ("--percentile", "100", "percentile"),
+                                            ("--steps", "0", "steps")])
+def test_audit_settings_refused_before_any_work(tmp_path, capsys, flag, value, msg):
+    out = tmp_path / "a"
+    args = ["audit", "--model", "tiny-sd", "--prompts", "list:doctor", "--seeds", "1", "--steps", "2",
+            "--classifier", "none", "--no-progress", "--out", str(out), flag, value]
+    assert main(args) == 1
+    assert msg in capsys.readouterr().err
+    assert not (out / "audit.json").exists()  # nothing written: the corrected run is not locked out
+
+
+def test_audit_without_bootstrap_prints_na(tmp_path, capsys):
+    rc = main(["audit", "--model", "tiny-sd", "--prompts", "list:doctor", "--seeds", "1", "--steps", "2",
+               "--classifier", "none", "--no-progress", "--n-boot", "0", "--no-report", "--out", str(tmp_path / "a")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "mIoU(profession, gender) = " in out and "[" not in out.split("mIoU(profession, gender) = ")[1].split("\n")[0]
+
+
+def test_dft_refuses_an_out_with_a_run_unless_resume_or_overwrite(tmp_path):
+    from fastfair.dft import DFTError, _check_run_dir
+
+    out = tmp_path / "run"
+    (out / "lora").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-000004").mkdir(parents=True)
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(DFTError, match="holds a DFT run"):
+        _check_run_dir(out, resuming=False, overwrite=False)
+    _check_run_dir(out, resuming=True, overwrite=False)  # resuming: fine, nothing removed
+    assert (out / "lora").exists()
+    _check_run_dir(out, resuming=False, overwrite=True)
+    assert not (out / "lora").exists() and not (out / "checkpoints").exists() and (out / "mine.txt").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DFTError, match="is a file"):
+        _check_run_dir(tmp_path / "f", resuming=False, overwrite=False)
+    # the command refuses before loading the model
+    rc = main(["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--attributes", "gender",
+               "--classifier", "python:nope.py:make", "--out", str(tmp_path / "f")])
+    assert rc == 1
+
+
+def test_metrics_iou_percentile_range():
+    a = torch.rand(2, 8, 8)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        fastfair.metrics.iou(a, a, 100)
