@@ -155,7 +155,8 @@ class MapRecorder:
             raise RuntimeError(f"no layer's DAAM factor is in factors={sorted(self.aggregation.factors)}; this pipeline's "
                                f"layers have factors {sorted(self._seen_factors)} (DAAM needs factors= unless "
                                "sample_size x vae_scale is 512 or 1024): use "
-                               "Aggregation.get('daam').with_factors([...])")
+                               "Aggregation.get('daam').with_factors([...]) from Python, or the 'fastfair' / "
+                               "'biasmap' aggregation (the command line's --aggregation)")
         if not self._acc:
             raise RuntimeError("no cross-attention maps were recorded: the pipeline ran no cross-attention layer "
                                "that the aggregation keeps (check the steps window and the aggregation's blocks/factors)")
