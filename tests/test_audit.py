@@ -254,7 +254,10 @@ def test_prompt_sets_and_attribute_sets():
     sets, inters = parse_attributes("gender,race,age*fairface4")
     assert [s.name for s in sets] == ["gender", "race", "age", "fairface4"]
     names = [i.name for i in inters]
-    assert names[0] == "age×fairface4" and "gender×race" in names and len(names) == 6
+    assert names[0] == "age×fairface4" and "gender×race" in names and len(names) == 5
+    assert "race×fairface4" not in names  # two label sets of one attribute are not crossed
+    with pytest.raises(ValueError, match="same attribute"):
+        parse_attributes("race*fairface7")
     assert inters[0].labels[:2] == ("young|White", "young|Black")
     custom = {"skin": {"labels": ["light", "dark"], "words": ["light-skinned", "dark-skinned"],
                        "prompts": [["a photo of a light-skinned person"], ["a photo of a dark-skinned person"]],

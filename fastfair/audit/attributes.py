@@ -126,8 +126,8 @@ def intersection_labels(sets: list[AttributeSet]) -> tuple[str, ...]:
 def parse_attributes(spec, custom: dict | None = None) -> tuple[list[AttributeSet], list[Intersection]]:
     """"gender,race,gender*race" -> (base sets, intersections).
 
-    Every pair of listed base sets is reported as an intersection as well; ``a*b*c`` adds
-    higher-order ones. Components of an intersection are audited as base sets even when not listed.
+    Every pair of listed base sets of different attributes is reported as an intersection as well (not,
+    e.g., race x fairface7: two label sets of race); ``a*b*c`` adds higher-order ones. Components of an intersection are audited as base sets even when not listed.
     ``custom`` adds user sets: {name: AttributeSet or dict(labels=..., words=..., prompts=..., open_word=...)}.
     """
     table = dict(ATTRIBUTE_SETS)
@@ -154,6 +154,11 @@ def parse_attributes(spec, custom: dict | None = None) -> tuple[list[AttributeSe
         if len(parts) > 1:
             if len(set(parts)) != len(parts):
                 raise AttributeSpecError(f"intersection {it!r} repeats a set")
+            dims = [table[p].open_word for p in parts]
+            if len(set(dims)) != len(dims):
+                raise AttributeSpecError(f"intersection {it!r} crosses two sets of the same attribute "
+                                         f"({', '.join(f'{p}: {d}' for p, d in zip(parts, dims))}); intersect "
+                                         "different attributes, e.g. gender*race")
             inter.append(parts)
         for p in parts:
             if p not in base:
@@ -162,6 +167,8 @@ def parse_attributes(spec, custom: dict | None = None) -> tuple[list[AttributeSe
     for i in range(len(listed)):
         for j in range(i + 1, len(listed)):
             pair = (listed[i], listed[j])
+            if table[pair[0]].open_word == table[pair[1]].open_word:
+                continue  # two label sets of one attribute (race, fairface7): no intersection
             if not any(set(pair) == set(x) for x in inter):
                 inter.append(pair)
     # keep the order of the listed sets inside each intersection, and drop duplicates
