@@ -990,9 +990,12 @@ class DFTTrainer:
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
         if mine != theirs:
             diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                    if mine.get(k) != theirs.get(k)]
-            if any(k.startswith("params") for k in diff) and len(diff) > 3:
-                diff = [d for d in diff if not d.startswith("params")] + ["params: trainable parameters differ"]
+                    if k != "params" and mine.get(k) != theirs.get(k)]
+            pm, pt = mine.get("params") or {}, theirs.get("params") or {}
+            if pm != pt:  # summarised: the full list is every trainable tensor's shape
+                first = next((n for n in list(pm) + list(pt) if pm.get(n) != pt.get(n)), None)
+                diff.append(f"params: {len(pt)} trainable tensors in the checkpoint vs {len(pm)} now; first "
+                            f"difference {first}: checkpoint {pt.get(first)} vs now {pm.get(first)}")
             raise ResumeError(f"checkpoint {str(path)!r} does not match this training setup:\n  " + "\n  ".join(diff))
         with torch.no_grad():
             for n, p in self.named_params:

@@ -245,8 +245,9 @@ def test_resume_reproduces_next_step_loss(tmp_path):
     for x, y in zip(a.params, b.params):
         assert torch.allclose(x, y, atol=1e-6)
 
-    with pytest.raises(ResumeError, match="rank"):
+    with pytest.raises(ResumeError, match="rank") as err:
         DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(rank=8), quality_encoder=None, resume=ck)
+    assert "trainable tensors in the checkpoint" in str(err.value) and len(str(err.value)) < 1500  # summarised
     with pytest.raises(ResumeError, match="not a DFT checkpoint"):
         DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(), quality_encoder=None, resume=tmp_path / "nothing")
 
