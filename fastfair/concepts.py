@@ -43,8 +43,22 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     return toks
 
 
-def _pretty(toks: list[str]) -> str:
-    return " ".join(f"{i + 1}:{t.replace('</w>', '')}" for i, t in enumerate(toks))
+def _pretty(toks: list[str], tokenizer=None) -> str:
+    """Numbered tokens as text (CLIP's byte-level symbols decoded where the tokenizer can)."""
+    def text(t):
+        if tokenizer is not None and hasattr(tokenizer, "convert_tokens_to_string"):
+            t = tokenizer.convert_tokens_to_string([t]).strip() or t  # a partial UTF-8 character shows as U+FFFD
+        return t.replace("</w>", "")
+    return " ".join(f"{i + 1}:{text(t)}" for i, t in enumerate(toks))
+
+
+def _spacing_hint(prompt: str, word: str) -> str:
+    """CLIP splits words at spaces: a word inside a run of characters without spaces (CJK, Thai...) is
+    tokenised differently from the word alone."""
+    if word in prompt and any(ord(c) > 0x2E80 for c in word):
+        return (f" CLIP's tokenizer splits text at spaces, so {word!r} inside a run of characters without spaces "
+                "tokenises differently; put spaces around it in the prompt.")
+    return ""
 
 
 def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
@@ -58,9 +72,10 @@ def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
         if toks[i:i + n] == wt:
             hits.extend(range(i + 1, i + n + 1))  # +1: BOS is key position 0
     if not hits:
-        raise ConceptError(f"word {word!r} (tokens {' '.join(t.replace('</w>', '') for t in wt)}) is not in the prompt "
-                           f"{prompt!r}, whose tokens are [{_pretty(toks)}]. Use a word from the prompt, or pass "
-                           f"attribution_prompt=... that contains it (open-vocabulary maps).")
+        raise ConceptError(f"word {word!r} (tokens {_pretty(wt, tokenizer)}) is not in the prompt "
+                           f"{prompt!r}, whose tokens are [{_pretty(toks, tokenizer)}]. Use a word from the prompt, or "
+                           f"pass attribution_prompt=... that contains it (open-vocabulary maps)."
+                           + _spacing_hint(prompt, word))
     return tuple(hits)
 
 

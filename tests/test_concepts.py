@@ -46,3 +46,9 @@ def test_tokenizers_that_disagree_are_an_error():
 
 def test_eos_position():
     assert concepts.eos_position(clip_tokenizer(), "a photo of a janitor") == 7
+
+
+def test_unspaced_cjk_word_error_says_how_to_fix(tiny_sd):
+    with pytest.raises(concepts.ConceptError, match="put spaces around it"):
+        concepts.resolve(tiny_sd, "一个医生的照片", "医生")
+    assert len(concepts.resolve(tiny_sd, "一个 医生 的照片", "医生").positions) >= 1
