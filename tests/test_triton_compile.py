@@ -121,8 +121,9 @@ def _launcher_cases(full: bool | None = None, budget: int | None = None, arch: i
                 if dt in ("fp16", "fp32") and Nk == 77:  # attribution prompts (map keys), the daam preset's per-head maps,
                     # and more map tokens than one tile (maps-only passes after the first)
                     variants += [(12, False, 4), (0, True, 4), (12, True, 4), (0, False, 72)]
-                if dt in ("fp16", "fp32") and Nk == 4096 and D == 64:  # SD3 / Flux attribution prompts: map keys =
-                    variants += [(4096 + 333, False, 4)]  # [image; the attribution text stream], many key tiles
+                if dt in ("fp16", "fp32") and Nk in (1, 4096) and D == 64:  # SD3 / Flux attribution prompts: map
+                    # keys = [image; the attribution text stream], many key tiles (Nk = 1: ops.attention_maps)
+                    variants += [(4096 + 333, False, 4)]
                 for (Nm, per_head, T), mode in itertools.product(variants, ("full", "maps_dq")):
                     for kname, args, consts, opts in _record_launches(1024, Nk, D, tdt[dt], mode, budget=budget,
                                                                       Nm=Nm, per_head=per_head, T=T):
