@@ -1154,8 +1154,12 @@ def cli_main(args) -> int:
         sampling = (int(lo), int(hi))
     except ValueError as e:
         raise DFTError(f"--sampling-steps must be N or LO-HI (e.g. 19-23); got {ss!r}") from e
+    try:
+        joint = [float(x) for x in args.joint_target.split(",") if x.strip()] if args.joint_target else None
+    except ValueError:
+        raise DFTError(f"--joint-target {args.joint_target!r}: give comma-separated probabilities") from None
     cfg = DFTConfig(attributes=attributes, target=parse_targets(args.target) or None,
-                    joint_target=[float(x) for x in args.joint_target.split(",")] if args.joint_target else None,
+                    joint_target=joint,
                     trainable=args.trainable, rank=args.rank, lora_alpha=args.lora_alpha, soft_tokens=args.soft_tokens,
                     token=args.token, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                     steps=args.steps, sampling_steps=sampling, scheduler=args.scheduler,

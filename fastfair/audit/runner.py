@@ -110,7 +110,10 @@ def parse_targets(targets, sets: Sequence[AttributeSet]) -> dict[str, list[float
             if "=" not in part:
                 raise AuditInputError(f"target {part!r} must look like age=0.75,0.25")
             k, v = part.split("=", 1)
-            items[k.strip()] = [float(x) for x in v.split(",") if x.strip()]
+            try:
+                items[k.strip()] = [float(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise AuditInputError(f"target {part!r}: the probabilities must be numbers, e.g. age=0.75,0.25") from None
         targets = items
     for name, t in dict(targets).items():
         if name not in by_name:
