@@ -82,6 +82,10 @@ FF_HD T exp_poly(T xc, T fn) {
 }
 
 // Branch-free float exp (Cephes polynomial, ~1 ulp) that gcc vectorises; x < -87.3 gives 0.
+// Note: the CPU module's -fassociative-math lets GCC merge or reorder the two reduction steps of
+// exp_poly (xc - fn C1 - fn C2 -> xc - fn (C1 + C2), or (xc - fn C2) - fn C1), measured at up to
+// ~8 ulp for |x| < 10 and ~60 ulp near x = -87 (relative 4e-6) instead of ~1 ulp: harmless at the
+// tolerances the tests use, but not the accuracy of the polynomial itself.
 FF_HD float fast_expf(float x) {
   float xc = x > 88.3762626647949f ? 88.3762626647949f : x;
   xc = xc < -87.33654475f ? -87.33654475f : xc;
@@ -105,6 +109,46 @@ FF_HD float ff_exp(float x) {
 FF_HD double ff_exp(double x) { return exp(x); }
 FF_HD float ff_log(float x) { return logf(x); }
 FF_HD double ff_log(double x) { return log(x); }
+
+// x unchanged, as a value the optimiser cannot see into, so that arithmetic on the result is never
+// reassociated with the arithmetic that produced it. The CPU module is compiled with
+// -fassociative-math (CMakeLists.txt), under which GCC rewrites an epsilon guard d = (hi - lo) + eps
+// as hi + (eps - lo): in float, eps - lo rounds to -lo once eps < ulp(lo) / 2 (|lo| > 0.25 for
+// eps = 1e-8) and to a neighbour of eps - lo below that, so a constant row got d = 0 (NaN = 0/0
+// downstream) or a d off by up to 50% where the guard was meant to give exactly eps. Every guard in
+// this file is therefore written opaque(value) + eps. An empty asm costs nothing (the value stays in
+// its register); the CUDA build has no reassociation (no --use_fast_math), but the barrier is kept
+// there too so that the guards do not depend on the flags.
+FF_HD float opaque(float x) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+f"(x));
+#elif defined(__GNUC__) && defined(__x86_64__)
+  __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#elif defined(__GNUC__)
+  __asm__("" : "+m"(x));
+#else
+  volatile float v = x;
+  x = v;
+#endif
+  return x;
+}
+FF_HD double opaque(double x) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+d"(x));
+#elif defined(__GNUC__) && defined(__x86_64__)
+  __asm__("" : "+x"(x));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#elif defined(__GNUC__)
+  __asm__("" : "+m"(x));
+#else
+  volatile double v = x;
+  x = v;
+#endif
+  return x;
+}
 
 // ------------------------------------------------------------------------------------------
 // Groups.
@@ -483,7 +527,8 @@ FF_HD void sink_sigma(A x, A g0, A g1, A inv_gamma, A& s0, A& s1) {
   s0 = z >= A(0) ? small : big;
 }
 
-// Min-max statistics of row a: lo, hi and R = hi - lo + 1e-8 (naive.minmax's default eps).
+// Min-max statistics of row a: lo, hi and R = hi - lo + 1e-8 (naive.minmax's default eps), the
+// difference rounded first, as in naive.minmax, so a constant row gets R = 1e-8 (x = 0), never 0.
 template <class G, class A, class T>
 FF_HD void minmax_stats(const G& g, const T* a, int n, A& lo, A& hi, A& R) {
   A mn = static_cast<A>(INFINITY), mx = ninf<A>();
@@ -494,7 +539,7 @@ FF_HD void minmax_stats(const G& g, const T* a, int n, A& lo, A& hi, A& R) {
   }
   lo = g.min(mn);
   hi = g.max(mx);
-  R = hi - lo + static_cast<A>(1e-8);
+  R = opaque(hi - lo) + static_cast<A>(1e-8);  // not hi + (1e-8 - lo): see opaque
 }
 
 template <class A, class T>
@@ -712,11 +757,14 @@ FF_HD void minmax_bwd(const G& g, const T* a, int n, const MapRow<A>& m, A* dx) 
 // IoU and the coefficients of its gradient: d iou = ci * d inter + cs * (d sa + d sb) ... as
 // dmask_a_i = ci * mask_b_i + cs (and symmetrically), for upstream gradient dy.
 template <class A>
-FF_HD A iou_value(A inter, A sa, A sb, A eps) { return inter / (sa + sb - inter + eps); }
+FF_HD A iou_union(A inter, A sa, A sb, A eps) { return opaque(sa + sb - inter) + eps; }  // see opaque
+
+template <class A>
+FF_HD A iou_value(A inter, A sa, A sb, A eps) { return inter / iou_union(inter, sa, sb, eps); }
 
 template <class A>
 FF_HD void iou_grad_coeffs(A inter, A sa, A sb, A eps, A dy, A& ci, A& cs) {
-  const A U = sa + sb - inter + eps;
+  const A U = iou_union(inter, sa, sb, eps);
   const A r = inter / (U * U);
   ci = dy * (A(1) / U + r);
   cs = -dy * r;

@@ -345,6 +345,99 @@ def test_soft_iou_ops_autograd_and_errors():
         native.soft_iou_fwd(a.detach().reshape(3, -1)[:, :3], b.detach().reshape(3, -1)[:, :3], 0.3, 0.01, 20, 1e-8)
 
 
+# Degenerate maps: constant (any value), all-zero, one constant and the other not. The normalisation
+# guard R = hi - lo + 1e-8 must give R = 1e-8 (x = 0) on a constant row, as naive.minmax does. The CPU
+# module is built with -fassociative-math, under which GCC compiled it as hi + (1e-8 - lo): in float
+# that is 0 once |lo| > 0.25 (NaN = 0/0 where the reference is finite) and off by up to ~50% below
+# (so the gradients, scaled by 1/R, were wrong by as much); in double it would bite from ~1.3e8.
+_DEGENERATE_CONSTS = [0.0, 1e-3, 0.25, 0.3, 0.5, 1.0, -0.7, 3.0, 1e3]
+
+
+def _degenerate_pairs(n, dtype, big=None):
+    """(a, b), rows of n elements: each constant with a random partner (both ways), pairs of constants
+    (one of them identical), an all-zero pair."""
+    g = torch.Generator().manual_seed(n)
+    consts = _DEGENERATE_CONSTS + ([big] if big is not None else [])
+    rand = torch.rand(len(consts), n, generator=g, dtype=torch.float64)
+    const = torch.tensor(consts, dtype=torch.float64)[:, None].expand(-1, n)
+    a = torch.cat([const, rand, const, torch.zeros(1, n, dtype=torch.float64)])
+    b = torch.cat([rand, const, const.flip(0), torch.zeros(1, n, dtype=torch.float64)])
+    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+
+@built
+@pytest.mark.parametrize("top_k", [None, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_iou_degenerate_maps_forward(top_k, dtype):
+    """Constant / all-zero maps: native == naive.soft_iou (finite), in float32 and float64."""
+    a, b = _degenerate_pairs(64, dtype, big=1e9 if dtype == torch.float64 else None)
+    ref = naive.soft_iou(a, b, top_k, 0.01, 20, 1e-8)
+    got = native.soft_iou_fwd(a, b, top_k, 0.01, 20, 1e-8)
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(got).all(), got
+    tol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
+    _close(got, ref, *tol, "iou")
+
+
+@built
+@pytest.mark.parametrize("top_k", [None, 0.3])
+def test_soft_iou_degenerate_maps_backward_float64(top_k):
+    """The exact gradient on constant / all-zero maps, float64 (tight): finite and == autograd of naive."""
+    a, b = _degenerate_pairs(48, torch.float64, big=1e9)
+    d = torch.linspace(-1.0, 2.0, a.shape[0], dtype=torch.float64)
+    la, lb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga, gb = torch.autograd.grad(naive.soft_iou(la, lb, top_k, 0.1, 5, 1e-8), (la, lb), d)
+    da, db = native.soft_iou_bwd(a, b, top_k, 0.1, 5, 1e-8, d)
+    assert torch.isfinite(da).all() and torch.isfinite(db).all()
+    # a constant row's gradient is (dx - mean dx) / 1e-8: compare relative to each row's scale
+    for got, ref, what in ((da, ga, "da"), (db, gb, "db")):
+        scale = ref.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        _close(got / scale, ref / scale, 0, 1e-8, what)
+
+
+@built
+@pytest.mark.parametrize("top_k", [None, 0.3])
+def test_soft_iou_degenerate_maps_backward_float32(top_k):
+    """float32 gradient on constant / all-zero maps: finite and == float64 autograd of naive on the
+    same values, relative to each row's scale (a constant row's gradient is (dx - mean dx) / 1e-8)."""
+    a, b = _degenerate_pairs(48, torch.float32)
+    d = torch.linspace(-1.0, 2.0, a.shape[0])
+    la, lb = a.double().requires_grad_(), b.double().requires_grad_()
+    ga, gb = torch.autograd.grad(naive.soft_iou(la, lb, top_k, 0.1, 5, 1e-8), (la, lb), d.double())
+    da, db = native.soft_iou_bwd(a, b, top_k, 0.1, 5, 1e-8, d)
+    assert da.dtype == torch.float32
+    assert torch.isfinite(da).all() and torch.isfinite(db).all()
+    for got, ref, what in ((da, ga, "da"), (db, gb, "db")):
+        scale = ref.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        _close(got.double() / scale, ref / scale, 0, 3e-5, what)
+
+
+@built
+@pytest.mark.parametrize("value", [0.001, 0.01, 0.2, 0.3, 0.5, 1.0, 7.0])
+@pytest.mark.parametrize("top_k", [None, 0.3])
+def test_soft_iou_constant_map_metrics_api(value, top_k, monkeypatch):
+    """The user-level report: metrics.soft_iou(torch.ones(1,4,4) * v, rand) was NaN with the native
+    (auto on CPU) backend where the reference is finite; forward and autograd gradients."""
+    from fastfair import metrics
+    monkeypatch.delenv("FASTFAIR_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    b0 = torch.rand(2, 4, 4, generator=g)
+    a0 = torch.full((2, 4, 4), value)
+    outs = {}
+    for be in ("native", "reference", "auto"):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        y = metrics.soft_iou(a, b, top_k=top_k, backend=be)
+        ga, gb = torch.autograd.grad(y.sum(), (a, b))
+        outs[be] = (y.detach(), ga, gb)
+    for be in ("native", "auto"):
+        y, ga, gb = outs[be]
+        assert torch.isfinite(y).all() and torch.isfinite(ga).all() and torch.isfinite(gb).all(), (be, y)
+        _close(y, outs["reference"][0], 1e-4, 1e-5, f"{be} iou")
+        _close(gb, outs["reference"][2], 1e-3, 1e-3, f"{be} db")
+        scale = outs["reference"][1].abs().max().item() + 1.0  # (dx - mean dx) / 1e-8 on the constant map
+        _close(ga / scale, outs["reference"][1] / scale, 0, 1e-4, f"{be} da")
+
+
 # ------------------------------------------------------------------------------------------------
 # backend selection and the missing-extension fallback
 # ------------------------------------------------------------------------------------------------
