@@ -19,7 +19,7 @@ import fastfair
 from fastfair import concepts
 from fastfair.guidance import EntanglementGuidance
 from test_flux import _ExplicitFlux
-from test_sd3 import _ExplicitJoint
+from test_sd3 import _ExplicitJoint, sd35  # noqa: F401 (sd35: SD3.5's RMS q/k norms and a dual-attention block)
 
 PROMPT = "a photo of the face of a doctor"
 ATTR = "a photo of the face of a doctor and a woman"
@@ -89,7 +89,8 @@ def _reference(pipe, words, seeds, steps, kw):
     return maps, out.images
 
 
-@pytest.mark.parametrize("model,backend", [("sd3", "reference"), ("sd3", "native"), ("flux", "reference")])
+@pytest.mark.parametrize("model,backend", [("sd3", "reference"), ("sd3", "native"), ("sd35", "reference"),
+                                           ("flux", "reference")])
 def test_attribution_maps_equal_diffusers_blocks_on_the_attribution_text(request, model, backend):
     if backend == "native" and "native" not in fastfair.ops.available_backends("cpu"):
         pytest.skip("native extension not built")
