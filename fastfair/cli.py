@@ -45,6 +45,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier generation's outputs in --out (otherwise such a folder is refused)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted generation in --out (each finished batch is kept on disk)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -61,14 +63,19 @@ def _digest(path) -> str:
 
 
 def _generate(args) -> int:
+    from pathlib import Path
+
     import torch
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    from .generation import check_out_dir, generate, parse_seeds
+    from .generation import PARTS, check_out_dir, generate_to_dir, parse_seeds
     from .pipelines import load_pipeline
 
-    check_out_dir(args.out, args.overwrite)  # before any work: a bad --out must not cost the generation
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the generation in --out, --overwrite replaces it: give one")
+    if not (args.resume and (Path(args.out) / PARTS).exists()):
+        check_out_dir(args.out, args.overwrite)  # before any work: a bad --out must not cost the generation
     parse_seeds(args.seeds)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -99,12 +106,20 @@ def _generate(args) -> int:
             if name in attributions:
                 raise ValueError(f"--attribution {name!r} given twice; give each name once")
             attributions[name] = (text, ws)
-    gen = generate(pipe, args.prompt, seeds=args.seeds, maps=args.maps, attribution_prompt=args.attribution_prompt,
-                   attributions=attributions, steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                   batch_size=args.batch_size, aggregation=args.aggregation, backend=args.backend,
-                   negative_prompt=args.negative_prompt, guidance=guidance, progress=not args.no_progress)
-    gen.config.update(model=model, edit=args.edit, dtype=dtype, device=device)  # which model made these images
-    out = gen.save(args.out, overwrite=args.overwrite)
+    kw = dict(maps=args.maps, attribution_prompt=args.attribution_prompt, attributions=attributions, steps=args.steps,
+              guidance_scale=args.guidance_scale, height=args.height, width=args.width, aggregation=args.aggregation,
+              backend=args.backend, negative_prompt=args.negative_prompt)
+    # everything the images and maps depend on (which model made them, too); a resumed run must match it
+    settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
+                    seeds=parse_seeds(args.seeds), attributions=attributions,
+                    guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
+                                                         args.guide_on_large_grad])
+    gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
+                          overwrite=args.overwrite, batch_size=args.batch_size, guidance=guidance,
+                          progress=not args.no_progress, **kw)
+    out = Path(args.out)
+    if gen.config.get("resumed_batches"):
+        print(f"resumed: {gen.config['resumed_batches']} finished batch(es) read from {out}")
     words = list(gen.maps)
     pairs = list(itertools.combinations(words, 2))
     head = ["item", "seed", "prompt"] + [f"IoU({a},{b})" for a, b in pairs]

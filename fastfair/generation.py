@@ -117,7 +117,7 @@ class Generation:
         """Per-item SoftIoU of two words' maps (see ``fastfair.metrics.soft_iou``)."""
         return metrics.soft_iou(self._map(a), self._map(b), **kwargs)
 
-    def save(self, out_dir: str | os.PathLike, overlays: bool = True, overwrite: bool = False) -> Path:
+    def save(self, out_dir: str | os.PathLike, overlays: bool = True, overwrite: bool = False, _keep=()) -> Path:
         """Write images/, maps.safetensors, overlays/ and generation.json under ``out_dir``.
         Each file is written atomically (temporary file + rename). A folder that already holds a
         generation's outputs is refused (its images and maps would mix with these) unless
@@ -126,14 +126,7 @@ class Generation:
 
         out = check_out_dir(out_dir, overwrite)
         if overwrite:
-            import shutil
-
-            for name in OUTPUTS:
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            _remove_outputs(out, keep=_keep)
         names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
         for name, img in zip(names, self.images):
             atomic_write(out / "images" / f"{name}.png", _png(img))
@@ -157,7 +150,126 @@ class Generation:
         return out
 
 
-OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json")
+OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json", ".parts")
+PARTS = ".parts"  # generate_to_dir's finished batches until the run is complete
+
+
+def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLike, *, seeds, settings: dict,
+                    resume: bool = False, overwrite: bool = False, batch_size: int = 8, overlays: bool = True,
+                    **kwargs) -> Generation:
+    """``generate`` into ``out_dir`` batch by batch, so that an interrupted run keeps every finished batch:
+    each batch's images go to ``images/`` and its maps, latents and guidance diagnostics to ``.parts/`` as
+    soon as it is done (atomic writes); when every batch is done they are merged into ``Generation.save``'s
+    layout and ``.parts`` is removed. ``resume=True`` continues a run in ``out_dir`` (generating only the
+    batches it lacks) and refuses one made with other ``settings`` (a dict that names everything the
+    images depend on: the model, prompts, seeds and generate's arguments). The seeds alone fix each image,
+    so the batches give exactly the images of one ``generate`` call. A single attribution prompt and
+    ``attributions={name: (text, words)}`` apply to every prompt."""
+    from safetensors.torch import load_file, save as st_save
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = parse_seeds(seeds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_words(pipe, prompts, kwargs)  # every prompt's words, before the first batch
+    out = Path(out_dir)
+    run_file = out / PARTS / "run.json"
+    key = json.dumps(settings, sort_keys=True, default=str)
+    if resume and run_file.exists():
+        before = json.loads(run_file.read_text())
+        if before != json.loads(key):
+            diff = sorted(k for k in set(before) | set(settings) if before.get(k) != json.loads(key).get(k))
+            raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
+                             "run it with those settings, or start over with --overwrite")
+    elif resume and (out / "generation.json").exists():
+        raise ValueError(f"{str(out)!r} holds a finished generation; nothing to resume (use --overwrite to redo it)")
+    else:
+        check_out_dir(out, overwrite)
+        if overwrite:
+            _remove_outputs(out)
+        atomic_write(run_file, key.encode())
+    items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
+    # each prompt's seeds in batches (generate crosses its prompts with its seeds: a batch has one prompt)
+    batches = [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(len(prompts))
+               for i in range(0, len(seeds), batch_size)]
+    names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
+    done = 0
+    config, diag_parts = None, []
+    from PIL import Image
+
+    images, latents, maps, amaps, meta = [], [], {}, {}, []
+    for b, batch in enumerate(batches):
+        part = out / PARTS / f"batch-{b:05d}.safetensors"
+        if part.exists():
+            t = load_file(str(part))
+            info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
+            imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
+        else:
+            g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
+                         **kwargs)
+            imgs = g.images
+            for it, img in zip(batch, imgs):
+                atomic_write(out / "images" / f"{names[it]}.png", _png(img))
+            t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
+            t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
+            t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
+            t["latents"] = g.latents.float().contiguous()
+            info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
+                        diagnostics=list(g.diagnostics))
+            atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
+            atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
+            done += 1
+        config = config or info["config"]
+        images += imgs
+        latents.append(t["latents"])
+        for w in info["words"]:
+            maps.setdefault(w, []).append(t[f"maps/{w}"])
+        for n, ws in info["attributions"].items():
+            for w in ws:
+                amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
+        diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+    diagnostics = {}
+    if diag_parts and diag_parts[0]:
+        diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
+                       else diag_parts[0][k] for k in diag_parts[0]}
+    gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
+                     prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
+                     diagnostics=diagnostics,
+                     attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()})
+    gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
+    gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
+    import shutil
+
+    shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
+    return gen
+
+
+def _check_words(pipe, prompts: list, kwargs: dict) -> None:
+    """Resolve every word generate would map for every prompt (tokenizers only): a word missing from a later
+    prompt fails before any image is made."""
+    words = _parse_words(kwargs.get("maps"))
+    attr = kwargs.get("attribution_prompt")
+    for p in prompts:
+        concepts.check_prompt(pipe, p)
+        if words:
+            _token_layout(pipe, [attr if attr is not None else p], words)
+    for _, (texts, ws) in _parse_attributions(kwargs.get("attributions"), len(prompts)).items():
+        for t in set(texts):
+            _token_layout(pipe, [t], ws)
+    g = kwargs.get("guidance")
+    if g is not None:
+        for p in ([g.attribution_prompt] if g.attribution_prompt else prompts):
+            _token_layout(pipe, [p], g.words)
+
+
+def _remove_outputs(out: Path, keep=()) -> None:
+    import shutil
+
+    for name in OUTPUTS:
+        p = out / name
+        if name in keep or not (p.exists() or p.is_symlink()):
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -171,6 +283,9 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
             raise ValueError(f"output folder {str(out)!r} cannot be created: {str(parent)!r} is a file")
     if out.is_dir() and not overwrite:
         found = [n for n in OUTPUTS if (out / n).exists()]
+        if (out / PARTS).exists():
+            raise ValueError(f"output folder {str(out)!r} holds an unfinished generation: continue it with --resume "
+                             "(the same settings), or start over with --overwrite")
         if found:
             raise ValueError(f"output folder {str(out)!r} already holds a generation ({', '.join(found)}); its images "
                              "and maps would mix with the new ones. Choose another folder, or overwrite it "

@@ -117,3 +117,70 @@ def test_metrics_iou_percentile_range():
     a = torch.rand(2, 8, 8)
     with pytest.raises(ValueError, match=r"\[0, 100\)"):
         fastfair.metrics.iou(a, a, 100)
+
+
+def test_generate_to_dir_resumes_an_interrupted_run(tiny_sd, tmp_path, monkeypatch):
+    """Batches land on disk as they finish; a killed run resumes with only the missing batches and ends equal
+    to one generate call; other settings are refused."""
+    import numpy as np
+
+    from fastfair import generation
+
+    prompts = [PROMPT, "a photo of the face of a nurse"]
+    kw = dict(maps=["face"], steps=2, progress=False)
+    whole = fastfair.generate(tiny_sd, prompts, seeds=[0, 1, 2], **kw)
+    settings = {"model": "tiny-sd", "prompts": prompts, "seeds": [0, 1, 2], **kw}
+    real, calls = generation.generate, []
+
+    def dying(*a, **k):
+        calls.append(k["seeds"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", dying)
+    out = tmp_path / "g"
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate_to_dir(tiny_sd, prompts, out, seeds=[0, 1, 2], settings=settings, batch_size=2, **kw)
+    assert calls == [[0, 1], [2], [0, 1]]  # batches never span two prompts
+    assert len(list((out / "images").iterdir())) == 3 and (out / ".parts").is_dir()
+    with pytest.raises(ValueError, match="--resume"):
+        check_out_dir(out)
+    with pytest.raises(ValueError, match="other settings"):
+        generation.generate_to_dir(tiny_sd, prompts, out, seeds=[0, 1, 2], settings={**settings, "steps": 3},
+                                   resume=True, batch_size=2, **kw)
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k["seeds"]) or real(*a, **k))
+    gen = generation.generate_to_dir(tiny_sd, prompts, out, seeds=[0, 1, 2], settings=settings, resume=True,
+                                     batch_size=2, **kw)
+    assert calls == [[0, 1], [2]]  # only the second prompt's batches
+    assert gen.config["resumed_batches"] == 2 and not (out / ".parts").exists()
+    # an uninterrupted run with the same batches: identical
+    monkeypatch.setattr(generation, "generate", real)
+    ref = generation.generate_to_dir(tiny_sd, prompts, tmp_path / "ref", seeds=[0, 1, 2], settings=settings,
+                                     batch_size=2, **kw)
+    torch.testing.assert_close(gen.maps["face"], ref.maps["face"], rtol=0, atol=0)
+    torch.testing.assert_close(gen.latents, ref.latents, rtol=0, atol=0)
+    for a, b in zip(gen.images, ref.images):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # one generate call (one batch of 6): the same seeds, BLAS rounding apart (maps 1 ulp, latents 2e-5 via CFG)
+    torch.testing.assert_close(gen.maps["face"], whole.maps["face"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gen.latents, whole.latents, rtol=0, atol=1e-4)
+    assert gen.prompts == whole.prompts and gen.seeds == whole.seeds
+    for a, b in zip(gen.images, whole.images):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(out / "maps.safetensors")["face"], gen.maps["face"], rtol=0, atol=0)
+    meta = json.loads((out / "generation.json").read_text())
+    assert meta["seeds"] == [0, 1, 2, 0, 1, 2] and meta["model"] == "tiny-sd" and meta["height"] is not None
+    with pytest.raises(ValueError, match="finished generation"):
+        generation.generate_to_dir(tiny_sd, prompts, out, seeds=[0, 1, 2], settings=settings, resume=True, **kw)
+
+
+def test_generate_cli_checks_every_prompt_before_the_first_image(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--prompt", "a photo of a nurse", "--maps",
+                 "face", "--steps", "2", "--out", str(out), "--no-progress"]) == 1
+    assert "not in the prompt 'a photo of a nurse'" in capsys.readouterr().err
+    assert not out.exists()
