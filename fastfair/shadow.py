@@ -78,7 +78,7 @@ class ShadowHooks:
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._post(i), with_kwargs=True))
-        self.net = net
+        self.embed = net.context_embedder  # not the transformer itself: a torch.compile'd transformer traces these hooks
         state.shadows = {}
 
     def remove(self) -> None:
@@ -90,12 +90,12 @@ class ShadowHooks:
         """At the first block of a transformer call (a hook on the transformer itself would miss calls of its
         ``forward``, which the guidance makes): one stream per attribution prompt of the installed recorder."""
         st = self.state
-        st.shadows = {}
         rec = st.recorder
-        if rec is None or not rec.active:
-            return
-        emb = self.net.context_embedder
-        for key, states in sources(rec).items():
+        srcs = sources(rec) if rec is not None and rec.active else {}
+        if st.shadows or srcs:  # (no write while nothing is carried: compiled transformers stay side-effect free)
+            st.shadows = {}
+        emb = self.embed
+        for key, states in srcs.items():
             grad = key == "" and torch.is_grad_enabled()
             with torch.set_grad_enabled(grad):
                 st.shadows[key] = ShadowText(emb(states.to(emb.weight.dtype)), grad)

@@ -56,3 +56,26 @@ def test_compiled_unet_further_attribution_prompts():
             torch.testing.assert_close(comp.attribution_maps[name][w], eager.attribution_maps[name][w],
                                        rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(comp.maps["face"], eager.maps["face"], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_sd3_transformer_maps_and_attribution_text_streams():
+    """A torch.compile'd SD3 transformer with fastfair's processors and the attribution text-stream hooks
+    (fastfair.shadow): no graph breaks, the eager maps, for in-prompt and open-vocabulary maps."""
+    from torch._dynamo.utils import counters
+
+    pipe = pipelines.load_pipeline("tiny-sd3", device="cpu")
+    for kw in (dict(maps=["doctor", "face"]), dict(maps=["doctor", "woman"], attribution_prompt=PROMPT + " and a woman")):
+        eager = fastfair.generate(pipe, PROMPT, seeds=[0, 1], steps=2, progress=False, **kw)
+        torch._dynamo.reset()
+        counters.clear()
+        pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+        try:
+            comp = fastfair.generate(pipe, PROMPT, seeds=[0, 1], steps=2, progress=False, **kw)
+        finally:
+            pipe.transformer = pipe.transformer._orig_mod
+            torch._dynamo.reset()
+        assert not dict(counters["graph_break"]), list(counters["graph_break"])[:1]
+        assert counters["stats"]["unique_graphs"] >= 1  # it was compiled
+        for w in kw["maps"]:
+            torch.testing.assert_close(comp.maps[w], eager.maps[w], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(comp.latents, eager.latents, rtol=1e-4, atol=1e-5)
