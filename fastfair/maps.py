@@ -66,12 +66,13 @@ class Aggregation:
 
 
 def block_of(module_name: str) -> str:
-    """"down" / "mid" / "up" for UNet layers, "joint" for an MMDiT's (SD3) transformer blocks."""
-    for b in ("down", "mid", "up"):
-        if module_name.startswith(f"{b}_blocks") or module_name.startswith(f"{b}_block") or f".{b}_block" in module_name:
-            return b
-    if module_name.startswith(("transformer_blocks", "single_transformer_blocks")) \
-            or ".transformer_blocks." in module_name:
+    """"down" / "mid" / "up" for UNet layers, "joint" for an MMDiT's (SD3, Flux) transformer blocks."""
+    parts = module_name.split(".")  # whatever wraps the network ("_orig_mod." of torch.compile, "unet.", ...)
+    for p in parts:
+        for b in ("down", "mid", "up"):
+            if p in (f"{b}_blocks", f"{b}_block"):
+                return b
+    if any(p in ("transformer_blocks", "single_transformer_blocks") for p in parts):  # SD3 joint, Flux both
         return "joint"
     return "other"
 
