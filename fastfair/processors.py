@@ -405,6 +405,11 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
         raise PatchError(f"{len(custom)} cross-attention layers already use a custom processor (e.g. {first[0]}: "
                          f"{first[1]}). fastfair would bypass it while recording maps. Remove it, or call "
                          "patch(pipe, force=True) to accept that; unpatch() restores it either way.")
+    unknown = [n for n in mods if block_of(n) == "other"]
+    if unknown:  # its maps would silently be left out of every aggregation
+        raise PatchError(f"cannot place attention layer {unknown[0]!r} in a UNet block (down / mid / up) or an MMDiT "
+                         "block (transformer_blocks / single_transformer_blocks); fastfair supports the diffusers "
+                         "layouts of SD 1.x/2.x, SDXL, SD3 and Flux")
     state = PatchState({n: m.processor for n, m in mods.items()}, backend)
     cls = (FastFairFluxAttnProcessor if is_flux(unet) else FastFairJointAttnProcessor) if joint \
         else FastFairCrossAttnProcessor
