@@ -90,6 +90,7 @@ def main():
                  + [("64-row x 4-warp, pipelined (2 per SM)", {"FWD_BLOCK_M": 64, "FWD_STAGES": 2}),
                     ("num_stages 1 (head loop not pipelined)", {"FWD_STAGES": 1}),
                     ("DIV_D 1 (scalar head-dim loads, as before 2026-11-26 08:00)", {"DIV_D": 1}),
+                    ("SPLIT_N 0 (one key tile of Nk rounded up: 77 -> 128, as before 11:10)", {"SPLIT_N": 0}),
                     ("no maps", None)], ref=sdpa, bw=True)
             qg = q.detach().requires_grad_(True)
 

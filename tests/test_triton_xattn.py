@@ -146,6 +146,18 @@ def test_fp32_long_map_keys_online():
     _run_all(q, k, v, mk, tok, per_head=False)
 
 
+@pytest.mark.parametrize("split", [1, 0])
+@pytest.mark.parametrize("Nk,D", [(77, 40), (154, 80), (100, 64)])
+def test_split_key_tiles(split, Nk, D):
+    """The single-pass forward over two key tiles (77 = 64 + 16, 154 = 128 + 32; 100 keeps one 128 tile) and
+    over one (SPLIT_N=0) against the float64 reference, with maps and attribution keys."""
+    T_OPS._OVERRIDE["SPLIT_N"] = split
+    q, k, v, mk, tok = _inputs(2, 2, 70, Nk, D, torch.float32)
+    _run_all(q, k, v, mk, tok, per_head=False)
+    q, k, v, mk, tok = _inputs(1, 2, 40, Nk, D, torch.float32, Nm=12)
+    _run_all(q, k, v, mk, tok, per_head=True)
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_maps_only_attention_maps(per_head):
     """ops.attention_maps on the Triton backend (an MMDiT's further attribution prompts: the fused forward over

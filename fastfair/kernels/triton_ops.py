@@ -240,7 +240,7 @@ def _fwd_prune(configs, named_args, **kwargs):
     tests/test_triton_compile.py): 128-row tiles only for half inputs with head dims <= 64; fp32
     inputs with head dims > 64 only the heuristic config; num_stages as _fwd_stages says."""
     bd, bdv = kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64)
-    bn = max(kwargs.get("BLOCK_N", 64), kwargs.get("BLOCK_NM", 16))
+    bn = max(kwargs.get("BLOCK_N", 64) + kwargs.get("BLOCK_N2", 0), kwargs.get("BLOCK_NM", 16))
     q = (named_args or {}).get("Q")
     esz = q.element_size() if q is not None else 2
     budget = _smem_budget(q.device if q is not None else None)
@@ -326,6 +326,17 @@ def _key_tile(nk: int, bd: int, esz: int = 2, budget: int = SM80_SMEM) -> int:
     exceeds KEY_TILE_BYTES on a GPU (half that on GPUs with less shared memory than sm_80: the fp32
     head-dim-160 backward needed 112 KiB with 32 KiB tiles): then smaller tiles (online softmax)."""
     return _fit_keys(_key_block(nk), bd, esz, KEY_TILE_BYTES if budget >= SM80_SMEM else KEY_TILE_BYTES // 2)
+
+
+def _split_keys(nk: int, bn: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) of the single-pass forward: two power-of-two key tiles when they cover ``nk``
+    with fewer columns than one tile of ``bn`` (Nk rounded up): 77 -> 64 + 16 (not 128), 154 -> 128 + 32
+    (not 256); else (bn, 0). ``_OVERRIDE["SPLIT_N"] = 0`` keeps one tile (bench/triton_sweep.py)."""
+    if not _OVERRIDE.get("SPLIT_N", 1) or bn <= 16 or nk > bn:
+        return bn, 0
+    n1 = bn // 2
+    n2 = max(16, _p2(nk - n1))
+    return (n1, n2) if n1 + n2 < bn else (bn, 0)
 
 
 def _dkdv_key_block(bn: int, bd: int, esz: int = 2) -> int:
@@ -652,6 +663,8 @@ class _FwdPlan:
         esz = q.element_size()
         budget = _smem_budget(dev)
         BLOCK_N = _key_tile(Nk, max(BLOCK_D, BLOCK_DV), esz, budget)
+        single = Nk <= BLOCK_N
+        BLOCK_N, BLOCK_N2 = _split_keys(Nk, BLOCK_N) if single else (BLOCK_N, 0)
         BLOCK_NM = _key_tile(Nm, BLOCK_D, esz, budget) if mk is not None else 16
         BLOCK_T = min(MAX_BLOCK_T, _p2(T)) if has_maps else 16
         prec, _ = _prec(q.dtype)
@@ -673,10 +686,10 @@ class _FwdPlan:
         self.dims = (H, Nq, Nk, Nm, D, DV, T)
         self.post = (hpp, float(scale) * LOG2E, _nq_bucket(Nq))
         self.consts = dict(HAS_MK=mk is not None, HAS_MAPS=has_maps, PER_HEAD=per_head,
-                           SINGLE=Nk <= BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D,
+                           SINGLE=single, BLOCK_N=BLOCK_N, BLOCK_N2=BLOCK_N2, BLOCK_NM=BLOCK_NM, BLOCK_D=BLOCK_D,
                            BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, DIV_D=_div_d(D, DV))
-        self.cfg = _cfg_for(_fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N, BLOCK_NM), esz=esz, bdv=BLOCK_DV,
-                                           budget=budget, single=Nk <= BLOCK_N, bt=BLOCK_T), dev)
+        self.cfg = _cfg_for(_fwd_heuristic(max(BLOCK_D, BLOCK_DV), max(BLOCK_N + BLOCK_N2, BLOCK_NM), esz=esz,
+                                           bdv=BLOCK_DV, budget=budget, single=single, bt=BLOCK_T), dev)
         self.grid = lambda meta: (_cdiv(Nq, meta["BLOCK_M"]), B, hg)  # noqa: E731
         self.t0s = (0,) + tuple(range(BLOCK_T, T, BLOCK_T))  # more tokens than one tile: maps-only passes
         self.tune = "FWD_BLOCK_M" not in _OVERRIDE
