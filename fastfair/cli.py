@@ -39,6 +39,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guide-scale", type=float, default=100.0)
     p.add_argument("--guide-max-grad-norm", type=float, default=1.0)
     p.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
+    p.add_argument("--guide-branch", default="cond", choices=("cond", "uncond"),
+                   help="CFG half whose maps guide (BiasMap's released code reads the unconditional one)")
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) to the model before generating")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (classifier-free guidance's other branch)")
@@ -90,7 +92,7 @@ def _generate(args) -> int:
 
         guidance = EntanglementGuidance.parse(args.guide, attribution_prompt=args.attribution_prompt,
                                               scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
-                                              on_large_grad=args.guide_on_large_grad)
+                                              on_large_grad=args.guide_on_large_grad, branch=args.guide_branch)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
     model = args.model
     if args.edit:
@@ -113,7 +115,7 @@ def _generate(args) -> int:
     settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
                     seeds=parse_seeds(args.seeds), attributions=attributions,
                     guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
-                                                         args.guide_on_large_grad])
+                                                         args.guide_on_large_grad, args.guide_branch])
     gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
                           overwrite=args.overwrite, batch_size=args.batch_size, guidance=guidance,
                           progress=not args.no_progress, **kw)

@@ -409,14 +409,25 @@ class _ComputeAllRecorder:
 
 
 class _EMA:
+    """diffusers' ``EMAModel`` as the reference training script uses it: update k (1-based) takes the decay
+    min(decay, (1 + j) / (10 + j)) with j = k - 1 (0 at the first update: the shadow starts as the weights),
+    so short runs are not dominated by the initial weights."""
+
     def __init__(self, params: list[torch.Tensor], decay: float):
         self.decay = decay
         self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    def decay_at(self, k: int) -> float:
+        j = k - 1
+        return 0.0 if j <= 0 else min(self.decay, (1 + j) / (10 + j))
 
     @torch.no_grad()
     def update(self, params):
+        self.updates += 1
+        d = self.decay_at(self.updates)
         for s, p in zip(self.shadow, params):
-            s.lerp_(p.detach(), 1.0 - self.decay)
+            s.lerp_(p.detach(), 1.0 - d)
 
 
 @dataclass
@@ -938,6 +949,7 @@ class DFTTrainer:
                     params={n: p.detach().cpu().clone() for n, p in self.named_params},
                     optimizer=self.optimizer.state_dict(),
                     ema=[s.cpu().clone() for s in self.ema.shadow] if self.ema is not None else None,
+                    ema_updates=self.ema.updates if self.ema is not None else 0,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     rng=dict(noise=self.noise_gen.get_state(), python=_rng_state(self.py_rng),
                              numpy=json.dumps(self.np_rng.bit_generator.state), torch=torch.get_rng_state(),
@@ -1003,6 +1015,7 @@ class DFTTrainer:
         self.optimizer.load_state_dict(sd["optimizer"])
         if self.ema is not None and sd.get("ema") is not None:
             self.ema.shadow = [s.to(self.device) for s in sd["ema"]]
+            self.ema.updates = sd.get("ema_updates", sum(not h.get("skipped") for h in json.loads(sd["history"])))
         if self.scaler is not None and sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
         r = sd["rng"]

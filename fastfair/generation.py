@@ -582,7 +582,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                                                               on_large_grad=guidance.on_large_grad,
                                                               attribution_prompt=guidance.attribution_prompt,
                                                               steps=None if guidance.steps is None else list(guidance.steps),
-                                                              top_k=guidance.top_k))
+                                                              top_k=guidance.top_k, branch=guidance.branch))
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
                       diagnostics=diagnostics, attribution_maps=attribution_maps)

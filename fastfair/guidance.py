@@ -48,7 +48,9 @@ class EntanglementGuidance:
     ``attribution_prompt``: look the words up in this prompt (open vocabulary, e.g.
     "a photo of the face of a doctor and gender") instead of the generation prompt.
     ``steps``: step indices to guide (None: all). ``checkpointing``: gradient checkpointing of the
-    UNet blocks during the guided forward.
+    UNet blocks during the guided forward. ``branch``: the classifier-free-guidance half whose maps give
+    the energy and its gradient -- "cond" (default: the prompt's own attention) or "uncond", which is what
+    BiasMap's released code does (its OVAM hooks store the unconditional half's queries).
     """
 
     semantic: str | Sequence[str]
@@ -62,6 +64,7 @@ class EntanglementGuidance:
     gamma: float = 0.01
     iters: int = 20
     checkpointing: bool = False
+    branch: str = "cond"
     pairs: list = field(init=False)
 
     def __post_init__(self):
@@ -78,6 +81,8 @@ class EntanglementGuidance:
             raise ValueError(f"on_large_grad must be 'skip' or 'clip'; got {self.on_large_grad!r}")
         if not 0 < self.top_k < 1:
             raise ValueError(f"top_k must be in (0, 1); got {self.top_k}")
+        if self.branch not in ("cond", "uncond"):
+            raise ValueError(f"branch must be 'cond' or 'uncond' (the CFG half whose maps guide); got {self.branch!r}")
 
     @property
     def words(self) -> list[str]:
@@ -286,19 +291,23 @@ class Guider:
         kwargs = dict(kwargs, return_dict=False)
         state = self.pipe._fastfair
         user = state.recorder if state.recorder is not None and state.recorder.active else None
-        cond = slice(n, 2 * n) if batch == 2 * n else slice(0, n)
+        cfg = batch == 2 * n
+        gb = self.g.branch if cfg else "cond"  # the CFG half whose maps the energy reads (BiasMap / OVAM: uncond)
+        cond = (slice(n, 2 * n) if gb == "cond" else slice(0, n)) if cfg else slice(0, n)  # the guided rows
 
         def part(rows):
             return (_split_rows(timestep, rows, batch), _split_rows(args, rows, batch),
                     _split_rows(kwargs, rows, batch))
 
-        outs = []
-        if batch == 2 * n:
-            t_u, a_u, k_u = part(slice(0, n))
-            with torch.no_grad(), _recording(state, user if user is not None and user.aggregation.branch == "uncond"
-                                             else None):
-                outs.append(self._invoke(forward, sample[:n], t_u, a_u, k_u)[0])
-            if user is not None and user.aggregation.branch == "uncond":
+        out_other = None
+        if cfg:  # the other half: no grad (recording the user's maps if they read that half)
+            other_b = "uncond" if gb == "cond" else "cond"
+            other = slice(0, n) if gb == "cond" else slice(n, 2 * n)
+            t_u, a_u, k_u = part(other)
+            mine = user is not None and user.aggregation.branch == other_b
+            with torch.no_grad(), _recording(state, user if mine else None):
+                out_other = self._invoke(forward, sample[other], t_u, a_u, k_u)[0]
+            if mine:
                 user = None
         t_c, a_c, k_c = part(cond)
         if user is not None and not self._shares_keys(user):
@@ -315,7 +324,10 @@ class Guider:
             energy = self._energy(guide)
         joint.replay = True
         self._pending = (energy, leaf, joint)
-        out = torch.cat(outs + [eps_c.detach()]) if outs else eps_c.detach()
+        if out_other is None:
+            out = eps_c.detach()
+        else:  # CFG order [uncond, cond]
+            out = torch.cat([out_other, eps_c.detach()] if gb == "cond" else [eps_c.detach(), out_other])
         if return_dict:
             if self._by_keyword:
                 from diffusers.models.modeling_outputs import Transformer2DModelOutput

@@ -481,3 +481,23 @@ def test_micro_batches_give_the_same_step():
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5) and r1["distribution"] == r2["distribution"]
     for a, b in zip(p1, p2):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ema_follows_diffusers_ema_model():
+    """The EMA of the LoRA / soft tokens: diffusers' EMAModel (what the reference training script uses), decay
+    min(0.996, (1 + j) / (10 + j)) from update j = k - 1, against EMAModel itself."""
+    from diffusers.training_utils import EMAModel
+
+    from fastfair.dft import _EMA
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3, generator=g))
+    ours = _EMA([p], 0.996)
+    ref = EMAModel([p], decay=0.996)
+    for _ in range(30):
+        with torch.no_grad():
+            p.add_(torch.randn(5, 3, generator=g))
+        ours.update([p])
+        ref.step([p])
+        torch.testing.assert_close(ours.shadow[0], ref.shadow_params[0], rtol=1e-6, atol=1e-6)
+    assert ours.decay_at(1) == 0.0 and ours.decay_at(2) == pytest.approx(2 / 11) and ours.decay_at(10 ** 6) == 0.996

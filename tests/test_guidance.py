@@ -43,6 +43,24 @@ def test_gradient_matches_central_finite_differences(sd64):
     check_gradient_fd(gd, latents(1), t)
 
 
+def test_uncond_branch_reads_the_unconditional_half(sd64):
+    """branch="uncond" (BiasMap's released code: OVAM hooks the unconditional half): the energy and gradient
+    are the conditional-branch ones of a call whose halves are swapped, and match finite differences."""
+    g_u = EntanglementGuidance("doctor", "face", gamma=0.1, branch="uncond")
+    gd_u, t = make_guider(sd64, 1, g_u)
+    E_u, grad_u = check_gradient_fd(gd_u, latents(1), t)
+    gd_c, _ = make_guider(sd64, 1)
+    ehs = gd_c.unet_call[1]["encoder_hidden_states"]
+    gd_c.unet_call = ((), dict(encoder_hidden_states=torch.cat([ehs[1:], ehs[:1]])))  # [cond, uncond]
+    E_c, grad_c = gd_c.energy_and_grad(latents(1), t)
+    torch.testing.assert_close(E_u, E_c, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_u, grad_c, rtol=1e-10, atol=1e-14)
+    E_cond, _ = make_guider(sd64, 1)[0].energy_and_grad(latents(1), t)
+    assert (E_cond - E_u).abs().max() > 1e-4  # the halves differ: the test can tell them apart
+    with pytest.raises(ValueError, match="branch"):
+        EntanglementGuidance("doctor", "face", branch="both")
+
+
 def test_descent(sd64):
     gd, t = make_guider(sd64, 1)
     x = latents(1, seed=2)
@@ -301,3 +319,17 @@ def test_sample_prediction_refused(tiny_sd):
     with pytest.raises(ValueError, match="epsilon- or v-prediction"):
         fastfair.generate(pipe, PROMPT, seeds=[0], steps=2, progress=False,
                           guidance=EntanglementGuidance("doctor", "face"))
+
+
+def test_uncond_branch_end_to_end(tiny_sd, tmp_path, capsys):
+    from fastfair.cli import main
+
+    kw = dict(seeds=[0, 1], steps=4, maps=["doctor", "face"], progress=False)
+    cond = fastfair.generate(tiny_sd, PROMPT, **kw, guidance=EntanglementGuidance("doctor", "face"))
+    unc = fastfair.generate(tiny_sd, PROMPT, **kw, guidance=EntanglementGuidance("doctor", "face", branch="uncond"))
+    assert unc.diagnostics["applied"].any() and torch.isfinite(unc.diagnostics["energy"]).all()
+    assert not torch.equal(unc.diagnostics["energy"], cond.diagnostics["energy"])
+    assert unc.maps["doctor"].shape == cond.maps["doctor"].shape and unc.config["guidance"]["branch"] == "uncond"
+    assert main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--maps", "doctor,face", "--steps", "2",
+                 "--guide", "doctor:face", "--guide-branch", "uncond", "--out", str(tmp_path / "g"),
+                 "--no-progress"]) == 0
