@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import concepts, metrics
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import default_sample_size, denoiser, is_patched, patch, unpatch
+from .processors import default_sample_size, denoiser, is_flux, is_patched, patch, unpatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -428,6 +428,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
+        if negative_prompt is not None and is_flux(net):
+            raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "
+                             "(a second, unconditional transformer call per step), which fastfair does not run; "
+                             "drop negative_prompt")
         if agg.name != "fastfair":
             raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
                              "Use aggregation='fastfair'")

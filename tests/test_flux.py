@@ -180,3 +180,10 @@ def test_guided_flux_descends_and_ends_less_entangled(flux):
     guided = fastfair.generate(flux, PROMPT, **kw, guidance=EntanglementGuidance("doctor", "face", scale=100.0))
     assert guided.diagnostics["applied"][1:].any()
     assert guided.soft_iou("doctor", "face").mean() < base.soft_iou("doctor", "face").mean()
+
+
+def test_negative_prompt_refused(flux):
+    """FLUX.1's pipeline would ignore it (it acts only with true CFG, a second transformer call per step whose
+    maps would count too): refused with the reason."""
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        fastfair.generate(flux, PROMPT, seeds=[0], steps=1, progress=False, negative_prompt="blurry", **SIZE)
