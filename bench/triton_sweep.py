@@ -100,6 +100,7 @@ def main():
                 return dq
 
             rows("fwd + maps->dq", maps_dq, [("heuristic", {}), ("DIV_D 1", {"DIV_D": 1}),
+                                              ("SPLIT_N 0 (one key tile)", {"SPLIT_N": 0}),
                                               ("num_stages 2", {"BWD_STAGES": 2})]
                  + [(f"query splits {n}", {"NSPLIT": n}) for n in (1, 4, 16, 64)])
             kg, vg = k.detach().requires_grad_(True), v.detach().requires_grad_(True)

@@ -156,6 +156,10 @@ def test_split_key_tiles(split, Nk, D):
     _run_all(q, k, v, mk, tok, per_head=False)
     q, k, v, mk, tok = _inputs(1, 2, 40, Nk, D, torch.float32, Nm=12)
     _run_all(q, k, v, mk, tok, per_head=True)
+    # guidance's backward (dq only, with and without dout): the split tiles there too
+    q, k, v, mk, tok = _inputs(2, 2, 70, Nk, D, torch.float32)
+    _run_all(q, k, v, mk, tok, per_head=False, needs=(True, False, False, False))
+    _run_all(q, k, v, mk, tok, per_head=False, needs=(True, False, False, False), with_dout=False)
 
 
 @pytest.mark.parametrize("per_head", [False, True])

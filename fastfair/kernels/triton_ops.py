@@ -794,6 +794,8 @@ class _BwdPlan:
         # H200 at Nk=154, D=80), so those go through the separate dk/dv kernel.
         fuse = (single and (dk_src or dv_src or dmk_src) and BLOCK_N <= 128 and BLOCK_NM <= 128
                 and not _OVERRIDE.get("NO_FUSE", False))
+        # the main keys as two tiles in the single pass (as the forward) when dk/dv are not fused into this kernel
+        BLOCK_N1, BLOCK_N2 = _split_keys(Nk, BLOCK_N) if (single and not fuse) else (BLOCK_N, 0)
         need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
         need_delta = (not fuse) and (dk_src or dmk_src)
         prec, prec_map = _prec(q.dtype)
@@ -825,7 +827,7 @@ class _BwdPlan:
         self.consts = dict(HAS_DOUT=has_dout, HAS_MAPS=has_maps, HAS_MK=mk is not None,
                            NEED_DQ=dq_src, NEED_DELTA=need_delta, NEED_W=need_w,
                            FUSE_DK=fuse and dk_src, FUSE_DV=fuse and dv_src, FUSE_DMK=fuse and dmk_src,
-                           SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_NM=BLOCK_NM,
+                           SINGLE=single, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N1, BLOCK_N2=BLOCK_N2, BLOCK_NM=BLOCK_NM,
                            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_T=BLOCK_T, PREC=prec, PREC_MAP=prec_map,
                            DIV_D=_div_d(D, DV))
         self.cfg = _cfg_for(_bwd_heuristic(max(BLOCK_D, BLOCK_DV), BLOCK_N, fuse, esz, BLOCK_M), dev)

@@ -36,7 +36,8 @@ Design
 * Single-pass key tiles: SD's 77 keys are two power-of-two tiles, 64 + 16 columns (``BLOCK_N2``), instead of
   one of 128 -- 37.5% less score, exp and P V work per row (154 -> 128 + 32). Compiled for sm_90 the SD1.5
   D=40 forward went from 253 to 199 registers and 116 to 92 KiB of shared memory, and the D=80 forward now
-  fits double-buffered (136 KiB; it was single-buffered at 184 KiB).
+  fits double-buffered (136 KiB; it was single-buffered at 184 KiB). The backward does the same when dk/dv are
+  not fused into it (guidance's dq-only pass: D=40 220 -> 181 registers; Nk=154 no longer spills).
 * Forward with every key in one pass (``SINGLE``: Nk <= BLOCK_N + BLOCK_N2, SD's 77): no key loop, so the head
   loop is the innermost loop and ``num_stages=2`` pipelines it -- the next head's q, K, V tiles are
   copied into shared memory while this head computes.
@@ -240,8 +241,12 @@ def _xattn_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
     PREC: tl.constexpr, PREC_MAP: tl.constexpr, ALIGN: tl.constexpr, DIV_D: tl.constexpr,
+    BLOCK_N2: tl.constexpr = 0,
 ):
     """grid (nsplit, B*H): program (sp, bh) handles query blocks [sp*MB_PER_PROG, ...) of (b, h).
+
+    BLOCK_N2 > 0 (SINGLE, no fused dk/dv): the main keys as two tiles [0, BLOCK_N) and [BLOCK_N, BLOCK_N +
+    BLOCK_N2), as in the forward (SD's 77 keys: 64 + 16 columns of P, dP and dS instead of 128).
 
     SINGLE: Nk <= BLOCK_N and Nm <= BLOCK_NM (every key set is one tile; rowsums are exact in one
     pass and dk/dv/dmk can be fused). DELTA / DELTAM (B,H,Nq) get rowsum(P*dP) of the main keys and
@@ -332,7 +337,39 @@ def _xattn_bwd_kernel(
 
         # ---- main keys: dS = P * (dP - delta), dP = dO V^T (+ G, handled through w) -----------
         if MAIN:
-            if SINGLE:
+            if SINGLE and BLOCK_N2 > 0:
+                tl.static_assert(not FUSE_DK and not FUSE_DV, "split key tiles need the separate dk/dv kernel")
+                mask_n = offs_n < Nk
+                offs_n2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+                mask_n2 = offs_n2 < Nk
+                kt = tl.load(K + tl.multiple_of(kbh + offs_n * skn, ALIGN)[None, :] + offs_d[:, None] * skd,
+                             mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (D, N)
+                kt2 = tl.load(K + tl.multiple_of(kbh + offs_n2 * skn, ALIGN)[None, :] + offs_d[:, None] * skd,
+                              mask=mask_n2[None, :] & mask_d[:, None], other=0.0)  # (D, N2)
+                p = tl.where(mask_n[None, :], tl.exp2(tl.dot(q, kt, input_precision=PREC) * scale_log2
+                                                      - lse2[:, None]), 0.0)
+                p2 = tl.where(mask_n2[None, :], tl.exp2(tl.dot(q, kt2, input_precision=PREC) * scale_log2
+                                                        - lse2[:, None]), 0.0)
+                if HAS_DOUT:
+                    vt = tl.load(V + tl.multiple_of(vbh + offs_n * svn, ALIGN)[None, :] + offs_dv[:, None] * svd,
+                                 mask=mask_n[None, :] & mask_dv[:, None], other=0.0)  # (DV, N)
+                    vt2 = tl.load(V + tl.multiple_of(vbh + offs_n2 * svn, ALIGN)[None, :] + offs_dv[:, None] * svd,
+                                  mask=mask_n2[None, :] & mask_dv[:, None], other=0.0)
+                    dp = tl.dot(do, vt, input_precision=PREC)
+                    dp2 = tl.dot(do, vt2, input_precision=PREC)
+                    delta = tl.sum(p * dp, 1) + tl.sum(p2 * dp2, 1)
+                    if MAPS_MAIN:
+                        delta += delta_map
+                    ds = p * (dp - delta[:, None])
+                    ds2 = p2 * (dp2 - delta[:, None])
+                else:
+                    delta = delta_map
+                    ds = -p * delta[:, None]
+                    ds2 = -p2 * delta[:, None]
+                if NEED_DQ:
+                    dq_acc += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PREC)
+                    dq_acc += tl.dot(ds2.to(q.dtype), tl.trans(kt2), input_precision=PREC)
+            elif SINGLE:
                 mask_n = offs_n < Nk
                 kt = tl.load(K + tl.multiple_of(kbh + offs_n * skn, ALIGN)[None, :] + offs_d[:, None] * skd,
                              mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # (D, N)
