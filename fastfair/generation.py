@@ -198,6 +198,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     from PIL import Image
 
     images, latents, maps, amaps, meta = [], [], {}, {}, []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
     for b, batch in enumerate(batches):
         part = out / PARTS / f"batch-{b:05d}.safetensors"
         if part.exists():
@@ -206,7 +209,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
         else:
             g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
-                         **kwargs)
+                         progress=False, **kwargs)
             imgs = g.images
             for it, img in zip(batch, imgs):
                 atomic_write(out / "images" / f"{names[it]}.png", _png(img))
@@ -219,6 +222,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
             atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
             done += 1
+        bar.update(len(batch))
         config = config or info["config"]
         images += imgs
         latents.append(t["latents"])
@@ -228,6 +232,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             for w in ws:
                 amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
         diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+    bar.close()
     diagnostics = {}
     if diag_parts and diag_parts[0]:
         diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
