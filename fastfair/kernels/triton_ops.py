@@ -794,8 +794,8 @@ class _BwdPlan:
         # H200 at Nk=154, D=80), so those go through the separate dk/dv kernel.
         fuse = (single and (dk_src or dv_src or dmk_src) and BLOCK_N <= 128 and BLOCK_NM <= 128
                 and not _OVERRIDE.get("NO_FUSE", False))
-        # the main keys as two tiles in the single pass (as the forward) when dk/dv are not fused into this kernel
-        BLOCK_N1, BLOCK_N2 = _split_keys(Nk, BLOCK_N) if (single and not fuse) else (BLOCK_N, 0)
+        # the main keys as two tiles in the single pass, as the forward (the fused dk/dv accumulators too)
+        BLOCK_N1, BLOCK_N2 = _split_keys(Nk, BLOCK_N) if single else (BLOCK_N, 0)
         need_w = has_maps and ((maps_main and dk_src) or (mk is not None and dmk_src))
         need_delta = (not fuse) and (dk_src or dmk_src)
         prec, prec_map = _prec(q.dtype)

@@ -245,8 +245,8 @@ def _xattn_bwd_kernel(
 ):
     """grid (nsplit, B*H): program (sp, bh) handles query blocks [sp*MB_PER_PROG, ...) of (b, h).
 
-    BLOCK_N2 > 0 (SINGLE, no fused dk/dv): the main keys as two tiles [0, BLOCK_N) and [BLOCK_N, BLOCK_N +
-    BLOCK_N2), as in the forward (SD's 77 keys: 64 + 16 columns of P, dP and dS instead of 128).
+    BLOCK_N2 > 0 (SINGLE): the main keys as two tiles [0, BLOCK_N) and [BLOCK_N, BLOCK_N + BLOCK_N2), as in the
+    forward (SD's 77 keys: 64 + 16 columns of P, dP and dS, and of the fused dk / dv accumulators, instead of 128).
 
     SINGLE: Nk <= BLOCK_N and Nm <= BLOCK_NM (every key set is one tile; rowsums are exact in one
     pass and dk/dv/dmk can be fused). DELTA / DELTAM (B,H,Nq) get rowsum(P*dP) of the main keys and
@@ -291,8 +291,12 @@ def _xattn_bwd_kernel(
 
     if FUSE_DK:
         dk_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        if BLOCK_N2 > 0:
+            dk_acc2 = tl.zeros((BLOCK_N2, BLOCK_D), dtype=tl.float32)
     if FUSE_DV:
         dv_acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+        if BLOCK_N2 > 0:
+            dv_acc2 = tl.zeros((BLOCK_N2, BLOCK_DV), dtype=tl.float32)
     if FUSE_DMK:
         dmk_acc = tl.zeros((BLOCK_NM, BLOCK_D), dtype=tl.float32)
 
@@ -338,7 +342,6 @@ def _xattn_bwd_kernel(
         # ---- main keys: dS = P * (dP - delta), dP = dO V^T (+ G, handled through w) -----------
         if MAIN:
             if SINGLE and BLOCK_N2 > 0:
-                tl.static_assert(not FUSE_DK and not FUSE_DV, "split key tiles need the separate dk/dv kernel")
                 mask_n = offs_n < Nk
                 offs_n2 = BLOCK_N + tl.arange(0, BLOCK_N2)
                 mask_n2 = offs_n2 < Nk
@@ -369,6 +372,14 @@ def _xattn_bwd_kernel(
                 if NEED_DQ:
                     dq_acc += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=PREC)
                     dq_acc += tl.dot(ds2.to(q.dtype), tl.trans(kt2), input_precision=PREC)
+                if FUSE_DV:
+                    dv_acc += tl.dot(tl.trans(tl.where(mask_m[:, None], p, 0.0).to(do.dtype)), do, input_precision=PREC)
+                    dv_acc2 += tl.dot(tl.trans(tl.where(mask_m[:, None], p2, 0.0).to(do.dtype)), do,
+                                      input_precision=PREC)
+                if FUSE_DK:
+                    dk_acc += tl.dot(tl.trans(tl.where(mask_m[:, None], ds, 0.0).to(q.dtype)), q, input_precision=PREC)
+                    dk_acc2 += tl.dot(tl.trans(tl.where(mask_m[:, None], ds2, 0.0).to(q.dtype)), q,
+                                      input_precision=PREC)
             elif SINGLE:
                 mask_n = offs_n < Nk
                 kt = tl.load(K + tl.multiple_of(kbh + offs_n * skn, ALIGN)[None, :] + offs_d[:, None] * skd,
@@ -468,9 +479,19 @@ def _xattn_bwd_kernel(
         krow = (part * Nk + offs_n) * D
         tl.store(DKP + krow[:, None] + offs_d[None, :], dk_acc * scale,
                  mask=(offs_n[:, None] < Nk) & mask_d[None, :])
+        if BLOCK_N2 > 0:
+            offs_k2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+            krow2 = (part * Nk + offs_k2) * D
+            tl.store(DKP + krow2[:, None] + offs_d[None, :], dk_acc2 * scale,
+                     mask=(offs_k2[:, None] < Nk) & mask_d[None, :])
     if FUSE_DV:
         vrow = (part * Nk + offs_n) * DV
         tl.store(DVP + vrow[:, None] + offs_dv[None, :], dv_acc, mask=(offs_n[:, None] < Nk) & mask_dv[None, :])
+        if BLOCK_N2 > 0:
+            offs_v2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+            vrow2 = (part * Nk + offs_v2) * DV
+            tl.store(DVP + vrow2[:, None] + offs_dv[None, :], dv_acc2,
+                     mask=(offs_v2[:, None] < Nk) & mask_dv[None, :])
     if FUSE_DMK:
         mrow = (part * Nm + offs_nm) * D
         tl.store(DMKP + mrow[:, None] + offs_d[None, :], dmk_acc * scale,
