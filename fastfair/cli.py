@@ -113,7 +113,7 @@ def _generate(args) -> int:
               backend=args.backend, negative_prompt=args.negative_prompt)
     # everything the images and maps depend on (which model made them, too); a resumed run must match it
     settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
-                    seeds=parse_seeds(args.seeds), attributions=attributions,
+                    seeds=parse_seeds(args.seeds),
                     guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
                                                          args.guide_on_large_grad, args.guide_branch])
     gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,

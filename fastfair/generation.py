@@ -165,7 +165,11 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     images depend on: the model, prompts, seeds and generate's arguments). The seeds alone fix each image,
     so the batches give exactly the images of one ``generate`` call. A single attribution prompt and
     ``attributions={name: (text, words)}`` apply to every prompt."""
+    import shutil
+
+    from PIL import Image
     from safetensors.torch import load_file, save as st_save
+    from tqdm.auto import tqdm
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = parse_seeds(seeds)
@@ -176,9 +180,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     run_file = out / PARTS / "run.json"
     key = json.dumps(settings, sort_keys=True, default=str)
     if resume and run_file.exists():
-        before = json.loads(run_file.read_text())
-        if before != json.loads(key):
-            diff = sorted(k for k in set(before) | set(settings) if before.get(k) != json.loads(key).get(k))
+        before, now = json.loads(run_file.read_text()), json.loads(key)
+        if before != now:
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
                              "run it with those settings, or start over with --overwrite")
     elif resume and (out / "generation.json").exists():
@@ -195,11 +199,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
     done = 0
     config, diag_parts = None, []
-    from PIL import Image
-
-    images, latents, maps, amaps, meta = [], [], {}, {}, []
-    from tqdm.auto import tqdm
-
+    images, latents, maps, amaps = [], [], {}, {}
     bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
     for b, batch in enumerate(batches):
         part = out / PARTS / f"batch-{b:05d}.safetensors"
@@ -243,8 +243,6 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                      attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()})
     gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
     gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
-    import shutil
-
     shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
     return gen
 

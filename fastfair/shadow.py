@@ -16,7 +16,7 @@ stream*:
 An attribution word's map at a block is then the image queries' joint softmax over [image keys; shadow
 text keys] at the word's columns: the attention the image tokens would pay the word had the prompt been
 the attribution prompt at this block. For one block and the real prompt's text this is exactly the
-in-prompt map (tests/test_sd3.py and test_flux.py check the shadow against diffusers' own blocks run on
+in-prompt map (tests/test_mmdit_attribution.py checks the shadow against diffusers' own blocks run on
 the attribution prompt's text with the real image tokens, in float64).
 
 Cost: the text tokens only (SD3 333, Flux 512 against 4096 image tokens at 1024 px): per block their

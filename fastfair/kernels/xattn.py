@@ -122,6 +122,7 @@ def _xattn_fwd_kernel(
                          mask=mask_n[None, :] & mask_d[:, None], other=0.0)
             s = tl.dot(q, kt, input_precision=PREC) * scale_log2
             s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_i = tl.max(s, 1)
             if BLOCK_N2 > 0:  # the keys past the first tile: a second, smaller tile
                 offs_n2 = BLOCK_N + tl.arange(0, BLOCK_N2)
                 mask_n2 = offs_n2 < Nk
@@ -129,23 +130,18 @@ def _xattn_fwd_kernel(
                               mask=mask_n2[None, :] & mask_d[:, None], other=0.0)
                 s2 = tl.dot(q, kt2, input_precision=PREC) * scale_log2
                 s2 = tl.where(mask_n2[None, :], s2, float("-inf"))
-                m_i = tl.maximum(tl.max(s, 1), tl.max(s2, 1))
-                p = tl.exp2(s - m_i[:, None])
+                m_i = tl.maximum(m_i, tl.max(s2, 1))
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            vb = tl.load(V + tl.multiple_of(vbh + offs_n * svn, ALIGN)[:, None] + offs_dv[None, :] * svd,
+                         mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+            acc = tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
+            if BLOCK_N2 > 0:
                 p2 = tl.exp2(s2 - m_i[:, None])
-                l_i = tl.sum(p, 1) + tl.sum(p2, 1)
-                vb = tl.load(V + tl.multiple_of(vbh + offs_n * svn, ALIGN)[:, None] + offs_dv[None, :] * svd,
-                             mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+                l_i += tl.sum(p2, 1)
                 vb2 = tl.load(V + tl.multiple_of(vbh + offs_n2 * svn, ALIGN)[:, None] + offs_dv[None, :] * svd,
                               mask=mask_n2[:, None] & mask_dv[None, :], other=0.0)
-                acc = tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
                 acc = tl.dot(p2.to(vb2.dtype), vb2, acc, input_precision=PREC)
-            else:
-                m_i = tl.max(s, 1)
-                p = tl.exp2(s - m_i[:, None])
-                l_i = tl.sum(p, 1)
-                vb = tl.load(V + tl.multiple_of(vbh + offs_n * svn, ALIGN)[:, None] + offs_dv[None, :] * svd,
-                             mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-                acc = tl.dot(p.to(vb.dtype), vb, input_precision=PREC)
         elif COMPUTE_OUT:
             vbh = b * svb + h * svh
             # online softmax over key blocks
