@@ -18,6 +18,8 @@ _LAZY = {
     "Aggregation": "fastfair.maps",
     "resolve": "fastfair.concepts",
     "EntanglementGuidance": "fastfair.guidance",
+    "SemanticGuidance": "fastfair.sega",
+    "FairDiffusion": "fastfair.sega",
     "audit": "fastfair.audit",
     "MistEdit": "fastfair.mist",
     "finetune_dft": "fastfair.dft",
@@ -26,7 +28,7 @@ _LAZY = {
 }
 _SUBMODULES = {"classify", "distribution", "generation", "guidance", "ops", "metrics", "concepts", "maps",
                "processors", "pipelines", "kernels", "cli", "mist",
-               "dft", "alignment"}
+               "dft", "alignment", "sega"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -100,6 +100,8 @@ class Generation:
     diagnostics: dict = field(default_factory=dict)  # guidance: (steps, N) tensors per key
     # ``attributions=``: name -> word -> (N, h, w) maps looked up in that attribution prompt
     attribution_maps: dict = field(default_factory=dict)
+    # ``edit_guidance=FairDiffusion(...)``: the group each item was steered towards
+    edit_targets: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -146,6 +148,8 @@ class Generation:
                                                                         self.attribution_maps.items()})}))
         meta = dict(self.config, prompts=self.prompts, seeds=self.seeds, words=list(self.maps),
                     images=[f"images/{n}.png" for n in names])
+        if self.edit_targets:
+            meta["edit_targets"] = self.edit_targets
         atomic_write(out / "generation.json", json.dumps(meta, indent=2).encode())
         return out
 
@@ -199,7 +203,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
     done = 0
     config, diag_parts = None, []
-    images, latents, maps, amaps = [], [], {}, {}
+    images, latents, maps, amaps, targets = [], [], {}, {}, []
     bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
     for b, batch in enumerate(batches):
         part = out / PARTS / f"batch-{b:05d}.safetensors"
@@ -218,12 +222,13 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
             t["latents"] = g.latents.float().contiguous()
             info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
-                        diagnostics=list(g.diagnostics))
+                        diagnostics=list(g.diagnostics), edit_targets=g.edit_targets)
             atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
             atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
             done += 1
         bar.update(len(batch))
         config = config or info["config"]
+        targets += info.get("edit_targets") or []
         images += imgs
         latents.append(t["latents"])
         for w in info["words"]:
@@ -240,7 +245,8 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
                      prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
                      diagnostics=diagnostics,
-                     attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()})
+                     attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()},
+                     edit_targets=targets)
     gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
     gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
     shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
@@ -386,7 +392,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
              height: int | None = None, width: int | None = None, batch_size: int = 8,
              aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
              negative_prompt: str | None = None, backend: str = "auto", guidance=None,
-             progress: bool = True) -> Generation:
+             edit_guidance=None, progress: bool = True) -> Generation:
     """Generate images for every (prompt, seed) and capture per-word cross-attention maps.
 
     ``seeds=[s]`` reproduces ``pipe(prompt, generator=torch.Generator(device).manual_seed(s))``; the
@@ -401,8 +407,12 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     layers and steps, on the latent grid), "daam" or "biasmap" (see ``fastfair.maps``).
     ``map_steps`` restricts the maps to those denoising step indices. ``guidance`` takes a
     ``fastfair.EntanglementGuidance`` (BiasMap's energy guidance); its per-step diagnostics land in
-    ``Generation.diagnostics``.
+    ``Generation.diagnostics``. ``edit_guidance`` takes a ``fastfair.SemanticGuidance`` (SEGA) or
+    ``fastfair.FairDiffusion`` (SD 1.x/2.x and SDXL, with classifier-free guidance); it combines with
+    ``guidance`` as in BiasMap's released code, and its editing prompts get no maps.
     """
+    from contextlib import ExitStack
+
     from tqdm.auto import tqdm
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -459,6 +469,27 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         extra_layouts[name] = {t: _token_layout(pipe, [t], ewords) for t in set(etexts)}
         for t in set(etexts) - set(attr_states):
             attr_states[t] = _encode_attribution(pipe, t, device)
+    edit_texts = {}
+    if edit_guidance is not None:
+        from .sega import encode_edits
+
+        if not hasattr(edit_guidance, "plan"):
+            raise TypeError(f"edit_guidance takes a fastfair.SemanticGuidance or fastfair.FairDiffusion; got "
+                            f"{type(edit_guidance).__name__}")
+        if getattr(pipe, "unet", None) is None:
+            raise ValueError(f"semantic guidance / Fair Diffusion runs on UNet pipelines (SD 1.x/2.x, SDXL); "
+                             f"{type(pipe).__name__} has none")
+        if not guidance_scale > 1:
+            raise ValueError(f"semantic guidance / Fair Diffusion edits ride on classifier-free guidance; "
+                             f"guidance_scale is {guidance_scale}: use a value > 1")
+        for _, s in items:
+            for t in edit_guidance.plan(s)[0]:
+                if t not in edit_texts:
+                    concepts.check_prompt(pipe, t)
+                    edit_texts[t] = None
+        for t in edit_texts:  # encoded once, before the first image
+            emb, pooled = encode_edits(pipe, [t], device)
+            edit_texts[t] = (emb, pooled)
     if guidance is not None:
         from .guidance import check_scheduler
 
@@ -480,7 +511,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         pipe._fastfair.backend = backend
     saved_pb = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
-    images, latents_out, map_chunks, diag_chunks = [], [], [], []
+    images, latents_out, map_chunks, diag_chunks, edit_targets = [], [], [], [], []
     extra_chunks = {name: [] for name in extra}
     bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
     try:
@@ -533,13 +564,30 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                 ms = gstates.expand(len(chunk), -1, -1) if gstates is not None else None
                 guider = Guider(pipe, guidance, gtok, gpairs, latent_hw, ms, len(chunk))
                 guider.word_weights = gw
-            with torch.no_grad():
+            eguider = None
+            if edit_guidance is not None:
+                from .sega import EditGuider
+
+                plans = [edit_guidance.plan(s) for _, s in chunk]
+                ne = edit_guidance.n_concepts
+                enc = [edit_texts[plans[b][0][c]] for c in range(ne) for b in range(len(chunk))]  # concept-major
+                emb = torch.cat([e for e, _ in enc])
+                pooled = torch.cat([p for _, p in enc]) if enc[0][1] is not None else None
+                signs = torch.tensor([[-1.0 if plans[b][1][c] else 1.0 for b in range(len(chunk))] for c in range(ne)])
+                eguider = EditGuider(pipe, edit_guidance, emb, pooled, signs, len(chunk), raw_forward=net.forward)
+                if plans[0][2] is not None:
+                    edit_targets.extend(p[2] for p in plans)
+            with torch.no_grad(), ExitStack() as hooks:
                 if guider is not None:
-                    with guider:
-                        out = pipe(**kwargs)
-                    diag_chunks.append(guider.diagnostics())
-                else:
-                    out = pipe(**kwargs)
+                    hooks.enter_context(guider)
+                if eguider is not None:  # outermost: the guider inside sees the pipeline's own CFG call
+                    hooks.enter_context(eguider)
+                out = pipe(**kwargs)
+            if guider is not None or eguider is not None:
+                d = guider.diagnostics() if guider is not None else {}
+                if eguider is not None:
+                    d.update(eguider.diagnostics())
+                diag_chunks.append(d)
             imgs = out.images
             bad = ~torch.isfinite(imgs.reshape(imgs.shape[0], -1)).all(1)
             if bad.any():
@@ -589,10 +637,11 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                                                               on_large_grad=guidance.on_large_grad,
                                                               attribution_prompt=guidance.attribution_prompt,
                                                               steps=None if guidance.steps is None else list(guidance.steps),
-                                                              top_k=guidance.top_k, branch=guidance.branch))
+                                                              top_k=guidance.top_k, branch=guidance.branch),
+                  edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
-                      diagnostics=diagnostics, attribution_maps=attribution_maps)
+                      diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets)
 
 
 def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:

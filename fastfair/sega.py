@@ -1,0 +1,357 @@
+"""Semantic guidance (SEGA, Brack et al., NeurIPS 2023) and Fair Diffusion (Friedrich et al., 2023) in
+``fastfair.generate``.
+
+SEGA steers a generation towards (or away from) editing concepts: each concept c is one more UNet row
+per image (its prompt's text embedding, no grad, no maps), and at every step the noise estimate gets
+
+    g_c = s_c * sign_c * (eps_c - eps_uncond), kept only where |g_c| >= its per-(image, channel)
+          quantile at ``threshold_c`` (the rest set to 0),
+    sega = sum_c w_c g_c + momentum_scale * m,    m <- beta * m + (1 - beta) * sega,
+
+added once every concept is past its warm-up (while only some are, their weight-normalised sum without
+momentum is added); a concept past its cool-down contributes nothing. That is exactly diffusers'
+``SemanticStableDiffusionPipeline`` (tested against it), with the edit rows folded into any SD 1.x/2.x or
+SDXL pipeline, per-image editing prompts (a batch may push its images in different directions), and
+with fastfair's maps and entanglement guidance in the same run.
+
+Fair Diffusion instructs a generation on fairness with SEGA: per image a target group is chosen (by
+the seed, from a target distribution), the editing prompt of every other group is applied in reverse
+and the target group's forward. ``FairDiffusion.preset("gender")`` / ``("race")`` are the settings of
+BiasMap's released code, whose baseline and mitigated images are both generated this way
+("a male" / "a female", "a white person" / "an African-american person", even seeds -> the second group,
+warm-up 10, edit scale 4, threshold 0.95, momentum 0.3, beta 0.6).
+
+The hooks wrap ``unet.forward`` and ``scheduler.step`` outermost: an entanglement guider inside still
+sees the pipeline's own 2N-row CFG call, and the edit rows run through the plain UNet forward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SemanticGuidance", "FairDiffusion", "sega_update"]
+
+
+def _per_concept(value, n: int, name: str, kind=float) -> list:
+    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(vals) != n:
+        raise ValueError(f"{name}: {len(vals)} values for {n} editing prompts; give one, or one per prompt")
+    return [None if v is None else kind(v) for v in vals]
+
+
+@dataclass(kw_only=True)
+class _EditParams:
+    """Per-concept SEGA settings shared by both front ends (diffusers' defaults)."""
+    scale: float | Sequence[float] = 5.0
+    warmup: int | Sequence[int] = 10
+    cooldown: int | Sequence[int] | None = None
+    threshold: float | Sequence[float] = 0.9
+    momentum_scale: float = 0.1
+    momentum_beta: float = 0.4
+    weights: Sequence[float] | None = None
+
+    def _check(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("semantic guidance needs at least one editing prompt")
+        self.scales = _per_concept(self.scale, n, "scale")
+        self.warmups = _per_concept(self.warmup, n, "warmup", int)
+        self.cooldowns = _per_concept(self.cooldown, n, "cooldown", int)
+        self.thresholds = _per_concept(self.threshold, n, "threshold")
+        self.concept_weights = _per_concept(1.0 if self.weights is None else self.weights, n, "weights")
+        for s in self.scales:
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"edit scale must be > 0 (the direction is `reverse`); got {s}")
+        for t in self.thresholds:
+            if not 0.0 <= t < 1.0:
+                raise ValueError(f"edit threshold is the quantile of |guidance| below which it is dropped, in "
+                                 f"[0, 1); got {t}")
+        for w in self.warmups:
+            if w < 0:
+                raise ValueError(f"warmup must be >= 0 steps; got {w}")
+        for c in self.cooldowns:
+            if c is not None and c < 0:
+                raise ValueError(f"cooldown must be >= 0 steps (or None: never); got {c}")
+        for w in self.concept_weights:
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"concept weights must be >= 0 (push away from a concept with reverse=True); got {w}")
+        if not (math.isfinite(self.momentum_scale) and self.momentum_scale >= 0):
+            raise ValueError(f"momentum_scale must be >= 0; got {self.momentum_scale}")
+        if not 0.0 <= self.momentum_beta <= 1.0:
+            raise ValueError(f"momentum_beta must be in [0, 1]; got {self.momentum_beta}")
+
+    def _settings(self) -> dict:
+        return dict(scale=self.scales, warmup=self.warmups, cooldown=self.cooldowns, threshold=self.thresholds,
+                    weights=self.concept_weights, momentum_scale=self.momentum_scale,
+                    momentum_beta=self.momentum_beta)
+
+
+@dataclass
+class SemanticGuidance(_EditParams):
+    """SEGA with the same editing prompts for every image: ``prompts`` (one concept each), ``reverse``
+    (push away from the concept; one flag or one per prompt). The other settings, per concept or one
+    for all, default to diffusers' ``SemanticStableDiffusionPipeline``: scale 5, warm-up 10 steps, no
+    cool-down, threshold 0.9, momentum scale 0.1, beta 0.4, weights 1."""
+    prompts: Sequence[str] = ()
+    reverse: bool | Sequence[bool] = False
+
+    def __post_init__(self):
+        self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+        for p in self.prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"editing prompts must be non-empty strings; got {p!r}")
+        self._check(len(self.prompts))
+        self.reverses = _per_concept(self.reverse, len(self.prompts), "reverse", bool)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.prompts)
+
+    def plan(self, seed: int) -> tuple[list[str], list[bool], str | None]:
+        """(editing prompts, reverse flags, target label) of the image with ``seed``."""
+        return list(self.prompts), list(self.reverses), None
+
+    def describe(self) -> dict:
+        return dict(method="sega", prompts=self.prompts, reverse=self.reverses, **self._settings())
+
+
+_PRESETS = {
+    # BiasMap's released code (run_gender.py / run_race.py batch runs): even seeds -> the first group here
+    "gender": {"female": "a female", "male": "a male"},
+    "race": {"black": "an African-american person", "white": "a white person"},
+}
+
+
+@dataclass
+class FairDiffusion(_EditParams):
+    """Fair Diffusion: per image, pick a target group and steer towards it with SEGA, away from the others.
+
+    ``choices``: group label -> editing prompt, e.g. ``{"female": "a female", "male": "a male"}``.
+    ``target``: label -> probability (default: uniform). ``assign``: "parity" gives the image with seed
+    s the group ``labels[s % k]`` (uniform targets only; BiasMap's even / odd seeds), "random" draws it
+    from ``target`` with a generator seeded by s alone (the same image gets the same group whatever the
+    batch). Every other group's prompt is applied in reverse (in ``choices`` order), then the target's
+    forward. Defaults are Fair Diffusion's as BiasMap runs it: scale 4, warm-up 10, threshold 0.95,
+    momentum 0.3, beta 0.6.
+    """
+    choices: Mapping[str, str] = field(default_factory=dict)
+    target: Mapping[str, float] | None = None
+    assign: str = "parity"
+    scale: float | Sequence[float] = field(default=4.0, kw_only=True)
+    threshold: float | Sequence[float] = field(default=0.95, kw_only=True)
+    momentum_scale: float = field(default=0.3, kw_only=True)
+    momentum_beta: float = field(default=0.6, kw_only=True)
+
+    def __post_init__(self):
+        self.choices = dict(self.choices)
+        if len(self.choices) < 2:
+            raise ValueError(f"Fair Diffusion needs at least two groups to choose from; got {list(self.choices)}")
+        for k, v in self.choices.items():
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"group {k!r}: its editing prompt must be a non-empty string; got {v!r}")
+        self.labels = list(self.choices)
+        if self.assign not in ("parity", "random"):
+            raise ValueError(f"assign must be 'parity' or 'random'; got {self.assign!r}")
+        if self.target is None:
+            self.probs = [1.0 / len(self.labels)] * len(self.labels)
+        else:
+            unknown = set(self.target) - set(self.labels)
+            if unknown:
+                raise ValueError(f"target names groups {sorted(unknown)} not among the choices {self.labels}")
+            p = [float(self.target.get(k, 0.0)) for k in self.labels]
+            if any(not (math.isfinite(x) and x >= 0) for x in p) or not sum(p) > 0:
+                raise ValueError(f"target probabilities must be >= 0 and not all 0; got {dict(self.target)}")
+            self.probs = [x / sum(p) for x in p]
+            if self.assign == "parity" and max(self.probs) - min(self.probs) > 1e-12:
+                raise ValueError("assign='parity' cycles through the groups by seed, which gives a uniform target; "
+                                 "use assign='random' for the target " + str(dict(self.target)))
+        self._check(len(self.labels))
+
+    @classmethod
+    def preset(cls, name: str, **kwargs) -> "FairDiffusion":
+        """BiasMap's Fair Diffusion settings: "gender" or "race"."""
+        if name not in _PRESETS:
+            raise ValueError(f"no Fair Diffusion preset {name!r}; presets: {sorted(_PRESETS)} "
+                             "(or give choices={label: editing prompt})")
+        return cls(choices=_PRESETS[name], **kwargs)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.labels)
+
+    def label_for(self, seed: int) -> str:
+        if self.assign == "parity":
+            return self.labels[int(seed) % len(self.labels)]
+        rng = np.random.default_rng([int(seed), 0x5E6A])
+        return self.labels[int(rng.choice(len(self.labels), p=self.probs))]
+
+    def plan(self, seed: int) -> tuple[list[str], list[bool], str]:
+        t = self.label_for(seed)
+        others = [k for k in self.labels if k != t]
+        return ([self.choices[k] for k in others] + [self.choices[t]], [True] * len(others) + [False], t)
+
+    def describe(self) -> dict:
+        return dict(method="fair-diffusion", choices=self.choices, target=dict(zip(self.labels, self.probs)),
+                    assign=self.assign, **self._settings())
+
+
+def sega_update(uncond: torch.Tensor, edits: torch.Tensor, signs: torch.Tensor, step: int, params: _EditParams,
+                momentum: torch.Tensor | None):
+    """One step of SEGA. ``uncond`` (N, ...) the unconditional noise estimate, ``edits`` (E, N, ...) the
+    editing concepts', ``signs`` (E, N) +1 / -1 (reverse). Returns (what to add to the CFG noise
+    estimate, the new momentum, whether every concept is past its warm-up). Computed in float32 at
+    least (``torch.quantile``'s dtypes)."""
+    dt = torch.promote_types(uncond.dtype, torch.float32)
+    u, e = uncond.to(dt), edits.to(dt)
+    E, N = e.shape[:2]
+    if momentum is None:
+        momentum = torch.zeros_like(u)
+    guides = torch.zeros_like(e)
+    w = torch.zeros(E, dtype=dt, device=u.device)
+    warm = []
+    for c in range(E):
+        if step >= params.warmups[c]:
+            warm.append(c)
+        cd = params.cooldowns[c]
+        if cd is not None and step >= cd:
+            continue
+        g = (e[c] - u) * signs[c].to(device=u.device, dtype=dt).view(N, *[1] * (u.dim() - 1)) * params.scales[c]
+        a = g.abs().flatten(2)  # per image and channel, over the spatial positions
+        q = torch.quantile(a, params.thresholds[c], dim=2)
+        guides[c] = torch.where(g.abs() >= q.view(*q.shape, *[1] * (g.dim() - 2)), g, torch.zeros_like(g))
+        w[c] = params.concept_weights[c]
+    delta = torch.zeros_like(u)
+    if 0 < len(warm) < E:
+        ww = w[warm]
+        ww = torch.nan_to_num(ww / ww.sum())  # all warm concepts cooled down: nothing (diffusers: 0 / 0)
+        delta = delta + torch.einsum("c,c...->...", ww, guides[warm])
+    sega = torch.einsum("c,c...->...", w, guides) + params.momentum_scale * momentum
+    momentum = params.momentum_beta * momentum + (1 - params.momentum_beta) * sega
+    all_warm = len(warm) == E
+    if all_warm:
+        delta = delta + sega
+    return delta, momentum, all_warm
+
+
+def _take_rows(obj, idx: torch.Tensor, batch: int):
+    """``obj`` with every tensor whose leading dimension is ``batch`` indexed by ``idx`` along it
+    (through dicts, lists and tuples); everything else unchanged."""
+    if torch.is_tensor(obj):
+        return obj.index_select(0, idx.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, idx, batch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take_rows(v, idx, batch) for v in obj)
+    return obj
+
+
+def encode_edits(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings (and SDXL's pooled embeddings) of editing prompts, as the pipeline encodes a prompt."""
+    out = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=False)
+    if len(out) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+        return out[0], out[2]
+    return out[0], None
+
+
+class EditGuider:
+    """Installed on a pipeline for one batch of ``generate``: adds SEGA's edit rows to every UNet call and
+    its guidance to every scheduler step. ``raw_forward``: the UNet forward the edit rows go through
+    (the plain one, not an entanglement guider's)."""
+
+    def __init__(self, pipe, spec, embeds: torch.Tensor, pooled: torch.Tensor | None, signs: torch.Tensor,
+                 n_items: int, raw_forward):
+        from .processors import denoiser
+
+        self.pipe, self.spec, self.n = pipe, spec, n_items
+        self.embeds, self.pooled, self.signs = embeds, pooled, signs  # (E*N, L, D) concept-major, (E*N, P), (E, N)
+        self.E = signs.shape[0]
+        self.net = denoiser(pipe)
+        self.raw = raw_forward
+        self.step_idx = 0
+        self.momentum = None
+        self._pending = None
+        self.records: list[dict] = []
+
+    def _unet_forward(self, *args, **kwargs):
+        out = self._inner(*args, **kwargs)
+        sample, timestep, rest = args[0], args[1], args[2:]
+        n, batch = self.n, sample.shape[0]
+        if batch != 2 * n:
+            raise RuntimeError(f"semantic guidance needs classifier-free guidance (a UNet call of {2 * n} rows "
+                               f"for {n} images); got {batch}. Use guidance_scale > 1")
+        if self._pending is not None:
+            raise RuntimeError("two UNet calls before one scheduler step: semantic guidance needs a scheduler "
+                               "that steps once per UNet call")
+        idx = torch.arange(n, 2 * n).repeat(self.E)  # the conditional rows, once per concept
+        t_e = _take_rows(timestep, idx, batch)
+        rest = _take_rows(rest, idx, batch)
+        kw = _take_rows(dict(kwargs, return_dict=False), idx, batch)
+        if "encoder_hidden_states" in kw:
+            kw["encoder_hidden_states"] = self.embeds.to(sample.dtype)
+        else:
+            rest = (self.embeds.to(sample.dtype),) + tuple(rest[1:])
+        if self.pooled is not None:
+            added = dict(kw.get("added_cond_kwargs") or {})
+            if "text_embeds" not in added:
+                raise RuntimeError("SDXL UNet call without pooled text embeddings (added_cond_kwargs['text_embeds'])")
+            added["text_embeds"] = self.pooled.to(added["text_embeds"].dtype)
+            kw["added_cond_kwargs"] = added
+        from .guidance import _recording
+
+        state = getattr(self.pipe, "_fastfair", None)
+        x = sample.index_select(0, idx.to(sample.device))
+        with torch.no_grad():
+            if state is not None:
+                with _recording(state, None):  # no maps of the editing prompts
+                    e = self.raw(x, t_e, *rest, **kw)[0]
+            else:
+                e = self.raw(x, t_e, *rest, **kw)[0]
+        o = out[0] if isinstance(out, tuple) else out.sample
+        self._pending = (o[:n].detach(), e.view(self.E, n, *e.shape[1:]))
+        return out
+
+    def _step(self, orig_step, model_output, timestep, sample, *args, **kwargs):
+        if self._pending is None:
+            raise RuntimeError("scheduler step without a UNet call before it")
+        uncond, edits = self._pending
+        self._pending = None
+        i = self.step_idx
+        self.step_idx += 1
+        delta, self.momentum, applied = sega_update(uncond, edits, self.signs, i, self.spec, self.momentum)
+        model_output = model_output + delta.to(model_output.dtype)
+        self.records.append(dict(step=i, norm=delta.flatten(1).norm(dim=1).float().cpu(), all_warm=applied))
+        return orig_step(model_output, timestep, sample, *args, **kwargs)
+
+    def __enter__(self):
+        sched, unet = self.pipe.scheduler, self.net
+        orig = sched.step
+        self._orig_step_attr = sched.__dict__.get("step")
+        sched.step = lambda *a, **k: self._step(orig, *a, **k)
+        self._orig_forward_attr = unet.__dict__.get("forward")
+        self._inner = unet.forward
+        unet.forward = self._unet_forward
+        return self
+
+    def __exit__(self, *exc):
+        sched, unet = self.pipe.scheduler, self.net
+        self._pending = None
+        if self._orig_step_attr is None:
+            del sched.step
+        else:
+            sched.step = self._orig_step_attr
+        if self._orig_forward_attr is None:
+            del unet.forward
+        else:
+            unet.forward = self._orig_forward_attr
+        return False
+
+    def diagnostics(self) -> dict:
+        """``edit_norm`` (steps, N): the norm of what SEGA added to each image's noise estimate."""
+        if not self.records:
+            return {}
+        return dict(edit_step=torch.tensor([r["step"] for r in self.records]),
+                    edit_norm=torch.stack([r["norm"] for r in self.records]))

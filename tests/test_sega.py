@@ -1,0 +1,219 @@
+"""Semantic guidance (SEGA) and Fair Diffusion against diffusers' SemanticStableDiffusionPipeline, per-image
+plans, SDXL's edit rows, composition with entanglement guidance and maps, errors."""
+import copy
+import math
+
+import pytest
+import torch
+
+import fastfair
+from fastfair import FairDiffusion, SemanticGuidance
+from fastfair.generation import _initial_latents
+from fastfair.guidance import EntanglementGuidance
+
+PROMPT = "a photo of the face of a doctor"
+
+
+@pytest.fixture(scope="module")
+def sd64(tiny_sd):
+    return copy.deepcopy(tiny_sd).to(torch.float64)
+
+
+def semantic(pipe, scheduler=None):
+    from diffusers import SemanticStableDiffusionPipeline
+
+    p = SemanticStableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                        unet=pipe.unet, scheduler=scheduler or pipe.scheduler, safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def reference(pipe, seeds, steps, prompts, reverse, scheduler=None, step_hook=None, **kw):
+    """diffusers' SemanticStableDiffusionPipeline from the seeds' latents: final latents (N, 4, h, w)."""
+    sem = semantic(pipe, scheduler)
+    lat = torch.cat([_initial_latents(pipe, s, (16, 16), "cpu") for s in seeds])
+    args = dict(editing_prompt=prompts, reverse_editing_direction=reverse, edit_guidance_scale=kw.get("scale", 5),
+                edit_warmup_steps=kw.get("warmup", 10), edit_cooldown_steps=kw.get("cooldown"),
+                edit_threshold=kw.get("threshold", 0.9), edit_momentum_scale=kw.get("momentum_scale", 0.1),
+                edit_mom_beta=kw.get("momentum_beta", 0.4), edit_weights=kw.get("weights"))
+    if step_hook is not None:
+        orig = sem.scheduler.step
+        sem.scheduler.step = lambda out, t, x, *a, **k: orig(step_hook(out, t, x), t, x, *a, **k)
+    try:
+        return sem([PROMPT] * len(seeds), latents=lat, num_inference_steps=steps, guidance_scale=7.5,
+                   output_type="latent", **args).images
+    finally:
+        if step_hook is not None:
+            del sem.scheduler.step
+
+
+def close(latents, ref):
+    """Generation.latents are float32 copies of the float64 run's."""
+    torch.testing.assert_close(latents, ref.float(), rtol=2e-7, atol=1e-6)
+
+
+CASES = {
+    # two concepts warming up at different steps (the partial, weight-normalised branch), a cool-down,
+    # per-concept scales, thresholds and weights, momentum
+    "mixed": dict(scale=[4.0, 6.0], warmup=[1, 3], cooldown=[None, 5], threshold=[0.9, 0.75], weights=[1.0, 0.5],
+                  momentum_scale=0.3, momentum_beta=0.6),
+    "defaults_one_concept": dict(warmup=2),
+    # (threshold > 0: diffusers rounds the quantile to float32, which at 0 -- the minimum -- drops
+    # elements equal to it in a float64 run)
+    "no_warmup": dict(warmup=0, threshold=0.5, momentum_scale=0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_diffusers_semantic_pipeline(sd64, case):
+    kw = CASES[case]
+    prompts = ["a man", "a woman"] if case != "defaults_one_concept" else ["glasses"]
+    reverse = [True, False][:len(prompts)]
+    cd = kw.get("cooldown")
+    ref_kw = dict(kw, cooldown=[100 if c is None else c for c in cd]) if cd else kw  # diffusers: no None in lists
+    seeds, steps = [3, 4], 6
+    g = fastfair.generate(sd64, PROMPT, seeds=seeds, steps=steps, progress=False,
+                          edit_guidance=SemanticGuidance(prompts, reverse=reverse, **kw))
+    ref = reference(sd64, seeds, steps, prompts, reverse, **ref_kw)
+    plain = fastfair.generate(sd64, PROMPT, seeds=seeds, steps=steps, progress=False)
+    assert (plain.latents - ref.float()).abs().max() > 1e-2  # the edit changes the images
+    close(g.latents, ref)
+    n = g.diagnostics["edit_norm"]
+    assert n.shape == (steps, 2) and (n[:min(kw.get("warmup", 10) if isinstance(kw.get("warmup", 10), int)
+                                           else min(kw["warmup"]), steps)] == 0).all()
+    assert g.config["edit_guidance"]["method"] == "sega" and g.edit_targets == []
+
+
+@pytest.mark.parametrize("sched", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_other_schedulers(sd64, sched):
+    import diffusers
+
+    kw = dict(warmup=1, scale=3.0)
+    pipe = copy.copy(sd64)
+    pipe.scheduler = getattr(diffusers, sched).from_config(sd64.scheduler.config)
+    g = fastfair.generate(pipe, PROMPT, seeds=[5], steps=5, progress=False,
+                          edit_guidance=SemanticGuidance(["a woman"], **kw))
+    ref = reference(pipe, [5], 5, ["a woman"], [False],
+                    scheduler=getattr(diffusers, sched).from_config(sd64.scheduler.config), **kw)
+    close(g.latents, ref)
+
+
+def test_fair_diffusion_per_image_plans(sd64):
+    """One batch of seeds 0..3 steers even seeds to the first group and odd ones to the second (BiasMap's
+    parity); each image equals diffusers' pipeline run alone with that seed's editing prompts."""
+    fd = FairDiffusion.preset("gender", warmup=1)
+    seeds, steps = [0, 1, 2, 3], 4
+    g = fastfair.generate(sd64, PROMPT, seeds=seeds, steps=steps, progress=False, edit_guidance=fd)
+    assert g.edit_targets == ["female", "male", "female", "male"]
+    for i, s in enumerate(seeds):
+        prompts = ["a male", "a female"] if s % 2 == 0 else ["a female", "a male"]  # run_gender.py's order
+        ref = reference(sd64, [s], steps, prompts, [True, False], scale=4, warmup=1, threshold=0.95,
+                        momentum_scale=0.3, momentum_beta=0.6)
+        close(g.latents[i:i + 1], ref)
+
+
+def test_fair_diffusion_assignment():
+    fd = FairDiffusion.preset("race")
+    assert [fd.plan(s) for s in (10, 7)] == [
+        (["a white person", "an African-american person"], [True, False], "black"),
+        (["an African-american person", "a white person"], [True, False], "white")]
+    r = FairDiffusion({"young": "a young person", "old": "an old person"}, target={"young": 0.75, "old": 0.25},
+                      assign="random")
+    labels = [r.label_for(s) for s in range(4000)]
+    assert abs(labels.count("young") / 4000 - 0.75) < 0.03  # binomial sd 0.007
+    assert labels == [r.label_for(s) for s in range(4000)]  # a function of the seed alone
+    three = FairDiffusion({"a": "x", "b": "y", "c": "z"})
+    assert three.plan(4) == (["x", "z", "y"], [True, True, False], "b")  # 4 % 3 -> b; a, c reversed
+
+
+def test_sdxl_edit_rows(tiny_sdxl):
+    """SDXL's edit rows carry the editing prompt's embeddings and pooled embedding: with every guide kept
+    (threshold 0), no warm-up or momentum, one DDIM step adds s * b * (eps_x - eps_uncond), and
+    b * (eps_x - eps_uncond) is the difference of two plain one-step runs of prompt x at CFG scales 3 and 2
+    (DDIM's step is affine in the noise estimate)."""
+    pipe = copy.deepcopy(tiny_sdxl).to(torch.float64)
+    kw = dict(seeds=[1, 2], steps=1, progress=False)
+    s = 2.5
+    edit = fastfair.generate(pipe, PROMPT, **kw, edit_guidance=SemanticGuidance(
+        ["a woman with glasses"], scale=s, warmup=0, threshold=0.0, momentum_scale=0.0))
+    plain = fastfair.generate(pipe, PROMPT, **kw)
+    x3 = fastfair.generate(pipe, "a woman with glasses", **kw, guidance_scale=3.0)
+    x2 = fastfair.generate(pipe, "a woman with glasses", **kw, guidance_scale=2.0)
+    # float32 copies of float64 latents: rounding ~2e-7 each
+    torch.testing.assert_close(edit.latents - plain.latents, s * (x3.latents - x2.latents), rtol=0, atol=3e-6)
+    assert (edit.latents - plain.latents).abs().max() > 1e-3
+
+
+def test_with_entanglement_guidance(sd64):
+    """BiasMap's released pipeline: SEGA's edit, then the energy nudge of the prompt's maps. Reference:
+    diffusers' semantic pipeline with the nudge added before each scheduler step from the energy gradient
+    at that step's latents (fastfair's Guider, itself checked against finite differences)."""
+    from fastfair.generation import _token_layout
+    from fastfair.guidance import Guider
+
+    pipe = copy.deepcopy(sd64)
+    fastfair.patch(pipe, backend="reference")
+    eg = EntanglementGuidance("doctor", "face", scale=200.0, max_grad_norm=1e9, gamma=0.1)
+    kw = dict(warmup=1, scale=3.0)
+    seeds, steps = [0, 1], 4
+    g = fastfair.generate(pipe, PROMPT, seeds=seeds, steps=steps, progress=False, backend="reference", guidance=eg,
+                          edit_guidance=SemanticGuidance(["a woman"], **kw))
+    assert g.diagnostics["applied"].all() and g.diagnostics["edit_norm"].shape == (steps, 2)
+
+    tok, w = _token_layout(pipe, [PROMPT], eg.words)
+    gd = Guider(pipe, eg, tok.expand(2, -1), [(0, 1)], (16, 16), None, 2)
+    gd.word_weights = w.expand(2, -1, -1)
+    emb, neg = pipe.encode_prompt([PROMPT] * 2, "cpu", 1, True)
+    gd.unet_call = ((), dict(encoder_hidden_states=torch.cat([neg, emb])))
+    nudged = []
+
+    def hook(out, t, x):
+        _, grad = gd.energy_and_grad(x, t)
+        nudged.append(t)
+        return out + eg.scale * math.sqrt(1 - float(pipe.scheduler.alphas_cumprod[int(t)])) * grad
+
+    ref = reference(pipe, seeds, steps, ["a woman"], [False], step_hook=hook, **kw)
+    assert len(nudged) == steps
+    sega_only = fastfair.generate(pipe, PROMPT, seeds=seeds, steps=steps, progress=False,
+                                  edit_guidance=SemanticGuidance(["a woman"], **kw))
+    assert (sega_only.latents - ref.float()).abs().max() > 1e-3  # the nudge matters
+    close(g.latents, ref)
+
+
+def test_maps_ignore_edit_rows(sd64):
+    """An edit that never applies (warm-up past the last step) leaves the latents and the prompt's maps
+    exactly the plain run's: the editing prompts' rows are not recorded."""
+    kw = dict(seeds=[0, 1], steps=3, maps=["doctor", "face"], progress=False, backend="reference")
+    plain = fastfair.generate(sd64, PROMPT, **kw)
+    g = fastfair.generate(sd64, PROMPT, **kw, edit_guidance=SemanticGuidance(["a woman", "a man"], warmup=50))
+    torch.testing.assert_close(g.latents, plain.latents, rtol=0, atol=1e-12)
+    for word in ("doctor", "face"):
+        torch.testing.assert_close(g.maps[word], plain.maps[word], rtol=0, atol=1e-14)
+
+
+def test_bad_input(tiny_sd):
+    with pytest.raises(ValueError, match="at least one editing prompt"):
+        SemanticGuidance([])
+    with pytest.raises(ValueError, match="2 values for 1 editing prompts"):
+        SemanticGuidance(["a"], scale=[1, 2])
+    with pytest.raises(ValueError, match="threshold"):
+        SemanticGuidance(["a"], threshold=1.0)
+    with pytest.raises(ValueError, match="reverse=True"):
+        SemanticGuidance(["a"], weights=[-1])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        SemanticGuidance(["a"], scale=0)
+    with pytest.raises(ValueError, match="two groups"):
+        FairDiffusion({"a": "x"})
+    with pytest.raises(ValueError, match="assign='random'"):
+        FairDiffusion({"a": "x", "b": "y"}, target={"a": 0.7, "b": 0.3})
+    with pytest.raises(ValueError, match="not among the choices"):
+        FairDiffusion({"a": "x", "b": "y"}, target={"c": 1.0}, assign="random")
+    with pytest.raises(ValueError, match="presets"):
+        FairDiffusion.preset("age")
+    with pytest.raises(ValueError, match="guidance_scale > 1|value > 1"):
+        fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, guidance_scale=1.0, progress=False,
+                          edit_guidance=SemanticGuidance(["a"]))
+    with pytest.raises(ValueError, match="77"):
+        fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False,
+                          edit_guidance=SemanticGuidance(["word " * 100]))
