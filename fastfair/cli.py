@@ -43,6 +43,7 @@ def _add_generate(sub) -> None:
                    help="CFG half whose maps guide (BiasMap's released code reads the unconditional one)")
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) to the model before generating")
+    _add_sega_args(p)
     p.add_argument("--negative-prompt", default=None, help="negative prompt (classifier-free guidance's other branch)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
@@ -50,6 +51,60 @@ def _add_generate(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted generation in --out (each finished batch is kept on disk)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_sega_args(p) -> None:
+    g = p.add_argument_group("semantic guidance (SEGA) / Fair Diffusion")
+    g.add_argument("--fair-diffusion", default=None, metavar="PRESET",
+                   help="Fair Diffusion with BiasMap's editing prompts: gender or race (each image is steered to one "
+                        "group, chosen by its seed)")
+    g.add_argument("--fair-target", default=None, metavar="GROUP=P,...",
+                   help="Fair Diffusion target distribution, e.g. female=0.75,male=0.25 (groups drawn per seed; "
+                        "default: alternate by seed parity, as BiasMap)")
+    g.add_argument("--sega-toward", action="append", default=None, metavar="TEXT",
+                   help="SEGA: steer towards this concept (repeat for several)")
+    g.add_argument("--sega-away", action="append", default=None, metavar="TEXT",
+                   help="SEGA: steer away from this concept (repeat for several)")
+    g.add_argument("--sega-scale", type=float, default=None, help="edit scale (SEGA 5, Fair Diffusion 4)")
+    g.add_argument("--sega-warmup", type=int, default=None, help="steps before the edit applies (10)")
+    g.add_argument("--sega-threshold", type=float, default=None,
+                   help="quantile of |edit| below which it is dropped (SEGA 0.9, Fair Diffusion 0.95)")
+    g.add_argument("--sega-momentum", type=float, default=None, help="momentum scale (SEGA 0.1, Fair Diffusion 0.3)")
+    g.add_argument("--sega-beta", type=float, default=None, help="momentum beta (SEGA 0.4, Fair Diffusion 0.6)")
+
+
+def _edit_guidance(args):
+    """The SEGA / Fair Diffusion object the flags describe, or None."""
+    from .sega import FairDiffusion, SemanticGuidance
+
+    opts = {k: v for k, v in dict(scale=args.sega_scale, warmup=args.sega_warmup, threshold=args.sega_threshold,
+                                  momentum_scale=args.sega_momentum, momentum_beta=args.sega_beta).items()
+            if v is not None}
+    sega = (args.sega_toward or []) + (args.sega_away or [])
+    if args.fair_diffusion and sega:
+        raise ValueError("--fair-diffusion chooses its own editing prompts; drop --sega-toward / --sega-away")
+    if args.fair_target and not args.fair_diffusion:
+        raise ValueError("--fair-target needs --fair-diffusion gender|race")
+    if args.fair_diffusion:
+        target = None
+        if args.fair_target:
+            target = {}
+            for part in args.fair_target.split(","):
+                k, sep, v = part.partition("=")
+                try:
+                    target[k.strip()] = float(v)
+                except ValueError:
+                    sep = ""
+                if not sep or not k.strip():
+                    raise ValueError(f"--fair-target expects GROUP=P pairs like female=0.75,male=0.25; got {part!r}")
+        return FairDiffusion.preset(args.fair_diffusion, target=target,
+                                    assign="random" if target else "parity", **opts)
+    if sega:
+        return SemanticGuidance(sega, reverse=[False] * len(args.sega_toward or []) + [True] * len(args.sega_away or []),
+                                **opts)
+    if opts:
+        raise ValueError("--sega-* settings need --sega-toward / --sega-away or --fair-diffusion")
+    return None
 
 
 def _digest(path) -> str:
@@ -93,6 +148,7 @@ def _generate(args) -> int:
         guidance = EntanglementGuidance.parse(args.guide, attribution_prompt=args.attribution_prompt,
                                               scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
                                               on_large_grad=args.guide_on_large_grad, branch=args.guide_branch)
+    edit_guidance = _edit_guidance(args)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
     model = args.model
     if args.edit:
@@ -108,16 +164,20 @@ def _generate(args) -> int:
             if name in attributions:
                 raise ValueError(f"--attribution {name!r} given twice; give each name once")
             attributions[name] = (text, ws)
-    kw = dict(maps=args.maps, attribution_prompt=args.attribution_prompt, attributions=attributions, steps=args.steps,
+    # --attribution-prompt serves --maps and --guide; with --guide alone it is the guidance's only
+    kw = dict(maps=args.maps, attribution_prompt=args.attribution_prompt if (args.maps or not args.guide) else None,
+              attributions=attributions, steps=args.steps,
               guidance_scale=args.guidance_scale, height=args.height, width=args.width, aggregation=args.aggregation,
               backend=args.backend, negative_prompt=args.negative_prompt)
     # everything the images and maps depend on (which model made them, too); a resumed run must match it
     settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
                     seeds=parse_seeds(args.seeds),
                     guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
-                                                         args.guide_on_large_grad, args.guide_branch])
+                                                         args.guide_on_large_grad, args.guide_branch],
+                    edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
                           overwrite=args.overwrite, batch_size=args.batch_size, guidance=guidance,
+                          edit_guidance=edit_guidance,
                           progress=not args.no_progress, **kw)
     out = Path(args.out)
     if gen.config.get("resumed_batches"):
@@ -136,10 +196,18 @@ def _generate(args) -> int:
         print("\t".join(head))
         for i in range(len(gen)):
             print("\t".join([str(i), str(gen.seeds[i]), gen.prompts[i]] + [f"{float(v[i]):.4f}" for v in ious]))
-    if gen.diagnostics:
-        d = gen.diagnostics
+    d = gen.diagnostics
+    if "applied" in d:
         print(f"guidance: {int(d['applied'].sum())} of {d['applied'].numel()} image-steps updated, "
               f"{int(d['nonfinite'].sum())} non-finite; energy {d['energy'][0].mean():.4f} -> {d['energy'][-1].mean():.4f}")
+    if "edit_norm" in d:
+        on = (d["edit_norm"] > 0).any(1)
+        first = int(on.nonzero()[0]) if on.any() else None
+        what = "Fair Diffusion" if gen.edit_targets else "semantic guidance"
+        print(f"{what}: applied at {int(on.sum())} of {len(on)} steps"
+              + (f" (from step {first})" if first is not None else " (increase --steps or lower --sega-warmup)")
+              + ("; groups: " + ", ".join(f"{k} {gen.edit_targets.count(k)}" for k in dict.fromkeys(gen.edit_targets))
+                 if gen.edit_targets else ""))
     print(f"wrote {len(gen)} images{', maps and overlays' if words else ''}"
           f"{', attribution maps' if gen.attribution_maps else ''} to {out}")
     return 0
@@ -199,6 +267,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--boot-seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    _add_sega_args(p)
 
 
 def _quiet_libraries() -> None:
@@ -216,6 +285,7 @@ def _audit(args) -> int:
     from .audit import audit
 
     _quiet_libraries()
+    edit_guidance = _edit_guidance(args)
     model, pipe = args.model, None
     if args.edit or args.lora:
         from pathlib import Path
@@ -246,7 +316,7 @@ def _audit(args) -> int:
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend=args.backend,
                 resume=args.resume, overwrite=args.overwrite, save_maps=not args.no_save_maps,
                 report=not args.no_report, n_boot=args.n_boot, boot_seed=args.boot_seed,
-                progress=not args.no_progress)
+                progress=not args.no_progress, edit_guidance=edit_guidance)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     s = res.summary

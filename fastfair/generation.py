@@ -471,25 +471,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             attr_states[t] = _encode_attribution(pipe, t, device)
     edit_texts = {}
     if edit_guidance is not None:
-        from .sega import encode_edits
+        from .sega import check_edit_guidance, encode_edits
 
-        if not hasattr(edit_guidance, "plan"):
-            raise TypeError(f"edit_guidance takes a fastfair.SemanticGuidance or fastfair.FairDiffusion; got "
-                            f"{type(edit_guidance).__name__}")
-        if getattr(pipe, "unet", None) is None:
-            raise ValueError(f"semantic guidance / Fair Diffusion runs on UNet pipelines (SD 1.x/2.x, SDXL); "
-                             f"{type(pipe).__name__} has none")
-        if not guidance_scale > 1:
-            raise ValueError(f"semantic guidance / Fair Diffusion edits ride on classifier-free guidance; "
-                             f"guidance_scale is {guidance_scale}: use a value > 1")
-        for _, s in items:
-            for t in edit_guidance.plan(s)[0]:
-                if t not in edit_texts:
-                    concepts.check_prompt(pipe, t)
-                    edit_texts[t] = None
-        for t in edit_texts:  # encoded once, before the first image
-            emb, pooled = encode_edits(pipe, [t], device)
-            edit_texts[t] = (emb, pooled)
+        texts_e = check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds)
+        edit_texts = {t: encode_edits(pipe, [t], device) for t in texts_e}  # once, before the first image
     if guidance is not None:
         from .guidance import check_scheduler
 

@@ -248,6 +248,28 @@ def _take_rows(obj, idx: torch.Tensor, batch: int):
     return obj
 
 
+def check_edit_guidance(pipe, spec, guidance_scale: float, seeds) -> list[str]:
+    """Raise unless ``spec`` can run on ``pipe``; returns every editing prompt the seeds use."""
+    from . import concepts
+
+    if not hasattr(spec, "plan"):
+        raise TypeError(f"edit_guidance takes a fastfair.SemanticGuidance or fastfair.FairDiffusion; got "
+                        f"{type(spec).__name__}")
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"semantic guidance / Fair Diffusion runs on UNet pipelines (SD 1.x/2.x, SDXL); "
+                         f"{type(pipe).__name__} has none")
+    if not guidance_scale > 1:
+        raise ValueError(f"semantic guidance / Fair Diffusion edits ride on classifier-free guidance; "
+                         f"guidance_scale is {guidance_scale}: use a value > 1")
+    texts: list[str] = []
+    for s in seeds:
+        for t in spec.plan(s)[0]:
+            if t not in texts:
+                concepts.check_prompt(pipe, t)
+                texts.append(t)
+    return texts
+
+
 def encode_edits(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings (and SDXL's pooled embeddings) of editing prompts, as the pipeline encodes a prompt."""
     out = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,

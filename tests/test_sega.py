@@ -217,3 +217,75 @@ def test_bad_input(tiny_sd):
     with pytest.raises(ValueError, match="77"):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False,
                           edit_guidance=SemanticGuidance(["word " * 100]))
+
+
+def test_audit_with_fair_diffusion(tiny_sd, tmp_path):
+    """An audit of SD + Fair Diffusion: each neutral image is generate()'s with the same Fair Diffusion (checked
+    against diffusers above), its row names the group it was steered to, and the settings record the method
+    (a run without it never resumes into this one)."""
+    import numpy as np
+    from PIL import Image
+
+    from fastfair.audit import AuditInputError
+
+    fd = FairDiffusion.preset("gender", warmup=0)
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=2, steps=2, progress=False, n_boot=0, classifier="none",
+              entanglement="open")
+    res = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "fd", edit_guidance=fd, **kw)
+    df = res.results
+    assert list(df["edit_target"]) == ["female", "male"]
+    g = fastfair.generate(tiny_sd, "a photo of the face of a doctor", seeds=[0, 1], steps=2, progress=False,
+                          edit_guidance=fd, attributions={"gender": ("a photo of the face of a doctor and gender",
+                                                                     ["doctor", "gender"])})
+    for i, rel in enumerate(df["image"]):
+        assert np.array_equal(np.asarray(Image.open(res.run_dir / rel).convert("RGB")), np.asarray(g.images[i]))
+    am = g.attribution_maps["gender"]
+    np.testing.assert_allclose(df["iou_open_gender"], fastfair.metrics.iou(am["doctor"], am["gender"], 70.0).numpy(),
+                               rtol=1e-6)
+    settings = __import__("json").loads((res.run_dir / "audit.json").read_text())["settings"]
+    assert settings["generation"]["edit_guidance"]["method"] == "fair-diffusion"
+    with pytest.raises(Exception, match="other settings|differ|settings"):
+        fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "fd", resume=True, **kw)
+    with pytest.raises(AuditInputError, match="classifier-free guidance"):
+        fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "cfg1", edit_guidance=fd,
+                       **dict(kw, guidance_scale=1.0))
+    assert not (tmp_path / "cfg1").exists()
+
+
+def test_cli(tiny_sd, tmp_path, capsys):
+    """--sega-toward / --sega-away give generate()'s SemanticGuidance (the same images); --fair-diffusion with a
+    target draws groups per seed; contradictory flags are refused before any work."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from fastfair.cli import main
+
+    base = ["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--seeds", "0-1", "--steps", "2", "--no-progress"]
+    assert main(base + ["--sega-toward", "a woman", "--sega-away", "a man", "--sega-warmup", "0", "--sega-scale", "3",
+                        "--out", str(tmp_path / "s")]) == 0
+    assert "semantic guidance: applied at 2 of 2 steps (from step 0)" in capsys.readouterr().out
+    g = fastfair.generate(fastfair.load_pipeline("tiny-sd"), PROMPT, seeds=[0, 1], steps=2, progress=False,
+                          edit_guidance=SemanticGuidance(["a woman", "a man"], reverse=[False, True], warmup=0, scale=3))
+    for i, s in enumerate((0, 1)):
+        got = np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:04d}_seed{s}.png").convert("RGB"))
+        assert np.array_equal(got, np.asarray(g.images[i]))
+    assert main(base + ["--fair-diffusion", "gender", "--fair-target", "female=1", "--out", str(tmp_path / "f")]) == 0
+    out = capsys.readouterr().out
+    assert "groups: female 2" in out and "(increase --steps or lower --sega-warmup)" in out  # warm-up 10 > 2 steps
+    meta = json.loads((tmp_path / "f" / "generation.json").read_text())
+    assert meta["edit_targets"] == ["female", "female"] and meta["edit_guidance"]["assign"] == "random"
+    # BiasMap's mitigated pipeline from the README: the attribution prompt serves --guide alone (no --maps)
+    assert main(base + ["--guidance-scale", "7", "--fair-diffusion", "gender", "--guide", "doctor:gender",
+                        "--attribution-prompt", PROMPT + " and gender", "--guide-branch", "uncond",
+                        "--out", str(tmp_path / "bm")]) == 0
+    assert "guidance: 4 of 4 image-steps updated" in capsys.readouterr().out
+    for bad, msg in ((["--fair-diffusion", "gender", "--sega-toward", "x"], "drop --sega-toward"),
+                     (["--fair-target", "female=1"], "needs --fair-diffusion"),
+                     (["--sega-scale", "2"], "need --sega-toward"),
+                     (["--fair-diffusion", "gender", "--fair-target", "female"], "GROUP=P"),
+                     (["--fair-diffusion", "age"], "presets")):
+        assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 1
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

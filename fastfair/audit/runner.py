@@ -181,12 +181,14 @@ def batches(items: Sequence[WorkItem], batch_size: int):
         yield cur
 
 
-def row_schema(open_words, inprompt: bool, sets, inters):
+def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False):
     import pyarrow as pa
 
     fields = [("work_id", pa.string()), ("kind", pa.string()), ("profession", pa.string()), ("prompt", pa.string()),
               ("seed", pa.int64()), ("attribute", pa.string()), ("label", pa.string()), ("word", pa.string()),
               ("image", pa.string()), ("maps", pa.string()), ("rank", pa.int32()), ("seconds", pa.float64())]
+    if edit_target:  # Fair Diffusion: the group the image was steered towards
+        fields.append(("edit_target", pa.string()))
     for w in open_words:
         fields += [(f"iou_open_{slug(w)}", pa.float64()), (f"softiou_open_{slug(w)}", pa.float64())]
     if inprompt:
@@ -251,7 +253,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           soft_iou_top_k: float | None = 0.3, soft_iou_gamma: float = 0.01, soft_iou_iters: int = 20,
           batch_size: int = 8, device=None, dtype=None, backend: str = "auto", pipeline=None,
           resume: bool = False, overwrite: bool = False, save_maps: bool = True, report: bool = True,
-          n_boot: int = 1000, boot_seed: int = 0, progress: bool = True,
+          n_boot: int = 1000, boot_seed: int = 0, progress: bool = True, edit_guidance=None,
           dist_timeout_s: float = 6 * 3600) -> AuditResult:
     """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
 
@@ -264,7 +266,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     returning {set: probabilities} (with a ``labels`` attribute). ``targets``: {set: [p per label]}
     or "age=0.75,0.25" (default uniform). ``seeds``: N (0..N-1), "0-99" or a list.
     ``custom_attributes``: extra sets, {name: dict(labels=[...], words=[...], prompts=[[...], ...],
-    open_word=...)}, usable in ``attributes``.
+    open_word=...)}, usable in ``attributes``. ``edit_guidance``: a ``fastfair.FairDiffusion`` or
+    ``fastfair.SemanticGuidance`` applied to every generation (the audited model is then the pipeline with
+    that mitigation, as BiasMap's baseline); Fair Diffusion's group per image lands in ``edit_target``.
     """
     from ..generation import generate
 
@@ -337,6 +341,13 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                                   "diffusion pipeline fastfair can audit")
         size = default_sample_size(pipe) * pipe.vae_scale_factor
         height, width = height or size, width or size
+        if edit_guidance is not None:
+            from ..sega import check_edit_guidance
+
+            try:
+                check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds)
+            except (TypeError, ValueError) as e:
+                raise AuditInputError(str(e)) from None
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
@@ -375,7 +386,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "inprompt_template": inprompt_template if "inprompt" in modes else None,
             "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
-                           "negative_prompt": negative_prompt, "aggregation": aggregation},
+                           "negative_prompt": negative_prompt, "aggregation": aggregation,
+                           **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()})},
             "metrics": {"percentile": percentile,
                         "soft_iou": {"top_k": soft_iou_top_k, "gamma": soft_iou_gamma, "iters": soft_iou_iters}},
             "classifier": clf.describe() if clf is not None else None,
@@ -391,7 +403,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
-        schema = row_schema(open_words, "inprompt" in modes, sets, inters)
+        fair = edit_guidance is not None and hasattr(edit_guidance, "label_for")
+        schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair)
 
         # ---- the run directory (rank 0 decides; everyone hears the verdict)
         store = RunStore(out, rank)
@@ -418,7 +431,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                             height=height, width=width, negative_prompt=negative_prompt, aggregation=aggregation,
                             backend=backend, percentile=percentile,
                             soft=dict(top_k=soft_iou_top_k, gamma=soft_iou_gamma, iters=soft_iou_iters),
-                            save_maps=save_maps, store=store, schema=schema, rank=rank)
+                            save_maps=save_maps, store=store, schema=schema, rank=rank,
+                            edit_guidance=edit_guidance)
         from tqdm.auto import tqdm
 
         desc = "fastfair audit" + (f" (rank 0 of {world})" if world > 1 else "")
@@ -499,12 +513,14 @@ class _BatchContext:
     store: RunStore
     schema: object
     rank: int
+    edit_guidance: object = None
 
     def _gen(self, prompt, seeds, words=(), attributions=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
                              steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
                              width=self.width, batch_size=len(seeds), aggregation=self.aggregation,
-                             negative_prompt=self.negative_prompt, backend=self.backend, progress=False)
+                             negative_prompt=self.negative_prompt, backend=self.backend, progress=False,
+                             edit_guidance=self.edit_guidance)
 
     def _pair(self, maps, a, b):
         from .. import metrics
@@ -523,6 +539,7 @@ class _BatchContext:
         rows = [{f.name: None for f in self.schema} for _ in batch]
         maps: dict[str, torch.Tensor] = {}
         images = None
+        gen = None
         if first.kind == "neutral":
             # one generation: every open word's attribution prompt is read from the same UNet pass
             attributions = {w: (P.fill(self.attribution_template, prof, attribute=w, prompt=prompt), [prof, w])
@@ -572,4 +589,6 @@ class _BatchContext:
             rows[i].update(work_id=it.work_id, kind=it.kind, profession=it.profession, prompt=it.prompt, seed=it.seed,
                            attribute=it.attribute, label=it.label, word=it.word, image=rel, maps=shard,
                            rank=self.rank, seconds=secs)
+            if gen.edit_targets:
+                rows[i]["edit_target"] = gen.edit_targets[i]
         self.store.commit(rows, self.schema, pngs, maps if self.save_maps else None, tag)
