@@ -268,6 +268,15 @@ def _add_audit(sub) -> None:
     p.add_argument("--boot-seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     _add_sega_args(p)
+    g = p.add_argument_group("entanglement guidance (BiasMap mitigation) of the neutral images")
+    g.add_argument("--guide-attribute", default=None, metavar="SET",
+                   help="guide every neutral image away from entangling the profession with this attribute set's word "
+                        "(e.g. gender); needs --entanglement open")
+    g.add_argument("--guide-scale", type=float, default=100.0)
+    g.add_argument("--guide-max-grad-norm", type=float, default=1.0)
+    g.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
+    g.add_argument("--guide-branch", default="cond", choices=("cond", "uncond"),
+                   help="CFG half whose maps guide (BiasMap's released code reads the unconditional one)")
 
 
 def _quiet_libraries() -> None:
@@ -316,7 +325,10 @@ def _audit(args) -> int:
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend=args.backend,
                 resume=args.resume, overwrite=args.overwrite, save_maps=not args.no_save_maps,
                 report=not args.no_report, n_boot=args.n_boot, boot_seed=args.boot_seed,
-                progress=not args.no_progress, edit_guidance=edit_guidance)
+                progress=not args.no_progress, edit_guidance=edit_guidance, guide=args.guide_attribute,
+                guide_options=None if args.guide_attribute is None else dict(
+                    scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
+                    on_large_grad=args.guide_on_large_grad, branch=args.guide_branch))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     s = res.summary

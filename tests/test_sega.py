@@ -289,3 +289,54 @@ def test_cli(tiny_sd, tmp_path, capsys):
         assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 1
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_audit_with_entanglement_guidance(tiny_sd, tmp_path, capsys):
+    """guide='gender': each neutral image is generate()'s with EntanglementGuidance(profession, "gender",
+    attribution_prompt=...) (with Fair Diffusion too, BiasMap's mitigated pipeline); rows carry the guidance
+    diagnostics; bad combinations are refused before the run directory exists."""
+    import numpy as np
+    from PIL import Image
+
+    from fastfair.audit import AuditInputError
+    from fastfair.cli import main
+
+    fd = FairDiffusion.preset("gender", warmup=0)
+    opts = dict(scale=50.0, branch="uncond")
+    kw = dict(pipeline=tiny_sd, attributes="gender,race", seeds=2, steps=3, progress=False, n_boot=0,
+              classifier="none", entanglement="open")
+    res = fastfair.audit("tiny-sd", "list:nurse", out=tmp_path / "g", edit_guidance=fd, guide="gender",
+                         guide_options=opts, **kw)
+    df = res.results
+    ap = {a: f"a photo of the face of a nurse and {a}" for a in ("gender", "race")}
+    g = fastfair.generate(tiny_sd, "a photo of the face of a nurse", seeds=[0, 1], steps=3, progress=False,
+                          edit_guidance=fd, guidance=EntanglementGuidance("nurse", "gender",
+                                                                          attribution_prompt=ap["gender"], **opts),
+                          attributions={a: (t, ["nurse", a]) for a, t in ap.items()})
+    for i, rel in enumerate(df["image"]):
+        assert np.array_equal(np.asarray(Image.open(res.run_dir / rel).convert("RGB")), np.asarray(g.images[i]))
+    for a in ("gender", "race"):
+        am = g.attribution_maps[a]
+        np.testing.assert_allclose(df[f"iou_open_{a}"], fastfair.metrics.iou(am["nurse"], am[a], 70.0).numpy(),
+                                   rtol=1e-6)
+    d = g.diagnostics
+    assert list(df["guide_steps_applied"]) == d["applied"].sum(0).tolist()
+    np.testing.assert_allclose(df["guide_energy_last"], d["energy"][-1].numpy(), rtol=1e-6)
+    plain = fastfair.generate(tiny_sd, "a photo of the face of a nurse", seeds=[0, 1], steps=3, progress=False,
+                              edit_guidance=fd)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(g.images[0]))
+    assert ("mitigation: Fair Diffusion (female, male) + entanglement guidance (gender, scale 50.0)"
+            in (res.run_dir / "report.html").read_text())
+    for extra, msg in ((dict(guide="age"), "names no audited attribute set"),
+                       (dict(guide="gender", entanglement="open,inprompt"), "entanglement='open'"),
+                       (dict(guide="gender", guide_options=dict(scale=-1)), "scale must be > 0"),
+                       (dict(guide="gender", guide_options=dict(sclae=1)), "unknown guide_options")):
+        with pytest.raises(AuditInputError, match=msg):
+            fastfair.audit("tiny-sd", "list:nurse", out=tmp_path / "bad", **dict(kw, **extra))
+    assert not (tmp_path / "bad").exists()
+    assert main(["audit", "--model", "tiny-sd", "--prompts", "list:nurse", "--seeds", "1", "--steps", "2",
+                 "--classifier", "none", "--entanglement", "open", "--guide-attribute", "gender", "--n-boot", "0",
+                 "--no-progress", "--out", str(tmp_path / "cli")]) == 0
+    import pandas as pd
+
+    assert pd.read_parquet(tmp_path / "cli" / "results.parquet")["guide_steps_applied"].notna().all()

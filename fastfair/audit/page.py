@@ -276,6 +276,19 @@ def _sv(d):
     return "" if not d or d.get("mean") is None else d["mean"]
 
 
+def _mitigation(gen: dict) -> str:
+    """The mitigations the audited images were generated with, for the page's header."""
+    out = []
+    eg = gen.get("edit_guidance")
+    if eg:
+        out.append("Fair Diffusion (" + ", ".join(eg["choices"]) + ")" if eg["method"] == "fair-diffusion"
+                   else "SEGA (" + "; ".join(eg["prompts"]) + ")")
+    g = gen.get("guide")
+    if g:
+        out.append(f"entanglement guidance ({g['attribute']}, scale {g.get('scale', 100.0)})")
+    return (" · mitigation: " + E(" + ".join(out))) if out else ""
+
+
 def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3) -> str:
     st = config["settings"]
     profs = summary.get("professions", [])
@@ -291,7 +304,8 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
     parts.append(f"<h1>{E(title)}</h1><p class=muted>{E(config.get('created', ''))} · "
                  f"template “{E(st['template'])}” · "
                  f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
-                 f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}</p>")
+                 f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}"
+                 + _mitigation(st['generation']) + "</p>")
     planned = summary.get("n_planned")
     if planned and summary.get("n_images", 0) < planned:
         parts.append(f'<p class=warn>Partial run: {summary["n_images"]} of {planned} planned images are finished; '

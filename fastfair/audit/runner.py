@@ -181,7 +181,7 @@ def batches(items: Sequence[WorkItem], batch_size: int):
         yield cur
 
 
-def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False):
+def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False, guided: bool = False):
     import pyarrow as pa
 
     fields = [("work_id", pa.string()), ("kind", pa.string()), ("profession", pa.string()), ("prompt", pa.string()),
@@ -189,6 +189,9 @@ def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = Fal
               ("image", pa.string()), ("maps", pa.string()), ("rank", pa.int32()), ("seconds", pa.float64())]
     if edit_target:  # Fair Diffusion: the group the image was steered towards
         fields.append(("edit_target", pa.string()))
+    if guided:  # entanglement guidance: steps whose update applied, energy at the first and last guided step
+        fields += [("guide_steps_applied", pa.int32()), ("guide_energy_first", pa.float64()),
+                   ("guide_energy_last", pa.float64())]
     for w in open_words:
         fields += [(f"iou_open_{slug(w)}", pa.float64()), (f"softiou_open_{slug(w)}", pa.float64())]
     if inprompt:
@@ -254,6 +257,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           batch_size: int = 8, device=None, dtype=None, backend: str = "auto", pipeline=None,
           resume: bool = False, overwrite: bool = False, save_maps: bool = True, report: bool = True,
           n_boot: int = 1000, boot_seed: int = 0, progress: bool = True, edit_guidance=None,
+          guide: str | None = None, guide_options: dict | None = None,
           dist_timeout_s: float = 6 * 3600) -> AuditResult:
     """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
 
@@ -269,6 +273,11 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     open_word=...)}, usable in ``attributes``. ``edit_guidance``: a ``fastfair.FairDiffusion`` or
     ``fastfair.SemanticGuidance`` applied to every generation (the audited model is then the pipeline with
     that mitigation, as BiasMap's baseline); Fair Diffusion's group per image lands in ``edit_target``.
+    ``guide``: an audited attribute set's name -- every neutral image is generated with BiasMap's
+    entanglement guidance between the profession and that set's word in its attribution prompt
+    (``fastfair.EntanglementGuidance(profession, word, attribution_prompt=..., **guide_options)``), so
+    the audit measures the mitigated model (open-vocabulary entanglement only); rows gain
+    ``guide_steps_applied``, ``guide_energy_first`` and ``guide_energy_last``.
     """
     from ..generation import generate
 
@@ -304,6 +313,27 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             raise AuditInputError(f"steps must be >= 1; got {steps}")
         if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
             raise AuditInputError(f"n_boot must be a whole number >= 0 (0: no confidence intervals); got {n_boot}")
+        guide_opts = dict(guide_options or {})
+        if guide is not None:
+            from ..guidance import EntanglementGuidance
+
+            names = [s.name for s in sets]
+            if guide not in names:
+                raise AuditInputError(f"guide={guide!r} names no audited attribute set; audited: {names}")
+            if "inprompt" in modes:
+                raise AuditInputError("entanglement guidance mitigates the neutral generations, and in-prompt images "
+                                      "name the attribute: audit with entanglement='open' (--entanglement open)")
+            if "open" not in modes:
+                raise AuditInputError("guide= needs entanglement='open': the guided pair is the profession and the "
+                                      "attribute word in the attribution prompt")
+            bad = sorted(set(guide_opts) - {"scale", "max_grad_norm", "on_large_grad", "steps", "top_k", "gamma",
+                                             "iters", "checkpointing", "branch"})
+            if bad:
+                raise AuditInputError(f"unknown guide_options {bad}")
+            try:
+                EntanglementGuidance("a", "b", **guide_opts)  # the options' own checks, before any work
+            except ValueError as e:
+                raise AuditInputError(str(e)) from None
         if inprompt_template is None:
             inprompt_template = P.inprompt_template_from(template)
         try:
@@ -387,7 +417,10 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                            "negative_prompt": negative_prompt, "aggregation": aggregation,
-                           **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()})},
+                           **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()}),
+                           **({} if guide is None else {"guide": dict(attribute=guide, **{
+                               k: (list(v) if k == "steps" and v is not None else v)
+                               for k, v in sorted(guide_opts.items())})})},
             "metrics": {"percentile": percentile,
                         "soft_iou": {"top_k": soft_iou_top_k, "gamma": soft_iou_gamma, "iters": soft_iou_iters}},
             "classifier": clf.describe() if clf is not None else None,
@@ -404,7 +437,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         }
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
         fair = edit_guidance is not None and hasattr(edit_guidance, "label_for")
-        schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair)
+        schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair, guided=guide is not None)
 
         # ---- the run directory (rank 0 decides; everyone hears the verdict)
         store = RunStore(out, rank)
@@ -432,7 +465,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                             backend=backend, percentile=percentile,
                             soft=dict(top_k=soft_iou_top_k, gamma=soft_iou_gamma, iters=soft_iou_iters),
                             save_maps=save_maps, store=store, schema=schema, rank=rank,
-                            edit_guidance=edit_guidance)
+                            edit_guidance=edit_guidance,
+                            guide=None if guide is None else next(s for s in sets if s.name == guide).open_word,
+                            guide_options=guide_opts)
         from tqdm.auto import tqdm
 
         desc = "fastfair audit" + (f" (rank 0 of {world})" if world > 1 else "")
@@ -514,9 +549,12 @@ class _BatchContext:
     schema: object
     rank: int
     edit_guidance: object = None
+    guide: str | None = None  # the attribute word whose entanglement with the profession is guided
+    guide_options: dict | None = None
 
-    def _gen(self, prompt, seeds, words=(), attributions=None):
+    def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
+                             guidance=guidance,
                              steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
                              width=self.width, batch_size=len(seeds), aggregation=self.aggregation,
                              negative_prompt=self.negative_prompt, backend=self.backend, progress=False,
@@ -544,8 +582,20 @@ class _BatchContext:
             # one generation: every open word's attribution prompt is read from the same UNet pass
             attributions = {w: (P.fill(self.attribution_template, prof, attribute=w, prompt=prompt), [prof, w])
                             for w in self.open_words}
-            gen = self._gen(prompt, seeds, attributions=attributions or None)
+            guidance = None
+            if self.guide is not None:
+                from ..guidance import EntanglementGuidance
+
+                guidance = EntanglementGuidance(prof, self.guide, attribution_prompt=attributions[self.guide][0],
+                                                **self.guide_options)
+            gen = self._gen(prompt, seeds, attributions=attributions or None, guidance=guidance)
             images = gen.images
+            if guidance is not None:
+                d = gen.diagnostics
+                for i in range(len(batch)):
+                    rows[i]["guide_steps_applied"] = int(d["applied"][:, i].sum())
+                    rows[i]["guide_energy_first"] = float(d["energy"][0, i])
+                    rows[i]["guide_energy_last"] = float(d["energy"][-1, i])
             for w in self.open_words:
                 amaps = gen.attribution_maps[w]
                 iou, soft = self._pair(amaps, prof, w)
