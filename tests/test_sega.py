@@ -271,7 +271,8 @@ def test_cli(tiny_sd, tmp_path, capsys):
     for i, s in enumerate((0, 1)):
         got = np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:04d}_seed{s}.png").convert("RGB"))
         assert np.array_equal(got, np.asarray(g.images[i]))
-    assert main(base + ["--fair-diffusion", "gender", "--fair-target", "female=1", "--out", str(tmp_path / "f")]) == 0
+    assert main(base + ["--fair-diffusion", "gender", "--fair-target", "female=1", "--batch-size", "1",  # 2 batches
+                        "--out", str(tmp_path / "f")]) == 0
     out = capsys.readouterr().out
     assert "groups: female 2" in out and "(increase --steps or lower --sega-warmup)" in out  # warm-up 10 > 2 steps
     meta = json.loads((tmp_path / "f" / "generation.json").read_text())
