@@ -92,11 +92,14 @@ def _edit_guidance(args):
             for part in args.fair_target.split(","):
                 k, sep, v = part.partition("=")
                 try:
-                    target[k.strip()] = float(v)
+                    p = float(v)
                 except ValueError:
                     sep = ""
                 if not sep or not k.strip():
                     raise ValueError(f"--fair-target expects GROUP=P pairs like female=0.75,male=0.25; got {part!r}")
+                if k.strip() in target:
+                    raise ValueError(f"--fair-target names {k.strip()!r} twice; give each group once")
+                target[k.strip()] = p
         return FairDiffusion.preset(args.fair_diffusion, target=target,
                                     assign="random" if target else "parity", **opts)
     if sega:
@@ -173,7 +176,8 @@ def _generate(args) -> int:
     settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
                     seeds=parse_seeds(args.seeds),
                     guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
-                                                         args.guide_on_large_grad, args.guide_branch],
+                                                         args.guide_on_large_grad, args.guide_branch,
+                                                         args.attribution_prompt],
                     edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
                           overwrite=args.overwrite, batch_size=args.batch_size, guidance=guidance,
@@ -205,7 +209,7 @@ def _generate(args) -> int:
         first = int(on.nonzero()[0]) if on.any() else None
         what = "Fair Diffusion" if gen.edit_targets else "semantic guidance"
         print(f"{what}: applied at {int(on.sum())} of {len(on)} steps"
-              + (f" (from step {first})" if first is not None else " (increase --steps or lower --sega-warmup)")
+              + (f" (from step {first})" if first is not None else "")
               + ("; groups: " + ", ".join(f"{k} {gen.edit_targets.count(k)}" for k in dict.fromkeys(gen.edit_targets))
                  if gen.edit_targets else ""))
     print(f"wrote {len(gen)} images{', maps and overlays' if words else ''}"
@@ -272,11 +276,11 @@ def _add_audit(sub) -> None:
     g.add_argument("--guide-attribute", default=None, metavar="SET",
                    help="guide every neutral image away from entangling the profession with this attribute set's word "
                         "(e.g. gender); needs --entanglement open")
-    g.add_argument("--guide-scale", type=float, default=100.0)
-    g.add_argument("--guide-max-grad-norm", type=float, default=1.0)
-    g.add_argument("--guide-on-large-grad", default="skip", choices=("skip", "clip"))
-    g.add_argument("--guide-branch", default="cond", choices=("cond", "uncond"),
-                   help="CFG half whose maps guide (BiasMap's released code reads the unconditional one)")
+    g.add_argument("--guide-scale", type=float, default=None, help="(100)")
+    g.add_argument("--guide-max-grad-norm", type=float, default=None, help="(1)")
+    g.add_argument("--guide-on-large-grad", default=None, choices=("skip", "clip"), help="(skip)")
+    g.add_argument("--guide-branch", default=None, choices=("cond", "uncond"),
+                   help="CFG half whose maps guide (cond; BiasMap's released code reads the unconditional one)")
 
 
 def _quiet_libraries() -> None:
@@ -295,6 +299,12 @@ def _audit(args) -> int:
 
     _quiet_libraries()
     edit_guidance = _edit_guidance(args)
+    guide_options = {k: v for k, v in dict(scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
+                                           on_large_grad=args.guide_on_large_grad, branch=args.guide_branch).items()
+                     if v is not None}
+    if guide_options and not args.guide_attribute:
+        raise ValueError("--guide-scale / --guide-max-grad-norm / --guide-on-large-grad / --guide-branch need "
+                         "--guide-attribute SET")
     model, pipe = args.model, None
     if args.edit or args.lora:
         from pathlib import Path
@@ -326,9 +336,7 @@ def _audit(args) -> int:
                 resume=args.resume, overwrite=args.overwrite, save_maps=not args.no_save_maps,
                 report=not args.no_report, n_boot=args.n_boot, boot_seed=args.boot_seed,
                 progress=not args.no_progress, edit_guidance=edit_guidance, guide=args.guide_attribute,
-                guide_options=None if args.guide_attribute is None else dict(
-                    scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
-                    on_large_grad=args.guide_on_large_grad, branch=args.guide_branch))
+                guide_options=guide_options)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     s = res.summary

@@ -180,6 +180,11 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_words(pipe, prompts, kwargs)  # every prompt's words, before the first batch
+    if kwargs.get("edit_guidance") is not None:  # and the edit's settings, before the folder is made
+        from .sega import check_edit_guidance
+
+        check_edit_guidance(pipe, kwargs["edit_guidance"], kwargs.get("guidance_scale", 7.5), seeds,
+                            kwargs.get("steps", 50))
     out = Path(out_dir)
     run_file = out / PARTS / "run.json"
     key = json.dumps(settings, sort_keys=True, default=str)
@@ -473,7 +478,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if edit_guidance is not None:
         from .sega import check_edit_guidance, encode_edits
 
-        texts_e = check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds)
+        texts_e = check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds, steps)
         edit_texts = {t: encode_edits(pipe, [t], device) for t in texts_e}  # once, before the first image
     if guidance is not None:
         from .guidance import check_scheduler

@@ -9,7 +9,9 @@ per image (its prompt's text embedding, no grad, no maps), and at every step the
     sega = sum_c w_c g_c + momentum_scale * m,    m <- beta * m + (1 - beta) * sega,
 
 added once every concept is past its warm-up (while only some are, their weight-normalised sum without
-momentum is added); a concept past its cool-down contributes nothing. That is exactly diffusers'
+momentum is added); a concept past its cool-down adds no new guidance (the momentum it built decays on).
+Warm-up and cool-down count scheduler steps (loop iterations: PNDM's first step is doubled, Heun steps
+twice per timestep). That is exactly diffusers'
 ``SemanticStableDiffusionPipeline`` (tested against it), with the edit rows folded into any SD 1.x/2.x or
 SDXL pipeline, per-image editing prompts (a batch may push its images in different directions), and
 with fastfair's maps and entanglement guidance in the same run.
@@ -36,11 +38,33 @@ import torch
 __all__ = ["SemanticGuidance", "FairDiffusion", "sega_update"]
 
 
-def _per_concept(value, n: int, name: str, kind=float) -> list:
-    vals = list(value) if isinstance(value, (list, tuple)) else [value] * n
+def _convert(v, name: str, kind):
+    if v is None:
+        return None
+    if kind is bool:
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name} takes True / False (or one per prompt); got {v!r}")
+        return bool(v)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} takes numbers (or one per prompt); got {v!r}")
+    if kind is int:
+        if not float(v).is_integer():
+            raise ValueError(f"{name} counts steps: give a whole number; got {v!r}")
+        return int(v)
+    return float(v)
+
+
+def _per_concept(value, n: int, name: str, kind=float, per_concept: bool = True) -> list:
+    if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)):
+        if not per_concept:
+            raise ValueError(f"FairDiffusion takes one {name} for all groups (each image orders its groups "
+                             f"differently); got {value!r}")
+        vals = np.asarray(value, dtype=object).reshape(-1).tolist() if not isinstance(value, (list, tuple)) else list(value)
+    else:
+        vals = [value] * n
     if len(vals) != n:
         raise ValueError(f"{name}: {len(vals)} values for {n} editing prompts; give one, or one per prompt")
-    return [None if v is None else kind(v) for v in vals]
+    return [_convert(v.item() if isinstance(v, (np.generic, torch.Tensor)) else v, name, kind) for v in vals]
 
 
 @dataclass(kw_only=True)
@@ -54,14 +78,17 @@ class _EditParams:
     momentum_beta: float = 0.4
     weights: Sequence[float] | None = None
 
-    def _check(self, n: int) -> None:
+    def _check(self, n: int, per_concept: bool = True) -> None:
         if n < 1:
             raise ValueError("semantic guidance needs at least one editing prompt")
-        self.scales = _per_concept(self.scale, n, "scale")
-        self.warmups = _per_concept(self.warmup, n, "warmup", int)
-        self.cooldowns = _per_concept(self.cooldown, n, "cooldown", int)
-        self.thresholds = _per_concept(self.threshold, n, "threshold")
-        self.concept_weights = _per_concept(1.0 if self.weights is None else self.weights, n, "weights")
+        self.scales = _per_concept(self.scale, n, "scale", float, per_concept)
+        self.warmups = _per_concept(self.warmup, n, "warmup", int, per_concept)
+        self.cooldowns = _per_concept(self.cooldown, n, "cooldown", int, per_concept)
+        self.thresholds = _per_concept(self.threshold, n, "threshold", float, per_concept)
+        self.concept_weights = _per_concept(1.0 if self.weights is None else self.weights, n, "weights", float,
+                                            per_concept)
+        self.momentum_scale = _convert(self.momentum_scale, "momentum_scale", float)
+        self.momentum_beta = _convert(self.momentum_beta, "momentum_beta", float)
         for s in self.scales:
             if not (math.isfinite(s) and s > 0):
                 raise ValueError(f"edit scale must be > 0 (the direction is `reverse`); got {s}")
@@ -72,9 +99,10 @@ class _EditParams:
         for w in self.warmups:
             if w < 0:
                 raise ValueError(f"warmup must be >= 0 steps; got {w}")
-        for c in self.cooldowns:
-            if c is not None and c < 0:
-                raise ValueError(f"cooldown must be >= 0 steps (or None: never); got {c}")
+        for w, c in zip(self.warmups, self.cooldowns):
+            if c is not None and c <= w:
+                raise ValueError(f"cooldown ({c}) must be after the warm-up ({w}): the concept would never apply "
+                                 "(None: no cool-down)")
         for w in self.concept_weights:
             if not (math.isfinite(w) and w >= 0):
                 raise ValueError(f"concept weights must be >= 0 (push away from a concept with reverse=True); got {w}")
@@ -103,6 +131,10 @@ class SemanticGuidance(_EditParams):
         for p in self.prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"editing prompts must be non-empty strings; got {p!r}")
+        dup = sorted({p for p in self.prompts if self.prompts.count(p) > 1})
+        if dup:
+            raise ValueError(f"editing prompts {dup} given more than once (towards and away would cancel); give "
+                             "each concept once")
         self._check(len(self.prompts))
         self.reverses = _per_concept(self.reverse, len(self.prompts), "reverse", bool)
 
@@ -150,8 +182,14 @@ class FairDiffusion(_EditParams):
         if len(self.choices) < 2:
             raise ValueError(f"Fair Diffusion needs at least two groups to choose from; got {list(self.choices)}")
         for k, v in self.choices.items():
+            if not isinstance(k, str) or not k.strip():
+                raise ValueError(f"group labels must be non-empty strings; got {k!r}")
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"group {k!r}: its editing prompt must be a non-empty string; got {v!r}")
+        prompts = list(self.choices.values())
+        dup = sorted({p for p in prompts if prompts.count(p) > 1})
+        if dup:
+            raise ValueError(f"groups share the editing prompts {dup}; each group needs its own")
         self.labels = list(self.choices)
         if self.assign not in ("parity", "random"):
             raise ValueError(f"assign must be 'parity' or 'random'; got {self.assign!r}")
@@ -164,11 +202,11 @@ class FairDiffusion(_EditParams):
             p = [float(self.target.get(k, 0.0)) for k in self.labels]
             if any(not (math.isfinite(x) and x >= 0) for x in p) or not sum(p) > 0:
                 raise ValueError(f"target probabilities must be >= 0 and not all 0; got {dict(self.target)}")
-            self.probs = [x / sum(p) for x in p]
+            self.probs = [x / sum(p) for x in p]  # normalised
             if self.assign == "parity" and max(self.probs) - min(self.probs) > 1e-12:
                 raise ValueError("assign='parity' cycles through the groups by seed, which gives a uniform target; "
                                  "use assign='random' for the target " + str(dict(self.target)))
-        self._check(len(self.labels))
+        self._check(len(self.labels), per_concept=False)
 
     @classmethod
     def preset(cls, name: str, **kwargs) -> "FairDiffusion":
@@ -248,8 +286,11 @@ def _take_rows(obj, idx: torch.Tensor, batch: int):
     return obj
 
 
-def check_edit_guidance(pipe, spec, guidance_scale: float, seeds) -> list[str]:
-    """Raise unless ``spec`` can run on ``pipe``; returns every editing prompt the seeds use."""
+def check_edit_guidance(pipe, spec, guidance_scale: float, seeds, steps: int | None = None) -> list[str]:
+    """Raise unless ``spec`` can run on ``pipe`` (for ``steps`` inference steps: an edit whose warm-up
+    outlasts the sampling loop would never apply); returns every editing prompt the seeds use."""
+    import copy
+
     from . import concepts
 
     if not hasattr(spec, "plan"):
@@ -261,6 +302,17 @@ def check_edit_guidance(pipe, spec, guidance_scale: float, seeds) -> list[str]:
     if not guidance_scale > 1:
         raise ValueError(f"semantic guidance / Fair Diffusion edits ride on classifier-free guidance; "
                          f"guidance_scale is {guidance_scale}: use a value > 1")
+    if steps is not None:
+        sched = copy.deepcopy(pipe.scheduler)
+        try:
+            sched.set_timesteps(steps)
+            n_calls = len(sched.timesteps)
+        except Exception:  # a scheduler that needs more arguments: the loop is at least `steps` long
+            n_calls = steps
+        if min(spec.warmups) >= n_calls:
+            raise ValueError(f"the edit would never apply: its warm-up ({min(spec.warmups)} steps) is not shorter "
+                             f"than the sampling loop ({n_calls} scheduler steps for {steps} inference steps); "
+                             "lower the warm-up (--sega-warmup) or raise the steps")
     texts: list[str] = []
     for s in seeds:
         for t in spec.plan(s)[0]:

@@ -182,14 +182,14 @@ def test_with_entanglement_guidance(sd64):
 
 
 def test_maps_ignore_edit_rows(sd64):
-    """An edit that never applies (warm-up past the last step) leaves the latents and the prompt's maps
-    exactly the plain run's: the editing prompts' rows are not recorded."""
-    kw = dict(seeds=[0, 1], steps=3, maps=["doctor", "face"], progress=False, backend="reference")
+    """Before the edit applies (warm-up 2), the maps of the prompt are exactly the plain run's: the editing
+    prompts' rows are not recorded; afterwards the images differ."""
+    kw = dict(seeds=[0, 1], steps=3, maps=["doctor", "face"], progress=False, backend="reference", map_steps=[0, 1])
     plain = fastfair.generate(sd64, PROMPT, **kw)
-    g = fastfair.generate(sd64, PROMPT, **kw, edit_guidance=SemanticGuidance(["a woman", "a man"], warmup=50))
-    torch.testing.assert_close(g.latents, plain.latents, rtol=0, atol=1e-12)
+    g = fastfair.generate(sd64, PROMPT, **kw, edit_guidance=SemanticGuidance(["a woman", "a man"], warmup=2))
     for word in ("doctor", "face"):
         torch.testing.assert_close(g.maps[word], plain.maps[word], rtol=0, atol=1e-14)
+    assert (g.latents - plain.latents).abs().max() > 1e-3
 
 
 def test_bad_input(tiny_sd):
@@ -211,12 +211,23 @@ def test_bad_input(tiny_sd):
         FairDiffusion({"a": "x", "b": "y"}, target={"c": 1.0}, assign="random")
     with pytest.raises(ValueError, match="presets"):
         FairDiffusion.preset("age")
+    for bad, msg in ((dict(reverse="False"), "True / False"), (dict(warmup=2.5), "whole number"),
+                     (dict(warmup=3, cooldown=3), "after the warm-up"), (dict(scale="4"), "numbers")):
+        with pytest.raises(ValueError, match=msg):
+            SemanticGuidance(["a"], **bad)
+    with pytest.raises(ValueError, match="one scale for all groups"):
+        FairDiffusion({"a": "x", "b": "y"}, scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="labels must be non-empty strings"):
+        FairDiffusion({0: "x", 1: "y"})
+    with pytest.raises(ValueError, match="share the editing prompts"):
+        FairDiffusion({"a": "x", "b": "x"})
+    assert SemanticGuidance(["a", "b"], scale=__import__("numpy").array([4, 6])).scales == [4.0, 6.0]
     with pytest.raises(ValueError, match="guidance_scale > 1|value > 1"):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, guidance_scale=1.0, progress=False,
                           edit_guidance=SemanticGuidance(["a"]))
     with pytest.raises(ValueError, match="77"):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False,
-                          edit_guidance=SemanticGuidance(["word " * 100]))
+                          edit_guidance=SemanticGuidance(["word " * 100], warmup=0))
 
 
 def test_audit_with_fair_diffusion(tiny_sd, tmp_path):
@@ -272,13 +283,12 @@ def test_cli(tiny_sd, tmp_path, capsys):
         got = np.asarray(Image.open(tmp_path / "s" / "images" / f"{i:04d}_seed{s}.png").convert("RGB"))
         assert np.array_equal(got, np.asarray(g.images[i]))
     assert main(base + ["--fair-diffusion", "gender", "--fair-target", "female=1", "--batch-size", "1",  # 2 batches
-                        "--out", str(tmp_path / "f")]) == 0
-    out = capsys.readouterr().out
-    assert "groups: female 2" in out and "(increase --steps or lower --sega-warmup)" in out  # warm-up 10 > 2 steps
+                        "--sega-warmup", "1", "--out", str(tmp_path / "f")]) == 0
+    assert "Fair Diffusion: applied at 1 of 2 steps (from step 1); groups: female 2" in capsys.readouterr().out
     meta = json.loads((tmp_path / "f" / "generation.json").read_text())
     assert meta["edit_targets"] == ["female", "female"] and meta["edit_guidance"]["assign"] == "random"
     # BiasMap's mitigated pipeline from the README: the attribution prompt serves --guide alone (no --maps)
-    assert main(base + ["--guidance-scale", "7", "--fair-diffusion", "gender", "--guide", "doctor:gender",
+    assert main(base + ["--guidance-scale", "7", "--fair-diffusion", "gender", "--sega-warmup", "0", "--guide", "doctor:gender",
                         "--attribution-prompt", PROMPT + " and gender", "--guide-branch", "uncond",
                         "--out", str(tmp_path / "bm")]) == 0
     assert "guidance: 4 of 4 image-steps updated" in capsys.readouterr().out
@@ -286,7 +296,11 @@ def test_cli(tiny_sd, tmp_path, capsys):
                      (["--fair-target", "female=1"], "needs --fair-diffusion"),
                      (["--sega-scale", "2"], "need --sega-toward"),
                      (["--fair-diffusion", "gender", "--fair-target", "female"], "GROUP=P"),
-                     (["--fair-diffusion", "age"], "presets")):
+                     (["--fair-diffusion", "age"], "presets"),
+                     (["--fair-diffusion", "gender"], "would never apply"),  # warm-up 10 >= 2 steps
+                     (["--fair-diffusion", "gender", "--fair-target", "female=0.5,female=0.5"], "twice"),
+                     (["--sega-toward", "a man", "--sega-away", "a man"], "more than once"),
+                     (["--sega-toward", "a man", "--guidance-scale", "1"], "classifier-free guidance")):
         assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 1
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -341,3 +355,55 @@ def test_audit_with_entanglement_guidance(tiny_sd, tmp_path, capsys):
     import pandas as pd
 
     assert pd.read_parquet(tmp_path / "cli" / "results.parquet")["guide_steps_applied"].notna().all()
+
+
+def test_cli_resume_checks_the_guidance_attribution_prompt(tiny_sd, tmp_path, capsys, monkeypatch):
+    """--guide with --attribution-prompt and no --maps: the attribution prompt is part of the run's settings, so
+    a resume with another one is refused instead of mixing images guided on two prompts."""
+    from fastfair import generation
+    from fastfair.cli import main
+
+    real, calls = generation.generate, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", dying)
+    args = ["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--seeds", "0-1", "--steps", "2", "--no-progress",
+            "--batch-size", "1", "--guide", "doctor:gender", "--out", str(tmp_path / "r")]
+    assert main(args + ["--attribution-prompt", PROMPT + " and gender"]) != 0
+    monkeypatch.setattr(generation, "generate", real)
+    capsys.readouterr()
+    assert main(args + ["--attribution-prompt", "a photo of gender and a doctor", "--resume"]) == 1
+    assert "other settings" in capsys.readouterr().err
+    assert main(args + ["--attribution-prompt", PROMPT + " and gender", "--resume"]) == 0
+
+
+def test_audit_guide_input_checks(tiny_sd, tmp_path):
+    from fastfair.audit import AuditInputError
+
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=1, steps=2, progress=False, n_boot=0, classifier="none",
+              entanglement="open")
+    for extra, msg in ((dict(guide_options=dict(scale=5.0)), "without guide="),
+                       (dict(guide="gender", guide_options=dict(steps=[])), "non-empty"),
+                       (dict(guide="gender", guide_options=dict(steps=[2])), "0..1"),
+                       (dict(edit_guidance=FairDiffusion.preset("gender")), "never apply")):
+        with pytest.raises(AuditInputError, match=msg):
+            fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "bad", **dict(kw, **extra))
+    assert not (tmp_path / "bad").exists()
+    # Fair Diffusion steers the neutral images only: in-prompt images name the attribute
+    fd = FairDiffusion.preset("gender", warmup=0)
+    res = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "ip", edit_guidance=fd,
+                         **dict(kw, entanglement="open,inprompt"))
+    df = res.results
+    assert df.loc[df["kind"] == "neutral", "edit_target"].tolist() == ["female"]
+    assert df.loc[df["kind"] == "inprompt", "edit_target"].isna().all()
+    ip = df[(df["kind"] == "inprompt") & (df["word"] == "female")].iloc[0]
+    plain = fastfair.generate(tiny_sd, ip["prompt"], seeds=[0], steps=2, progress=False, maps=["doctor", "female"])
+    import numpy as np
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(res.run_dir / ip["image"]).convert("RGB")), np.asarray(plain.images[0]))

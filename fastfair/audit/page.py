@@ -282,7 +282,8 @@ def _mitigation(gen: dict) -> str:
     eg = gen.get("edit_guidance")
     if eg:
         out.append("Fair Diffusion (" + ", ".join(eg["choices"]) + ")" if eg["method"] == "fair-diffusion"
-                   else "SEGA (" + "; ".join(eg["prompts"]) + ")")
+                   else "SEGA (" + "; ".join(("−" if r else "+") + p for p, r in zip(eg["prompts"], eg["reverse"]))
+                   + ")")
     g = gen.get("guide")
     if g:
         out.append(f"entanglement guidance ({g['attribute']}, scale {g.get('scale', 100.0)})")

@@ -271,8 +271,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     or "age=0.75,0.25" (default uniform). ``seeds``: N (0..N-1), "0-99" or a list.
     ``custom_attributes``: extra sets, {name: dict(labels=[...], words=[...], prompts=[[...], ...],
     open_word=...)}, usable in ``attributes``. ``edit_guidance``: a ``fastfair.FairDiffusion`` or
-    ``fastfair.SemanticGuidance`` applied to every generation (the audited model is then the pipeline with
-    that mitigation, as BiasMap's baseline); Fair Diffusion's group per image lands in ``edit_target``.
+    ``fastfair.SemanticGuidance`` applied to every neutral generation (the audited model is then the
+    pipeline with that mitigation, as BiasMap's baseline; in-prompt images name the attribute and are
+    generated without it); Fair Diffusion's group per image lands in ``edit_target``.
     ``guide``: an audited attribute set's name -- every neutral image is generated with BiasMap's
     entanglement guidance between the profession and that set's word in its attribution prompt
     (``fastfair.EntanglementGuidance(profession, word, attribution_prompt=..., **guide_options)``), so
@@ -314,6 +315,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
             raise AuditInputError(f"n_boot must be a whole number >= 0 (0: no confidence intervals); got {n_boot}")
         guide_opts = dict(guide_options or {})
+        if guide is None and guide_opts:
+            raise AuditInputError(f"guide_options {sorted(guide_opts)} given without guide=<attribute set>: the "
+                                  "audit would run unguided")
         if guide is not None:
             from ..guidance import EntanglementGuidance
 
@@ -332,8 +336,14 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 raise AuditInputError(f"unknown guide_options {bad}")
             try:
                 EntanglementGuidance("a", "b", **guide_opts)  # the options' own checks, before any work
-            except ValueError as e:
+            except (TypeError, ValueError) as e:
                 raise AuditInputError(str(e)) from None
+            gsteps = guide_opts.get("steps")
+            if gsteps is not None:
+                gsteps = list(gsteps)
+                if not gsteps or any(isinstance(i, bool) or int(i) != i or not 0 <= i < steps for i in gsteps):
+                    raise AuditInputError(f"guide_options steps {gsteps} must be a non-empty list of step indices "
+                                          f"in 0..{steps - 1}")
         if inprompt_template is None:
             inprompt_template = P.inprompt_template_from(template)
         try:
@@ -375,7 +385,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             from ..sega import check_edit_guidance
 
             try:
-                check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds)
+                check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds, steps)
             except (TypeError, ValueError) as e:
                 raise AuditInputError(str(e)) from None
 
@@ -552,13 +562,12 @@ class _BatchContext:
     guide: str | None = None  # the attribute word whose entanglement with the profession is guided
     guide_options: dict | None = None
 
-    def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None):
+    def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None, edit=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
-                             guidance=guidance,
+                             guidance=guidance, edit_guidance=edit,
                              steps=self.steps, guidance_scale=self.guidance_scale, height=self.height,
                              width=self.width, batch_size=len(seeds), aggregation=self.aggregation,
-                             negative_prompt=self.negative_prompt, backend=self.backend, progress=False,
-                             edit_guidance=self.edit_guidance)
+                             negative_prompt=self.negative_prompt, backend=self.backend, progress=False)
 
     def _pair(self, maps, a, b):
         from .. import metrics
@@ -588,14 +597,16 @@ class _BatchContext:
 
                 guidance = EntanglementGuidance(prof, self.guide, attribution_prompt=attributions[self.guide][0],
                                                 **self.guide_options)
-            gen = self._gen(prompt, seeds, attributions=attributions or None, guidance=guidance)
+            gen = self._gen(prompt, seeds, attributions=attributions or None, guidance=guidance,
+                            edit=self.edit_guidance)
             images = gen.images
             if guidance is not None:
                 d = gen.diagnostics
                 for i in range(len(batch)):
-                    rows[i]["guide_steps_applied"] = int(d["applied"][:, i].sum())
-                    rows[i]["guide_energy_first"] = float(d["energy"][0, i])
-                    rows[i]["guide_energy_last"] = float(d["energy"][-1, i])
+                    guided = "applied" in d  # False only if no step of the window ran
+                    rows[i]["guide_steps_applied"] = int(d["applied"][:, i].sum()) if guided else 0
+                    rows[i]["guide_energy_first"] = float(d["energy"][0, i]) if guided else None
+                    rows[i]["guide_energy_last"] = float(d["energy"][-1, i]) if guided else None
             for w in self.open_words:
                 amaps = gen.attribution_maps[w]
                 iou, soft = self._pair(amaps, prof, w)
