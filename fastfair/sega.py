@@ -151,9 +151,10 @@ class SemanticGuidance(_EditParams):
 
 
 _PRESETS = {
-    # BiasMap's released code (run_gender.py / run_race.py batch runs): even seeds -> the first group here
+    # BiasMap's released code (run_gender.py / run_race.py batch runs): even seeds -> the first group here;
+    # labels as the audit's attribute sets name them (so audits report how often the steer lands)
     "gender": {"female": "a female", "male": "a male"},
-    "race": {"black": "an African-american person", "white": "a white person"},
+    "race": {"African-American": "an African-american person", "White": "a white person"},
 }
 
 

@@ -116,8 +116,8 @@ def test_fair_diffusion_per_image_plans(sd64):
 def test_fair_diffusion_assignment():
     fd = FairDiffusion.preset("race")
     assert [fd.plan(s) for s in (10, 7)] == [
-        (["a white person", "an African-american person"], [True, False], "black"),
-        (["an African-american person", "a white person"], [True, False], "white")]
+        (["a white person", "an African-american person"], [True, False], "African-American"),
+        (["an African-american person", "a white person"], [True, False], "White")]
     r = FairDiffusion({"young": "a young person", "old": "an old person"}, target={"young": 0.75, "old": 0.25},
                       assign="random")
     labels = [r.label_for(s) for s in range(4000)]
@@ -407,3 +407,24 @@ def test_audit_guide_input_checks(tiny_sd, tmp_path):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(res.run_dir / ip["image"]).convert("RGB")), np.asarray(plain.images[0]))
+
+
+def test_audit_reports_fair_diffusion_steering(tiny_sd, tmp_path):
+    """With a classifier, the summary gives the share of neutral images classified as the group they were steered
+    to (here a classifier that always answers "female": 1.0 for the female-steered seeds, 0.0 for the others)."""
+    import numpy as np
+
+    from fastfair.classify import AttributeClassifier
+
+    class AlwaysFemale(AttributeClassifier):
+        labels = {"gender": ("male", "female")}
+
+        def predict(self, images):
+            return {"gender": np.tile([0.1, 0.9], (len(images), 1))}
+
+    res = fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", seeds=4, steps=2,
+                         progress=False, n_boot=0, classifier=AlwaysFemale(), entanglement="none",
+                         edit_guidance=FairDiffusion.preset("gender", warmup=0), out=tmp_path / "s")
+    st = res.summary["steering"]["gender"]
+    assert st == {"overall": 0.5, "n": 4, "per_target": {"female": 1.0, "male": 0.0}}
+    assert "Fair Diffusion steering" in (res.run_dir / "report.html").read_text()

@@ -419,6 +419,14 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                 + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a["per_label"].items() if v is not None)]
                 for n, a in adh.items()]
         parts.append(_table(["attribute set", "adherence", "images", "per word"], rows))
+    steer = summary.get("steering", {})
+    if steer:
+        parts.append("<h2>Fair Diffusion steering (neutral images)</h2><p>Share of neutral images whose predicted "
+                     "class is the group Fair Diffusion steered them to.</p>")
+        rows = [[E(n), f"{100 * a['overall']:.1f}%" if a["overall"] is not None else "–", a["n"]]
+                + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a["per_target"].items() if v is not None)]
+                for n, a in steer.items()]
+        parts.append(_table(["attribute set", "on target", "images", "per group"], rows))
     parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2)) + "</pre>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content=\"width=device-width,initial-scale=1\">"

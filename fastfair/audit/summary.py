@@ -193,6 +193,23 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                              "per_label": {lab: _f(hit[rows.loc[ok, "label"] == lab].mean())
                                            for lab in attrs[name]["labels"]}}
             out["adherence"] = adh
+        if "edit_target" in neutral.columns and neutral["edit_target"].notna().any():
+            # Fair Diffusion: how often the classifier sees the group each neutral image was steered to,
+            # for every attribute set whose labels name all the groups
+            steer = {}
+            targets_seen = set(neutral["edit_target"].dropna())
+            for name, a in attrs.items():
+                if not targets_seen <= set(a["labels"]):
+                    continue
+                pred = neutral[f"pred_{slug(name)}"]
+                ok = pred.notna() & neutral["edit_target"].notna()
+                if not ok.any():
+                    continue
+                hit = pred[ok] == neutral.loc[ok, "edit_target"]
+                steer[name] = {"overall": _f(hit.mean()), "n": int(ok.sum()),
+                               "per_target": {lab: _f(hit[neutral.loc[ok, "edit_target"] == lab].mean())
+                                              for lab in a["labels"] if lab in targets_seen}}
+            out["steering"] = steer
     return out
 
 
