@@ -4,7 +4,8 @@
 #                              CUDA tests (xdist, incl. the direct-launch path now on by default),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
-#                              guided sampling vs the reference style, SD3-medium-size attribution text streams
+#                              guided sampling vs the reference style, SD3-medium-size attribution text streams,
+#                              Fair Diffusion / SEGA vs diffusers' semantic pipeline
 #   bash bench/gpu_next.sh C   setup, bench/triton_sweep.py (head groups, row tiles, query splits; CUDA-graph
 #                              times; --mmdit: SD3 / Flux joint attention), bench/compile_check.py (generate with maps, eager vs torch.compile'd
 #                              UNet, default and reduce-overhead = CUDA graphs: speed and map agreement)
@@ -69,4 +70,7 @@ else
   log "SD3-medium-size open-vocabulary maps (attribution text streams) vs plain"
   timeout $(cap 90 5) python3 bench/bench_mmdit_attribution.py --device cuda --layers 24 --size 1024 --steps 4 \
     --images 2 --repeats 3 > "$RES/mmdit_attribution.txt" 2>&1; tail -7 "$RES/mmdit_attribution.txt"
+  log "Fair Diffusion / SEGA vs diffusers' SemanticStableDiffusionPipeline"
+  timeout $(cap 90 5) python3 bench/bench_fair_diffusion.py --device cuda --model sd15-shaped --steps 20 \
+    --warmup 5 --batch 8 --runs 2 > "$RES/fair_diffusion.md" 2>&1; tail -7 "$RES/fair_diffusion.md"
 fi
