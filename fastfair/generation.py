@@ -413,7 +413,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     ``map_steps`` restricts the maps to those denoising step indices. ``guidance`` takes a
     ``fastfair.EntanglementGuidance`` (BiasMap's energy guidance); its per-step diagnostics land in
     ``Generation.diagnostics``. ``edit_guidance`` takes a ``fastfair.SemanticGuidance`` (SEGA) or
-    ``fastfair.FairDiffusion`` (SD 1.x/2.x and SDXL, with classifier-free guidance); it combines with
+    ``fastfair.FairDiffusion`` (SD 1.x/2.x, SDXL and SD3, with classifier-free guidance); it combines with
     ``guidance`` as in BiasMap's released code, and its editing prompts get no maps.
     """
     from contextlib import ExitStack

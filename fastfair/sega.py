@@ -12,8 +12,8 @@ added once every concept is past its warm-up (while only some are, their weight-
 momentum is added); a concept past its cool-down adds no new guidance (the momentum it built decays on).
 Warm-up and cool-down count scheduler steps (loop iterations: PNDM's first step is doubled, Heun steps
 twice per timestep). That is exactly diffusers'
-``SemanticStableDiffusionPipeline`` (tested against it), with the edit rows folded into any SD 1.x/2.x or
-SDXL pipeline, per-image editing prompts (a batch may push its images in different directions), and
+``SemanticStableDiffusionPipeline`` (tested against it), with the edit rows folded into any SD 1.x/2.x,
+SDXL or SD3 pipeline (SD3: on the velocity, where its pipeline applies CFG), per-image editing prompts (a batch may push its images in different directions), and
 with fastfair's maps and entanglement guidance in the same run.
 
 Fair Diffusion instructs a generation on fairness with SEGA: per image a target group is chosen (by
@@ -297,9 +297,12 @@ def check_edit_guidance(pipe, spec, guidance_scale: float, seeds, steps: int | N
     if not hasattr(spec, "plan"):
         raise TypeError(f"edit_guidance takes a fastfair.SemanticGuidance or fastfair.FairDiffusion; got "
                         f"{type(spec).__name__}")
-    if getattr(pipe, "unet", None) is None:
-        raise ValueError(f"semantic guidance / Fair Diffusion runs on UNet pipelines (SD 1.x/2.x, SDXL); "
-                         f"{type(pipe).__name__} has none")
+    from .processors import denoiser, is_flux
+
+    net = denoiser(pipe)
+    if net is None or is_flux(net):
+        raise ValueError(f"semantic guidance / Fair Diffusion needs a pipeline with classifier-free guidance (SD 1.x/2.x, "
+                         f"SDXL, SD3); {type(pipe).__name__} has none (FLUX.1 is guidance-distilled)")
     if not guidance_scale > 1:
         raise ValueError(f"semantic guidance / Fair Diffusion edits ride on classifier-free guidance; "
                          f"guidance_scale is {guidance_scale}: use a value > 1")
@@ -325,9 +328,13 @@ def check_edit_guidance(pipe, spec, guidance_scale: float, seeds, steps: int | N
 
 def encode_edits(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings (and SDXL's pooled embeddings) of editing prompts, as the pipeline encodes a prompt."""
-    out = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
-                             do_classifier_free_guidance=False)
-    if len(out) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
+    kw = dict(prompt=list(texts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    import inspect
+
+    if "prompt_3" in inspect.signature(pipe.encode_prompt).parameters:
+        kw.update(prompt_2=None, prompt_3=None)  # SD3: the same text for its three encoders, as its pipeline does
+    out = pipe.encode_prompt(**kw)
+    if len(out) == 4:  # SDXL / SD3: (embeds, negative, pooled, negative pooled)
         return out[0], out[2]
     return out[0], None
 
@@ -345,6 +352,7 @@ class EditGuider:
         self.embeds, self.pooled, self.signs = embeds, pooled, signs  # (E*N, L, D) concept-major, (E*N, P), (E, N)
         self.E = signs.shape[0]
         self.net = denoiser(pipe)
+        self._by_keyword = getattr(pipe, "unet", None) is None  # SD3's transformer: hidden_states=, timestep=
         self.raw = raw_forward
         self.step_idx = 0
         self.momentum = None
@@ -353,7 +361,10 @@ class EditGuider:
 
     def _unet_forward(self, *args, **kwargs):
         out = self._inner(*args, **kwargs)
-        sample, timestep, rest = args[0], args[1], args[2:]
+        if self._by_keyword:
+            sample, timestep, rest = kwargs["hidden_states"], kwargs["timestep"], args
+        else:
+            sample, timestep, rest = args[0], args[1], args[2:]
         n, batch = self.n, sample.shape[0]
         if batch != 2 * n:
             raise RuntimeError(f"semantic guidance needs classifier-free guidance (a UNet call of {2 * n} rows "
@@ -365,11 +376,15 @@ class EditGuider:
         t_e = _take_rows(timestep, idx, batch)
         rest = _take_rows(rest, idx, batch)
         kw = _take_rows(dict(kwargs, return_dict=False), idx, batch)
+        kw.pop("hidden_states", None)
+        kw.pop("timestep", None)
         if "encoder_hidden_states" in kw:
             kw["encoder_hidden_states"] = self.embeds.to(sample.dtype)
         else:
             rest = (self.embeds.to(sample.dtype),) + tuple(rest[1:])
-        if self.pooled is not None:
+        if self.pooled is not None and "pooled_projections" in kw:  # SD3
+            kw["pooled_projections"] = self.pooled.to(kw["pooled_projections"].dtype)
+        elif self.pooled is not None:
             added = dict(kw.get("added_cond_kwargs") or {})
             if "text_embeds" not in added:
                 raise RuntimeError("SDXL UNet call without pooled text embeddings (added_cond_kwargs['text_embeds'])")
@@ -379,12 +394,17 @@ class EditGuider:
 
         state = getattr(self.pipe, "_fastfair", None)
         x = sample.index_select(0, idx.to(sample.device))
+        def call():
+            if self._by_keyword:
+                return self.raw(*rest, hidden_states=x, timestep=t_e, **kw)[0]
+            return self.raw(x, t_e, *rest, **kw)[0]
+
         with torch.no_grad():
             if state is not None:
                 with _recording(state, None):  # no maps of the editing prompts
-                    e = self.raw(x, t_e, *rest, **kw)[0]
+                    e = call()
             else:
-                e = self.raw(x, t_e, *rest, **kw)[0]
+                e = call()
         o = out[0] if isinstance(out, tuple) else out.sample
         self._pending = (o[:n].detach(), e.view(self.E, n, *e.shape[1:]))
         return out

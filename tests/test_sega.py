@@ -127,12 +127,14 @@ def test_fair_diffusion_assignment():
     assert three.plan(4) == (["x", "z", "y"], [True, True, False], "b")  # 4 % 3 -> b; a, c reversed
 
 
-def test_sdxl_edit_rows(tiny_sdxl):
-    """SDXL's edit rows carry the editing prompt's embeddings and pooled embedding: with every guide kept
-    (threshold 0), no warm-up or momentum, one DDIM step adds s * b * (eps_x - eps_uncond), and
-    b * (eps_x - eps_uncond) is the difference of two plain one-step runs of prompt x at CFG scales 3 and 2
-    (DDIM's step is affine in the noise estimate)."""
-    pipe = copy.deepcopy(tiny_sdxl).to(torch.float64)
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3"])
+def test_pooled_edit_rows(model):
+    """SDXL's and SD3's edit rows carry the editing prompt's embeddings and pooled embedding: with every guide
+    kept (threshold 0), no warm-up or momentum, one step adds s * b * (out_x - out_uncond), and
+    b * (out_x - out_uncond) is the difference of two plain one-step runs of prompt x at CFG scales 3 and 2
+    (DDIM's and flow-matching Euler's steps are affine in the model output; SD3's edit acts on the velocity,
+    where its pipeline applies CFG)."""
+    pipe = copy.deepcopy(fastfair.load_pipeline(model)).to(torch.float64)
     kw = dict(seeds=[1, 2], steps=1, progress=False)
     s = 2.5
     edit = fastfair.generate(pipe, PROMPT, **kw, edit_guidance=SemanticGuidance(
@@ -143,6 +145,24 @@ def test_sdxl_edit_rows(tiny_sdxl):
     # float32 copies of float64 latents: rounding ~2e-7 each
     torch.testing.assert_close(edit.latents - plain.latents, s * (x3.latents - x2.latents), rtol=0, atol=3e-6)
     assert (edit.latents - plain.latents).abs().max() > 1e-3
+
+
+def test_sd3_with_maps_and_guidance():
+    """On SD3 Fair Diffusion runs beside word maps and entanglement guidance (both on the transformer's
+    keyword call); an edit that has not applied yet leaves the maps of those steps the plain run's."""
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    kw = dict(seeds=[0, 1], steps=3, maps=["doctor", "face"], progress=False, map_steps=[0, 1],
+              attributions={"g": (PROMPT + " and gender", ["doctor", "gender"])})  # text streams (fastfair.shadow)
+    fd = FairDiffusion.preset("gender", warmup=2)
+    plain = fastfair.generate(pipe, PROMPT, **kw)
+    g = fastfair.generate(pipe, PROMPT, **kw, edit_guidance=fd)
+    for w in ("doctor", "face"):
+        torch.testing.assert_close(g.maps[w], plain.maps[w], rtol=0, atol=1e-6)
+    for w in ("doctor", "gender"):
+        torch.testing.assert_close(g.attribution_maps["g"][w], plain.attribution_maps["g"][w], rtol=0, atol=1e-6)
+    assert (g.latents - plain.latents).abs().max() > 1e-3
+    gg = fastfair.generate(pipe, PROMPT, **kw, edit_guidance=fd, guidance=EntanglementGuidance("doctor", "face"))
+    assert gg.diagnostics["applied"][1:].all() and gg.diagnostics["edit_norm"][2].gt(0).all()
 
 
 def test_with_entanglement_guidance(sd64):
@@ -225,6 +245,9 @@ def test_bad_input(tiny_sd):
     with pytest.raises(ValueError, match="guidance_scale > 1|value > 1"):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, guidance_scale=1.0, progress=False,
                           edit_guidance=SemanticGuidance(["a"]))
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        fastfair.generate(fastfair.load_pipeline("tiny-flux"), PROMPT, seeds=[0], steps=2, progress=False,
+                          edit_guidance=SemanticGuidance(["a"], warmup=0))
     with pytest.raises(ValueError, match="77"):
         fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False,
                           edit_guidance=SemanticGuidance(["word " * 100], warmup=0))
