@@ -373,6 +373,28 @@ def _report(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare audit runs (a mitigation against its baseline), image by image",
+                       description="Compare audit runs against a baseline run of the same plan: every entanglement "
+                                   "and distribution metric on the images both runs hold, with paired, "
+                                   "profession-stratified bootstrap intervals of the difference (run - baseline).")
+    p.add_argument("baseline", help="the baseline audit run directory")
+    p.add_argument("runs", nargs="+", help="audit run directories to compare against it")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--boot-seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
+
+
+def _compare(args) -> int:
+    from .audit.compare import compare, format_markdown, write_json
+
+    res = compare(args.baseline, *args.runs, n_boot=args.n_boot, seed=args.boot_seed)
+    print(format_markdown(res))
+    if args.json:
+        print(f"wrote {write_json(res, args.json)}")
+    return 0
+
+
 def _add_edit(sub) -> None:
     p = sub.add_parser("edit", help="edit a model's weights (MIST debiasing)")
     esub = p.add_subparsers(dest="method", required=True)
@@ -547,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub)
     _add_audit(sub)
     _add_report(sub)
+    _add_compare(sub)
     _add_edit(sub)
     _add_finetune(sub)
     _add_bench(sub)
@@ -560,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "audit": _audit, "report": _report, "edit": _edit,
+        return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error: {e}", file=sys.stderr)

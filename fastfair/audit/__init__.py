@@ -12,6 +12,7 @@ from .attributes import ATTRIBUTE_SETS, AttributeSet, AttributeSpecError, parse_
 from .prompts import PROMPT_SETS, PromptSetError, load_professions
 from .runner import AuditInputError, AuditResult, audit
 from .store import RunDirError, load_results
+from .compare import CompareError, compare
 
 
 def report(run_dir, out=None, **kwargs):
@@ -21,7 +22,7 @@ def report(run_dir, out=None, **kwargs):
     return write_report(run_dir, out=out, **kwargs)
 
 
-__all__ = ["audit", "report", "load_results", "AuditResult", "AuditInputError", "RunDirError", "PromptSetError",
+__all__ = ["audit", "report", "compare", "CompareError", "load_results", "AuditResult", "AuditInputError", "RunDirError", "PromptSetError",
            "AttributeSpecError", "AttributeSet", "ATTRIBUTE_SETS", "PROMPT_SETS", "parse_attributes",
            "load_professions"]
 

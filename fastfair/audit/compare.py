@@ -1,0 +1,251 @@
+"""Compare audit runs: a baseline against other models or mitigations (Fair Diffusion, entanglement guidance, a
+MIST edit, a DFT LoRA, ...), image by image.
+
+Two runs of the same plan hold the same images up to the change under test: neutral image (profession, seed)
+and in-prompt image (profession, seed, attribute set, class) exist in both. Every metric is compared on the
+pairs present in both, and its difference (other - baseline) gets a paired, profession-stratified percentile
+bootstrap interval: within each profession the *pairs* are resampled (the same indices for both runs), the
+statistic is computed on both resampled runs, and the overall value is the macro mean over professions, as in
+the audit's own summary. Pairing removes the seed-to-seed variation both runs share, so a mitigation's effect
+gets a much tighter interval than two independent intervals would suggest.
+
+Compared: open-vocabulary entanglement (IoU, SoftIoU per attribute word), in-prompt entanglement per attribute
+set, and the output distribution per attribute set (DFT bias, KL to uniform, target gap, and for two classes
+Delta and risk difference). Runs must have been measured alike -- same prompts template, attribute sets,
+map aggregation, IoU / SoftIoU settings and (for distributions) classifier -- or the comparison is refused; the
+settings that differ (the model, generation settings, mitigations) are listed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import distribution as D
+from .attributes import slug
+from .store import RunDirError, RunStore, load_results
+from .summary import _interval, _metrics_for, _safe
+
+__all__ = ["compare", "CompareError", "format_markdown"]
+
+
+class CompareError(ValueError):
+    """Runs that cannot be compared (different measurement, nothing in common)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("generation", "metrics"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _Run:
+    def __init__(self, path):
+        self.root = Path(path)
+        cfg = RunStore(self.root).read_config() if (self.root / "audit.json").exists() else None
+        if cfg is None:
+            raise RunDirError(f"{self.root} is not a fastfair audit directory (no audit.json)")
+        self.config, self.settings = cfg, cfg["settings"]
+        df = load_results(self.root)
+        if not len(df):
+            raise RunDirError(f"{self.root} has no finished images yet; run the audit (or --resume it) first")
+        self.df = df
+        self.targets = cfg.get("summary", {}).get("targets", {}) or {}
+
+    def name(self) -> str:
+        return self.settings.get("model", str(self.root))
+
+
+def _check_alike(a: _Run, b: _Run) -> list[str]:
+    """Raise unless a and b were measured alike; returns the settings that differ."""
+    sa, sb = a.settings, b.settings
+    must = {"template": (sa["template"], sb["template"]), "metrics": (sa["metrics"], sb["metrics"]),
+            "aggregation": (sa["generation"].get("aggregation"), sb["generation"].get("aggregation"))}
+    for n in set(sa["attributes"]) & set(sb["attributes"]):
+        must[f"attributes.{n}"] = (sa["attributes"][n], sb["attributes"][n])
+    if "open" in sa["entanglement"] and "open" in sb["entanglement"]:
+        must["attribution_template"] = (sa["attribution_template"], sb["attribution_template"])
+    if "inprompt" in sa["entanglement"] and "inprompt" in sb["entanglement"]:
+        must["inprompt_template"] = (sa["inprompt_template"], sb["inprompt_template"])
+    bad = sorted(k for k, (x, y) in must.items() if x != y)
+    if bad:
+        raise CompareError(f"{a.root} and {b.root} were measured differently ({', '.join(bad)}); their numbers "
+                           "are not comparable -- audit both with the same measurement settings")
+    fa, fb = _flat(sa), _flat(sb)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def _pairs(a, b, keys, col):
+    """(professions in a's order, per profession: (values a, values b)) over keys present in both."""
+    m = a[keys + [col]].merge(b[keys + [col]], on=keys, suffixes=("_a", "_b"))
+    profs = list(dict.fromkeys(a["profession"]))
+    out = {}
+    for p, g in m.groupby("profession", sort=False):
+        g = g.sort_values(keys)
+        out[p] = (g[f"{col}_a"].to_numpy(), g[f"{col}_b"].to_numpy())
+    return [p for p in profs if p in out], out
+
+
+def _ci(point, boots, level) -> dict:
+    lo, hi = _interval(boots, level)
+    f = lambda x: None if not np.isfinite(x) else float(x)  # noqa: E731
+    return {"mean": f(point), "lo": f(lo), "hi": f(hi)}
+
+
+def _mean_block(a, b, keys, col, n_boot, seed, level) -> dict | None:
+    profs, data = _pairs(a, b, keys, col)
+    rng = np.random.default_rng(seed)
+    pa, pb, pd_, boots = [], [], [], []
+    n = 0
+    for p in profs:
+        va, vb = (x.astype(np.float64) for x in data[p])
+        ok = np.isfinite(va) & np.isfinite(vb)  # an undefined IoU (empty mask) in either run drops the pair
+        va, vb = va[ok], vb[ok]
+        if not va.size:
+            continue
+        n += va.size
+        d = vb - va
+        pa.append(va.mean()), pb.append(vb.mean()), pd_.append(d.mean())
+        boots.append(d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1))
+    if not n:
+        return None
+    boot = np.mean(np.stack(boots), axis=0)
+    return {"baseline": float(np.mean(pa)), "other": float(np.mean(pb)), "diff": _ci(np.mean(pd_), boot, level),
+            "n_pairs": int(n), "professions": len(pd_)}
+
+
+def _distribution_blocks(a, b, col, labels, target, n_boot, seed, level) -> dict:
+    K = len(labels)
+    metrics = _metrics_for(K, target)
+    profs, data = _pairs(a, b, ["profession", "seed"], col)
+    rng = np.random.default_rng(seed)
+    vals = {name: ([], [], [], []) for name in metrics}  # base points, other points, diff points, diff boots
+    n = 0
+    for p in profs:
+        ca, cb = D.encode(list(data[p][0]), labels), D.encode(list(data[p][1]), labels)
+        if not ca.size:
+            continue
+        n += ca.size
+        idx = rng.integers(0, ca.size, size=(n_boot, ca.size))
+        fa, fb = D.frequencies(ca, K)[None], D.frequencies(cb, K)[None]
+        ba, bb = D.frequencies(ca[idx], K), D.frequencies(cb[idx], K)
+        for name, fn in metrics.items():
+            xa, xb = _safe(fn, fa)[0], _safe(fn, fb)[0]
+            v = vals[name]
+            v[0].append(xa), v[1].append(xb), v[2].append(xb - xa), v[3].append(_safe(fn, bb) - _safe(fn, ba))
+    out = {}
+    if not n:
+        return out
+    with np.errstate(invalid="ignore"), D._quiet_nanmean():
+        for name, (xa, xb, d, boots) in vals.items():
+            boot = np.nanmean(np.stack(boots), axis=0)
+            out[name] = {"baseline": _f(np.nanmean(xa)), "other": _f(np.nanmean(xb)),
+                         "diff": _ci(np.nanmean(d), boot, level), "n_pairs": int(n), "professions": len(d)}
+    return out
+
+
+def _f(x):
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Compare audit run directories ``others`` against ``baseline``, image by image (see the module doc).
+
+    Returns {"baseline": run, "comparisons": [{"run", "differs", "entanglement", "distribution"}, ...]}, every
+    metric as {"baseline", "other", "diff": {"mean", "lo", "hi"}, "n_pairs", "professions"}.
+    """
+    if not others:
+        raise CompareError("give at least one run to compare against the baseline")
+    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
+        raise CompareError(f"n_boot must be a whole number >= 1; got {n_boot}")
+    if not 0 < level < 1:
+        raise CompareError(f"level must be in (0, 1); got {level}")
+    base = _Run(baseline)
+    out = {"baseline": {"run": str(base.root), "model": base.name()},
+           "bootstrap": {"n_boot": int(n_boot), "seed": seed, "level": level, "paired": True}, "comparisons": []}
+    for o in others:
+        run = _Run(o)
+        differs = _check_alike(base, run)
+        A, B = base.df, run.df
+        na, nb = A[A["kind"] == "neutral"], B[B["kind"] == "neutral"]
+        ent: dict = {}
+        if "open" in base.settings["entanglement"] and "open" in run.settings["entanglement"]:
+            words = [a["open_word"] for n, a in base.settings["attributes"].items() if n in run.settings["attributes"]]
+            for w in dict.fromkeys(words):
+                for kind in ("iou", "softiou"):
+                    col = f"{kind}_open_{slug(w)}"
+                    if col in na.columns and col in nb.columns:
+                        blk = _mean_block(na, nb, ["profession", "seed"], col, n_boot, seed, level)
+                        if blk is not None:
+                            ent[f"{'IoU' if kind == 'iou' else 'SoftIoU'}(profession, {w}), open"] = blk
+        if "inprompt" in base.settings["entanglement"] and "inprompt" in run.settings["entanglement"]:
+            ia, ib = A[A["kind"] == "inprompt"], B[B["kind"] == "inprompt"]
+            for name in base.settings["attributes"]:
+                if name not in run.settings["attributes"]:
+                    continue
+                ra, rb = ia[ia["attribute"] == name], ib[ib["attribute"] == name]
+                for kind in ("iou", "softiou"):
+                    blk = _mean_block(ra, rb, ["profession", "seed", "label"], f"{kind}_inprompt", n_boot, seed,
+                                      level)
+                    if blk is not None:
+                        ent[f"{'IoU' if kind == 'iou' else 'SoftIoU'}(profession, {name} word), in-prompt"] = blk
+        dist: dict = {}
+        ca, cb = base.settings.get("classifier"), run.settings.get("classifier")
+        if ca and cb:
+            if ca != cb:
+                raise CompareError(f"{base.root} and {run.root} classified their images with different classifiers; "
+                                   "their distributions are not comparable (audit both with the same --classifier)")
+            for name, a in base.settings["attributes"].items():
+                if name not in run.settings["attributes"]:
+                    continue
+                col = f"pred_{slug(name)}"
+                target = base.targets.get(name) or [1.0 / len(a["labels"])] * len(a["labels"])
+                blk = _distribution_blocks(na, nb, col, list(a["labels"]), target, n_boot, seed, level)
+                if blk:
+                    dist[name] = blk
+        if not ent and not dist:
+            raise CompareError(f"{base.root} and {run.root} have no metric on common images (same professions and "
+                               "seeds, a shared attribute set and entanglement mode or classifier)")
+        out["comparisons"].append({"run": str(run.root), "model": run.name(), "differs": differs,
+                                   "entanglement": ent, "distribution": dist})
+    return out
+
+
+def format_markdown(result: dict) -> str:
+    """Tables of ``compare``'s result, one per compared run."""
+    lv = int(round(100 * result["bootstrap"]["level"]))
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = []
+    for c in result["comparisons"]:
+        lines.append(f"## {c['run']} vs baseline {result['baseline']['run']}")
+        if c["differs"]:
+            lines.append("settings that differ: " + ", ".join(c["differs"]))
+        lines.append("")
+        lines.append(f"| metric | baseline | this run | difference [{lv}% CI, paired] | pairs |")
+        lines.append("|---|---|---|---|---|")
+        rows = list(c["entanglement"].items()) + [(f"{m}({s})", v) for s, blk in c["distribution"].items()
+                                                  for m, v in blk.items()]
+        for name, v in rows:
+            d = v["diff"]
+            ci = f" [{num(d['lo'])}, {num(d['hi'])}]" if d["lo"] is not None else ""
+            lines.append(f"| {name} | {num(v['baseline'])} | {num(v['other'])} | {num(d['mean'])}{ci} | "
+                         f"{v['n_pairs']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> Path:
+    from .._io import atomic_write
+
+    p = Path(path)
+    atomic_write(p, json.dumps(result, indent=2).encode())
+    return p

@@ -1,0 +1,125 @@
+"""fastfair.audit.compare / `fastfair compare`: paired differences between audit runs, against values computed
+here with pandas from the two runs' rows; intervals of exactly known differences; refusals."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fastfair
+from fastfair.audit import CompareError, compare
+from fastfair.classify import AttributeClassifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Alternating(AttributeClassifier):
+    """Gender by image brightness parity: a deterministic function of the image."""
+    labels = {"gender": ("male", "female")}
+
+    def predict(self, images):
+        p = np.array([[0.8, 0.2] if int(np.asarray(im).mean() * 10) % 2 else [0.3, 0.7] for im in images])
+        return {"gender": p}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_sd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "base"
+    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=4, steps=2,
+                   progress=False, n_boot=0, classifier=Alternating(), entanglement="open,inprompt", out=out,
+                   report=False)
+    return out
+
+
+def edited(base, tmp_path, fn, config_fn=None):
+    """A copy of the run whose rows went through ``fn`` (and its audit.json through ``config_fn``)."""
+    dst = tmp_path / "other"
+    shutil.copytree(base, dst)
+    df = pd.read_parquet(dst / "results.parquet")
+    fn(df).to_parquet(dst / "results.parquet")
+    if config_fn is not None:
+        cfg = json.loads((dst / "audit.json").read_text())
+        config_fn(cfg)
+        (dst / "audit.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_identical_runs_differ_by_zero(base):
+    res = compare(base, base, n_boot=200)
+    c = res["comparisons"][0]
+    assert c["differs"] == []
+    for v in list(c["entanglement"].values()) + list(c["distribution"]["gender"].values()):
+        assert v["diff"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert c["entanglement"]["IoU(profession, gender), open"]["n_pairs"] == 8
+    assert c["entanglement"]["IoU(profession, gender word), in-prompt"]["n_pairs"] == 16
+
+
+def test_known_differences(base, tmp_path):
+    """IoU + 0.1 on every neutral image: difference 0.1 with a zero-width interval; SoftIoU perturbed per image:
+    the point difference is the macro mean (over professions) of the per-pair differences; every image
+    classified "female": DFT bias and Delta follow from the frequencies."""
+    rng = np.random.default_rng(1)
+
+    def fn(df):
+        df = df.copy()
+        neu = df["kind"] == "neutral"
+        df.loc[neu, "iou_open_gender"] += 0.1
+        df.loc[neu, "softiou_open_gender"] += rng.normal(0, 0.05, neu.sum())
+        df.loc[neu, "pred_gender"] = "female"
+        return df
+
+    other = edited(base, tmp_path, fn)
+    c = compare(base, other, n_boot=300)["comparisons"][0]
+    iou = c["entanglement"]["IoU(profession, gender), open"]["diff"]
+    assert iou["mean"] == pytest.approx(0.1) and iou["lo"] == pytest.approx(0.1) and iou["hi"] == pytest.approx(0.1)
+    a = pd.read_parquet(base / "results.parquet")
+    b = pd.read_parquet(other / "results.parquet")
+    a, b = a[a["kind"] == "neutral"], b[b["kind"] == "neutral"]
+    m = a.merge(b, on=["profession", "seed"], suffixes=("_a", "_b"))
+    want = (m["softiou_open_gender_b"] - m["softiou_open_gender_a"]).groupby(m["profession"]).mean().mean()
+    soft = c["entanglement"]["SoftIoU(profession, gender), open"]
+    assert soft["diff"]["mean"] == pytest.approx(want, abs=1e-12)
+    assert soft["diff"]["lo"] < soft["diff"]["mean"] < soft["diff"]["hi"]
+    assert soft["baseline"] == pytest.approx(a.groupby("profession")["softiou_open_gender"].mean().mean())
+    # distribution: the other run is all "female" (bias 1, Delta 1); the baseline's from its own frequencies
+    fa = [(g == "female").mean() for _, g in a.groupby("profession", sort=False)["pred_gender"]]
+    dist = c["distribution"]["gender"]
+    assert dist["dft_bias"]["other"] == pytest.approx(1.0) and dist["delta"]["other"] == pytest.approx(1.0)
+    assert dist["dft_bias"]["baseline"] == pytest.approx(np.mean([abs(1 - 2 * f) for f in fa]))
+    assert dist["dft_bias"]["diff"]["mean"] == pytest.approx(1.0 - np.mean([abs(1 - 2 * f) for f in fa]))
+    assert dist["risk_difference"]["other"] == pytest.approx(-1.0)  # male - female
+
+
+def test_refusals(base, tmp_path):
+    other = edited(base, tmp_path, lambda df: df, lambda cfg: cfg["settings"]["metrics"].update(percentile=50.0))
+    with pytest.raises(CompareError, match="measured differently.*metrics"):
+        compare(base, other)
+    shutil.rmtree(other)
+    other = edited(base, tmp_path, lambda df: df,
+                   lambda cfg: cfg["settings"].update(classifier={"type": "another"}))
+    with pytest.raises(CompareError, match="different classifiers"):
+        compare(base, other)
+    with pytest.raises(CompareError, match="at least one run"):
+        compare(base)
+    with pytest.raises(fastfair.audit.RunDirError, match="not a fastfair audit"):
+        compare(base, tmp_path)
+
+
+def test_mitigated_run_and_cli(base, tiny_sd, tmp_path, capsys):
+    """A Fair Diffusion audit of the same plan against the baseline: the differing settings are named, the
+    CLI prints the table and writes the JSON."""
+    from fastfair.cli import main
+
+    fd = tmp_path / "fd"
+    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=4, steps=2,
+                   progress=False, n_boot=0, classifier=Alternating(), entanglement="open,inprompt", out=fd,
+                   report=False, edit_guidance=fastfair.FairDiffusion.preset("gender", warmup=0))
+    c = compare(base, fd, n_boot=100)["comparisons"][0]
+    assert c["differs"] == ["generation.edit_guidance"]
+    assert main(["compare", str(base), str(fd), "--n-boot", "100", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| IoU(profession, gender), open |" in out and "settings that differ: generation.edit_guidance" in out
+    assert json.loads((tmp_path / "c.json").read_text())["comparisons"][0]["run"] == str(fd)
+    assert main(["compare", str(base), str(tmp_path / "nowhere")]) == 1
+    assert "not a fastfair audit" in capsys.readouterr().err
