@@ -227,7 +227,33 @@ class _JointRecorder:
             self.guide.add(layer, maps[:, :, tu:].sum(1) if per_head else maps[:, tu:], nq, heads)
 
 
-class Guider:
+class StepHooks:
+    """Replaces ``scheduler.step`` (with ``step(orig_step, *args)``) and the denoiser's ``forward`` for the
+    duration of a with-block, restoring exactly what was there (an instance attribute such as accelerate's
+    offload wrapper, or none)."""
+
+    def _install(self, sched, net, step, forward):
+        """Returns the forward in effect before."""
+        orig = sched.step
+        self._orig_step_attr = sched.__dict__.get("step")
+        sched.step = lambda *a, **k: step(orig, *a, **k)
+        self._orig_forward_attr = net.__dict__.get("forward")
+        inner = net.forward
+        net.forward = forward
+        return inner
+
+    def _uninstall(self, sched, net) -> None:
+        if self._orig_step_attr is None:
+            del sched.step
+        else:
+            sched.step = self._orig_step_attr
+        if self._orig_forward_attr is None:
+            del net.forward
+        else:
+            net.forward = self._orig_forward_attr
+
+
+class Guider(StepHooks):
     """Installed on a patched pipeline for one batch of ``generate``."""
 
     def __init__(self, pipe, guidance: EntanglementGuidance, tokens: torch.Tensor, pair_index: list,
@@ -432,13 +458,8 @@ class Guider:
 
     # -- install / remove ------------------------------------------------------------------------
     def __enter__(self):
-        sched, unet = self.pipe.scheduler, self.net
-        orig = sched.step
-        self._orig_attr = sched.__dict__.get("step")
-        sched.step = lambda *a, **k: self._step(orig, *a, **k)
-        self._orig_forward_attr = unet.__dict__.get("forward")  # e.g. accelerate's offload wrapper
-        self._forward = unet.forward
-        unet.forward = self._unet_forward
+        unet = self.net
+        self._forward = self._install(self.pipe.scheduler, unet, self._step, self._unet_forward)
         self._ckpt = None
         if self.g.checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
             self._ckpt = getattr(unet, "gradient_checkpointing", False)
@@ -446,16 +467,9 @@ class Guider:
         return self
 
     def __exit__(self, *exc):
-        sched, unet = self.pipe.scheduler, self.net
+        unet = self.net
         self._pending = None
-        if self._orig_attr is None:
-            del sched.step
-        else:
-            sched.step = self._orig_attr
-        if self._orig_forward_attr is None:
-            del unet.forward
-        else:
-            unet.forward = self._orig_forward_attr
+        self._uninstall(self.pipe.scheduler, unet)
         self._forward = None
         if self._ckpt is False:
             unet.disable_gradient_checkpointing()

@@ -35,6 +35,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .guidance import StepHooks
+
 __all__ = ["SemanticGuidance", "FairDiffusion", "sega_update"]
 
 
@@ -339,7 +341,7 @@ def encode_edits(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, torc
     return out[0], None
 
 
-class EditGuider:
+class EditGuider(StepHooks):
     """Installed on a pipeline for one batch of ``generate``: adds SEGA's edit rows to every UNet call and
     its guidance to every scheduler step. ``raw_forward``: the UNet forward the edit rows go through
     (the plain one, not an entanglement guider's)."""
@@ -422,26 +424,12 @@ class EditGuider:
         return orig_step(model_output, timestep, sample, *args, **kwargs)
 
     def __enter__(self):
-        sched, unet = self.pipe.scheduler, self.net
-        orig = sched.step
-        self._orig_step_attr = sched.__dict__.get("step")
-        sched.step = lambda *a, **k: self._step(orig, *a, **k)
-        self._orig_forward_attr = unet.__dict__.get("forward")
-        self._inner = unet.forward
-        unet.forward = self._unet_forward
+        self._inner = self._install(self.pipe.scheduler, self.net, self._step, self._unet_forward)
         return self
 
     def __exit__(self, *exc):
-        sched, unet = self.pipe.scheduler, self.net
         self._pending = None
-        if self._orig_step_attr is None:
-            del sched.step
-        else:
-            sched.step = self._orig_step_attr
-        if self._orig_forward_attr is None:
-            del unet.forward
-        else:
-            unet.forward = self._orig_forward_attr
+        self._uninstall(self.pipe.scheduler, self.net)
         return False
 
     def diagnostics(self) -> dict:

@@ -276,6 +276,16 @@ def _sv(d):
     return "" if not d or d.get("mean") is None else d["mean"]
 
 
+def _share_table(blocks: dict, per: str, title: str, blurb: str, head: list) -> list[str]:
+    """A section of per-set shares ({set: {"overall", "n", per: {class: share}}}), or nothing."""
+    if not blocks:
+        return []
+    rows = [[E(n), f"{100 * a['overall']:.1f}%" if a["overall"] is not None else "–", a["n"]]
+            + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a[per].items() if v is not None)]
+            for n, a in blocks.items()]
+    return [f"<h2>{E(title)}</h2><p>{E(blurb)}</p>", _table(head, rows)]
+
+
 def _mitigation(gen: dict) -> str:
     """The mitigations the audited images were generated with, for the page's header."""
     out = []
@@ -411,22 +421,12 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
         rows.append(["<b>all (pooled)</b>", ov["n"]] + [f"{100 * f:.0f}%" if f is not None else "–"
                                                        for f in ov["freq_pooled"]] + [_ci_text(ov["dft_bias"])])
         parts.append(_table(head, rows))
-    adh = summary.get("adherence", {})
-    if adh:
-        parts.append("<h2>Prompt adherence (in-prompt images)</h2><p>Share of in-prompt images whose predicted class "
-                     "is the word in the prompt – a check of the classifier and the model together.</p>")
-        rows = [[E(n), f"{100 * a['overall']:.1f}%" if a["overall"] is not None else "–", a["n"]]
-                + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a["per_label"].items() if v is not None)]
-                for n, a in adh.items()]
-        parts.append(_table(["attribute set", "adherence", "images", "per word"], rows))
-    steer = summary.get("steering", {})
-    if steer:
-        parts.append("<h2>Fair Diffusion steering (neutral images)</h2><p>Share of neutral images whose predicted "
-                     "class is the group Fair Diffusion steered them to.</p>")
-        rows = [[E(n), f"{100 * a['overall']:.1f}%" if a["overall"] is not None else "–", a["n"]]
-                + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a["per_target"].items() if v is not None)]
-                for n, a in steer.items()]
-        parts.append(_table(["attribute set", "on target", "images", "per group"], rows))
+    parts += _share_table(summary.get("adherence", {}), "per_label", "Prompt adherence (in-prompt images)",
+                          "Share of in-prompt images whose predicted class is the word in the prompt – a check of "
+                          "the classifier and the model together.", ["attribute set", "adherence", "images", "per word"])
+    parts += _share_table(summary.get("steering", {}), "per_target", "Fair Diffusion steering (neutral images)",
+                          "Share of neutral images whose predicted class is the group Fair Diffusion steered them to.",
+                          ["attribute set", "on target", "images", "per group"])
     parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2)) + "</pre>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
