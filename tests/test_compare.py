@@ -15,18 +15,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Alternating(AttributeClassifier):
-    """Gender by image brightness parity: a deterministic function of the image."""
-    labels = {"gender": ("male", "female")}
+    """Gender and race by image brightness: a deterministic function of the image."""
+    labels = {"gender": ("male", "female"), "race": ("White", "African-American")}
 
     def predict(self, images):
-        p = np.array([[0.8, 0.2] if int(np.asarray(im).mean() * 10) % 2 else [0.3, 0.7] for im in images])
-        return {"gender": p}
+        m = [np.asarray(im).mean() for im in images]
+        g = np.array([[0.8, 0.2] if int(x * 10) % 2 else [0.3, 0.7] for x in m])
+        r = np.array([[0.6, 0.4] if int(x * 100) % 3 else [0.1, 0.9] for x in m])
+        return {"gender": g, "race": r}
 
 
 @pytest.fixture(scope="module")
 def base(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "base"
-    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=4, steps=2,
+    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender,race", seeds=4, steps=2,
                    progress=False, n_boot=0, classifier=Alternating(), entanglement="open,inprompt", out=out,
                    report=False)
     return out
@@ -49,8 +51,10 @@ def test_identical_runs_differ_by_zero(base):
     res = compare(base, base, n_boot=200)
     c = res["comparisons"][0]
     assert c["differs"] == []
-    for v in list(c["entanglement"].values()) + list(c["distribution"]["gender"].values()):
+    assert sorted(c["distribution"]) == ["gender", "gender×race", "race"]  # intersections too
+    for v in list(c["entanglement"].values()) + [v for d in c["distribution"].values() for v in d.values()]:
         assert v["diff"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    assert c["coverage"]["neutral_pairs"] == 8 and not c["coverage"]["professions_left_out"]
     assert c["entanglement"]["IoU(profession, gender), open"]["n_pairs"] == 8
     assert c["entanglement"]["IoU(profession, gender word), in-prompt"]["n_pairs"] == 16
 
@@ -91,6 +95,42 @@ def test_known_differences(base, tmp_path):
     assert dist["risk_difference"]["other"] == pytest.approx(-1.0)  # male - female
 
 
+def test_abstentions_partial_runs_and_shared_classifier(base, tmp_path):
+    """A run that abstains on every nurse image is compared on the doctor images alone, for baseline, run and
+    difference alike; a run missing the nurse rows is flagged as partial; a classifier description that differs
+    only for a set the other run does not audit is the same classifier."""
+    from fastfair.audit.compare import format_markdown
+
+    def abstain(df):
+        df = df.copy()
+        df.loc[(df["kind"] == "neutral") & (df["profession"] == "nurse"), "pred_gender"] = None
+        return df
+
+    other = edited(base, tmp_path, abstain)
+    g = compare(base, other, n_boot=100)["comparisons"][0]["distribution"]["gender"]["dft_bias"]
+    a = pd.read_parquet(base / "results.parquet")
+    doc = a[(a["kind"] == "neutral") & (a["profession"] == "doctor")]["pred_gender"]
+    want = abs(2 * (doc == "female").mean() - 1)
+    assert g["n_pairs"] == 4 and g["professions"] == 1
+    assert g["baseline"] == pytest.approx(want) and g["other"] == pytest.approx(want) and g["diff"]["mean"] == 0
+    shutil.rmtree(other)
+    other = edited(base, tmp_path, lambda df: df[df["profession"] == "doctor"])
+    res = compare(base, other, n_boot=100)
+    cov = res["comparisons"][0]["coverage"]
+    assert cov["neutral_pairs"] == 4 and cov["professions_left_out"] == ["nurse"]
+    assert "**partial:**" in format_markdown(res) and "professions nurse" in format_markdown(res)
+    shutil.rmtree(other)
+
+    def no_race(cfg):
+        del cfg["settings"]["attributes"]["race"]
+        cfg["settings"]["intersections"] = []
+        cfg["settings"]["classifier"] = {"type": "Alternating", "labels": {"gender": ["male", "female"]}}
+
+    other = edited(base, tmp_path, lambda df: df, no_race)
+    c = compare(base, other, n_boot=100)["comparisons"][0]
+    assert sorted(c["distribution"]) == ["gender"]
+
+
 def test_refusals(base, tmp_path):
     other = edited(base, tmp_path, lambda df: df, lambda cfg: cfg["settings"]["metrics"].update(percentile=50.0))
     with pytest.raises(CompareError, match="measured differently.*metrics"):
@@ -100,6 +140,8 @@ def test_refusals(base, tmp_path):
                    lambda cfg: cfg["settings"].update(classifier={"type": "another"}))
     with pytest.raises(CompareError, match="different classifiers"):
         compare(base, other)
+    with pytest.raises(CompareError, match="n_boot"):
+        compare(base, base, n_boot="abc")
     with pytest.raises(CompareError, match="at least one run"):
         compare(base)
     with pytest.raises(fastfair.audit.RunDirError, match="not a fastfair audit"):
@@ -112,7 +154,7 @@ def test_mitigated_run_and_cli(base, tiny_sd, tmp_path, capsys):
     from fastfair.cli import main
 
     fd = tmp_path / "fd"
-    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=4, steps=2,
+    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender,race", seeds=4, steps=2,
                    progress=False, n_boot=0, classifier=Alternating(), entanglement="open,inprompt", out=fd,
                    report=False, edit_guidance=fastfair.FairDiffusion.preset("gender", warmup=0))
     c = compare(base, fd, n_boot=100)["comparisons"][0]

@@ -10,10 +10,14 @@ the audit's own summary. Pairing removes the seed-to-seed variation both runs sh
 gets a much tighter interval than two independent intervals would suggest.
 
 Compared: open-vocabulary entanglement (IoU, SoftIoU per attribute word), in-prompt entanglement per attribute
-set, and the output distribution per attribute set (DFT bias, KL to uniform, target gap, and for two classes
-Delta and risk difference). Runs must have been measured alike -- same prompts template, attribute sets,
-map aggregation, IoU / SoftIoU settings and (for distributions) classifier -- or the comparison is refused; the
-settings that differ (the model, generation settings, mitigations) are listed.
+set, and the output distribution per attribute set and intersection (DFT bias, KL to uniform, target gap
+against the baseline's targets, and for two classes Delta and risk difference; on the images both runs
+classified). Not compared: per-label in-prompt IoU, prompt adherence, Fair Diffusion steering (see each run's
+report). Runs must have been measured alike -- same prompt template and attribute sets; for entanglement the
+same map aggregation and IoU / SoftIoU settings; for distributions the same classifier on each shared set --
+or the comparison is refused; the settings that differ (the model, generation settings, mitigations) are
+listed, and ``coverage`` says how many images both runs hold (a partial run, or other seeds, is compared on
+the overlap and flagged).
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import distribution as D
-from .attributes import slug
+from .attributes import intersection_labels, slug
 from .store import RunDirError, RunStore, load_results
-from .summary import _interval, _metrics_for, _safe
+from .summary import _interval, _Labels, _metrics_for, _safe
 
 __all__ = ["compare", "CompareError", "format_markdown"]
 
@@ -64,8 +68,10 @@ class _Run:
 def _check_alike(a: _Run, b: _Run) -> list[str]:
     """Raise unless a and b were measured alike; returns the settings that differ."""
     sa, sb = a.settings, b.settings
-    must = {"template": (sa["template"], sb["template"]), "metrics": (sa["metrics"], sb["metrics"]),
-            "aggregation": (sa["generation"].get("aggregation"), sb["generation"].get("aggregation"))}
+    must = {"template": (sa["template"], sb["template"])}
+    if set(sa["entanglement"]) & set(sb["entanglement"]):  # maps compared: measured alike
+        must.update(metrics=(sa["metrics"], sb["metrics"]),
+                    aggregation=(sa["generation"].get("aggregation"), sb["generation"].get("aggregation")))
     for n in set(sa["attributes"]) & set(sb["attributes"]):
         must[f"attributes.{n}"] = (sa["attributes"][n], sb["attributes"][n])
     if "open" in sa["entanglement"] and "open" in sb["entanglement"]:
@@ -77,7 +83,18 @@ def _check_alike(a: _Run, b: _Run) -> list[str]:
         raise CompareError(f"{a.root} and {b.root} were measured differently ({', '.join(bad)}); their numbers "
                            "are not comparable -- audit both with the same measurement settings")
     fa, fb = _flat(sa), _flat(sb)
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    differs = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    if a.targets != b.targets:  # the target gap is computed against the baseline's targets
+        differs.append("summary.targets")
+    return differs
+
+
+def _classifier_for(desc: dict | None, name: str):
+    """The part of a classifier's description that concerns attribute set ``name`` (descriptions hold per-set
+    prompts / labels for every set the audit asked for; two runs with other set lists share a classifier)."""
+    if not desc:
+        return None
+    return {k: (v.get(name) if isinstance(v, dict) else v) for k, v in desc.items()}
 
 
 def _pairs(a, b, keys, col):
@@ -128,6 +145,8 @@ def _distribution_blocks(a, b, col, labels, target, n_boot, seed, level) -> dict
     n = 0
     for p in profs:
         ca, cb = D.encode(list(data[p][0]), labels), D.encode(list(data[p][1]), labels)
+        both = (ca >= 0) & (cb >= 0)  # an abstention in either run drops the pair (baseline, run and
+        ca, cb = ca[both], cb[both]   # difference then cover the same images)
         if not ca.size:
             continue
         n += ca.size
@@ -136,6 +155,8 @@ def _distribution_blocks(a, b, col, labels, target, n_boot, seed, level) -> dict
         ba, bb = D.frequencies(ca[idx], K), D.frequencies(cb[idx], K)
         for name, fn in metrics.items():
             xa, xb = _safe(fn, fa)[0], _safe(fn, fb)[0]
+            if not (np.isfinite(xa) and np.isfinite(xb)):
+                continue
             v = vals[name]
             v[0].append(xa), v[1].append(xb), v[2].append(xb - xa), v[3].append(_safe(fn, bb) - _safe(fn, ba))
     out = {}
@@ -143,6 +164,8 @@ def _distribution_blocks(a, b, col, labels, target, n_boot, seed, level) -> dict
         return out
     with np.errstate(invalid="ignore"), D._quiet_nanmean():
         for name, (xa, xb, d, boots) in vals.items():
+            if not d:
+                continue
             boot = np.nanmean(np.stack(boots), axis=0)
             out[name] = {"baseline": _f(np.nanmean(xa)), "other": _f(np.nanmean(xb)),
                          "diff": _ci(np.nanmean(d), boot, level), "n_pairs": int(n), "professions": len(d)}
@@ -162,8 +185,10 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
     """
     if not others:
         raise CompareError("give at least one run to compare against the baseline")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
-        raise CompareError(f"n_boot must be a whole number >= 1; got {n_boot}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, float, np.integer)) or int(n_boot) != n_boot \
+            or n_boot < 1:
+        raise CompareError(f"n_boot must be a whole number >= 1; got {n_boot!r}")
+    n_boot = int(n_boot)
     if not 0 < level < 1:
         raise CompareError(f"level must be in (0, 1); got {level}")
     base = _Run(baseline)
@@ -176,7 +201,8 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
         na, nb = A[A["kind"] == "neutral"], B[B["kind"] == "neutral"]
         ent: dict = {}
         if "open" in base.settings["entanglement"] and "open" in run.settings["entanglement"]:
-            words = [a["open_word"] for n, a in base.settings["attributes"].items() if n in run.settings["attributes"]]
+            other_words = {a["open_word"] for a in run.settings["attributes"].values()}
+            words = [a["open_word"] for a in base.settings["attributes"].values() if a["open_word"] in other_words]
             for w in dict.fromkeys(words):
                 for kind in ("iou", "softiou"):
                     col = f"{kind}_open_{slug(w)}"
@@ -198,22 +224,45 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
         dist: dict = {}
         ca, cb = base.settings.get("classifier"), run.settings.get("classifier")
         if ca and cb:
-            if ca != cb:
-                raise CompareError(f"{base.root} and {run.root} classified their images with different classifiers; "
+            attrs = base.settings["attributes"]
+            shared = [n for n in attrs if n in run.settings["attributes"]]
+            other_clf = [n for n in shared if _classifier_for(ca, n) != _classifier_for(cb, n)]
+            if other_clf:
+                raise CompareError(f"{base.root} and {run.root} classified {other_clf} with different classifiers; "
                                    "their distributions are not comparable (audit both with the same --classifier)")
-            for name, a in base.settings["attributes"].items():
-                if name not in run.settings["attributes"]:
-                    continue
-                col = f"pred_{slug(name)}"
-                target = base.targets.get(name) or [1.0 / len(a["labels"])] * len(a["labels"])
-                blk = _distribution_blocks(na, nb, col, list(a["labels"]), target, n_boot, seed, level)
+
+            def target_of(n):
+                return base.targets.get(n) or [1.0 / len(attrs[n]["labels"])] * len(attrs[n]["labels"])
+
+            for name in shared:
+                blk = _distribution_blocks(na, nb, f"pred_{slug(name)}", list(attrs[name]["labels"]), target_of(name),
+                                           n_boot, seed, level)
                 if blk:
                     dist[name] = blk
+            for iname in base.settings.get("intersections", []):  # as the audit's summary: joint labels, and
+                parts = iname.split("×")                          # the product of the parts' targets
+                if iname not in run.settings.get("intersections", []) or not all(p in shared for p in parts):
+                    continue
+                labels = intersection_labels([_Labels(attrs[p]["labels"]) for p in parts])
+                t = np.array([1.0])
+                for p in parts:
+                    t = np.outer(t, np.asarray(target_of(p))).ravel()
+                blk = _distribution_blocks(na, nb, f"pred_{slug(iname)}", list(labels), t.tolist(), n_boot, seed,
+                                           level)
+                if blk:
+                    dist[iname] = blk
         if not ent and not dist:
             raise CompareError(f"{base.root} and {run.root} have no metric on common images (same professions and "
                                "seeds, a shared attribute set and entanglement mode or classifier)")
+        keys = ["profession", "seed"]
+        common = na[keys].merge(nb[keys], on=keys)
+        pa, pb = set(na["profession"]), set(nb["profession"])
+        sa, sb = set(na["seed"].tolist()), set(nb["seed"].tolist())
+        coverage = {"neutral_pairs": int(len(common)), "baseline_neutral": int(len(na)), "run_neutral": int(len(nb)),
+                    "professions": int(len(pa & pb)), "baseline_professions": int(len(pa)),
+                    "professions_left_out": sorted(pa ^ pb), "seeds_left_out": sorted(sa ^ sb)}
         out["comparisons"].append({"run": str(run.root), "model": run.name(), "differs": differs,
-                                   "entanglement": ent, "distribution": dist})
+                                   "coverage": coverage, "entanglement": ent, "distribution": dist})
     return out
 
 
@@ -229,6 +278,14 @@ def format_markdown(result: dict) -> str:
         lines.append(f"## {c['run']} vs baseline {result['baseline']['run']}")
         if c["differs"]:
             lines.append("settings that differ: " + ", ".join(c["differs"]))
+        cov = c["coverage"]
+        if cov["neutral_pairs"] < max(cov["baseline_neutral"], cov["run_neutral"]):
+            left = ([f"professions {', '.join(cov['professions_left_out'])}"] if cov["professions_left_out"] else []) \
+                + ([f"seeds {', '.join(map(str, cov['seeds_left_out']))}"] if cov["seeds_left_out"] else [])
+            lines.append(f"**partial:** compared on the {cov['neutral_pairs']} neutral images both runs hold (baseline "
+                         f"{cov['baseline_neutral']}, this run {cov['run_neutral']}; {cov['professions']} of "
+                         f"{cov['baseline_professions']} professions)"
+                         + (f"; not in both: {'; '.join(left)}" if left else ""))
         lines.append("")
         lines.append(f"| metric | baseline | this run | difference [{lv}% CI, paired] | pairs |")
         lines.append("|---|---|---|---|---|")
