@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import concepts, metrics
+from ._env import provenance
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
 from .processors import default_sample_size, denoiser, is_flux, is_patched, patch, unpatch
@@ -102,6 +103,10 @@ class Generation:
     attribution_maps: dict = field(default_factory=dict)
     # ``edit_guidance=FairDiffusion(...)``: the group each item was steered towards
     edit_targets: list = field(default_factory=list)
+    # what made it: library versions, device, git revision (``fastfair._env.provenance``); a resumed
+    # ``generate_to_dir`` run lists every distinct one its batches were made under
+    environment: dict = field(default_factory=dict)
+    environments: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -150,6 +155,10 @@ class Generation:
                     images=[f"images/{n}.png" for n in names])
         if self.edit_targets:
             meta["edit_targets"] = self.edit_targets
+        if self.environment:
+            meta["environment"] = self.environment
+        if len(self.environments) > 1:
+            meta["environments"] = self.environments
         atomic_write(out / "generation.json", json.dumps(meta, indent=2).encode())
         return out
 
@@ -208,7 +217,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
     done = 0
     config, diag_parts = None, []
-    images, latents, maps, amaps, targets = [], [], {}, {}, []
+    images, latents, maps, amaps, targets, envs = [], [], {}, {}, [], []
     bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
     for b, batch in enumerate(batches):
         part = out / PARTS / f"batch-{b:05d}.safetensors"
@@ -227,13 +236,15 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
             t["latents"] = g.latents.float().contiguous()
             info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
-                        diagnostics=list(g.diagnostics), edit_targets=g.edit_targets)
+                        diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment)
             atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
             atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
             done += 1
         bar.update(len(batch))
         config = config or info["config"]
         targets += info.get("edit_targets") or []
+        if info.get("environment") and info["environment"] not in envs:
+            envs.append(info["environment"])
         images += imgs
         latents.append(t["latents"])
         for w in info["words"]:
@@ -251,7 +262,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                      prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
                      diagnostics=diagnostics,
                      attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()},
-                     edit_targets=targets)
+                     edit_targets=targets, environment=envs[-1] if envs else {}, environments=envs)
     gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
     gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
     shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
@@ -631,7 +642,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                   edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
-                      diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets)
+                      diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets,
+                      environment=provenance(device))
 
 
 def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:

@@ -165,3 +165,30 @@ def test_mitigated_run_and_cli(base, tiny_sd, tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["comparisons"][0]["run"] == str(fd)
     assert main(["compare", str(base), str(tmp_path / "nowhere")]) == 1
     assert "not a fastfair audit" in capsys.readouterr().err
+
+
+def test_environments_recorded_and_compared(base, tmp_path, tiny_sd, monkeypatch):
+    """audit.json records the library versions, device and git revision of every session that added rows
+    (a resume under another environment appends it); compare lists the environment fields that differ."""
+    import torch
+
+    from fastfair.audit import runner
+    from fastfair.audit.compare import format_markdown
+
+    cfg = json.loads((base / "audit.json").read_text())
+    env = cfg["environments"][0]
+    assert len(cfg["environments"]) == 1 and env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert "diffusers" in env and "git_revision" in env and "date" not in env
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=2, steps=2, progress=False, n_boot=0, classifier="none",
+              entanglement="open", report=False)
+    run = tmp_path / "r"
+    fastfair.audit("tiny-sd", "list:doctor", out=run, **kw)
+    monkeypatch.setattr(runner, "provenance", lambda dev: dict(env, torch="9.9.9"))
+    fastfair.audit("tiny-sd", "list:doctor", out=run, resume=True, **dict(kw, seeds=2))
+    envs = json.loads((run / "audit.json").read_text())["environments"]
+    assert [e["torch"] for e in envs] == [torch.__version__, "9.9.9"]
+    other = edited(base, tmp_path, lambda df: df,
+                   lambda c: c.update(environments=[dict(e, torch="9.9.9") for e in c["environments"]]))
+    res = compare(base, other, n_boot=50)
+    assert res["comparisons"][0]["environment_differs"] == {"torch": [[torch.__version__], ["9.9.9"]]}
+    assert f"environment differs: torch {torch.__version__} vs 9.9.9" in format_markdown(res)

@@ -174,6 +174,7 @@ def test_generate_to_dir_resumes_an_interrupted_run(tiny_sd, tmp_path, monkeypat
     torch.testing.assert_close(load_file(out / "maps.safetensors")["face"], gen.maps["face"], rtol=0, atol=0)
     meta = json.loads((out / "generation.json").read_text())
     assert meta["seeds"] == [0, 1, 2, 0, 1, 2] and meta["model"] == "tiny-sd" and meta["height"] is not None
+    assert meta["environment"]["torch"] == torch.__version__ and "environments" not in meta  # one environment
     with pytest.raises(ValueError, match="finished generation"):
         generation.generate_to_dir(tiny_sd, prompts, out, seeds=[0, 1, 2], settings=settings, resume=True, **kw)
 
@@ -184,3 +185,31 @@ def test_generate_cli_checks_every_prompt_before_the_first_image(tmp_path, capsy
                  "face", "--steps", "2", "--out", str(out), "--no-progress"]) == 1
     assert "not in the prompt 'a photo of a nurse'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_generate_to_dir_lists_every_environment(tiny_sd, tmp_path, monkeypatch):
+    """A run resumed under another environment (library versions, device, git revision) says so in
+    generation.json: every distinct environment its batches were made under."""
+    from fastfair import generation
+
+    kw = dict(steps=1, progress=False)
+    settings = {"model": "tiny-sd", "seeds": [0, 1]}
+    real, calls = generation.generate, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", seeds=[0, 1], settings=settings, batch_size=1, **kw)
+    monkeypatch.setattr(generation, "generate", real)
+    here = generation.provenance("cpu")
+    monkeypatch.setattr(generation, "provenance", lambda dev: dict(here, diffusers="0.0.1"))
+    gen = generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", seeds=[0, 1], settings=settings, resume=True,
+                                     batch_size=1, **kw)
+    meta = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert [e["diffusers"] for e in meta["environments"]] == [here["diffusers"], "0.0.1"]
+    assert gen.environment["diffusers"] == "0.0.1"

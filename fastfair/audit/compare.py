@@ -177,6 +177,21 @@ def _f(x):
     return None if not np.isfinite(x) else x
 
 
+def _env_diff(a: _Run, b: _Run) -> dict:
+    """{key: [baseline's values, run's values]} for the recorded environment fields (library versions, device,
+    git revision) that differ; runs made before environments were recorded compare as unknown."""
+    ea, eb = a.config.get("environments") or [], b.config.get("environments") or []
+    if not ea or not eb:
+        return {}
+    out = {}
+    for k in sorted({k for e in ea + eb for k in e}):
+        va = sorted({str(e.get(k)) for e in ea})
+        vb = sorted({str(e.get(k)) for e in eb})
+        if va != vb:
+            out[k] = [va, vb]
+    return out
+
+
 def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Compare audit run directories ``others`` against ``baseline``, image by image (see the module doc).
 
@@ -262,6 +277,7 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                     "professions": int(len(pa & pb)), "baseline_professions": int(len(pa)),
                     "professions_left_out": sorted(pa ^ pb), "seeds_left_out": sorted(sa ^ sb)}
         out["comparisons"].append({"run": str(run.root), "model": run.name(), "differs": differs,
+                                   "environment_differs": _env_diff(base, run),
                                    "coverage": coverage, "entanglement": ent, "distribution": dist})
     return out
 
@@ -278,6 +294,9 @@ def format_markdown(result: dict) -> str:
         lines.append(f"## {c['run']} vs baseline {result['baseline']['run']}")
         if c["differs"]:
             lines.append("settings that differ: " + ", ".join(c["differs"]))
+        if c.get("environment_differs"):
+            lines.append("environment differs: " + "; ".join(
+                f"{k} {'/'.join(a)} vs {'/'.join(b)}" for k, (a, b) in c["environment_differs"].items()))
         cov = c["coverage"]
         if cov["neutral_pairs"] < max(cov["baseline_neutral"], cov["run_neutral"]):
             left = ([f"professions {', '.join(cov['professions_left_out'])}"] if cov["professions_left_out"] else []) \

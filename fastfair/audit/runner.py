@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import concepts
+from .._env import provenance
 from ..classify import AttributeClassifier, check_labels, load_classifier
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
@@ -443,6 +444,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "prompts_spec": prompts if isinstance(prompts, str) else "list",
             "summary": {"targets": targets_v, "n_boot": n_boot, "boot_seed": boot_seed, "level": 0.95},
             "fastfair_version": __import__("fastfair").__version__,
+            "environments": [provenance(dev)],  # the store keeps every distinct one a resumed run was made under
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)

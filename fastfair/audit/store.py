@@ -129,6 +129,9 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if existing is not None and mode != "overwrite" and "created" in existing:
             config = dict(config, created=existing["created"])
+        if existing is not None and mode != "overwrite" and existing.get("environments"):
+            envs = list(existing["environments"])  # every distinct environment that added rows to the run
+            config = dict(config, environments=envs + [e for e in config.get("environments", []) if e not in envs])
         atomic_write(self.config_path, json.dumps(config, indent=2).encode())  # keeps the listed order
         return mode
 

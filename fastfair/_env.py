@@ -1,0 +1,69 @@
+"""What produced a result: library versions, device, git revision (recorded by generate, audits and bench)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def _version(dist: str):
+    """An installed distribution's version, without importing it (daam would pull in spacy)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+           "triton": _version("triton"), "diffusers": _version("diffusers"), "transformers": _version("transformers"),
+           "xformers": _version("xformers"), "daam": _version("daam"), "fastfair": _version("fastfair"),
+           "python": platform.python_version(), "platform": platform.platform(), "git_revision": git_revision(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(cuda=torch.version.cuda, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                   memory_gb=p.total_memory / 1e9, l2_bytes=getattr(p, "L2_cache_size", None),
+                   smem_per_block=getattr(p, "shared_memory_per_block_optin", None))
+    from . import ops
+
+    env["auto_backend"] = ops.resolve_backend("auto", device)  # what backend="auto" runs here
+    with contextlib.suppress(OSError):
+        env["loadavg"] = os.getloadavg()
+    return env
+
+
+def provenance(device) -> dict:
+    """``environment`` without the fields that change from call to call (date, load)."""
+    env = environment(torch.device(device))
+    for k in ("date", "loadavg"):
+        env.pop(k, None)
+    return env
