@@ -415,7 +415,12 @@ def _add_edit(sub) -> None:
     m.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
     m.add_argument("--measured", default=None, metavar="JSON",
                    help='measured distributions {"doctor": [p1, p2], ...}: one edit round, no classifier')
-    m.add_argument("--rounds", type=int, default=10, help="most edit rounds")
+    m.add_argument("--protocol", default="fastfair", choices=("fastfair", "reference"),
+                   help="defaults of the prompt and measurement settings below: fastfair's, or the MIST authors' "
+                        "released code's (concept prompt 'a person of {concept}', 100 new random-seed 'a headshot of a "
+                        "person of {concept}' images per round with their negative prompt, CLIP ViT-B/32, up to 150 "
+                        "rounds); flags given explicitly win")
+    m.add_argument("--rounds", type=int, default=None, help="most edit rounds (10; reference 150)")
     m.add_argument("--tol", type=float, default=0.05, help="stop when max |p - target| < tol for every concept")
     m.add_argument("--step", type=float, default=0.1, help="w = step * (target - p)")
     m.add_argument("--lam", type=float, default=0.5)
@@ -423,11 +428,14 @@ def _add_edit(sub) -> None:
     m.add_argument("--eta-p", type=float, default=0.2)
     m.add_argument("--no-to-k", action="store_true", help="edit to_v only")
     m.add_argument("--preserve", action="append", default=None, help='preserve prompt (repeatable; default "")')
-    m.add_argument("--template", default="a {concept}", help="concept prompt for the EOS keys")
-    m.add_argument("--measure-template", default="a headshot of a {concept}", help="prompt of the measured images")
+    m.add_argument("--template", default=None, help="concept prompt for the EOS keys ('a {concept}')")
+    m.add_argument("--measure-template", default=None,
+                   help="prompt of the measured images ('a headshot of a {concept}')")
     m.add_argument("--measure", default="argmax", choices=("argmax", "mean"))
-    m.add_argument("--images", type=int, default=20, help="images per concept and round")
+    m.add_argument("--images", type=int, default=None, help="images per concept and round (20; reference 100)")
     m.add_argument("--seeds", default=None, help="seeds of the measured images (default 0..images-1)")
+    m.add_argument("--reseed", action="store_true", default=None,
+                   help="new seeds every round (the reference protocol's random images) instead of fixed ones")
     m.add_argument("--steps", type=int, default=20)
     m.add_argument("--guidance-scale", type=float, default=7.5)
     m.add_argument("--height", type=int, default=None)
@@ -438,6 +446,17 @@ def _add_edit(sub) -> None:
     m.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
     m.add_argument("--out", required=True, help="output .safetensors (metadata also in OUT.json)")
     m.add_argument("--no-progress", action="store_true")
+
+
+# defaults of ``fastfair edit mist --protocol``: fastfair's, and the MIST authors' released code's (README,
+# "Differences from the authors' released code"); the attribute keys stay concept + phrase in both
+MIST_PROTOCOLS = {
+    "fastfair": dict(template="a {concept}", measure_template="a headshot of a {concept}", images=20, rounds=10,
+                     reseed=False),
+    "reference": dict(template="a person of {concept}", measure_template="a headshot of a person of {concept}",
+                      images=100, rounds=150, reseed=True, clip_model="openai/clip-vit-base-patch32",
+                      negative_prompt="black and white, drawing, painting, unrealistic, low quality"),
+}
 
 
 def _edit(args) -> int:
@@ -454,6 +473,11 @@ def _edit(args) -> int:
         with open(args.measured, encoding="utf-8") as fh:
             measured = json.load(fh)
     target = " ".join(args.target) if args.target else "uniform"
+    for k, v in MIST_PROTOCOLS[args.protocol].items():  # explicit flags win
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.seeds is not None and args.reseed:
+        raise ValueError("--seeds fixes the measured images' seeds and --reseed draws new ones every round: give one")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
@@ -461,7 +485,7 @@ def _edit(args) -> int:
                      classifier=None if measured is not None else args.classifier, measured=measured,
                      with_to_k=not args.no_to_k, lam=args.lam, eta_e=args.eta_e, eta_p=args.eta_p, step=args.step,
                      tol=args.tol, max_rounds=args.rounds, preserve=args.preserve or [""], template=args.template,
-                     measure_template=args.measure_template, images=args.images, seeds=args.seeds,
+                     measure_template=args.measure_template, images=args.images, seeds=args.seeds, reseed=args.reseed,
                      steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                      negative_prompt=args.negative_prompt, batch_size=args.batch_size, measure=args.measure,
                      clip_model=args.clip_model, model_id=args.model, progress=not args.no_progress)

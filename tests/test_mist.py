@@ -495,3 +495,32 @@ def test_audit_cli_with_an_edit(tiny_sd, tmp_path, capsys):
     assert main(common + ["--edit", str(path), "--out", str(tmp_path / "run_edit")]) == 0
     cfg = (tmp_path / "run_edit" / "audit.json").read_text()
     assert "tiny-sd+mist:" in cfg
+
+
+def test_cli_reference_protocol(monkeypatch, tmp_path, capsys):
+    """--protocol reference gives the MIST authors' prompt and measurement settings; explicit flags win;
+    --seeds with --reseed is refused."""
+    from fastfair import mist as mist_mod
+    from fastfair.cli import main
+
+    seen = {}
+
+    def fake(pipe, concepts, attributes, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop before any work: only the settings are under test
+
+    monkeypatch.setattr(mist_mod, "mist", fake)
+    base = ["edit", "mist", "--model", "tiny-sd", "--concepts", "doctor", "--out", str(tmp_path / "e.safetensors")]
+    assert main(base + ["--protocol", "reference"]) != 0
+    assert (seen["template"], seen["measure_template"], seen["images"], seen["max_rounds"], seen["reseed"],
+            seen["clip_model"], seen["negative_prompt"]) == (
+        "a person of {concept}", "a headshot of a person of {concept}", 100, 150, True, "openai/clip-vit-base-patch32",
+        "black and white, drawing, painting, unrealistic, low quality")
+    assert main(base + ["--protocol", "reference", "--images", "8", "--template", "a {concept}"]) != 0
+    assert (seen["images"], seen["template"], seen["max_rounds"]) == (8, "a {concept}", 150)
+    assert main(base) != 0
+    assert (seen["template"], seen["images"], seen["max_rounds"], seen["reseed"], seen["clip_model"]) == (
+        "a {concept}", 20, 10, False, None)
+    capsys.readouterr()
+    assert main(base + ["--protocol", "reference", "--seeds", "0-3"]) == 1
+    assert "--reseed" in capsys.readouterr().err
