@@ -227,6 +227,19 @@ class _JointRecorder:
             self.guide.add(layer, maps[:, :, tu:].sum(1) if per_head else maps[:, tu:], nq, heads)
 
 
+def _as_output(out: torch.Tensor, by_keyword: bool, return_dict: bool):
+    """A denoiser's return value for ``out``: diffusers' output class, or the ``return_dict=False`` tuple."""
+    if not return_dict:
+        return (out,)
+    if by_keyword:  # SD3's transformer
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=out)
+
+
 class StepHooks:
     """Replaces ``scheduler.step`` (with ``step(orig_step, *args)``) and the denoiser's ``forward`` for the
     duration of a with-block, restoring exactly what was there (an instance attribute such as accelerate's
@@ -354,15 +367,7 @@ class Guider(StepHooks):
             out = eps_c.detach()
         else:  # CFG order [uncond, cond]
             out = torch.cat([out_other, eps_c.detach()] if gb == "cond" else [eps_c.detach(), out_other])
-        if return_dict:
-            if self._by_keyword:
-                from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-                return Transformer2DModelOutput(sample=out)
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return _as_output(out, self._by_keyword, return_dict)
 
     def _finish(self, sample: torch.Tensor, timestep, want_grad: bool = True):
         """E (N,) and dE/d``sample`` from the pending guided call's graph, which is freed here."""

@@ -328,6 +328,18 @@ def check_edit_guidance(pipe, spec, guidance_scale: float, seeds, steps: int | N
     return texts
 
 
+def _cat_rows(main, extra, batch: int):
+    """``main`` with every tensor whose leading dimension is ``batch`` followed by the same place's rows of
+    ``extra`` (a structure of the same shape); everything else from ``main``."""
+    if torch.is_tensor(main):
+        return torch.cat([main, extra.to(main.dtype)]) if main.dim() > 0 and main.shape[0] == batch else main
+    if isinstance(main, dict):
+        return {k: (_cat_rows(v, extra[k], batch) if k in extra else v) for k, v in main.items()}
+    if isinstance(main, (list, tuple)):
+        return type(main)(_cat_rows(a, b, batch) for a, b in zip(main, extra))
+    return main
+
+
 def encode_edits(pipe, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings (and SDXL's pooled embeddings) of editing prompts, as the pipeline encodes a prompt."""
     kw = dict(prompt=list(texts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -362,7 +374,6 @@ class EditGuider(StepHooks):
         self.records: list[dict] = []
 
     def _unet_forward(self, *args, **kwargs):
-        out = self._inner(*args, **kwargs)
         if self._by_keyword:
             sample, timestep, rest = kwargs["hidden_states"], kwargs["timestep"], args
         else:
@@ -376,14 +387,14 @@ class EditGuider(StepHooks):
                                "that steps once per UNet call")
         idx = torch.arange(n, 2 * n).repeat(self.E)  # the conditional rows, once per concept
         t_e = _take_rows(timestep, idx, batch)
-        rest = _take_rows(rest, idx, batch)
+        rest_e = _take_rows(rest, idx, batch)
         kw = _take_rows(dict(kwargs, return_dict=False), idx, batch)
         kw.pop("hidden_states", None)
         kw.pop("timestep", None)
         if "encoder_hidden_states" in kw:
             kw["encoder_hidden_states"] = self.embeds.to(sample.dtype)
         else:
-            rest = (self.embeds.to(sample.dtype),) + tuple(rest[1:])
+            rest_e = (self.embeds.to(sample.dtype),) + tuple(rest_e[1:])
         if self.pooled is not None and "pooled_projections" in kw:  # SD3
             kw["pooled_projections"] = self.pooled.to(kw["pooled_projections"].dtype)
         elif self.pooled is not None:
@@ -392,24 +403,37 @@ class EditGuider(StepHooks):
                 raise RuntimeError("SDXL UNet call without pooled text embeddings (added_cond_kwargs['text_embeds'])")
             added["text_embeds"] = self.pooled.to(added["text_embeds"].dtype)
             kw["added_cond_kwargs"] = added
-        from .guidance import _recording
+        x = sample.index_select(0, idx.to(sample.device))
+        from .guidance import _as_output, _recording
 
         state = getattr(self.pipe, "_fastfair", None)
-        x = sample.index_select(0, idx.to(sample.device))
-        def call():
-            if self._by_keyword:
-                return self.raw(*rest, hidden_states=x, timestep=t_e, **kw)[0]
-            return self.raw(x, t_e, *rest, **kw)[0]
-
-        with torch.no_grad():
-            if state is not None:
-                with _recording(state, None):  # no maps of the editing prompts
-                    e = call()
-            else:
-                e = call()
-        o = out[0] if isinstance(out, tuple) else out.sample
+        if self._inner == self.raw and (state is None or state.recorder is None):
+            # nothing records maps and no guider splits the call: the edit rows ride on the pipeline's own
+            # call, one (2 + E) N-row UNet pass per step as diffusers' semantic pipeline makes
+            main_kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "timestep")}
+            main_kw["return_dict"] = False
+            both = self._call(torch.cat([sample, x]), _cat_rows(timestep, t_e, batch),
+                              _cat_rows(tuple(rest), tuple(rest_e), batch), _cat_rows(main_kw, kw, batch))
+            o, e = both[:batch], both[batch:]
+            out = _as_output(o, self._by_keyword, kwargs.get("return_dict", True))
+        else:
+            out = self._inner(*args, **kwargs)
+            with torch.no_grad():
+                if state is not None:
+                    with _recording(state, None):  # no maps of the editing prompts
+                        e = self._call(x, t_e, rest_e, kw)
+                else:
+                    e = self._call(x, t_e, rest_e, kw)
+            o = out[0] if isinstance(out, tuple) else out.sample
         self._pending = (o[:n].detach(), e.view(self.E, n, *e.shape[1:]))
         return out
+
+    def _call(self, x, t, rest, kw):
+        """The plain denoiser on ``x`` (its first output)."""
+        with torch.no_grad():
+            if self._by_keyword:
+                return self.raw(*rest, hidden_states=x, timestep=t, **kw)[0]
+            return self.raw(x, t, *rest, **kw)[0]
 
     def _step(self, orig_step, model_output, timestep, sample, *args, **kwargs):
         if self._pending is None:

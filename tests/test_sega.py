@@ -451,3 +451,21 @@ def test_audit_reports_fair_diffusion_steering(tiny_sd, tmp_path):
     st = res.summary["steering"]["gender"]
     assert st == {"overall": 0.5, "n": 4, "per_target": {"female": 1.0, "male": 0.0}}
     assert "Fair Diffusion steering" in (res.run_dir / "report.html").read_text()
+
+
+def test_edit_rows_ride_on_the_pipeline_call(sd64):
+    """Without maps or entanglement guidance the edit rows join the pipeline's own UNet call (one (2 + E) N-row
+    pass per step, as diffusers' semantic pipeline); with maps they get a call of their own. Same latents."""
+    sega = SemanticGuidance(["a woman", "a man"], reverse=[False, True], warmup=1)
+    calls = []
+    hook = sd64.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))  # each UNet pass
+    try:
+        folded = fastfair.generate(sd64, PROMPT, seeds=[0, 1], steps=3, progress=False, edit_guidance=sega)
+        assert calls == [8, 8, 8]  # 2 images x (uncond + cond + 2 concepts)
+        calls.clear()
+        split = fastfair.generate(sd64, PROMPT, seeds=[0, 1], steps=3, progress=False, edit_guidance=sega,
+                                  maps=["doctor"], backend="reference")
+        assert calls == [4, 4, 4, 4, 4, 4]
+    finally:
+        hook.remove()
+    torch.testing.assert_close(folded.latents, split.latents, rtol=0, atol=1e-6)
