@@ -190,22 +190,16 @@ def test_generate_cli_checks_every_prompt_before_the_first_image(tmp_path, capsy
 def test_generate_to_dir_lists_every_environment(tiny_sd, tmp_path, monkeypatch):
     """A run resumed under another environment (library versions, device, git revision) says so in
     generation.json: every distinct environment its batches were made under."""
+    from tiny_models import interrupt_generate
+
     from fastfair import generation
 
     kw = dict(steps=1, progress=False)
     settings = {"model": "tiny-sd", "seeds": [0, 1]}
-    real, calls = generation.generate, []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generation, "generate", dying)
+    restore = interrupt_generate(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", seeds=[0, 1], settings=settings, batch_size=1, **kw)
-    monkeypatch.setattr(generation, "generate", real)
+    restore()
     here = generation.provenance("cpu")
     monkeypatch.setattr(generation, "provenance", lambda dev: dict(here, diffusers="0.0.1"))
     gen = generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", seeds=[0, 1], settings=settings, resume=True,

@@ -383,22 +383,15 @@ def test_audit_with_entanglement_guidance(tiny_sd, tmp_path, capsys):
 def test_cli_resume_checks_the_guidance_attribution_prompt(tiny_sd, tmp_path, capsys, monkeypatch):
     """--guide with --attribution-prompt and no --maps: the attribution prompt is part of the run's settings, so
     a resume with another one is refused instead of mixing images guided on two prompts."""
-    from fastfair import generation
+    from tiny_models import interrupt_generate
+
     from fastfair.cli import main
 
-    real, calls = generation.generate, []
-
-    def dying(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generation, "generate", dying)
+    restore = interrupt_generate(monkeypatch, 2)
     args = ["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--seeds", "0-1", "--steps", "2", "--no-progress",
             "--batch-size", "1", "--guide", "doctor:gender", "--out", str(tmp_path / "r")]
     assert main(args + ["--attribution-prompt", PROMPT + " and gender"]) != 0
-    monkeypatch.setattr(generation, "generate", real)
+    restore()
     capsys.readouterr()
     assert main(args + ["--attribution-prompt", "a photo of gender and a doctor", "--resume"]) == 1
     assert "other settings" in capsys.readouterr().err

@@ -64,3 +64,20 @@ def check_gradient_fd(guider, x, t, n_dirs: int = 3, h: float = 1e-4, rel: float
         Em, _ = guider.energy_and_grad(x - h * d, t, want_grad=False)
         assert (Ep - Em).item() / (2 * h) == pytest.approx((g * d).sum().item(), rel=rel, abs=1e-9)
     return E, g
+
+
+def interrupt_generate(monkeypatch, at_call: int):
+    """Make ``fastfair.generation.generate`` raise KeyboardInterrupt at its ``at_call``-th call (a killed
+    ``generate_to_dir`` run); returns a function that restores the real one."""
+    from fastfair import generation
+
+    real, calls = generation.generate, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", dying)
+    return lambda: monkeypatch.setattr(generation, "generate", real)
