@@ -20,6 +20,7 @@ _LAZY = {
     "EntanglementGuidance": "fastfair.guidance",
     "SemanticGuidance": "fastfair.sega",
     "FairDiffusion": "fastfair.sega",
+    "JointFairDiffusion": "fastfair.sega",
     "audit": "fastfair.audit",
     "MistEdit": "fastfair.mist",
     "finetune_dft": "fastfair.dft",

@@ -55,9 +55,9 @@ def _add_generate(sub) -> None:
 
 def _add_sega_args(p) -> None:
     g = p.add_argument_group("semantic guidance (SEGA) / Fair Diffusion")
-    g.add_argument("--fair-diffusion", default=None, metavar="PRESET",
-                   help="Fair Diffusion with BiasMap's editing prompts: gender or race (each image is steered to one "
-                        "group, chosen by its seed)")
+    g.add_argument("--fair-diffusion", default=None, metavar="PRESET[,PRESET]",
+                   help="Fair Diffusion with BiasMap's editing prompts: gender, race, or gender,race for the "
+                        "intersections (each image is steered to one group of each, chosen by its seed)")
     g.add_argument("--fair-target", default=None, metavar="GROUP=P,...",
                    help="Fair Diffusion target distribution, e.g. female=0.75,male=0.25 (groups drawn per seed; "
                         "default: alternate by seed parity, as BiasMap)")
@@ -75,7 +75,7 @@ def _add_sega_args(p) -> None:
 
 def _edit_guidance(args):
     """The SEGA / Fair Diffusion object the flags describe, or None."""
-    from .sega import FairDiffusion, SemanticGuidance
+    from .sega import FairDiffusion, JointFairDiffusion, SemanticGuidance
 
     opts = {k: v for k, v in dict(scale=args.sega_scale, warmup=args.sega_warmup, threshold=args.sega_threshold,
                                   momentum_scale=args.sega_momentum, momentum_beta=args.sega_beta).items()
@@ -100,8 +100,22 @@ def _edit_guidance(args):
                 if k.strip() in target:
                     raise ValueError(f"--fair-target names {k.strip()!r} twice; give each group once")
                 target[k.strip()] = p
-        return FairDiffusion.preset(args.fair_diffusion, target=target,
-                                    assign="random" if target else "parity", **opts)
+        names = [n.strip() for n in args.fair_diffusion.split(",") if n.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--fair-diffusion names an attribute twice: {args.fair_diffusion!r}")
+        parts = []
+        for n in names:
+            mine = None
+            if target is not None:  # each attribute gets the groups of its own
+                labels = set(FairDiffusion.preset(n).labels)
+                mine = {k: v for k, v in target.items() if k in labels} or None
+            parts.append(FairDiffusion.preset(n, target=mine, assign="random" if target else "parity", **opts))
+        if target is not None:
+            known = {k for p in parts for k in p.labels}
+            unknown = sorted(set(target) - known)
+            if unknown:
+                raise ValueError(f"--fair-target names groups {unknown} of none of {names} (groups: {sorted(known)})")
+        return parts[0] if len(parts) == 1 else JointFairDiffusion(*parts)
     if sega:
         return SemanticGuidance(sega, reverse=[False] * len(args.sega_toward or []) + [True] * len(args.sega_away or []),
                                 **opts)

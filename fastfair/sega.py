@@ -37,7 +37,7 @@ import torch
 
 from .guidance import StepHooks
 
-__all__ = ["SemanticGuidance", "FairDiffusion", "sega_update"]
+__all__ = ["SemanticGuidance", "FairDiffusion", "JointFairDiffusion", "sega_update"]
 
 
 def _convert(v, name: str, kind):
@@ -237,6 +237,75 @@ class FairDiffusion(_EditParams):
     def describe(self) -> dict:
         return dict(method="fair-diffusion", choices=self.choices, target=dict(zip(self.labels, self.probs)),
                     assign=self.assign, **self._settings())
+
+
+class JointFairDiffusion:
+    """Fair Diffusion over several attributes at once, for intersections (e.g. gender x race): per image one
+    group of every part, each part's editing prompts applied as that part alone would (others reversed, the
+    target forward), the parts' concepts side by side in one SEGA step. The groups are assigned jointly, so
+    that the intersections are covered: "parity" (every part parity) cycles through the joint groups by seed
+    (seed s -> mixed-radix digits of s mod the number of joint groups: uniform over the intersections);
+    "random" (every part random) draws each part's group from its own target with its own generator seeded by
+    the seed (independent attributes). Labels are joined with "|" in part order ("female|White"), as the
+    audit names intersections. The parts must share momentum settings (one momentum per image).
+    """
+
+    def __init__(self, *parts: FairDiffusion):
+        if len(parts) < 2 or not all(isinstance(p, FairDiffusion) for p in parts):
+            raise ValueError("JointFairDiffusion takes two or more FairDiffusion parts (one per attribute)")
+        modes = {p.assign for p in parts}
+        if len(modes) > 1:
+            raise ValueError(f"the parts assign their groups differently ({sorted(modes)}); give every part the "
+                             "same assign ('parity': uniform over the intersections, 'random': independent draws)")
+        if len({(p.momentum_scale, p.momentum_beta) for p in parts}) > 1:
+            raise ValueError("the parts must share momentum_scale and momentum_beta (one momentum per image)")
+        prompts = [q for p in parts for q in p.choices.values()]
+        dup = sorted({q for q in prompts if prompts.count(q) > 1})
+        if dup:
+            raise ValueError(f"parts share the editing prompts {dup}; each group needs its own")
+        self.parts, self.assign = list(parts), modes.pop()
+        self.momentum_scale, self.momentum_beta = parts[0].momentum_scale, parts[0].momentum_beta
+        for name in ("scales", "warmups", "cooldowns", "thresholds", "concept_weights"):
+            setattr(self, name, [v for p in parts for v in getattr(p, name)])
+
+    @property
+    def n_concepts(self) -> int:
+        return sum(p.n_concepts for p in self.parts)
+
+    def labels_for(self, seed: int) -> list[str]:
+        if self.assign == "parity":
+            i, out = int(seed), []
+            for p in self.parts:  # mixed radix: the first part varies fastest
+                out.append(p.labels[i % len(p.labels)])
+                i //= len(p.labels)
+            return out
+        out = []
+        for j, p in enumerate(self.parts):
+            rng = np.random.default_rng([int(seed), 0x5E6A, j + 1])
+            out.append(p.labels[int(rng.choice(len(p.labels), p=p.probs))])
+        return out
+
+    def label_for(self, seed: int) -> str:
+        return "|".join(self.labels_for(seed))
+
+    def plan(self, seed: int) -> tuple[list[str], list[bool], str]:
+        prompts, rev = [], []
+        for p, t in zip(self.parts, self.labels_for(seed)):
+            others = [k for k in p.labels if k != t]
+            prompts += [p.choices[k] for k in others] + [p.choices[t]]
+            rev += [True] * len(others) + [False]
+        return prompts, rev, self.label_for(seed)
+
+    def describe(self) -> dict:
+        return dict(method="fair-diffusion", joint=True, assign=self.assign, parts=[p.describe() for p in self.parts],
+                    choices={"|".join(c): None for c in _product([p.labels for p in self.parts])})
+
+
+def _product(lists):
+    out = [[]]
+    for labels in lists:
+        out = [o + [x] for o in out for x in labels]
+    return [tuple(o) for o in out]
 
 
 def sega_update(uncond: torch.Tensor, edits: torch.Tensor, signs: torch.Tensor, step: int, params: _EditParams,

@@ -3,6 +3,7 @@ plans, SDXL's edit rows, composition with entanglement guidance and maps, errors
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -310,6 +311,10 @@ def test_cli(tiny_sd, tmp_path, capsys):
     assert "Fair Diffusion: applied at 1 of 2 steps (from step 1); groups: female 2" in capsys.readouterr().out
     meta = json.loads((tmp_path / "f" / "generation.json").read_text())
     assert meta["edit_targets"] == ["female", "female"] and meta["edit_guidance"]["assign"] == "random"
+    assert main(base + ["--fair-diffusion", "gender,race", "--fair-target", "female=1,White=1", "--sega-warmup", "1",
+                        "--out", str(tmp_path / "j")]) == 0
+    assert json.loads((tmp_path / "j" / "generation.json").read_text())["edit_targets"] == ["female|White"] * 2
+    capsys.readouterr()
     # BiasMap's mitigated pipeline from the README: the attribution prompt serves --guide alone (no --maps)
     assert main(base + ["--guidance-scale", "7", "--fair-diffusion", "gender", "--sega-warmup", "0", "--guide", "doctor:gender",
                         "--attribution-prompt", PROMPT + " and gender", "--guide-branch", "uncond",
@@ -322,6 +327,7 @@ def test_cli(tiny_sd, tmp_path, capsys):
                      (["--fair-diffusion", "age"], "presets"),
                      (["--fair-diffusion", "gender"], "would never apply"),  # warm-up 10 >= 2 steps
                      (["--fair-diffusion", "gender", "--fair-target", "female=0.5,female=0.5"], "twice"),
+                     (["--fair-diffusion", "gender,race", "--fair-target", "young=1"], "of none of"),
                      (["--sega-toward", "a man", "--sega-away", "a man"], "more than once"),
                      (["--sega-toward", "a man", "--guidance-scale", "1"], "classifier-free guidance")):
         assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 1
@@ -462,3 +468,57 @@ def test_edit_rows_ride_on_the_pipeline_call(sd64):
     finally:
         hook.remove()
     torch.testing.assert_close(folded.latents, split.latents, rtol=0, atol=1e-6)
+
+
+def test_joint_fair_diffusion(sd64):
+    """Gender x race: parity covers the four intersections once per four seeds; each image equals diffusers'
+    pipeline run alone with both parts' editing prompts side by side; random draws are independent per part."""
+    from fastfair import JointFairDiffusion
+
+    j = JointFairDiffusion(FairDiffusion.preset("gender", warmup=1), FairDiffusion.preset("race", warmup=1))
+    assert sorted(j.label_for(s) for s in range(4)) == sorted(
+        f"{g}|{r}" for g in ("female", "male") for r in ("African-American", "White"))
+    seeds = [0, 3]
+    g = fastfair.generate(sd64, PROMPT, seeds=seeds, steps=3, progress=False, edit_guidance=j)
+    assert g.edit_targets == ["female|African-American", "male|White"]
+    for i, s in enumerate(seeds):
+        prompts, rev, _ = j.plan(s)
+        ref = reference(sd64, [s], 3, prompts, rev, scale=4, warmup=1, threshold=0.95, momentum_scale=0.3,
+                        momentum_beta=0.6)
+        close(g.latents[i:i + 1], ref)
+    r = JointFairDiffusion(FairDiffusion.preset("gender", assign="random"),
+                           FairDiffusion.preset("race", assign="random", target={"White": 0.25, "African-American": 0.75}))
+    labels = [r.labels_for(s) for s in range(4000)]
+    g_f = np.array([a == "female" for a, _ in labels])
+    r_b = np.array([b == "African-American" for _, b in labels])
+    assert abs(r_b.mean() - 0.75) < 0.03 and abs(g_f.mean() - 0.5) < 0.03
+    assert abs((g_f & r_b).mean() - g_f.mean() * r_b.mean()) < 0.02  # independent draws
+    with pytest.raises(ValueError, match="same assign"):
+        JointFairDiffusion(FairDiffusion.preset("gender"), FairDiffusion.preset("race", assign="random"))
+    with pytest.raises(ValueError, match="momentum"):
+        JointFairDiffusion(FairDiffusion.preset("gender"), FairDiffusion.preset("race", momentum_scale=0.1))
+    with pytest.raises(ValueError, match="two or more"):
+        JointFairDiffusion(FairDiffusion.preset("gender"))
+
+
+def test_audit_steering_of_joint_fair_diffusion(tiny_sd, tmp_path):
+    """A gender x race Fair Diffusion audit: steering per attribute (each part of the joint target) and per
+    intersection, against a classifier that always answers female / White."""
+    from fastfair import JointFairDiffusion
+    from fastfair.classify import AttributeClassifier
+
+    class FemaleWhite(AttributeClassifier):
+        labels = {"gender": ("male", "female"), "race": ("White", "African-American")}
+
+        def predict(self, images):
+            n = len(images)
+            return {"gender": np.tile([0.1, 0.9], (n, 1)), "race": np.tile([0.8, 0.2], (n, 1))}
+
+    j = JointFairDiffusion(FairDiffusion.preset("gender", warmup=0), FairDiffusion.preset("race", warmup=0))
+    res = fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender,race", seeds=4, steps=2,
+                         progress=False, n_boot=0, classifier=FemaleWhite(), entanglement="none", edit_guidance=j,
+                         out=tmp_path / "j")
+    st = res.summary["steering"]
+    assert st["gender"]["overall"] == 0.5 and st["race"]["overall"] == 0.5
+    assert st["gender×race"] == {"overall": 0.25, "n": 4, "per_target": {
+        "male|White": 0.0, "male|African-American": 0.0, "female|White": 1.0, "female|African-American": 0.0}}

@@ -194,21 +194,38 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                                            for lab in attrs[name]["labels"]}}
             out["adherence"] = adh
         if "edit_target" in neutral.columns and neutral["edit_target"].notna().any():
-            # Fair Diffusion: how often the classifier sees the group each neutral image was steered to,
-            # for every attribute set whose labels name all the groups
+            # Fair Diffusion: how often the classifier sees the group each neutral image was steered to, for
+            # every attribute set (or intersection) whose labels name the groups; a joint Fair Diffusion's
+            # "female|White" targets are also read part by part against each attribute set
             steer = {}
-            targets_seen = set(neutral["edit_target"].dropna())
-            for name, a in attrs.items():
-                if not targets_seen <= set(a["labels"]):
-                    continue
-                pred = neutral[f"pred_{slug(name)}"]
-                ok = pred.notna() & neutral["edit_target"].notna()
+            tgt = neutral["edit_target"]
+            n_parts = len(str(tgt.dropna().iloc[0]).split("|"))
+            comps = [tgt.map(lambda t, j=j: None if t is None else str(t).split("|")[j]) for j in range(n_parts)]
+
+            def share(pred, want, labels):
+                ok = pred.notna() & want.notna()
                 if not ok.any():
-                    continue
-                hit = pred[ok] == neutral.loc[ok, "edit_target"]
-                steer[name] = {"overall": _f(hit.mean()), "n": int(ok.sum()),
-                               "per_target": {lab: _f(hit[neutral.loc[ok, "edit_target"] == lab].mean())
-                                              for lab in a["labels"] if lab in targets_seen}}
+                    return None
+                hit = pred[ok] == want[ok]
+                return {"overall": _f(hit.mean()), "n": int(ok.sum()),
+                        "per_target": {lab: _f(hit[want[ok] == lab].mean()) for lab in labels
+                                       if (want[ok] == lab).any()}}
+
+            for name, a in attrs.items():
+                for want in ([tgt] if n_parts == 1 else comps):
+                    if set(want.dropna()) <= set(a["labels"]):
+                        blk = share(neutral[f"pred_{slug(name)}"], want, a["labels"])
+                        if blk is not None:
+                            steer[name] = blk
+                        break
+            if n_parts > 1:
+                for iname in st.get("intersections", []):
+                    labels = intersection_labels([_Labels(attrs[p]["labels"]) for p in iname.split("×")])
+                    col = f"pred_{slug(iname)}"
+                    if col in neutral.columns and set(tgt.dropna()) <= set(labels):
+                        blk = share(neutral[col], tgt, labels)
+                        if blk is not None:
+                            steer[iname] = blk
             out["steering"] = steer
     return out
 
