@@ -21,16 +21,29 @@ def _version(dist: str):
         return None
 
 
-def git_revision() -> str | None:
+def _git(*args) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        return out.stdout.strip() if out.returncode == 0 else None
     except Exception:
         return None
 
 
-def device_name(device: torch.device) -> str:
+def git_revision() -> str | None:
+    """HEAD of the checkout fastfair runs from, with "+dirty" when tracked files differ from it; None when
+    the package is not the checkout's own ``fastfair/`` (an installed copy inside some other repository)."""
+    top = _git("rev-parse", "--show-toplevel")
+    here = Path(__file__).resolve().parent
+    if not top or (Path(top) / "fastfair").resolve() != here:
+        return None
+    rev = _git("rev-parse", "HEAD")
+    if rev and _git("status", "--porcelain", "--untracked-files=no"):
+        rev += "+dirty"
+    return rev or None
+
+
+def device_name(device: torch.device, threads: bool = True) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -39,7 +52,7 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    return f"{name} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+    return f"{name} ({os.cpu_count()} logical CPUs" + (f", torch threads {torch.get_num_threads()})" if threads else ")")
 
 
 def environment(device: torch.device) -> dict:
@@ -63,7 +76,9 @@ def environment(device: torch.device) -> dict:
 
 def provenance(device) -> dict:
     """``environment`` without the fields that change from call to call (date, load)."""
-    env = environment(torch.device(device))
+    device = torch.device(device)
+    env = environment(device)
     for k in ("date", "loadavg"):
         env.pop(k, None)
+    env["device_name"] = device_name(device, threads=False)  # the same machine, whatever the thread count
     return env

@@ -487,11 +487,13 @@ def _edit(args) -> int:
         with open(args.measured, encoding="utf-8") as fh:
             measured = json.load(fh)
     target = " ".join(args.target) if args.target else "uniform"
+    if args.seeds is not None and args.reseed:
+        raise ValueError("--seeds fixes the measured images' seeds and --reseed draws new ones every round: give one")
+    if args.seeds is not None:
+        args.reseed = False  # explicit fixed seeds win over a protocol's new seeds every round
     for k, v in MIST_PROTOCOLS[args.protocol].items():  # explicit flags win
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.seeds is not None and args.reseed:
-        raise ValueError("--seeds fixes the measured images' seeds and --reseed draws new ones every round: give one")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     pipe = load_pipeline(args.model, device=device, dtype=dtype)

@@ -185,8 +185,9 @@ class FairDiffusion(_EditParams):
         if len(self.choices) < 2:
             raise ValueError(f"Fair Diffusion needs at least two groups to choose from; got {list(self.choices)}")
         for k, v in self.choices.items():
-            if not isinstance(k, str) or not k.strip():
-                raise ValueError(f"group labels must be non-empty strings; got {k!r}")
+            if not isinstance(k, str) or not k.strip() or "|" in k:
+                raise ValueError(f"group labels must be non-empty strings without '|' (it joins intersections); "
+                                 f"got {k!r}")
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"group {k!r}: its editing prompt must be a non-empty string; got {v!r}")
         prompts = list(self.choices.values())
@@ -203,9 +204,10 @@ class FairDiffusion(_EditParams):
             if unknown:
                 raise ValueError(f"target names groups {sorted(unknown)} not among the choices {self.labels}")
             p = [float(self.target.get(k, 0.0)) for k in self.labels]
-            if any(not (math.isfinite(x) and x >= 0) for x in p) or not sum(p) > 0:
-                raise ValueError(f"target probabilities must be >= 0 and not all 0; got {dict(self.target)}")
-            self.probs = [x / sum(p) for x in p]  # normalised
+            if any(not (math.isfinite(x) and x >= 0) for x in p) or abs(sum(p) - 1.0) > 1e-6:
+                raise ValueError(f"target probabilities must be >= 0 and sum to 1 (groups left out get 0); got "
+                                 f"{dict(self.target)} over the groups {self.labels}")
+            self.probs = p
             if self.assign == "parity" and max(self.probs) - min(self.probs) > 1e-12:
                 raise ValueError("assign='parity' cycles through the groups by seed, which gives a uniform target; "
                                  "use assign='random' for the target " + str(dict(self.target)))
@@ -226,8 +228,7 @@ class FairDiffusion(_EditParams):
     def label_for(self, seed: int) -> str:
         if self.assign == "parity":
             return self.labels[int(seed) % len(self.labels)]
-        rng = np.random.default_rng([int(seed), 0x5E6A])
-        return self.labels[int(rng.choice(len(self.labels), p=self.probs))]
+        return self.labels[_draw(seed, 0, self.probs)]
 
     def plan(self, seed: int) -> tuple[list[str], list[bool], str]:
         t = self.label_for(seed)
@@ -244,9 +245,10 @@ class JointFairDiffusion:
     group of every part, each part's editing prompts applied as that part alone would (others reversed, the
     target forward), the parts' concepts side by side in one SEGA step. The groups are assigned jointly, so
     that the intersections are covered: "parity" (every part parity) cycles through the joint groups by seed
-    (seed s -> mixed-radix digits of s mod the number of joint groups: uniform over the intersections);
-    "random" (every part random) draws each part's group from its own target with its own generator seeded by
-    the seed (independent attributes). Labels are joined with "|" in part order ("female|White"), as the
+    in an order that keeps every part's groups balanced at every count of seeds (2 x 2: f|B, m|W, f|W, m|B),
+    uniform over the intersections every full cycle; "random" (every part random) draws each part's group
+    from its own target (part 0 exactly as a FairDiffusion of its own, the others from streams of their own:
+    independent attributes). Labels are joined with "|" in part order ("female|White"), as the
     audit names intersections. The parts must share momentum settings (one momentum per image).
     """
 
@@ -263,10 +265,15 @@ class JointFairDiffusion:
         dup = sorted({q for q in prompts if prompts.count(q) > 1})
         if dup:
             raise ValueError(f"parts share the editing prompts {dup}; each group needs its own")
+        labels = [lab for p in parts for lab in p.labels]
+        dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+        if dup:
+            raise ValueError(f"parts share the group labels {dup}; give every attribute's groups their own names")
         self.parts, self.assign = list(parts), modes.pop()
         self.momentum_scale, self.momentum_beta = parts[0].momentum_scale, parts[0].momentum_beta
         for name in ("scales", "warmups", "cooldowns", "thresholds", "concept_weights"):
             setattr(self, name, [v for p in parts for v in getattr(p, name)])
+        self._order = _balanced_order([len(p.labels) for p in parts]) if self.assign == "parity" else None
 
     @property
     def n_concepts(self) -> int:
@@ -274,16 +281,11 @@ class JointFairDiffusion:
 
     def labels_for(self, seed: int) -> list[str]:
         if self.assign == "parity":
-            i, out = int(seed), []
-            for p in self.parts:  # mixed radix: the first part varies fastest
-                out.append(p.labels[i % len(p.labels)])
-                i //= len(p.labels)
-            return out
-        out = []
-        for j, p in enumerate(self.parts):
-            rng = np.random.default_rng([int(seed), 0x5E6A, j + 1])
-            out.append(p.labels[int(rng.choice(len(p.labels), p=p.probs))])
-        return out
+            combo = self._order[int(seed) % len(self._order)]
+            return [p.labels[i] for p, i in zip(self.parts, combo)]
+        # part 0 draws as a FairDiffusion of its own would (a joint run and a single-attribute run steer the
+        # same seed to the same group of it); every further part from a stream of its own
+        return [p.labels[_draw(seed, j, p.probs)] for j, p in enumerate(self.parts)]
 
     def label_for(self, seed: int) -> str:
         return "|".join(self.labels_for(seed))
@@ -299,6 +301,27 @@ class JointFairDiffusion:
     def describe(self) -> dict:
         return dict(method="fair-diffusion", joint=True, assign=self.assign, parts=[p.describe() for p in self.parts],
                     choices={"|".join(c): None for c in _product([p.labels for p in self.parts])})
+
+
+def _draw(seed: int, stream: int, probs) -> int:
+    rng = np.random.default_rng([int(seed), 0x5E6A] + ([stream] if stream else []))
+    return int(rng.choice(len(probs), p=probs))
+
+
+def _balanced_order(sizes: list[int]) -> list[tuple[int, ...]]:
+    """Every combination of one group per part, in an order where every part's groups stay as balanced as
+    possible over any first s seeds (greedy: next the unused combination whose groups were used least, then
+    the lowest): for 2 x 2, (0, 0), (1, 1), (0, 1), (1, 0); for 2 x 3 both parts cycle evenly."""
+    left = [tuple(c) for c in _product([list(range(k)) for k in sizes])]
+    counts = [[0] * k for k in sizes]
+    out = []
+    while left:
+        best = min(left, key=lambda c: (sum(counts[j][i] for j, i in enumerate(c)), c))
+        left.remove(best)
+        out.append(best)
+        for j, i in enumerate(best):
+            counts[j][i] += 1
+    return out
 
 
 def _product(lists):

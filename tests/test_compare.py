@@ -192,3 +192,18 @@ def test_environments_recorded_and_compared(base, tmp_path, tiny_sd, monkeypatch
     res = compare(base, other, n_boot=50)
     assert res["comparisons"][0]["environment_differs"] == {"torch": [[torch.__version__], ["9.9.9"]]}
     assert f"environment differs: torch {torch.__version__} vs 9.9.9" in format_markdown(res)
+
+
+def test_provenance_ignores_the_thread_count():
+    import torch
+
+    from fastfair._env import provenance
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = provenance("cpu")
+        torch.set_num_threads(2)
+        assert provenance("cpu") == a
+    finally:
+        torch.set_num_threads(n)

@@ -521,6 +521,8 @@ def test_cli_reference_protocol(monkeypatch, tmp_path, capsys):
     assert main(base) != 0
     assert (seen["template"], seen["images"], seen["max_rounds"], seen["reseed"], seen["clip_model"]) == (
         "a {concept}", 20, 10, False, None)
+    assert main(base + ["--protocol", "reference", "--seeds", "0-3"]) != 0  # explicit fixed seeds win
+    assert (seen["seeds"], seen["reseed"], seen["images"]) == ("0-3", False, 100)
     capsys.readouterr()
-    assert main(base + ["--protocol", "reference", "--seeds", "0-3"]) == 1
+    assert main(base + ["--seeds", "0-3", "--reseed"]) == 1
     assert "--reseed" in capsys.readouterr().err

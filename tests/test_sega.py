@@ -478,7 +478,10 @@ def test_joint_fair_diffusion(sd64):
     j = JointFairDiffusion(FairDiffusion.preset("gender", warmup=1), FairDiffusion.preset("race", warmup=1))
     assert sorted(j.label_for(s) for s in range(4)) == sorted(
         f"{g}|{r}" for g in ("female", "male") for r in ("African-American", "White"))
-    seeds = [0, 3]
+    # balanced at every count of seeds: 2 seeds already steer to both groups of each attribute
+    assert [j.label_for(s) for s in range(4)] == ["female|African-American", "male|White", "female|White",
+                                                  "male|African-American"]
+    seeds = [0, 1]
     g = fastfair.generate(sd64, PROMPT, seeds=seeds, steps=3, progress=False, edit_guidance=j)
     assert g.edit_targets == ["female|African-American", "male|White"]
     for i, s in enumerate(seeds):
@@ -493,6 +496,14 @@ def test_joint_fair_diffusion(sd64):
     r_b = np.array([b == "African-American" for _, b in labels])
     assert abs(r_b.mean() - 0.75) < 0.03 and abs(g_f.mean() - 0.5) < 0.03
     assert abs((g_f & r_b).mean() - g_f.mean() * r_b.mean()) < 0.02  # independent draws
+    single = FairDiffusion.preset("gender", assign="random")  # part 0 as a run of its own would steer it
+    assert [a for a, _ in labels[:200]] == [single.label_for(s) for s in range(200)]
+    with pytest.raises(ValueError, match="share the group labels"):
+        JointFairDiffusion(FairDiffusion({"yes": "x", "no": "y"}), FairDiffusion({"yes": "z", "no": "w"}))
+    with pytest.raises(ValueError, match="without '\\|'"):
+        FairDiffusion({"a|b": "x", "c": "y"})
+    with pytest.raises(ValueError, match="sum to 1"):
+        FairDiffusion({"a": "x", "b": "y"}, target={"a": 0.75}, assign="random")
     with pytest.raises(ValueError, match="same assign"):
         JointFairDiffusion(FairDiffusion.preset("gender"), FairDiffusion.preset("race", assign="random"))
     with pytest.raises(ValueError, match="momentum"):
@@ -514,11 +525,13 @@ def test_audit_steering_of_joint_fair_diffusion(tiny_sd, tmp_path):
             n = len(images)
             return {"gender": np.tile([0.1, 0.9], (n, 1)), "race": np.tile([0.8, 0.2], (n, 1))}
 
-    j = JointFairDiffusion(FairDiffusion.preset("gender", warmup=0), FairDiffusion.preset("race", warmup=0))
-    res = fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender,race", seeds=4, steps=2,
-                         progress=False, n_boot=0, classifier=FemaleWhite(), entanglement="none", edit_guidance=j,
-                         out=tmp_path / "j")
-    st = res.summary["steering"]
-    assert st["gender"]["overall"] == 0.5 and st["race"]["overall"] == 0.5
-    assert st["gender×race"] == {"overall": 0.25, "n": 4, "per_target": {
-        "male|White": 0.0, "male|African-American": 0.0, "female|White": 1.0, "female|African-American": 0.0}}
+    for order in ("gender", "race"):  # the joint target's parts in either order against the audit's gender x race
+        parts = [FairDiffusion.preset("gender", warmup=0), FairDiffusion.preset("race", warmup=0)]
+        j = JointFairDiffusion(*(parts if order == "gender" else parts[::-1]))
+        res = fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender,race", seeds=4, steps=2,
+                             progress=False, n_boot=0, classifier=FemaleWhite(), entanglement="none", edit_guidance=j,
+                             out=tmp_path / order)
+        st = res.summary["steering"]
+        assert st["gender"]["overall"] == 0.5 and st["race"]["overall"] == 0.5
+        assert st["gender×race"] == {"overall": 0.25, "n": 4, "per_target": {
+            "male|White": 0.0, "male|African-American": 0.0, "female|White": 1.0, "female|African-American": 0.0}}

@@ -182,7 +182,7 @@ def _env_diff(a: _Run, b: _Run) -> dict:
     git revision) that differ; runs made before environments were recorded compare as unknown."""
     ea, eb = a.config.get("environments") or [], b.config.get("environments") or []
     if not ea or not eb:
-        return {}
+        return {"recorded": [[str(bool(ea))], [str(bool(eb))]]} if ea or eb else {}
     out = {}
     for k in sorted({k for e in ea + eb for k in e}):
         va = sorted({str(e.get(k)) for e in ea})

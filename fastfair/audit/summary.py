@@ -211,21 +211,29 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                         "per_target": {lab: _f(hit[want[ok] == lab].mean()) for lab in labels
                                        if (want[ok] == lab).any()}}
 
+            part_of = {}  # attribute set -> the joint target's component that names its groups
             for name, a in attrs.items():
-                for want in ([tgt] if n_parts == 1 else comps):
+                for j, want in enumerate([tgt] if n_parts == 1 else comps):
                     if set(want.dropna()) <= set(a["labels"]):
+                        part_of[name] = j
                         blk = share(neutral[f"pred_{slug(name)}"], want, a["labels"])
                         if blk is not None:
                             steer[name] = blk
                         break
             if n_parts > 1:
                 for iname in st.get("intersections", []):
-                    labels = intersection_labels([_Labels(attrs[p]["labels"]) for p in iname.split("×")])
+                    parts = iname.split("×")
                     col = f"pred_{slug(iname)}"
-                    if col in neutral.columns and set(tgt.dropna()) <= set(labels):
-                        blk = share(neutral[col], tgt, labels)
-                        if blk is not None:
-                            steer[iname] = blk
+                    if col not in neutral.columns or not all(p in part_of for p in parts):
+                        continue
+                    # the target's components in the intersection's order ("White|female" -> "female|White")
+                    want = comps[part_of[parts[0]]]
+                    for p in parts[1:]:
+                        want = want + "|" + comps[part_of[p]]
+                    labels = intersection_labels([_Labels(attrs[p]["labels"]) for p in parts])
+                    blk = share(neutral[col], want, labels)
+                    if blk is not None:
+                        steer[iname] = blk
             out["steering"] = steer
     return out
 
