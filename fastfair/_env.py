@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -30,6 +31,7 @@ def _git(*args) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def git_revision() -> str | None:
     """HEAD of the checkout fastfair runs from, with "+dirty" when tracked files differ from it; None when
     the package is not the checkout's own ``fastfair/`` (an installed copy inside some other repository)."""

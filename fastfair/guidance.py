@@ -137,16 +137,21 @@ def abar_at(sched, timestep) -> tuple[int, float]:
     return t_int, float(sched.alphas_cumprod[t_int])
 
 
-def _split_rows(obj, rows: slice, batch: int):
-    """``obj`` with every tensor whose leading dimension is ``batch`` cut to ``rows`` (through dicts,
+def _map_rows(obj, fn, batch: int):
+    """``obj`` with ``fn`` applied to every tensor whose leading dimension is ``batch`` (through dicts,
     lists and tuples); everything else unchanged."""
     if torch.is_tensor(obj):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch else obj
+        return fn(obj) if obj.dim() > 0 and obj.shape[0] == batch else obj
     if isinstance(obj, dict):
-        return {k: _split_rows(v, rows, batch) for k, v in obj.items()}
+        return {k: _map_rows(v, fn, batch) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_split_rows(v, rows, batch) for v in obj)
+        return type(obj)(_map_rows(v, fn, batch) for v in obj)
     return obj
+
+
+def _split_rows(obj, rows: slice, batch: int):
+    """``obj`` with every tensor whose leading dimension is ``batch`` cut to ``rows``."""
+    return _map_rows(obj, lambda t: t[rows], batch)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ sees the pipeline's own 2N-row CFG call, and the edit rows run through the plain
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -35,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .guidance import StepHooks
+from .guidance import StepHooks, _map_rows
 
 __all__ = ["SemanticGuidance", "FairDiffusion", "JointFairDiffusion", "sega_update"]
 
@@ -299,8 +300,7 @@ class JointFairDiffusion:
         return prompts, rev, self.label_for(seed)
 
     def describe(self) -> dict:
-        return dict(method="fair-diffusion", joint=True, assign=self.assign, parts=[p.describe() for p in self.parts],
-                    choices={"|".join(c): None for c in _product([p.labels for p in self.parts])})
+        return dict(method="fair-diffusion", joint=True, assign=self.assign, parts=[p.describe() for p in self.parts])
 
 
 def _draw(seed: int, stream: int, probs) -> int:
@@ -312,7 +312,7 @@ def _balanced_order(sizes: list[int]) -> list[tuple[int, ...]]:
     """Every combination of one group per part, in an order where every part's groups stay as balanced as
     possible over any first s seeds (greedy: next the unused combination whose groups were used least, then
     the lowest): for 2 x 2, (0, 0), (1, 1), (0, 1), (1, 0); for 2 x 3 both parts cycle evenly."""
-    left = [tuple(c) for c in _product([list(range(k)) for k in sizes])]
+    left = list(itertools.product(*(range(k) for k in sizes)))
     counts = [[0] * k for k in sizes]
     out = []
     while left:
@@ -322,13 +322,6 @@ def _balanced_order(sizes: list[int]) -> list[tuple[int, ...]]:
         for j, i in enumerate(best):
             counts[j][i] += 1
     return out
-
-
-def _product(lists):
-    out = [[]]
-    for labels in lists:
-        out = [o + [x] for o in out for x in labels]
-    return [tuple(o) for o in out]
 
 
 def sega_update(uncond: torch.Tensor, edits: torch.Tensor, signs: torch.Tensor, step: int, params: _EditParams,
@@ -370,15 +363,8 @@ def sega_update(uncond: torch.Tensor, edits: torch.Tensor, signs: torch.Tensor, 
 
 
 def _take_rows(obj, idx: torch.Tensor, batch: int):
-    """``obj`` with every tensor whose leading dimension is ``batch`` indexed by ``idx`` along it
-    (through dicts, lists and tuples); everything else unchanged."""
-    if torch.is_tensor(obj):
-        return obj.index_select(0, idx.to(obj.device)) if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, dict):
-        return {k: _take_rows(v, idx, batch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_take_rows(v, idx, batch) for v in obj)
-    return obj
+    """``obj`` with every tensor whose leading dimension is ``batch`` indexed by ``idx`` along it."""
+    return _map_rows(obj, lambda t: t.index_select(0, idx.to(t.device)), batch)
 
 
 def check_edit_guidance(pipe, spec, guidance_scale: float, seeds, steps: int | None = None) -> list[str]:

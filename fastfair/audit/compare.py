@@ -29,7 +29,7 @@ import numpy as np
 from .. import distribution as D
 from .attributes import intersection_labels, slug
 from .store import RunDirError, RunStore, load_results
-from .summary import _interval, _Labels, _metrics_for, _safe
+from .summary import _ci as _triple, _f, _interval, _Labels, _metrics_for, _safe
 
 __all__ = ["compare", "CompareError", "format_markdown"]
 
@@ -109,9 +109,7 @@ def _pairs(a, b, keys, col):
 
 
 def _ci(point, boots, level) -> dict:
-    lo, hi = _interval(boots, level)
-    f = lambda x: None if not np.isfinite(x) else float(x)  # noqa: E731
-    return {"mean": f(point), "lo": f(lo), "hi": f(hi)}
+    return _triple((point, *_interval(boots, level)))
 
 
 def _mean_block(a, b, keys, col, n_boot, seed, level) -> dict | None:
@@ -170,11 +168,6 @@ def _distribution_blocks(a, b, col, labels, target, n_boot, seed, level) -> dict
             out[name] = {"baseline": _f(np.nanmean(xa)), "other": _f(np.nanmean(xb)),
                          "diff": _ci(np.nanmean(d), boot, level), "n_pairs": int(n), "professions": len(d)}
     return out
-
-
-def _f(x):
-    x = float(x)
-    return None if not np.isfinite(x) else x
 
 
 def _env_diff(a: _Run, b: _Run) -> dict:

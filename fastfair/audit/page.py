@@ -291,9 +291,11 @@ def _mitigation(gen: dict) -> str:
     out = []
     eg = gen.get("edit_guidance")
     if eg:
-        out.append("Fair Diffusion (" + ", ".join(eg["choices"]) + ")" if eg["method"] == "fair-diffusion"
-                   else "SEGA (" + "; ".join(("−" if r else "+") + p for p, r in zip(eg["prompts"], eg["reverse"]))
-                   + ")")
+        if eg["method"] == "fair-diffusion":  # joint: each attribute's groups, "female, male × White, ..."
+            out.append("Fair Diffusion (" + " × ".join(", ".join(p["choices"]) for p in eg.get("parts", [eg])) + ")")
+        else:
+            out.append("SEGA (" + "; ".join(("−" if r else "+") + p for p, r in zip(eg["prompts"], eg["reverse"]))
+                       + ")")
     g = gen.get("guide")
     if g:
         out.append(f"entanglement guidance ({g['attribute']}, scale {g.get('scale', 100.0)})")
