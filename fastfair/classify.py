@@ -299,15 +299,15 @@ def as_classifier(obj, labels: Mapping[str, Sequence[str]] | None = None) -> Att
     raise TypeError(f"expected an AttributeClassifier or a torch.nn.Module, got {type(obj).__name__}")
 
 
-def _import_factory(ref: str):
+def _import_factory(ref: str, what: str = "classifier"):
     """"path/to/file.py:func" or "package.module:func" -> the callable."""
     if ":" not in ref:
-        raise ValueError(f"python classifier {ref!r} must be FILE.py:FUNCTION or module:FUNCTION")
+        raise ValueError(f"python {what} {ref!r} must be FILE.py:FUNCTION or module:FUNCTION")
     mod_ref, func = ref.rsplit(":", 1)
     if mod_ref.endswith(".py"):
         path = Path(mod_ref)
         if not path.is_file():
-            raise ValueError(f"classifier file {mod_ref!r} does not exist")
+            raise ValueError(f"{what} file {mod_ref!r} does not exist")
         name = "fastfair_user_classifier_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)

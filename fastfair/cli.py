@@ -556,7 +556,26 @@ def _add_finetune(sub) -> None:
     d.add_argument("--ot-samples", type=int, default=100, help="histograms sampled from the target per step")
     d.add_argument("--quality-weight", type=float, default=8.0)
     d.add_argument("--quality-relax", type=float, default=0.2)
-    d.add_argument("--quality-encoder", default="clip", help="clip, clip:MODEL_ID or none")
+    d.add_argument("--quality-encoder", default="clip",
+                   help="clip (ViT-L/14), clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several joined by '+', paper "
+                        "(CLIP ViT-H/14 + DINOv2 ViT-B/14 on 224-pixel images, as Shen et al.) or none")
+    d.add_argument("--face-detector", default=None,
+                   help="classify each image's largest face (Shen et al.): insightface (pip install insightface "
+                        "onnxruntime; downloads buffalo_l) or python:FILE.py:FUNC (FUNC() returns a callable on RGB "
+                        "uint8 images giving faces, see fastfair.faces); images without a face are not aligned")
+    d.add_argument("--face-embedder", default=None,
+                   help="face-realism loss: python:FILE.py:FUNC, FUNC(device=) returns a module mapping aligned "
+                        "112x112 faces in [0,1] to embeddings (needs --face-detector with landmarks)")
+    d.add_argument("--face-bank", default=None,
+                   help=".pt / .npy (M, D) embeddings of real faces: the face-realism target where the frozen "
+                        "image's face is not kept")
+    d.add_argument("--face-weight", type=float, default=1.0, help="face-realism loss weight")
+    d.add_argument("--face-relax", type=float, default=0.2,
+                   help="quality-loss gradient factor inside the face region when the target changes the face")
+    d.add_argument("--face-confidence", type=float, default=0.9,
+                   help="frozen image's class confidence needed to keep its face as the face-realism target")
+    d.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")
+    d.add_argument("--face-crop-size", type=int, default=224, help="classifier crop size (pixels)")
     d.add_argument("--checkpoint-every", type=int, default=20)
     d.add_argument("--keep-checkpoints", type=int, default=2)
     d.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --out")

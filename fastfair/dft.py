@@ -12,9 +12,13 @@ Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024
 3. a differentiable attribute classifier gives per-attribute probabilities; the distributional
    alignment targets (``fastfair.alignment``: exact OT to histograms sampled from the target) give a
    label per image and attribute, uncertain ones dropped; the loss is their cross-entropy;
-4. a quality regulariser keeps each image close (1 - cosine of encoder features, CLIP by default) to
-   the frozen model's image for the same noise and step count; the paper relaxes it (factor 0.2) for
-   images whose target class differs from the frozen image's class;
+4. a quality regulariser keeps each image close (1 - cosine of encoder features, CLIP by default; the
+   paper's CLIP ViT-H + DINOv2 with ``quality_encoder="paper"``) to the frozen model's image for the same
+   noise and step count; the paper relaxes it (factor 0.2) for images whose target class differs from the
+   frozen image's class;
+   with a face detector (the paper's setting, ``fastfair.faces``) the classifier sees each image's face
+   crop, images without a face are not aligned, the quality gradient is relaxed inside the face region,
+   and a face embedder adds the face-realism loss (see :class:`DFTTrainer`);
 5. AdamW, gradient clipping, EMA of the trainables, a skipped update on non-finite gradients.
 
 Trainables: LoRA (peft) on the text encoder (default) and/or the UNet, or k soft prefix tokens
@@ -54,7 +58,7 @@ from .guidance import abar_at
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
            "grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
-           "ClipFeatures", "parse_targets", "TargetError"]
+           "ClipFeatures", "DinoFeatures", "Resized", "load_quality_encoders", "parse_targets", "TargetError"]
 
 CHECKPOINT_VERSION = 1
 TEXT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # the paper also adapts the MLP
@@ -284,6 +288,78 @@ class ClipFeatures(torch.nn.Module):
         return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).image_embeds.float()
 
 
+class DinoFeatures(torch.nn.Module):
+    """DINOv2 features (the final layer-normed CLS token, what ``torch.hub``'s ``dinov2_vit*14`` models return) of
+    images in [0, 1], ImageNet-normalised; no resize (patch-14 models take any size, position embeddings are
+    interpolated)."""
+
+    def __init__(self, model_id: str = "facebook/dinov2-base", device=None, dtype=None):
+        super().__init__()
+        from transformers import Dinov2Model
+
+        try:
+            self.model = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise DFTError(f"could not load DINOv2 model {model_id!r} for the quality regulariser: {e}\n(give a "
+                           "local folder with --quality-encoder dinov2:PATH, or leave DINOv2 out)") from e
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = (images - self.mean.to(images)) / self.std.to(images)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).pooler_output.float()
+
+
+class Resized(torch.nn.Module):
+    """``encoder`` applied to the images resized to ``size`` x ``size`` (bilinear, antialiased: torchvision's
+    ``Resize`` on tensors), as the paper's code feeds CLIP and DINOv2 224-pixel images."""
+
+    def __init__(self, encoder: torch.nn.Module, size: int = 224):
+        super().__init__()
+        self.encoder, self.size = encoder, int(size)
+
+    def forward(self, images):
+        if tuple(images.shape[-2:]) != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return self.encoder(images)
+
+
+PAPER_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+PAPER_DINO = "facebook/dinov2-base"
+
+
+def load_quality_encoders(spec, device=None) -> list[torch.nn.Module]:
+    """The quality regulariser's encoders. ``spec``: ``"clip"`` (CLIP ViT-L/14), ``"clip:MODEL_ID"``, ``"dinov2"``
+    (DINOv2 ViT-B/14), ``"dinov2:MODEL_ID"``, several joined by ``+`` (their losses add up), ``"paper"`` (Shen et
+    al.'s: CLIP ViT-H/14 + DINOv2 ViT-B/14 on the image resized to 224), ``"none"`` / None, a torch module mapping
+    images in [0, 1] to features, or a list of modules."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
+        return []
+    if isinstance(spec, torch.nn.Module) or (callable(spec) and not isinstance(spec, str)):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [e for s in spec for e in load_quality_encoders(s, device)]
+    if not isinstance(spec, str):
+        raise DFTError(f"quality_encoder must be a string, a module or a list; got {type(spec).__name__}")
+    if spec.strip() == "paper":
+        return [Resized(ClipFeatures(PAPER_CLIP, device=device), 224), Resized(DinoFeatures(PAPER_DINO, device), 224)]
+    out = []
+    for part in (p.strip() for p in spec.split("+")):
+        kind, _, mid = part.partition(":")
+        if kind == "clip":
+            out.append(ClipFeatures(mid or "openai/clip-vit-large-patch14", device=device))
+        elif kind == "dinov2":
+            out.append(DinoFeatures(mid or PAPER_DINO, device=device))
+        else:
+            raise DFTError(f"quality encoder {part!r}: use clip, clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several "
+                           "joined by '+', paper (CLIP ViT-H/14 + DINOv2 ViT-B/14, as Shen et al.) or none")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
@@ -341,6 +417,14 @@ class DFTConfig:
     ot_samples: int = 100
     quality_weight: float = 8.0
     quality_relax: float = 0.2
+    # faces (with a face detector): crops for the classifier, the face-realism loss, the face-region relaxation
+    face_crop_size: int = 224                      # classifier crop of the expanded face box
+    face_expand: float = 0.5                       # the detected box grows by this fraction, to a square
+    face_relax: float = 0.2                        # quality-loss gradient factor inside the face region of images
+                                                   # whose target changes the face (the paper's factor2)
+    face_weight: float = 1.0                       # face-realism loss (with a face embedder)
+    face_confidence: float = 0.9                   # frozen image's class confidence to use its face as the target
+    face_flip: bool = True                         # face embedding of the face plus its mirror image
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     mixed_precision: str = "no"                    # no | fp16 | bf16 (autocast, CUDA only)
@@ -368,6 +452,10 @@ class DFTConfig:
             raise DFTError(f"ema_decay must be in [0, 1) or None; got {self.ema_decay}")
         if self.checkpoint_every < 0:
             raise DFTError("checkpoint_every must be >= 0 (0: no checkpoints)")
+        if self.face_crop_size < 1 or self.face_expand < 0 or self.face_relax < 0 or self.face_weight < 0:
+            raise DFTError("face_crop_size must be >= 1, face_expand, face_relax and face_weight >= 0")
+        if not 0 <= self.face_confidence <= 1:
+            raise DFTError(f"face_confidence must be in [0, 1]; got {self.face_confidence}")
         if isinstance(self.target, (str, list, tuple)):
             self.target = parse_targets(self.target)
 
@@ -464,8 +552,18 @@ class DFTTrainer:
     soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs ``config.steps``.
 
     ``prompts``: the training prompts. ``classifier``: see the module docstring (``labels`` goes to
-    :func:`as_differentiable`). ``quality_encoder``: "clip" (default, ``ClipFeatures``), "clip:MODEL_ID", a
-    torch module mapping images in [0, 1] to features, or None (no quality regulariser).
+    :func:`as_differentiable`). ``quality_encoder``: see :func:`load_quality_encoders` ("clip", the default, is
+    CLIP ViT-L/14; "paper" is CLIP ViT-H/14 + DINOv2 as Shen et al.; a module; None for no quality regulariser).
+
+    Faces (Shen et al.'s setting): with ``face_detector`` (a callable on RGB uint8 images, "insightface", or a
+    :class:`fastfair.faces.FaceCropper`) the classifier sees the crop of each image's largest face (box expanded
+    by ``face_expand``, ``face_crop_size`` pixels); images without a face get no alignment target (the targets
+    are computed over the images with a face), keep the full quality weight, and the quality loss's gradient is
+    scaled by ``face_relax`` inside the face region of images whose target changes the face. ``face_embedder``
+    (a module mapping aligned 112 x 112 faces in [0, 1] to embeddings) adds the face-realism loss: 1 - cosine
+    to the frozen image's face where the target keeps its class (frozen confidence >= ``face_confidence``),
+    otherwise to the nearest of ``face_bank`` ((M, D) embeddings of real faces; without one such images get
+    no face-realism loss).
     ``out_dir``: where checkpoints and outputs go. ``resume``: a checkpoint folder, or "latest" in out_dir.
     An ``out_dir`` that holds a run (outputs or checkpoints) is refused without ``resume`` -- its LoRA would be
     replaced and its checkpoints would mix with the new run's -- unless ``overwrite=True``, which removes them.
@@ -473,7 +571,8 @@ class DFTTrainer:
 
     def __init__(self, pipe, prompts: Sequence[str] | str, classifier, config: DFTConfig | None = None, *,
                  labels=None, quality_encoder="clip", out_dir: str | os.PathLike | None = None,
-                 resume: str | os.PathLike | None = None, overwrite: bool = False):
+                 resume: str | os.PathLike | None = None, overwrite: bool = False, face_detector=None,
+                 face_embedder=None, face_bank=None):
         self.pipe = pipe
         self.cfg = cfg = config or DFTConfig()
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -511,21 +610,41 @@ class DFTTrainer:
                               f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}; the distribution "
                               f"is aligned over the N images of a prompt, so use images_per_prompt >= {K}")
 
-        # quality encoder ------------------------------------------------------------------------
-        if cfg.quality_weight <= 0 or quality_encoder is None or quality_encoder == "none":
-            self.quality = None
-        elif isinstance(quality_encoder, str):
-            if quality_encoder == "clip":
-                self.quality = ClipFeatures(device=self.device)
-            elif quality_encoder.startswith("clip:"):
-                self.quality = ClipFeatures(quality_encoder[5:], device=self.device)
+        # faces ------------------------------------------------------------------------------------
+        self.faces = self.face_embedder = self.face_bank = None
+        if face_detector is not None:
+            from .faces import FaceCropper, InsightFaceDetector
+
+            if isinstance(face_detector, FaceCropper):
+                self.faces = face_detector
             else:
-                raise DFTError("quality_encoder must be 'clip', 'clip:MODEL_ID', a module or None; "
-                               f"got {quality_encoder!r}")
-        else:
-            self.quality = quality_encoder
-            if isinstance(quality_encoder, torch.nn.Module):
-                quality_encoder.requires_grad_(False)
+                if face_detector == "insightface":
+                    face_detector = InsightFaceDetector()
+                elif isinstance(face_detector, str):
+                    raise DFTError(f"face_detector {face_detector!r}: give 'insightface' or a callable on RGB uint8 "
+                                   "images returning faces (see fastfair.faces)")
+                self.faces = FaceCropper(face_detector, crop_size=cfg.face_crop_size, expand=cfg.face_expand)
+        if face_embedder is not None and cfg.face_weight > 0:
+            if self.faces is None:
+                raise DFTError("a face embedder needs a face detector (face_detector=...): the face-realism loss is "
+                               "computed on each image's aligned face")
+            self.face_embedder = face_embedder
+            if isinstance(face_embedder, torch.nn.Module):
+                face_embedder.requires_grad_(False).eval()
+        if face_bank is not None and face_embedder is None:
+            raise DFTError("face_bank is used by the face-realism loss: give face_embedder too")
+        if face_bank is not None and self.face_embedder is not None:
+            bank = torch.as_tensor(np.asarray(face_bank) if not isinstance(face_bank, torch.Tensor) else face_bank)
+            if bank.ndim != 2 or len(bank) == 0 or not torch.isfinite(bank).all():
+                raise DFTError(f"face_bank must be a finite (M, D) matrix of face embeddings; got shape "
+                               f"{tuple(bank.shape)}")
+            self.face_bank = F.normalize(bank.float(), dim=-1).to(self.device)
+
+        # quality encoders ----------------------------------------------------------------------------
+        self.quality = [] if cfg.quality_weight <= 0 else load_quality_encoders(quality_encoder, self.device)
+        for enc in self.quality:
+            if isinstance(enc, torch.nn.Module):
+                enc.requires_grad_(False)
 
         # the model ---------------------------------------------------------------------------------
         for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
@@ -785,11 +904,84 @@ class DFTTrainer:
             out = self.classifier(images)
         return {a: out[a].float() for a in self.attributes}
 
+    def _probs(self, images: torch.Tensor, faces=None):
+        """Classifier probabilities of every image and which images count (N,) bool. With a face detector: of the
+        crop of each image's face (``faces``: a detection to reuse); rows of images without one are uniform
+        constants and do not count."""
+        if self.faces is None:
+            return self.classify(images), torch.ones(len(images), dtype=torch.bool)
+        faces = faces if faces is not None else self.faces.detect(images)
+        idx = faces.found.nonzero().flatten().to(images.device)
+        found = self.classify(self.faces.crops(images, faces)) if len(idx) else None
+        out = {}
+        for a in self.attributes:
+            k = len(self.labels[a])
+            rows = torch.full((len(images), k), 1.0 / k, device=images.device)
+            out[a] = rows.index_copy(0, idx, found[a].to(rows.dtype)) if found is not None else rows
+        return out, faces.found
+
+    def _targets(self, probs, counted: torch.Tensor) -> alignment.AlignmentTargets:
+        """Alignment targets over the counted images (all, or those with a face); the others are dropped. Fewer
+        counted images than classes: every image dropped this step."""
+        idx = counted.nonzero().flatten()
+        N = len(counted)
+        if len(idx) == N:
+            return alignment.alignment_targets(probs, self.joint_target, samples=self.cfg.ot_samples,
+                                               threshold=self.cfg.uncertainty_threshold, rng=self.np_rng)
+        K = len(self.joint_target)
+        sub = None
+        if len(idx) >= K:
+            sub = alignment.alignment_targets({a: p[idx.to(p.device)] for a, p in probs.items()}, self.joint_target,
+                                              samples=self.cfg.ot_samples, threshold=self.cfg.uncertainty_threshold,
+                                              rng=self.np_rng)
+        labels, unc, keep, q = {}, {}, {}, {}
+        for a in self.attributes:
+            k = len(self.labels[a])
+            labels[a] = torch.zeros(N, dtype=torch.int64)
+            unc[a] = torch.ones(N, dtype=torch.float64)
+            keep[a] = torch.zeros(N, dtype=torch.bool)
+            q[a] = np.zeros((N, k))
+            if sub is not None:
+                labels[a][idx], unc[a][idx], keep[a][idx] = sub.labels[a], sub.uncertainty[a], sub.keep[a]
+                q[a][idx.numpy()] = sub.q[a]
+        jq = np.zeros((N, K))
+        if sub is not None:
+            jq[idx.numpy()] = sub.joint_q
+        return alignment.AlignmentTargets(list(self.attributes), labels, unc, keep, q, jq,
+                                          sub.histograms if sub is not None else np.zeros((0, K)))
+
+    def _embed_faces(self, aligned: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            e = self.face_embedder(aligned).float()
+            if self.cfg.face_flip:
+                e = e + self.face_embedder(torch.flip(aligned, dims=[-1])).float()
+        return F.normalize(e.flatten(1), dim=-1)
+
+    def _relax_face_region(self, images, faces, ref_faces, which: torch.Tensor) -> torch.Tensor:
+        """``images`` with the gradient scaled by ``face_relax`` inside the face box (intersected with the frozen
+        image's face box where it has one) of the images ``which``."""
+        H, W = images.shape[-2:]
+        mask = torch.zeros((len(images), 1, H, W), dtype=torch.bool, device=images.device)
+        for i in which.nonzero().flatten().tolist():
+            box = faces.crop_boxes[i]
+            if box is None:
+                continue
+            rb = ref_faces.crop_boxes[i] if ref_faces is not None else None
+            x0, y0, x1, y1 = box if rb is None else (max(box[0], rb[0]), max(box[1], rb[1]), min(box[2], rb[2]),
+                                                      min(box[3], rb[3]))
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+            if x1 > x0 and y1 > y0:
+                mask[i, :, y0:y1, x0:x1] = True
+        if not bool(mask.any()):
+            return images
+        return torch.where(mask, scale_grad(images, self.cfg.face_relax), images)
+
     @torch.no_grad()
     def measure(self, prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = range(16),
                 n_steps: int | None = None, frozen: bool = False, batch_size: int = 8) -> dict[str, np.ndarray]:
         """Class frequencies (argmax) per attribute over prompts x seeds, sampled the way training samples
-        (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model."""
+        (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model. With a face
+        detector: of the faces' crops, over the images with a face."""
         prompts = self.prompts if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
         n_steps = n_steps or self.cfg.sampling_steps[1]
         counts = {a: np.zeros(len(self.labels[a])) for a in self.attributes}
@@ -798,10 +990,12 @@ class DFTTrainer:
             for s in range(0, len(seeds), batch_size):
                 noise = torch.cat([self.noises(1, torch.Generator("cpu").manual_seed(int(x)))
                                    for x in seeds[s:s + batch_size]])
-                probs = self.classify(self.sample(p, noise, n_steps, grad=False, frozen=frozen))
+                probs, found = self._probs(self.sample(p, noise, n_steps, grad=False, frozen=frozen))
                 for a, pr in probs.items():
-                    counts[a] += np.bincount(pr.argmax(1).cpu().numpy(), minlength=len(self.labels[a]))
-        return {a: c / c.sum() for a, c in counts.items()}
+                    counts[a] += np.bincount(pr[found.to(pr.device)].argmax(1).cpu().numpy(),
+                                             minlength=len(self.labels[a]))
+        # with a face detector only images with a face count; none at all gives NaN frequencies
+        return {a: c / c.sum() if c.sum() else np.full(len(c), np.nan) for a, c in counts.items()}
 
     # --- one iteration --------------------------------------------------------------------------
     def _next_prompt(self) -> str:
@@ -827,55 +1021,84 @@ class DFTTrainer:
         for m in self.classifier.modules():
             m.eval()
 
-        probs_all = None
+        targets = None
         if B < N:  # targets need every image first: a no-grad pass, then the gradient passes in micro-batches
             with torch.no_grad():
-                parts = [self.classify(self.sample(prompt, noise[j:j + B], n_steps, grad=False))
+                parts = [self._probs(self.sample(prompt, noise[j:j + B], n_steps, grad=False))
                          for j in range(0, N, B)]
-            probs_all = {a: torch.cat([p[a] for p in parts]) for a in self.attributes}
-        ref_feat, ref_pred = None, None
-        if self.quality is not None:
+            targets = self._targets({a: torch.cat([p[a] for p, _ in parts]) for a in self.attributes},
+                                    torch.cat([c for _, c in parts]))
+        # the frozen model's images: quality features, predicted classes, faces and face embeddings
+        ref_feats, ref_pred, ref_conf, ref_faces, ref_emb = [], None, None, None, None
+        if self.quality or self.face_embedder is not None:
             with torch.no_grad():
-                refs = [self.sample(prompt, noise[j:j + B], n_steps, grad=False, frozen=True) for j in range(0, N, B)]
-                ref = torch.cat(refs)
-                ref_feat = F.normalize(self.quality(ref).float().flatten(1), dim=-1)
-                ref_pred = {a: p.argmax(1) for a, p in self.classify(ref).items()}
-        targets = None
-        if probs_all is not None:
-            targets = alignment.alignment_targets({a: probs_all[a] for a in self.attributes}, self.joint_target,
-                                                  samples=cfg.ot_samples, threshold=cfg.uncertainty_threshold,
-                                                  rng=self.np_rng)
-        tot = dict(loss=0.0, align=0.0, quality=0.0)
-        batch_probs = []
+                ref = torch.cat([self.sample(prompt, noise[j:j + B], n_steps, grad=False, frozen=True)
+                                 for j in range(0, N, B)])
+                ref_feats = [F.normalize(enc(ref).float().flatten(1), dim=-1) for enc in self.quality]
+                ref_faces = self.faces.detect(ref) if self.faces is not None else None
+                rp, rfound = self._probs(ref, ref_faces)
+                rfound = rfound.to(ref.device)
+                ref_pred = {a: torch.where(rfound, p.argmax(1), torch.full_like(p.argmax(1), -1)) for a, p in rp.items()}
+                ref_conf = {a: p.max(1).values for a, p in rp.items()}
+                if self.face_embedder is not None:
+                    ok = [i for i in range(N) if ref_faces.landmarks[i] is not None]
+                    ref_emb = torch.zeros((N, 0), device=ref.device)
+                    if ok:
+                        e = self._embed_faces(self.faces.aligned(ref, ref_faces, ok))
+                        ref_emb = torch.zeros((N, e.shape[1]), device=e.device).index_copy(
+                            0, torch.tensor(ok, device=e.device), e)
+                    ref_has_emb = torch.zeros(N, dtype=torch.bool, device=ref.device)
+                    ref_has_emb[ok] = True
+        tot = dict(loss=0.0, align=0.0, quality=0.0, face=0.0)
+        batch_probs, n_faces = [], 0
         for j in range(0, N, B):
             idx = slice(j, j + B)
             images = self.sample(prompt, noise[idx], n_steps, grad=True)
+            dev = images.device
             with torch.enable_grad():
-                probs = self.classify(images)
+                faces = self.faces.detect(images) if self.faces is not None else None
+                probs, counted = self._probs(images, faces)
                 if targets is None:  # one pass holds all N images: targets from its own (detached) probabilities
-                    targets = alignment.alignment_targets({a: p.detach() for a, p in probs.items()}, self.joint_target,
-                                                          samples=cfg.ot_samples, threshold=cfg.uncertainty_threshold,
-                                                          rng=self.np_rng)
+                    targets = self._targets({a: p.detach() for a, p in probs.items()}, counted)
                 sub = self._sub_targets(targets, idx)
+                if faces is not None:  # a face must be found in this pass too (as the paper's code re-detects)
+                    sub.keep = {a: k & counted for a, k in sub.keep.items()}
                 l_align = alignment.alignment_loss(probs, sub, reduction="none")
+                # "same": every attribute's target kept and equal to the frozen image's class
+                same = torch.ones(len(images), dtype=torch.bool, device=dev)
+                for a in self.attributes:
+                    same &= sub.keep[a].to(dev) & (sub.labels[a].to(dev) == ref_pred[a][idx]) \
+                        if ref_pred is not None else sub.keep[a].to(dev)
                 l_quality = torch.zeros_like(l_align)
-                if self.quality is not None:
-                    feat = F.normalize(self.quality(images).float().flatten(1), dim=-1)
-                    dist = 1.0 - (feat * ref_feat[idx]).sum(-1)
-                    w = torch.ones_like(dist)
-                    for a in self.attributes:
-                        same = sub.keep[a].to(w.device) & (sub.labels[a].to(w.device) == ref_pred[a][idx])
-                        w = torch.where(same, w, torch.full_like(w, cfg.quality_relax))
+                if self.quality:
+                    w = torch.where(same, torch.ones_like(l_quality), torch.full_like(l_quality, cfg.quality_relax))
+                    x = images
+                    if faces is not None:
+                        w = torch.where(counted.to(dev), w, torch.ones_like(w))   # no face: the full weight
+                        if cfg.face_relax != 1.0:
+                            x = self._relax_face_region(images, faces, _sub_faces(ref_faces, idx), ~same)
+                    dist = 0.0
+                    for enc, rf in zip(self.quality, ref_feats):
+                        feat = F.normalize(enc(x).float().flatten(1), dim=-1)
+                        dist = dist + (1.0 - (feat * rf[idx]).sum(-1))
                     l_quality = w * dist
-                loss = (l_align + cfg.quality_weight * l_quality).sum() / N
-            if self.scaler is not None:
+                l_face = torch.zeros_like(l_align)
+                if self.face_embedder is not None:
+                    l_face = self._face_loss(images, faces, sub, same, ref_conf, ref_emb, ref_has_emb, idx)
+                loss = (l_align + cfg.quality_weight * l_quality + cfg.face_weight * l_face).sum() / N
+            if not loss.requires_grad:
+                pass   # nothing to learn from these images (e.g. no face found and no other loss term)
+            elif self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
             tot["loss"] += float(loss.detach())
             tot["align"] += float(l_align.detach().sum()) / N
             tot["quality"] += float(l_quality.detach().sum()) / N
-            batch_probs.append({a: p.detach() for a, p in probs.items()})
+            tot["face"] += float(l_face.detach().sum()) / N
+            c = counted.to(dev)
+            n_faces += int(c.sum())
+            batch_probs.append({a: p.detach()[c] for a, p in probs.items()})
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -892,16 +1115,54 @@ class DFTTrainer:
             self.ema.update(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_idx += 1
-        dist = {a: np.bincount(torch.cat([p[a] for p in batch_probs]).argmax(1).cpu().numpy(),
-                               minlength=len(self.labels[a])) / N for a in self.attributes}
+        counts = {a: np.bincount(torch.cat([p[a] for p in batch_probs]).argmax(1).cpu().numpy(),
+                                 minlength=len(self.labels[a])) for a in self.attributes}
+        # the distribution of the counted images (with a face detector: the faces found; none: NaN)
+        dist = {a: (c / c.sum() if c.sum() else np.full(len(c), np.nan)) for a, c in counts.items()}
         rec = dict(step=self.step_idx, prompt=prompt, sampling_steps=n_steps, loss=tot["loss"], loss_align=tot["align"],
                    loss_quality=tot["quality"], grad_norm=gnorm, skipped=not finite,
                    kept={a: float(targets.keep[a].float().mean()) for a in self.attributes},
                    distribution={a: d.tolist() for a, d in dist.items()})
+        if self.faces is not None:
+            rec["faces"] = n_faces
+        if self.face_embedder is not None:
+            rec["loss_face"] = tot["face"]
         self.history.append(rec)
         if self.out_dir is not None and cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
             self.save_checkpoint()
         return rec
+
+    def _face_loss(self, images, faces, sub, same, ref_conf, ref_emb, ref_has_emb, idx) -> torch.Tensor:
+        """Face realism: 1 - cosine between the aligned face's embedding and its target embedding -- the frozen
+        image's face where every target keeps the frozen class with confidence >= face_confidence, else the
+        nearest face of the bank (none: no loss for that image). Only images with a face and a kept target."""
+        dev = images.device
+        n = len(images)
+        found = faces.found.to(dev)
+        any_keep = torch.zeros(n, dtype=torch.bool, device=dev)
+        for a in self.attributes:
+            any_keep |= sub.keep[a].to(dev)
+        cand = found & any_keep
+        conf_ok = torch.ones(n, dtype=torch.bool, device=dev)
+        for a in self.attributes:
+            conf_ok &= ref_conf[a][idx] >= self.cfg.face_confidence
+        from_ref = cand & same & conf_ok & ref_has_emb[idx]
+        from_bank = cand & ~from_ref if self.face_bank is not None else torch.zeros_like(cand)
+        which = (from_ref | from_bank).nonzero().flatten().tolist()
+        loss = torch.zeros(n, device=dev)
+        if not which:
+            return loss
+        emb = self._embed_faces(self.faces.aligned(images, faces, which))
+        tgt = torch.empty_like(emb)
+        with torch.no_grad():
+            for r, i in enumerate(which):
+                if from_ref[i]:
+                    tgt[r] = ref_emb[idx][i]
+            bank_rows = [r for r, i in enumerate(which) if not from_ref[i]]
+            if bank_rows:
+                sims = emb.detach()[bank_rows] @ self.face_bank.to(emb).T
+                tgt[bank_rows] = self.face_bank.to(emb)[sims.argmax(1)]
+        return loss.index_put((torch.tensor(which, device=dev),), 1.0 - (emb * tgt).sum(-1))
 
     @staticmethod
     def _sub_targets(t: alignment.AlignmentTargets, idx: slice) -> alignment.AlignmentTargets:
@@ -942,7 +1203,20 @@ class DFTTrainer:
                     params={n: list(p.shape) for n, p in self.named_params},
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     target=[round(float(x), 8) for x in self.joint_target],
-                    images_per_prompt=cfg.images_per_prompt)
+                    images_per_prompt=cfg.images_per_prompt, **self._face_fingerprint())
+
+    def _face_fingerprint(self) -> dict:
+        """Faces change what is aligned (crops, images without a face dropped) and the loss: a run is resumed only
+        with the same face setup. Absent without faces (checkpoints from before faces existed still match)."""
+        if self.faces is None:
+            return {}
+        cfg = self.cfg
+        face = dict(self.faces.describe())
+        if self.face_embedder is not None:
+            face.update(embedder=getattr(self.face_embedder, "name", None) or type(self.face_embedder).__name__,
+                        weight=cfg.face_weight, confidence=cfg.face_confidence, flip=cfg.face_flip,
+                        bank=list(self.face_bank.shape) if self.face_bank is not None else None)
+        return {"faces": face}
 
     def state_dict(self) -> dict:
         return dict(fingerprint=self.fingerprint(), step=self.step_idx,
@@ -1106,6 +1380,14 @@ class DFTTrainer:
 RUN_FILES = ("dft.json", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
 
 
+def _sub_faces(faces, idx: slice):
+    if faces is None:
+        return None
+    from .faces import FaceBatch
+
+    return FaceBatch(faces.found[idx], faces.boxes[idx], faces.crop_boxes[idx], faces.landmarks[idx])
+
+
 def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
     """Refuse an ``out_dir`` that is a file, or that holds a run when neither resuming nor overwriting; with
     ``overwrite`` remove that run's outputs and checkpoints (and nothing else)."""
@@ -1127,14 +1409,16 @@ def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
 
 
 def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, labels=None, quality_encoder="clip",
-                 out_dir=None, resume=None, overwrite: bool = False, progress: bool = True, **overrides) -> DFTResult:
+                 out_dir=None, resume=None, overwrite: bool = False, progress: bool = True, face_detector=None,
+                 face_embedder=None, face_bank=None, **overrides) -> DFTResult:
     """Adjusted DFT of ``pipe`` toward the target distribution; see :class:`DFTTrainer`. Keyword ``overrides``
     replace fields of ``config``."""
     cfg = config or DFTConfig()
     if overrides:
         cfg = DFTConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **overrides})
     tr = DFTTrainer(pipe, prompts, classifier, cfg, labels=labels, quality_encoder=quality_encoder, out_dir=out_dir,
-                    resume=resume, overwrite=overwrite)
+                    resume=resume, overwrite=overwrite, face_detector=face_detector, face_embedder=face_embedder,
+                    face_bank=face_bank)
     try:
         return tr.train(progress=progress)
     finally:
@@ -1150,6 +1434,37 @@ def _prompts_from_args(args) -> list[str]:
     if not prompts:
         raise DFTError("no training prompts: give --prompt TEXT (repeatable) or --prompts builtin:NAME")
     return prompts
+
+
+def load_face_parts(detector: str | None, embedder: str | None, bank: str | None, device=None):
+    """The CLI's face detector (``insightface`` or ``python:FILE.py:FUNC``, FUNC() returning a detector), face
+    embedder (``python:FILE.py:FUNC``, FUNC(device=) returning a module on aligned faces in [0, 1]) and face bank
+    (a ``.pt`` tensor or ``.npy`` array of real-face embeddings, (M, D))."""
+    from .classify import _import_factory
+
+    def factory(spec, what):
+        if not spec.startswith("python:"):
+            raise DFTError(f"--face-{what} {spec!r}: give python:FILE.py:FUNCTION"
+                           + (" or insightface" if what == "detector" else ""))
+        try:
+            return _import_factory(spec[len("python:"):], f"face {what}")
+        except ValueError as e:
+            raise DFTError(str(e)) from e
+
+    det = emb = bk = None
+    if detector:
+        det = "insightface" if detector == "insightface" else factory(detector, "detector")()
+    if embedder:
+        emb = factory(embedder, "embedder")(device=device)
+    if bank:
+        path = Path(bank)
+        if not path.is_file():
+            raise DFTError(f"--face-bank {bank!r} does not exist (a .pt tensor or .npy array of face embeddings)")
+        try:
+            bk = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DFTError(f"cannot read --face-bank {bank!r}: {e}") from e
+    return det, emb, bk
 
 
 def cli_main(args) -> int:
@@ -1182,17 +1497,25 @@ def cli_main(args) -> int:
                     ema_decay=args.ema_decay if args.ema_decay > 0 else None,
                     uncertainty_threshold=args.uncertainty_threshold, ot_samples=args.ot_samples,
                     quality_weight=args.quality_weight, quality_relax=args.quality_relax,
+                    face_crop_size=args.face_crop_size, face_expand=args.face_expand, face_relax=args.face_relax,
+                    face_weight=args.face_weight, face_confidence=args.face_confidence,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                     mixed_precision=args.mixed_precision, seed=args.seed)
     try:
         _need_peft() if cfg.trainable != "soft-tokens" else None
     except ImportError as e:
         raise DFTError(str(e)) from e
+    if (args.face_embedder or args.face_bank) and not args.face_detector:
+        raise DFTError("--face-embedder / --face-bank need --face-detector (the face-realism loss works on faces)")
+    if args.face_bank and not args.face_embedder:
+        raise DFTError("--face-bank is used by the face-realism loss: give --face-embedder too")
+    det, emb, bank = load_face_parts(args.face_detector, args.face_embedder, args.face_bank, device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     clf = load_classifier(args.classifier, attributes, device=device, clip_model=args.clip_model)
     qe = None if args.quality_encoder == "none" or args.quality_weight <= 0 else args.quality_encoder
     res = finetune_dft(pipe, prompts, clf, cfg, quality_encoder=qe, out_dir=args.out, resume=args.resume,
-                       overwrite=args.overwrite, progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=not args.no_progress, face_detector=det,
+                       face_embedder=emb, face_bank=bank)
     last = res.history[-1] if res.history else None
     if last is not None:
         dist = "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in d) for a, d in last["distribution"].items())
