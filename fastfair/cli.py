@@ -264,6 +264,13 @@ def _add_audit(sub) -> None:
                         "or a torch module with a `labels` attribute")
     p.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
                    help="model id or folder for --classifier clip")
+    p.add_argument("--face-detector", default=None,
+                   help="classify each image's largest face (crop grown by --face-expand, --face-crop-size px) "
+                        "instead of the whole image: insightface (pip install insightface onnxruntime) or "
+                        "python:FILE.py:FUNC (FUNC() returns a callable on RGB uint8 images giving faces); images "
+                        "without a face are abstentions")
+    p.add_argument("--face-crop-size", type=int, default=224, help="face crop size for the classifier (pixels)")
+    p.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="target distribution of a set, e.g. age=0.75,0.25 (default uniform); repeatable")
     p.add_argument("--steps", type=int, default=50)
@@ -343,6 +350,7 @@ def _audit(args) -> int:
     res = audit(model, args.prompts, pipeline=pipe, template=args.template, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
                 inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
+                face_detector=args.face_detector, face_crop_size=args.face_crop_size, face_expand=args.face_expand,
                 targets=" ".join(args.target) if args.target else None, steps=args.steps,
                 guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                 negative_prompt=args.negative_prompt, aggregation=args.aggregation, percentile=args.percentile,

@@ -1444,16 +1444,20 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
 
     def factory(spec, what):
         if not spec.startswith("python:"):
-            raise DFTError(f"--face-{what} {spec!r}: give python:FILE.py:FUNCTION"
-                           + (" or insightface" if what == "detector" else ""))
+            raise DFTError(f"--face-{what} {spec!r}: give python:FILE.py:FUNCTION")
         try:
             return _import_factory(spec[len("python:"):], f"face {what}")
         except ValueError as e:
             raise DFTError(str(e)) from e
 
+    from .faces import FaceError, load_detector
+
     det = emb = bk = None
     if detector:
-        det = "insightface" if detector == "insightface" else factory(detector, "detector")()
+        try:
+            det = load_detector(detector)
+        except FaceError as e:
+            raise DFTError(str(e)) from e
     if embedder:
         emb = factory(embedder, "embedder")(device=device)
     if bank:

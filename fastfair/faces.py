@@ -18,6 +18,7 @@ functions of the image, so losses on them reach the generator.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Face", "FaceBatch", "FaceCropper", "InsightFaceDetector", "ARCFACE_TEMPLATE_112", "expand_box",
+__all__ = ["Face", "FaceBatch", "FaceCropper", "InsightFaceDetector", "load_detector", "ARCFACE_TEMPLATE_112", "expand_box",
            "largest_face", "crop_boxes", "similarity_transform", "warp_affine", "align_faces", "FaceError"]
 
 # the five-point template of ArcFace's 112 x 112 aligned faces (left eye, right eye, nose tip, mouth corners)
@@ -191,7 +192,8 @@ class FaceCropper:
 
     @property
     def name(self) -> str:
-        return getattr(self.detector, "name", None) or type(self.detector).__name__
+        d = self.detector
+        return getattr(d, "name", None) or (d.__qualname__ if isinstance(d, types.FunctionType) else type(d).__name__)
 
     def describe(self) -> dict:
         return dict(detector=self.name, crop_size=self.crop_size, expand=self.expand, aligned_size=self.aligned_size)
@@ -293,3 +295,28 @@ class InsightFaceDetector:
     def __call__(self, image: np.ndarray) -> list[Face]:
         faces = self.app.get(np.ascontiguousarray(image[:, :, ::-1]))   # insightface takes BGR
         return [_as_face(f) for f in faces]
+
+
+def load_detector(spec):
+    """A detector from a CLI spec: ``insightface``, or ``python:FILE.py:FUNC`` (``FUNC()`` returns a callable on RGB
+    uint8 images giving faces); a callable or a :class:`FaceCropper` is returned as it is."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    if spec == "insightface":
+        return InsightFaceDetector()
+    if spec.startswith("python:"):
+        from .classify import _import_factory
+
+        try:
+            det = _import_factory(spec[len("python:"):], "face detector")()
+        except ValueError as e:
+            raise FaceError(str(e)) from e
+        if not callable(det):
+            raise FaceError(f"{spec} returned {type(det).__name__}; it must return a callable on RGB uint8 images")
+        if getattr(det, "name", None) is None:
+            try:
+                det.name = spec   # how runs record it (a file-loaded module's names are not stable)
+            except (AttributeError, TypeError):
+                pass
+        return det
+    raise FaceError(f"face detector {spec!r}: give insightface or python:FILE.py:FUNCTION")

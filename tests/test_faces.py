@@ -516,3 +516,80 @@ def test_measure_counts_faces_only():
     tr.faces.detector.plan = [False]
     assert np.isnan(tr.measure(seeds=range(2), n_steps=2)["gender"]).all()
     tr.close()
+
+
+# --------------------------------------------------------------------------------------------
+# audits on faces (fastfair.classify.FaceCrops)
+# --------------------------------------------------------------------------------------------
+
+class _Recorder(torch.nn.Module):
+    """p(male) = mean red of what it is given; keeps its inputs."""
+    labels = {"gender": ("male", "female")}
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        m = x[:, 0].mean((1, 2))
+        return {"gender": torch.stack([m, 1 - m], 1)}
+
+
+def test_face_crops_classify_the_crop_and_abstain_without_a_face():
+    from PIL import Image
+
+    from fastfair.classify import FaceCrops, ModuleClassifier
+
+    imgs = _square_images(3, 32)
+    imgs[0, 0, 4:14, 6:16] = 0.9                      # a reddish-white 'face'... still > 200 in every channel
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
+    inner = _Recorder()
+    fc = FaceCrops(ModuleClassifier(inner), SquareDetector(), crop_size=16, expand=0.5)
+    out = fc.predict(pil)["gender"]
+    assert np.isnan(out[2]).all() and np.isfinite(out[:2]).all()
+    x = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1) for p in pil])
+    boxes = [faces.expand_box((6, 4, 16, 14)), faces.expand_box((2, 10, 22, 30))]
+    ref = torch.stack([_crop_reference(x[i].double().numpy(), boxes[i], 16, 0.0) for i in range(2)])
+    got = inner.inputs[0].double()                    # the crops reached the inner classifier (uint8 round trip)
+    assert got.shape == (2, 3, 16, 16) and (got - ref).abs().max() <= 0.5 / 255 + 1e-6
+    np.testing.assert_allclose(out[:2, 0], got[:, 0].mean((1, 2)).numpy(), rtol=1e-6)
+    d = fc.describe()
+    assert d["face_crops"] == "detector=square crop_size=16 expand=0.5" and d["labels"] == {"gender": ["male", "female"]}
+
+
+def test_face_crops_of_whole_images_change_nothing():
+    from PIL import Image
+
+    from fastfair.classify import FaceCrops, ModuleClassifier
+
+    g = np.random.default_rng(0)
+    pil = [Image.fromarray(g.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(3)]
+    inner = ModuleClassifier(_Recorder())
+    fc = FaceCrops(inner, whole_image, crop_size=24, expand=0.0)
+    np.testing.assert_array_equal(fc.predict(pil)["gender"], inner.predict(pil)["gender"])
+
+
+def test_audit_on_faces_counts_images_without_a_face_as_abstentions(tiny_sd, tmp_path):
+    decisions = []
+
+    def every_other(im):
+        decisions.append(len(decisions) % 2 == 0)
+        return whole_image(im) if decisions[-1] else []
+
+    res = fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=2,
+                         out=tmp_path / "a", entanglement="none", classifier=_Recorder(), face_detector=every_other,
+                         steps=2, height=32, width=32, progress=False, report=False, n_boot=20)
+    df = res.results
+    neutral = df[df["kind"] == "neutral"]
+    assert len(decisions) == len(neutral) == 4
+    assert neutral["pred_gender"].notna().tolist() == decisions
+    assert res.summary["distribution"]["gender"]["overall"]["abstained"] == 2
+    cfg = json.loads((res.run_dir / "audit.json").read_text())
+    assert "every_other crop_size=224 expand=0.5" in cfg["settings"]["classifier"]["face_crops"]
+    from fastfair.audit import AuditInputError
+
+    with pytest.raises(AuditInputError, match="give --classifier"):
+        fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", seeds=1,
+                       out=tmp_path / "b", entanglement="none", classifier="none", face_detector=every_other,
+                       steps=2, height=32, width=32, progress=False)

@@ -258,8 +258,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           batch_size: int = 8, device=None, dtype=None, backend: str = "auto", pipeline=None,
           resume: bool = False, overwrite: bool = False, save_maps: bool = True, report: bool = True,
           n_boot: int = 1000, boot_seed: int = 0, progress: bool = True, edit_guidance=None,
-          guide: str | None = None, guide_options: dict | None = None,
-          dist_timeout_s: float = 6 * 3600) -> AuditResult:
+          guide: str | None = None, guide_options: dict | None = None, face_detector=None,
+          face_crop_size: int = 224, face_expand: float = 0.5, dist_timeout_s: float = 6 * 3600) -> AuditResult:
     """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
 
     ``model``: preset / hub id / folder (``pipeline=`` gives an already loaded pipeline; ``model``
@@ -280,6 +280,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     (``fastfair.EntanglementGuidance(profession, word, attribution_prompt=..., **guide_options)``), so
     the audit measures the mitigated model (open-vocabulary entanglement only); rows gain
     ``guide_steps_applied``, ``guide_energy_first`` and ``guide_energy_last``.
+    ``face_detector``: classify each image's largest face instead of the whole image ("insightface",
+    "python:FILE.py:FUNC" or a callable on RGB uint8 images; ``fastfair.classify.FaceCrops``); images without
+    a face are abstentions (left out of the frequencies, counted in the summary's ``abstained``).
     """
     from ..generation import generate
 
@@ -417,6 +420,17 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         # ---- the classifier
         clf: AttributeClassifier | None = load_classifier(classifier, sets, device=dev,
                                                           clip_model=clip_model or "openai/clip-vit-large-patch14")
+        if face_detector is not None:
+            if clf is None:
+                raise AuditInputError("a face detector crops faces for the attribute classifier: give --classifier "
+                                      "too (it is 'none')")
+            from ..classify import FaceCrops
+            from ..faces import FaceError, load_detector
+
+            try:
+                clf = FaceCrops(clf, load_detector(face_detector), crop_size=face_crop_size, expand=face_expand)
+            except (FaceError, ValueError) as e:
+                raise AuditInputError(str(e)) from None
         if clf is not None:
             check_labels(clf, sets)
 
