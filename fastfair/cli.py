@@ -554,6 +554,9 @@ def _add_finetune(sub) -> None:
     d.add_argument("--sampling-steps", default="19-23", help="random sampling-step count per iteration, LO-HI or N")
     d.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pipeline"))
     d.add_argument("--guidance-scale", type=float, default=7.5)
+    d.add_argument("--prompt-padding", default="max_length", choices=("max_length", "longest"),
+                   help="text conditioning while training: max_length (77 tokens, as pipelines sample) or longest "
+                        "(the paper's code: the prompt's tokens only, the empty prompt padded to their length)")
     d.add_argument("--height", type=int, default=None)
     d.add_argument("--width", type=int, default=None)
     d.add_argument("--lr", type=float, default=5e-5)

@@ -402,6 +402,8 @@ class DFTConfig:
     sampling_steps: tuple[int, int] = (19, 23)     # inclusive range of the random step count
     scheduler: str = "dpm++"                       # dpm++ | ddim | pipeline
     guidance_scale: float = 7.5
+    prompt_padding: str = "max_length"             # max_length (77 tokens, as pipelines) | longest (the paper's
+                                                   # code: BOS..EOS only, the empty prompt padded to that length)
     height: int | None = None
     width: int | None = None
     gradient_checkpointing: bool = True
@@ -437,6 +439,8 @@ class DFTConfig:
             raise DFTError(f"scheduler must be dpm++, ddim or pipeline; got {self.scheduler!r}")
         if self.attention not in ("fastfair", "diffusers"):
             raise DFTError(f"attention must be 'fastfair' or 'diffusers'; got {self.attention!r}")
+        if self.prompt_padding not in ("max_length", "longest"):
+            raise DFTError(f"prompt_padding must be 'max_length' or 'longest'; got {self.prompt_padding!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DFTError(f"mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
         ss = self.sampling_steps
@@ -582,6 +586,9 @@ class DFTTrainer:
             raise DFTError("DFT supports Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
                            f"encoders); got {type(pipe).__name__}")
         self._xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: two text encoders, pooled + time ids
+        if self._xl and cfg.prompt_padding != "max_length":
+            raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
+                           "with their own 77-token conditioning (use 'max_length')")
         self.device = pipe.device
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
@@ -876,6 +883,8 @@ class DFTTrainer:
                                    dtype=cond.dtype).expand(B, -1)
                 pooled = torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]) if cfg_on else pooled.expand(B, -1)
                 extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.cat([ids, ids]) if cfg_on else ids}
+            elif cfg.prompt_padding == "longest":
+                cond, uncond = self._encode_unpadded(text, cfg_on)
             else:
                 cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
             emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if cfg_on else cond.expand(B, -1, -1)
@@ -898,6 +907,22 @@ class DFTTrainer:
                 z = sched.step(eps, t, z.float(), return_dict=False)[0]
             x = pipe.vae.decode(z.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def _encode_unpadded(self, text: str, cfg_on: bool):
+        """The paper's code's text conditioning: the prompt's tokens BOS..EOS without padding, and the empty prompt
+        padded to that length with an attention mask on the padding (so the UNet attends over n <= 77 keys)."""
+        pipe = self.pipe
+        tok, enc = pipe.tokenizer, pipe.text_encoder
+        if hasattr(pipe, "maybe_convert_prompt"):   # multi-vector textual-inversion tokens, as encode_prompt
+            text = pipe.maybe_convert_prompt(text, tok)
+        ids = tok(text, padding=False, truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids.to(self.device)
+        cond = enc(ids)[0]
+        if not cfg_on:
+            return cond, None
+        empty = tok("", padding="max_length", max_length=ids.shape[1], truncation=True, return_tensors="pt")
+        uncond = enc(empty.input_ids.to(self.device), attention_mask=empty.attention_mask.to(self.device))[0]
+        return cond, uncond
 
     def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with self._autocast():
@@ -1203,7 +1228,8 @@ class DFTTrainer:
                     params={n: list(p.shape) for n, p in self.named_params},
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     target=[round(float(x), 8) for x in self.joint_target],
-                    images_per_prompt=cfg.images_per_prompt, **self._face_fingerprint())
+                    images_per_prompt=cfg.images_per_prompt, **self._face_fingerprint(),
+                    **({} if cfg.prompt_padding == "max_length" else {"prompt_padding": cfg.prompt_padding}))
 
     def _face_fingerprint(self) -> dict:
         """Faces change what is aligned (crops, images without a face dropped) and the loss: a run is resumed only
@@ -1495,8 +1521,8 @@ def cli_main(args) -> int:
                     trainable=args.trainable, rank=args.rank, lora_alpha=args.lora_alpha, soft_tokens=args.soft_tokens,
                     token=args.token, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                     steps=args.steps, sampling_steps=sampling, scheduler=args.scheduler,
-                    guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                    gradient_checkpointing=not args.no_checkpointing, attention=args.attention, backend=args.backend,
+                    guidance_scale=args.guidance_scale, prompt_padding=args.prompt_padding, height=args.height,
+                    width=args.width, gradient_checkpointing=not args.no_checkpointing, attention=args.attention, backend=args.backend,
                     lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                     ema_decay=args.ema_decay if args.ema_decay > 0 else None,
                     uncertainty_threshold=args.uncertainty_threshold, ot_samples=args.ot_samples,

@@ -501,3 +501,43 @@ def test_ema_follows_diffusers_ema_model():
         ref.step([p])
         torch.testing.assert_close(ours.shadow[0], ref.shadow_params[0], rtol=1e-6, atol=1e-6)
     assert ours.decay_at(1) == 0.0 and ours.decay_at(2) == pytest.approx(2 / 11) and ours.decay_at(10 ** 6) == 0.996
+
+
+def test_unpadded_prompts_as_the_papers_code():
+    """prompt_padding="longest": the prompt's own tokens (BOS..EOS) and the empty prompt padded to that length with
+    an attention mask. The CLIP text encoder is causal, so the unpadded rows equal the first rows of the padded
+    encoding; the sampler's images equal diffusers' pipeline given those embeddings."""
+    import diffusers
+
+    pipe = fastfair.load_pipeline("tiny-sd")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(scheduler="ddim", prompt_padding="longest"),
+                    quality_encoder=None)
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    n = len(tok(PROMPT).input_ids)
+    with torch.no_grad():
+        cond, uncond = tr._encode_unpadded(PROMPT, True)
+        padded, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+        e = tok("", padding="max_length", max_length=n, return_tensors="pt")
+        ref_uncond = enc(e.input_ids, attention_mask=e.attention_mask)[0]
+    assert cond.shape == (1, n, enc.config.hidden_size) and n < 77
+    torch.testing.assert_close(cond, padded[:, :n], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(uncond, ref_uncond)
+    assert e.input_ids[0].tolist()[:2] == [tok.bos_token_id, tok.eos_token_id] and e.attention_mask[0].sum() == 2
+    keys = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a, k: keys.append(k["encoder_hidden_states"].shape[1]),
+                                               with_kwargs=True)
+    noise = tr.noises(2, torch.Generator().manual_seed(0))
+    with tr._attention():
+        img = tr.sample(PROMPT, noise, 3, grad=False, frozen=True)
+    hook.remove()
+    tr.close()
+    assert set(keys) == {n}
+    ref_pipe = fastfair.load_pipeline("tiny-sd")
+    ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
+    ref = ref_pipe(prompt_embeds=cond.expand(2, -1, -1), negative_prompt_embeds=uncond.expand(2, -1, -1),
+                   latents=noise, num_inference_steps=3, guidance_scale=tr.cfg.guidance_scale, height=32, width=32,
+                   output_type="pt").images
+    torch.testing.assert_close(img, ref.float(), rtol=1e-4, atol=2e-5)
+    with pytest.raises(dft.DFTError, match="SDXL"):
+        DFTTrainer(fastfair.load_pipeline("tiny-sdxl"), [PROMPT], RedClassifier(), small(prompt_padding="longest"),
+                   quality_encoder=None)
