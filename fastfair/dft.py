@@ -1395,15 +1395,31 @@ class DFTTrainer:
                     res.lora_ema_dir = self.save_lora(out / "lora-ema")
         outputs = dict(lora=res.lora_dir, lora_ema=res.lora_ema_dir, soft_tokens=res.soft_tokens,
                        soft_tokens_ema=res.soft_tokens_ema)
+        from ._env import provenance
+        from ._io import atomic_write
+
         meta = dict(config=self.cfg.to_dict(), steps=self.step_idx,
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
-                    history=self.history, outputs={k: str(v) for k, v in outputs.items() if v is not None})
-        (out / "dft.json").write_text(json.dumps(meta, indent=1))
+                    quality_encoders=[_module_name(e) for e in self.quality],
+                    faces=self._face_fingerprint().get("faces"),
+                    history=self.history, outputs={k: str(v) for k, v in outputs.items() if v is not None},
+                    environment=provenance(self.device))
+        atomic_write(out / "dft.json", json.dumps(meta, indent=1).encode())
         return res
 
 
 RUN_FILES = ("dft.json", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
+
+
+def _module_name(m) -> str:
+    """How a run records an encoder: its model id where it has one (CLIP / DINOv2), else its class."""
+    inner = getattr(m, "encoder", None)
+    if isinstance(m, Resized) and inner is not None:
+        return f"{_module_name(inner)}@{m.size}px"
+    cfg = getattr(getattr(m, "model", None), "config", None)
+    ident = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    return f"{type(m).__name__}({ident})" if ident else type(m).__name__
 
 
 def _sub_faces(faces, idx: slice):

@@ -422,7 +422,10 @@ def test_face_realism_loss_in_a_step_and_cli(tmp_path, capsys):
         "def make(attribute_sets=None, device=None):\n"
         "    return C()\n")
     assert main(args) == 0
-    hist = json.loads((tmp_path / "run" / "dft.json").read_text())["history"]
+    meta = json.loads((tmp_path / "run" / "dft.json").read_text())
+    hist = meta["history"]
+    assert meta["faces"]["detector"] == f"python:{emb_file}:detector" and meta["faces"]["bank"] == [10, 8]
+    assert meta["quality_encoders"] == [] and meta["environment"]["device"] == "cpu"
     assert [h["faces"] for h in hist] == [2, 2] and all("loss_face" in h for h in hist)
     assert hist[1]["loss_face"] >= 0
     capsys.readouterr()
