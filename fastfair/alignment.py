@@ -20,6 +20,12 @@ Given classifier probabilities for N generated images and a target distribution 
 The column sums of every plan are the sampled counts, so E[sum_i q_ic] = N t_c: a non-uniform target
 is met in expectation. Identical histograms are solved once (with small N many draws repeat).
 
+``samples=0`` replaces the S draws by the exact expectation: every histogram of N into K classes,
+weighted by its multinomial probability (at most ``MAX_EXACT_HISTOGRAMS`` of them). For one binary
+attribute this is the closed form of the paper's gender code: the image of ascending rank k in
+p(class 1) goes to class 1 when the drawn count m of class 1 is >= N - k, so its uncertainty is a
+binomial tail (tested against that formula).
+
 Everything here is plain numpy/scipy on detached probabilities, except :func:`alignment_loss`.
 """
 from __future__ import annotations
@@ -32,7 +38,9 @@ import numpy as np
 import torch
 
 __all__ = ["TargetError", "AlignmentTargets", "check_target", "joint_target", "joint_classes", "transport_cost",
-           "sample_histograms", "exact_transport", "alignment_targets", "alignment_loss"]
+           "sample_histograms", "all_histograms", "exact_transport", "alignment_targets", "alignment_loss"]
+
+MAX_EXACT_HISTOGRAMS = 20000
 
 
 class TargetError(ValueError):
@@ -104,6 +112,30 @@ def sample_histograms(target, n: int, samples: int, rng: np.random.Generator) ->
     return rng.multinomial(n, np.asarray(target, dtype=np.float64), size=samples)
 
 
+def all_histograms(target, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every class-count histogram of ``n`` images over the K classes with nonzero target probability, and its
+    Multinomial(n, target) probability: ((H, K) counts, (H,) probabilities summing to 1)."""
+    from math import comb, lgamma
+
+    t = np.asarray(target, dtype=np.float64)
+    support = np.flatnonzero(t > 0)
+    k = len(support)
+    count = comb(n + k - 1, k - 1)
+    if count > MAX_EXACT_HISTOGRAMS:
+        raise TargetError(f"the exact expectation needs all {count} histograms of {n} images over {k} classes (at "
+                          f"most {MAX_EXACT_HISTOGRAMS}); sample them instead (samples > 0, e.g. --ot-samples 100)")
+    rows, probs = [], []
+    logt = np.log(t[support])
+    for bars in itertools.combinations(range(n + k - 1), k - 1):   # stars and bars
+        parts = np.diff((-1,) + bars + (n + k - 1,)) - 1
+        h = np.zeros(len(t), dtype=np.int64)
+        h[support] = parts
+        rows.append(h)
+        probs.append(lgamma(n + 1) - sum(lgamma(c + 1) for c in parts) + float((parts * logt).sum()))
+    p = np.exp(np.array(probs))
+    return np.stack(rows), p / p.sum()
+
+
 def exact_transport(cost: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """An optimal transport plan (N, K) with unit mass per image and ``counts`` (summing to N) per class.
 
@@ -170,19 +202,23 @@ def alignment_targets(probs, target, *, samples: int = 100, threshold: float = 0
         raise TargetError(f"{N} images per batch is fewer than the {K} classes to align"
                           f"{' (joint classes of ' + ' x '.join(names) + ')' if len(heads) > 1 else ''}; "
                           f"generate at least {K} images per prompt")
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1; got {samples}")
+    if samples < 0:
+        raise ValueError(f"samples must be >= 1 (or 0: the exact expectation); got {samples}")
     if not 0 <= threshold <= 1:
         raise ValueError(f"uncertainty threshold must be in [0, 1]; got {threshold}")
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     cost = transport_cost(heads)
-    hist = sample_histograms(t, N, samples, rng)
-    uniq, mult = np.unique(hist, axis=0, return_counts=True)
+    if samples == 0:   # the exact expectation over every histogram
+        hist, weight = all_histograms(t, N)
+        uniq = hist
+    else:
+        hist = sample_histograms(t, N, samples, rng)
+        uniq, mult = np.unique(hist, axis=0, return_counts=True)
+        weight = mult / samples
     q = np.zeros((N, K))
-    for h, m in zip(uniq, mult):
-        q += m * exact_transport(cost, h)
-    q /= samples
+    for h, w in zip(uniq, weight):
+        q += w * exact_transport(cost, h)
     cls = joint_classes(sizes)
     labels, unc, keep, qs = {}, {}, {}, {}
     for a, (name, k) in enumerate(zip(names, sizes)):

@@ -564,7 +564,9 @@ def _add_finetune(sub) -> None:
     d.add_argument("--max-grad-norm", type=float, default=100.0)
     d.add_argument("--ema-decay", type=float, default=0.996, help="0 disables the EMA")
     d.add_argument("--uncertainty-threshold", type=float, default=0.2)
-    d.add_argument("--ot-samples", type=int, default=100, help="histograms sampled from the target per step")
+    d.add_argument("--ot-samples", type=int, default=100,
+                   help="histograms sampled from the target per step; 0: the exact expectation over every histogram "
+                        "(the paper's closed form for one binary attribute; up to 20000 histograms)")
     d.add_argument("--quality-weight", type=float, default=8.0)
     d.add_argument("--quality-relax", type=float, default=0.2)
     d.add_argument("--quality-encoder", default="clip",

@@ -416,7 +416,8 @@ class DFTConfig:
     max_grad_norm: float = 100.0
     ema_decay: float | None = 0.996
     uncertainty_threshold: float = 0.2
-    ot_samples: int = 100
+    ot_samples: int = 100                          # 0: exact expectation over every histogram (the paper's
+                                                   # closed form for one binary attribute)
     quality_weight: float = 8.0
     quality_relax: float = 0.2
     # faces (with a face detector): crops for the classifier, the face-realism loss, the face-region relaxation
@@ -456,6 +457,8 @@ class DFTConfig:
             raise DFTError(f"ema_decay must be in [0, 1) or None; got {self.ema_decay}")
         if self.checkpoint_every < 0:
             raise DFTError("checkpoint_every must be >= 0 (0: no checkpoints)")
+        if self.ot_samples < 0:
+            raise DFTError(f"ot_samples must be >= 1, or 0 for the exact expectation; got {self.ot_samples}")
         if self.face_crop_size < 1 or self.face_expand < 0 or self.face_relax < 0 or self.face_weight < 0:
             raise DFTError("face_crop_size must be >= 1, face_expand, face_relax and face_weight >= 0")
         if not 0 <= self.face_confidence <= 1:

@@ -157,3 +157,49 @@ def test_errors():
         alignment.alignment_targets(p, [1.5, -0.5])
     with pytest.raises(TargetError, match="3 images per batch is fewer than the 4 classes"):
         alignment.alignment_targets({"g": p, "a": p}, [0.25] * 4)
+
+
+def test_exact_expectation_is_the_papers_binary_closed_form():
+    """samples=0 for one binary attribute: image of ascending rank k in p(class 1) is class 1 with probability
+    P(m >= N - k), m ~ Binomial(N, t_1); the paper's gender code labels by rank (class 1 iff k >= N t_0) with
+    uncertainty binom.cdf(k, N, t_0) (class 0) or 1 - binom.cdf(k, N, t_0) (class 1). Wherever that
+    uncertainty keeps an image (<= 0.2) the labels, uncertainties and keep flags agree."""
+    from scipy.stats import binom
+
+    from fastfair.alignment import alignment_targets
+
+    rng = np.random.default_rng(0)
+    for N, t0 in ((8, 0.5), (8, 0.25), (16, 0.75), (5, 0.5)):
+        p1 = rng.uniform(size=N)
+        probs = np.stack([1 - p1, p1], 1)
+        t = alignment_targets(probs, [t0, 1 - t0], samples=0, threshold=0.2)
+        rank = np.argsort(np.argsort(p1))
+        q1 = 1 - binom.cdf(N - rank - 1, N, 1 - t0)                 # P(m >= N - k)
+        np.testing.assert_allclose(t.q["head0"][:, 1], q1, atol=1e-12)
+        ref_label = (rank >= N * t0).astype(int)
+        ref_unc = np.where(ref_label == 1, 1 - binom.cdf(rank, N, t0), binom.cdf(rank, N, t0))
+        kept = ref_unc <= 0.2
+        assert (t.keep["head0"].numpy() == kept).all()
+        np.testing.assert_array_equal(t.labels["head0"].numpy()[kept], ref_label[kept])
+        np.testing.assert_allclose(t.uncertainty["head0"].numpy()[kept], ref_unc[kept], atol=1e-12)
+
+
+def test_exact_expectation_matches_many_samples_and_has_limits():
+    from math import comb
+
+    from fastfair.alignment import MAX_EXACT_HISTOGRAMS, TargetError, all_histograms, alignment_targets
+
+    h, w = all_histograms([0.2, 0.3, 0.5], 6)
+    assert len(h) == comb(8, 2) and (h.sum(1) == 6).all() and w.sum() == pytest.approx(1.0)
+    assert len(np.unique(h, axis=0)) == len(h)
+    h0, _ = all_histograms([0.5, 0.0, 0.5], 4)                         # a zero-probability class: never drawn
+    assert (h0[:, 1] == 0).all() and len(h0) == 5
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), size=6)
+    exact = alignment_targets(probs, [0.2, 0.3, 0.5], samples=0)
+    sampled = alignment_targets(probs, [0.2, 0.3, 0.5], samples=20000, rng=0)
+    np.testing.assert_allclose(exact.joint_q, sampled.joint_q, atol=0.02)
+    np.testing.assert_allclose(exact.joint_q.sum(0), 6 * np.array([0.2, 0.3, 0.5]), atol=1e-9)
+    with pytest.raises(TargetError, match="sample them instead"):
+        all_histograms(np.ones(16) / 16, 64)
+    assert MAX_EXACT_HISTOGRAMS >= comb(64 + 1, 1)
