@@ -356,7 +356,7 @@ def load_quality_encoders(spec, device=None) -> list[torch.nn.Module]:
             out.append(DinoFeatures(mid or PAPER_DINO, device=device))
         else:
             raise DFTError(f"quality encoder {part!r}: use clip, clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several "
-                           "joined by '+', paper (CLIP ViT-H/14 + DINOv2 ViT-B/14, as Shen et al.) or none")
+                           "joined by '+', or alone: paper (CLIP ViT-H/14 + DINOv2 ViT-B/14, as Shen et al.) or none")
     return out
 
 
@@ -623,16 +623,20 @@ class DFTTrainer:
         # faces ------------------------------------------------------------------------------------
         self.faces = self.face_embedder = self.face_bank = None
         if face_detector is not None:
-            from .faces import FaceCropper, InsightFaceDetector
+            from .faces import FaceCropper, FaceError, load_detector
 
             if isinstance(face_detector, FaceCropper):
+                if (face_detector.crop_size, face_detector.expand) != (cfg.face_crop_size, cfg.face_expand):
+                    raise DFTError(f"the FaceCropper crops {face_detector.crop_size} px with expand "
+                                   f"{face_detector.expand} but the config says face_crop_size={cfg.face_crop_size}, "
+                                   f"face_expand={cfg.face_expand}; set the config to match, or pass the detector "
+                                   "alone")
                 self.faces = face_detector
             else:
-                if face_detector == "insightface":
-                    face_detector = InsightFaceDetector()
-                elif isinstance(face_detector, str):
-                    raise DFTError(f"face_detector {face_detector!r}: give 'insightface' or a callable on RGB uint8 "
-                                   "images returning faces (see fastfair.faces)")
+                try:
+                    face_detector = load_detector(face_detector)
+                except FaceError as e:
+                    raise DFTError(str(e)) from e
                 self.faces = FaceCropper(face_detector, crop_size=cfg.face_crop_size, expand=cfg.face_expand)
         if face_embedder is not None and cfg.face_weight > 0:
             if self.faces is None:
@@ -649,6 +653,13 @@ class DFTTrainer:
                 raise DFTError(f"face_bank must be a finite (M, D) matrix of face embeddings; got shape "
                                f"{tuple(bank.shape)}")
             self.face_bank = F.normalize(bank.float(), dim=-1).to(self.device)
+            with torch.no_grad():   # the embedder's width must be the bank's: checked now, not steps into the run
+                d = self._embed_faces(torch.zeros((1, 3, 112, 112), device=self.device)).shape[1]
+            if d != self.face_bank.shape[1]:
+                raise DFTError(f"the face embedder gives {d}-dimensional embeddings but the face bank holds "
+                               f"{self.face_bank.shape[1]}-dimensional ones: embed the bank's faces with the same "
+                               "network")
+        self._warned_no_face = False
 
         # quality encoders ----------------------------------------------------------------------------
         self.quality = [] if cfg.quality_weight <= 0 else load_quality_encoders(quality_encoder, self.device)
@@ -1070,6 +1081,11 @@ class DFTTrainer:
                 ref_conf = {a: p.max(1).values for a, p in rp.items()}
                 if self.face_embedder is not None:
                     ok = [i for i in range(N) if ref_faces.landmarks[i] is not None]
+                    if len(ok) < ref_faces.n:
+                        raise DFTError(f"the face detector {self.faces.name} found faces without landmarks; the "
+                                       "face-realism loss aligns each face by its five landmarks (left eye, right eye, "
+                                       "nose tip, mouth corners): use a detector that returns them, or no face "
+                                       "embedder")
                     ref_emb = torch.zeros((N, 0), device=ref.device)
                     if ok:
                         e = self._embed_faces(self.faces.aligned(ref, ref_faces, ok))
@@ -1153,6 +1169,13 @@ class DFTTrainer:
                    distribution={a: d.tolist() for a, d in dist.items()})
         if self.faces is not None:
             rec["faces"] = n_faces
+            if n_faces == 0 and not self._warned_no_face:
+                import warnings
+
+                warnings.warn(f"DFT step {self.step_idx}: the face detector {self.faces.name} found no face in any of "
+                              f"the {N} images, so nothing was aligned (check the detector and the prompts)",
+                              stacklevel=2)
+                self._warned_no_face = True
         if self.face_embedder is not None:
             rec["loss_face"] = tot["face"]
         self.history.append(rec)
@@ -1240,7 +1263,7 @@ class DFTTrainer:
         if self.faces is None:
             return {}
         cfg = self.cfg
-        face = dict(self.faces.describe())
+        face = dict(self.faces.describe(), relax=cfg.face_relax)
         if self.face_embedder is not None:
             face.update(embedder=getattr(self.face_embedder, "name", None) or type(self.face_embedder).__name__,
                         weight=cfg.face_weight, confidence=cfg.face_confidence, flip=cfg.face_flip,
@@ -1513,6 +1536,11 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
             bk = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise DFTError(f"cannot read --face-bank {bank!r}: {e}") from e
+        if not isinstance(bk, (np.ndarray, torch.Tensor)) or bk.ndim != 2 or not np.issubdtype(
+                np.asarray(bk).dtype if isinstance(bk, np.ndarray) else np.float32, np.number):
+            what = f"a {type(bk).__name__}" + (f" with keys {sorted(bk)}" if isinstance(bk, dict) else "")
+            raise DFTError(f"--face-bank {bank!r} holds {what}; it must hold one (M, D) tensor or array of face "
+                           "embeddings (save just that matrix)")
     return det, emb, bk
 
 
@@ -1558,6 +1586,11 @@ def cli_main(args) -> int:
         raise DFTError("--face-embedder / --face-bank need --face-detector (the face-realism loss works on faces)")
     if args.face_bank and not args.face_embedder:
         raise DFTError("--face-bank is used by the face-realism loss: give --face-embedder too")
+    face_flags = {"--face-weight": (args.face_weight, 1.0), "--face-relax": (args.face_relax, 0.2),
+                  "--face-confidence": (args.face_confidence, 0.9), "--face-expand": (args.face_expand, 0.5),
+                  "--face-crop-size": (args.face_crop_size, 224)}
+    if not args.face_detector and any(v != d for v, d in face_flags.values()):
+        raise DFTError(f"{', '.join(k for k, (v, d) in face_flags.items() if v != d)} only apply with --face-detector")
     det, emb, bank = load_face_parts(args.face_detector, args.face_embedder, args.face_bank, device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     clf = load_classifier(args.classifier, attributes, device=device, clip_model=args.clip_model)

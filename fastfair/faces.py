@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -79,15 +80,20 @@ def expand_box(box, coef: float = 0.5, ratio: float = 1.0) -> tuple[int, int, in
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):   # no half antialiasing on CPU
+        return _resize(x.float(), size).to(x.dtype)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def crop_boxes(images: torch.Tensor, boxes: Sequence[Sequence[int]], size: int, fill: float = 0.0) -> torch.Tensor:
     """Differentiable crops: image i's pixels in ``boxes[i]`` (x0, y0, x1, y1; the parts outside the image are
     ``fill``), resized to ``size`` x ``size`` (bilinear, antialiased)."""
+    if len(boxes) != len(images):
+        raise FaceError(f"{len(boxes)} crop boxes for {len(images)} images")
     out = []
     H, W = images.shape[-2:]
-    for img, (x0, y0, x1, y1) in zip(images, boxes):
+    for img, box in zip(images, boxes):
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
         if x1 <= x0 or y1 <= y0:
             raise FaceError(f"crop box {(x0, y0, x1, y1)} has no area")
         cx0, cx1 = min(max(x0, 0), W), min(max(x1, 0), W)
@@ -208,8 +214,7 @@ class FaceCropper:
         H, W = images.shape[-2:]
         found, boxes, cboxes, lms = [], [], [], []
         for a in arr:
-            faces = self.detector(np.ascontiguousarray(a))
-            faces = [f if isinstance(f, Face) else _as_face(f) for f in (faces or [])]
+            faces = [_as_face(f) for f in _face_list(self.detector(np.ascontiguousarray(a)))]
             f = largest_face(faces, W, H)
             if f is not None and _clipped_area(f.box, W, H) <= 0:
                 f = None
@@ -217,6 +222,9 @@ class FaceCropper:
             boxes.append(None if f is None else tuple(float(v) for v in f.box))
             cboxes.append(None if f is None else expand_box(f.box, self.expand, 1.0))
             lms.append(None if f is None or f.landmarks is None else np.asarray(f.landmarks, dtype=np.float64))
+        if any(found) and max(max(abs(v) for v in b) for b in boxes if b is not None) <= 1.5 and min(H, W) > 8:
+            raise FaceError(f"every face box lies within [0, 1.5] on {W} x {H} images: the detector seems to return "
+                            f"coordinates normalised to [0, 1]; {BOX_CONVENTION}")
         return FaceBatch(torch.tensor(found, dtype=torch.bool), boxes, cboxes, lms)
 
     def crops(self, images: torch.Tensor, faces: FaceBatch) -> torch.Tensor:
@@ -238,10 +246,23 @@ class FaceCropper:
         return align_faces(images[which], np.stack([faces.landmarks[i] for i in which]), self.aligned_size)
 
 
+BOX_CONVENTION = ("boxes are (x0, y0, x1, y1) in pixels of the image given to the detector (left, top, right, "
+                  "bottom); convert face_recognition's (top, right, bottom, left) or an (x, y, width, height) "
+                  "box first")
+
+
 def _as_face(f) -> Face:
-    """A detector's face in another shape: an object with ``bbox`` / ``kps`` / ``det_score`` (insightface),
-    a mapping with ``box`` / ``landmarks`` / ``score``, or a bare (x0, y0, x1, y1) box."""
-    if isinstance(f, dict):
+    """A detector's face in another shape, checked: a :class:`Face`, an object with ``bbox`` / ``kps`` /
+    ``det_score`` (insightface), a mapping with ``box`` (or ``bbox``) / ``landmarks`` (or ``kps``) /
+    ``score``, or a bare (x0, y0, x1, y1) box."""
+    if isinstance(f, Face):
+        box, lm, score = f.box, f.landmarks, f.score
+    elif isinstance(f, dict):
+        if "keypoints" in f or ("box" not in f and "bbox" not in f):
+            raise FaceError(f"the face detector returned a dict with keys {sorted(f)}; fastfair reads 'box' "
+                            "(x0, y0, x1, y1) and optional 'landmarks' (5, 2) and 'score' (mtcnn's {'box': [x, y, "
+                            "w, h], 'keypoints': {...}} must be converted: box (x, y, x + w, y + h), landmarks in the "
+                            "order left eye, right eye, nose, mouth left, mouth right)")
         box = f.get("box", f.get("bbox"))
         lm, score = f.get("landmarks", f.get("kps")), f.get("score", f.get("det_score"))
     elif hasattr(f, "bbox"):
@@ -249,18 +270,43 @@ def _as_face(f) -> Face:
     else:
         box, lm, score = f, None, None
     try:
-        box = tuple(float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1))
+        box = np.asarray(box.detach().cpu() if isinstance(box, torch.Tensor) else box, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as e:
         raise FaceError(f"the face detector returned {f!r}: expected Face objects, (x0, y0, x1, y1) boxes or "
                         "dicts with 'box' and 'landmarks'") from e
-    if len(box) < 4:
-        raise FaceError(f"the face detector returned a box {box}; a box is (x0, y0, x1, y1)")
+    if len(box) != 4 and not (len(box) == 5 and hasattr(f, "bbox")):   # insightface-style (x0, y0, x1, y1, score)
+        raise FaceError(f"the face detector returned a box of {len(box)} numbers {box.tolist()}; {BOX_CONVENTION}")
+    box = box[:4]
+    if not np.isfinite(box).all():
+        raise FaceError(f"the face detector returned a non-finite box {box.tolist()}")
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise FaceError(f"the face detector returned the box {box.tolist()}, whose right / bottom edge is not beyond "
+                        f"its left / top edge; {BOX_CONVENTION}")
     if lm is not None:
-        lm = np.asarray(lm, dtype=np.float64)
+        lm = np.asarray(lm.detach().cpu() if isinstance(lm, torch.Tensor) else lm, dtype=np.float64)
         if lm.shape != (5, 2):
             raise FaceError(f"the face detector returned landmarks of shape {lm.shape}; expected (5, 2): left eye, "
                             "right eye, nose tip, left and right mouth corners")
-    return Face(box[:4], lm, None if score is None else float(score))
+        if not np.isfinite(lm).all():
+            raise FaceError(f"the face detector returned non-finite landmarks {lm.tolist()}")
+    return Face(tuple(float(v) for v in box), lm, None if score is None else float(score))
+
+
+def _face_list(out) -> list:
+    """A detector's return value as a list of faces: None / empty -> [], a single face or box -> [it], an (n, 4)
+    array or tensor -> its rows."""
+    if out is None:
+        return []
+    if isinstance(out, (Face, dict)) or hasattr(out, "bbox"):
+        return [out]
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    if isinstance(out, np.ndarray):
+        return [] if out.size == 0 else (list(out) if out.ndim == 2 else [out])
+    out = list(out)
+    if out and all(isinstance(v, (int, float, np.integer, np.floating)) for v in out):
+        return [out]                                  # one bare box
+    return out
 
 
 class InsightFaceDetector:
@@ -269,12 +315,20 @@ class InsightFaceDetector:
     CUDA) and downloads its model to ``root`` (default ``~/.insightface``) on first use. ``app``: an already
     prepared ``FaceAnalysis`` (or anything with its ``get(bgr_image)``)."""
 
-    name = "insightface"
-
     def __init__(self, model: str = "buffalo_l", det_size: int = 640, providers: Sequence[str] | None = None,
                  root: str | None = None, ctx_id: int = 0, app=None):
         self.model, self.det_size, self.providers, self.root, self.ctx_id = model, int(det_size), providers, root, ctx_id
         self._app = app
+        self.name = f"insightface:{model}@{self.det_size}"
+        if app is None:   # before any model or image work: a missing package is said now, not at the first image
+            import importlib.util
+
+            missing = [m for m in ("insightface", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise FaceError(f"the insightface face detector needs {' and '.join(missing)}: pip install insightface "
+                                "onnxruntime (onnxruntime-gpu on CUDA); or give any detector callable on an RGB uint8 "
+                                "image (python:FILE.py:FUNC)")
+            self.app   # load (and on first use download) the model now: a failure comes before any generation
 
     @property
     def app(self):
@@ -313,9 +367,13 @@ def load_detector(spec):
             raise FaceError(str(e)) from e
         if not callable(det):
             raise FaceError(f"{spec} returned {type(det).__name__}; it must return a callable on RGB uint8 images")
+        ref = spec[len("python:"):]
+        mod, _, func = ref.rpartition(":")
+        if mod.endswith(".py"):
+            mod = str(Path(mod).resolve())
         if getattr(det, "name", None) is None:
             try:
-                det.name = spec   # how runs record it (a file-loaded module's names are not stable)
+                det.name = f"python:{mod}:{func}"   # how runs record it (a file-loaded module's names are not stable)
             except (AttributeError, TypeError):
                 pass
         return det

@@ -198,15 +198,53 @@ def test_face_cropper_detects_crops_and_aligns():
         fc.aligned(imgs, fb, [2])
 
 
-@pytest.mark.parametrize("fmt", ["face", "dict", "insightface", "tuple"])
+@pytest.mark.parametrize("fmt", ["face", "dict", "insightface", "tuple", "single-face", "flat-box", "array",
+                                 "tensor"])
 def test_detector_output_formats(fmt):
     box, lm = (3.0, 4.0, 13.0, 14.0), ARCFACE_TEMPLATE_112 / 10
-    out = {"face": Face(box, lm, 0.9), "dict": {"box": box, "landmarks": lm, "score": 0.9},
-           "insightface": type("F", (), {"bbox": np.array(box), "kps": lm, "det_score": np.float32(0.9)})(),
-           "tuple": box}[fmt]
-    fb = FaceCropper(lambda im: [out]).detect(torch.zeros(1, 3, 20, 20))
+    one = {"face": Face(box, lm, 0.9), "dict": {"box": box, "landmarks": lm, "score": 0.9},
+           "insightface": type("F", (), {"bbox": np.array(box + (0.9,)), "kps": lm, "det_score": np.float32(0.9)})(),
+           "tuple": box}
+    out = {"single-face": Face(box, lm), "flat-box": list(box), "array": np.array([box, (0, 0, 2, 2)]),
+           "tensor": torch.tensor([box])}.get(fmt, [one.get(fmt)])
+    fb = FaceCropper(lambda im: out).detect(torch.zeros(1, 3, 20, 20))
     assert fb.boxes[0] == box
-    assert (fb.landmarks[0] is None) == (fmt == "tuple")
+    assert (fb.landmarks[0] is None) == (fmt not in ("face", "dict", "insightface", "single-face"))
+    assert FaceCropper(lambda im: np.zeros((0, 4))).detect(torch.zeros(1, 3, 20, 20)).n == 0
+
+
+@pytest.mark.parametrize("out,match", [
+    ([(4, 30, 20, 10)], "right / bottom edge"),                 # face_recognition's (top, right, bottom, left)
+    ([{"box": [3, 4, 10, 10], "keypoints": {}, "confidence": 0.9}], "mtcnn"),
+    ([(0.1, 0.2, 0.5, 0.6)], "normalised"),
+    ([(0, 0, float("inf"), 5)], "non-finite box"),
+    ([Face((0, 0, 5, 5), np.full((5, 2), np.nan))], "non-finite landmarks"),
+    ([(1, 2, 3, 4, 5)], "5 numbers"),
+    ([{"score": 0.3}], "reads 'box'"),
+])
+def test_boxes_in_other_conventions_are_refused(out, match):
+    with pytest.raises(FaceError, match=match):
+        FaceCropper(lambda im: out).detect(torch.zeros(1, 3, 32, 32))
+
+
+def test_insightface_missing_is_said_up_front():
+    import importlib.util
+
+    if importlib.util.find_spec("insightface") and importlib.util.find_spec("onnxruntime"):
+        pytest.skip("insightface is installed")
+    with pytest.raises(FaceError, match="pip install insightface onnxruntime"):
+        faces.InsightFaceDetector()
+    with pytest.raises(FaceError, match="pip install insightface"):
+        faces.load_detector("insightface")
+
+
+def test_crop_boxes_checks_and_half_precision():
+    with pytest.raises(FaceError, match="2 crop boxes for 3 images"):
+        faces.crop_boxes(torch.zeros(3, 3, 8, 8), [(0, 0, 4, 4)] * 2, 4)
+    x = torch.rand(1, 3, 8, 8)
+    half = faces.crop_boxes(x.half(), [(1.0, 1.0, 7.0, 7.0)], 4)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), faces.crop_boxes(x, [(1, 1, 7, 7)], 4), atol=2e-3, rtol=0)
 
 
 def test_bad_detector_output_is_refused():
@@ -329,7 +367,8 @@ def test_images_without_a_face_are_not_aligned():
 def test_no_face_anywhere_means_no_alignment_gradient():
     tr = DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(images_per_prompt=2),
                     quality_encoder=None, face_detector=lambda im: [])
-    rec = tr.step()
+    with pytest.warns(UserWarning, match="found no face in any of the 2 images"):
+        rec = tr.step()
     tr.close()
     assert rec["faces"] == 0 and rec["loss"] == 0.0 and rec["grad_norm"] == 0.0 and rec["kept"]["gender"] == 0.0
     assert all(math.isnan(v) for v in rec["distribution"]["gender"])
@@ -432,6 +471,11 @@ def test_face_realism_loss_in_a_step_and_cli(tmp_path, capsys):
     assert main(args[:args.index("--face-detector")] + args[args.index("--face-embedder"):-2]
                 + ["--out", str(tmp_path / "r2")]) != 0
     assert "need --face-detector" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert main(args[:args.index("--face-detector")] + ["--face-relax", "0.5", "--out", str(tmp_path / "r3")]) != 0
+    assert "--face-relax only apply with --face-detector" in capsys.readouterr().err
+    torch.save({"feats": torch.ones(3, 8)}, tmp_path / "bank.pt")
+    assert main(args[:-2] + ["--face-bank", str(tmp_path / "bank.pt"), "--out", str(tmp_path / "r4")]) != 0
+    assert "holds a dict with keys ['feats']" in capsys.readouterr().err
 
 
 def test_face_option_errors():
@@ -444,10 +488,26 @@ def test_face_option_errors():
     with pytest.raises(DFTError, match=r"\(M, D\)"):
         DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None, face_detector=whole_image,
                    face_embedder=torch.nn.Identity(), face_bank=np.ones(4))
-    with pytest.raises(DFTError, match="'insightface' or a callable"):
-        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None, face_detector="mtcnn")
     with pytest.raises(DFTError, match="face_confidence"):
         small(face_confidence=1.5)
+    with pytest.raises(DFTError, match="8-dimensional embeddings but the face bank holds 16"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None, face_detector=whole_image,
+                   face_embedder=lambda a: a.mean((2, 3)).repeat(1, 3)[:, :8], face_bank=np.ones((3, 16)))
+    with pytest.raises(DFTError, match="config says face_crop_size=224"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None,
+                   face_detector=FaceCropper(whole_image, crop_size=32))
+    with pytest.raises(DFTError, match="python:FILE.py:FUNCTION"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None, face_detector="mtcnn")
+
+
+@needs_peft
+def test_face_realism_needs_landmarks_up_front():
+    tr = DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(), quality_encoder=None,
+                    face_detector=lambda im: [(0, 0, im.shape[1], im.shape[0])],
+                    face_embedder=lambda a: a.mean((2, 3)))
+    with pytest.raises(DFTError, match="found faces without landmarks"):
+        tr.step()
+    tr.close()
 
 
 # --------------------------------------------------------------------------------------------
