@@ -590,6 +590,14 @@ def _add_finetune(sub) -> None:
     d.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")
     d.add_argument("--face-crop-size", type=int, default=224, help="classifier crop size (pixels)")
     d.add_argument("--checkpoint-every", type=int, default=20)
+    d.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate before the first step and every N steps (class frequencies on the evaluation "
+                        "prompts at fixed seeds, current and EMA weights; in dft.json); 0: never")
+    d.add_argument("--eval-prompt", action="append", default=None,
+                   help="an evaluation prompt (repeatable; default the training prompts)")
+    d.add_argument("--eval-seeds", type=int, default=16, help="images per evaluation prompt (seeds 0..N-1)")
+    d.add_argument("--eval-steps", type=int, default=None,
+                   help="sampling steps of evaluation images (default: the top of --sampling-steps)")
     d.add_argument("--keep-checkpoints", type=int, default=2)
     d.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --out")
     d.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")

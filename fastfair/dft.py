@@ -44,7 +44,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -430,6 +430,11 @@ class DFTConfig:
     face_flip: bool = True                         # face embedding of the face plus its mirror image
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
+    # evaluation during training (the paper's code evaluates every 200 steps on validation prompts)
+    eval_every: int = 0                            # before the first step and every k steps; 0: never
+    eval_prompts: Sequence[str] | None = None      # default: the training prompts
+    eval_seeds: int = 16                           # fixed noises (seeds 0..n-1), the same at every evaluation
+    eval_steps: int | None = None                  # sampling steps (default: the top of sampling_steps)
     mixed_precision: str = "no"                    # no | fp16 | bf16 (autocast, CUDA only)
     seed: int = 0
 
@@ -457,6 +462,10 @@ class DFTConfig:
             raise DFTError(f"ema_decay must be in [0, 1) or None; got {self.ema_decay}")
         if self.checkpoint_every < 0:
             raise DFTError("checkpoint_every must be >= 0 (0: no checkpoints)")
+        if self.eval_every < 0 or self.eval_seeds < 1 or (self.eval_steps is not None and self.eval_steps < 1):
+            raise DFTError("eval_every must be >= 0 (0: no evaluation), eval_seeds >= 1 and eval_steps >= 1")
+        if isinstance(self.eval_prompts, str):
+            self.eval_prompts = [self.eval_prompts]
         if self.ot_samples < 0:
             raise DFTError(f"ot_samples must be >= 1, or 0 for the exact expectation; got {self.ot_samples}")
         if self.face_crop_size < 1 or self.face_expand < 0 or self.face_relax < 0 or self.face_weight < 0:
@@ -471,6 +480,7 @@ class DFTConfig:
         d["attributes"] = list(self.attributes) if self.attributes is not None else None
         d["target"] = {k: list(v) for k, v in self.target.items()} if self.target else None
         d["joint_target"] = list(self.joint_target) if self.joint_target is not None else None
+        d["eval_prompts"] = list(self.eval_prompts) if self.eval_prompts is not None else None
         for k in ("text_lora_modules", "unet_lora_modules", "sampling_steps", "adam_betas"):
             d[k] = list(d[k])
         return d
@@ -535,6 +545,7 @@ class DFTResult:
     soft_tokens: Path | None = None
     soft_tokens_ema: Path | None = None
     token: str | None = None
+    evaluations: list = field(default_factory=list)
 
 
 def _enable_lora(module: torch.nn.Module, enabled: bool) -> None:
@@ -696,6 +707,7 @@ class DFTTrainer:
         self.np_rng = np.random.default_rng(cfg.seed + 2)
         self._order: list[int] = []
         self.history: list[dict] = []
+        self.evaluations: list[dict] = []
         if resume is not None:
             self.load_checkpoint(self._resolve_resume(resume))
 
@@ -1021,20 +1033,65 @@ class DFTTrainer:
         """Class frequencies (argmax) per attribute over prompts x seeds, sampled the way training samples
         (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model. With a face
         detector: of the faces' crops, over the images with a face."""
+        counts, _ = self._counts(prompts, seeds, n_steps, frozen, batch_size)
+        # with a face detector only images with a face count; none at all gives NaN frequencies
+        return {a: c / c.sum() if c.sum() else np.full(len(c), np.nan) for a, c in counts.items()}
+
+    @torch.no_grad()
+    def _counts(self, prompts, seeds, n_steps=None, frozen=False, batch_size=8):
+        """Argmax class counts per attribute over prompts x seeds, and the number of images that counted."""
         prompts = self.prompts if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
         n_steps = n_steps or self.cfg.sampling_steps[1]
         counts = {a: np.zeros(len(self.labels[a])) for a in self.attributes}
-        seeds = list(seeds)
+        seeds, counted = list(seeds), 0
         for p in prompts:
             for s in range(0, len(seeds), batch_size):
                 noise = torch.cat([self.noises(1, torch.Generator("cpu").manual_seed(int(x)))
                                    for x in seeds[s:s + batch_size]])
                 probs, found = self._probs(self.sample(p, noise, n_steps, grad=False, frozen=frozen))
+                counted += int(found.sum())
                 for a, pr in probs.items():
                     counts[a] += np.bincount(pr[found.to(pr.device)].argmax(1).cpu().numpy(),
                                              minlength=len(self.labels[a]))
-        # with a face detector only images with a face count; none at all gives NaN frequencies
-        return {a: c / c.sum() if c.sum() else np.full(len(c), np.nan) for a, c in counts.items()}
+        return counts, counted
+
+    def marginal_targets(self) -> dict[str, np.ndarray]:
+        """Each attribute's target distribution (the joint target's marginals)."""
+        cls = alignment.joint_classes([len(self.labels[a]) for a in self.attributes])
+        return {a: np.array([self.joint_target[cls[:, i] == c].sum() for c in range(len(self.labels[a]))])
+                for i, a in enumerate(self.attributes)}
+
+    def evaluate(self) -> dict:
+        """Class frequencies on the evaluation prompts (``eval_prompts``, default the training prompts) at the fixed
+        seeds 0..eval_seeds-1, for the current weights and (with an EMA) the EMA weights: per prompt and attribute
+        the frequencies, and per attribute the mean over prompts of the target gap mean_c |f_c - t_c| (0 = on
+        target) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints)."""
+        cfg = self.cfg
+        prompts = list(cfg.eval_prompts) if cfg.eval_prompts else self.prompts
+        seeds = range(cfg.eval_seeds)
+        targets = self.marginal_targets()
+
+        def one() -> dict:
+            per, counted = {}, 0
+            for p in prompts:
+                c, n = self._counts([p], seeds, cfg.eval_steps)
+                counted += n
+                per[p] = {a: (v / v.sum()).tolist() if v.sum() else None for a, v in c.items()}
+            summary = {}
+            for a in self.attributes:
+                fs = [np.array(per[p][a]) for p in prompts if per[p][a] is not None]
+                summary[a] = (dict(target_gap=float(np.mean([np.abs(f - targets[a]).mean() for f in fs])),
+                                   max_share=float(np.mean([f.max() for f in fs])),
+                                   freq=np.mean(fs, 0).tolist()) if fs else None)
+            return dict(per_prompt=per, summary=summary, counted=counted, images=len(prompts) * cfg.eval_seeds)
+
+        with self._attention():
+            rec = dict(step=self.step_idx, model=one())
+            if self.ema is not None and self.ema.updates > 0:
+                with self.ema_weights():
+                    rec["ema"] = one()
+        self.evaluations.append(rec)
+        return rec
 
     # --- one iteration --------------------------------------------------------------------------
     def _next_prompt(self) -> str:
@@ -1047,7 +1104,13 @@ class DFTTrainer:
         """One DFT iteration; returns its metrics (loss, its parts, this batch's class frequencies...)."""
         # the attention route must hold through backward too: checkpointed blocks are recomputed there
         with self._attention():
-            return self._step()
+            rec = self._step()
+        cfg = self.cfg
+        if cfg.eval_every and self.step_idx % cfg.eval_every == 0:
+            self.evaluate()
+        if self.out_dir is not None and cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        return rec
 
     def _step(self) -> dict:
         cfg = self.cfg
@@ -1179,8 +1242,6 @@ class DFTTrainer:
         if self.face_embedder is not None:
             rec["loss_face"] = tot["face"]
         self.history.append(rec)
-        if self.out_dir is not None and cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
-            self.save_checkpoint()
         return rec
 
     def _face_loss(self, images, faces, sub, same, ref_conf, ref_emb, ref_has_emb, idx) -> torch.Tensor:
@@ -1230,14 +1291,19 @@ class DFTTrainer:
         bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress, desc="fastfair dft",
                    unit="step")
         try:
+            if self.cfg.eval_every and not any(e["step"] == self.step_idx for e in self.evaluations):
+                self.evaluate()   # the starting point (step 0), or a resumed run's missing one
             while self.step_idx < total:
                 r = self.step()
                 bar.update(1)
+                ev = self.evaluations[-1]["model"]["summary"] if self.evaluations else {}
                 bar.set_postfix_str(f"loss {r['loss']:.4f} " + " ".join(
-                    f"{a}=" + "/".join(f"{v:.2f}" for v in d) for a, d in r["distribution"].items()))
+                    f"{a}=" + "/".join(f"{v:.2f}" for v in d) for a, d in r["distribution"].items())
+                    + "".join(f" eval {a} gap {v['target_gap']:.3f}" for a, v in ev.items() if v))
         finally:
             bar.close()
-        res = self.save_outputs() if self.out_dir is not None else DFTResult(None, self.step_idx, self.history)
+        res = self.save_outputs() if self.out_dir is not None else DFTResult(None, self.step_idx, self.history,
+                                                                                evaluations=self.evaluations)
         return res
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -1280,7 +1346,8 @@ class DFTTrainer:
                     rng=dict(noise=self.noise_gen.get_state(), python=_rng_state(self.py_rng),
                              numpy=json.dumps(self.np_rng.bit_generator.state), torch=torch.get_rng_state(),
                              order=list(self._order)),
-                    history=json.dumps(self.history), config=json.dumps(self.cfg.to_dict()))
+                    history=json.dumps(self.history), evaluations=json.dumps(self.evaluations),
+                    config=json.dumps(self.cfg.to_dict()))
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         if path is None:
@@ -1352,6 +1419,7 @@ class DFTTrainer:
         self._order = list(r["order"])
         self.step_idx = int(sd["step"])
         self.history = json.loads(sd["history"])
+        self.evaluations = json.loads(sd.get("evaluations", "[]"))
 
     # --- outputs --------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -1408,7 +1476,8 @@ class DFTTrainer:
             raise DFTError("no out_dir to save to")
         out.mkdir(parents=True, exist_ok=True)
         soft = self.cfg.trainable == "soft-tokens"
-        res = DFTResult(out, self.step_idx, self.history, token=self.cfg.token if soft else None)
+        res = DFTResult(out, self.step_idx, self.history, token=self.cfg.token if soft else None,
+                        evaluations=self.evaluations)
         if soft:
             res.soft_tokens = self.save_soft_tokens(out / "soft_tokens.safetensors")
             if self.ema is not None:
@@ -1429,7 +1498,8 @@ class DFTTrainer:
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
                     quality_encoders=[_module_name(e) for e in self.quality],
                     faces=self._face_fingerprint().get("faces"),
-                    history=self.history, outputs={k: str(v) for k, v in outputs.items() if v is not None},
+                    history=self.history, evaluations=self.evaluations,
+                    outputs={k: str(v) for k, v in outputs.items() if v is not None},
                     environment=provenance(self.device))
         atomic_write(out / "dft.json", json.dumps(meta, indent=1).encode())
         return res
@@ -1577,6 +1647,8 @@ def cli_main(args) -> int:
                     face_crop_size=args.face_crop_size, face_expand=args.face_expand, face_relax=args.face_relax,
                     face_weight=args.face_weight, face_confidence=args.face_confidence,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                    eval_every=args.eval_every, eval_prompts=args.eval_prompt, eval_seeds=args.eval_seeds,
+                    eval_steps=args.eval_steps,
                     mixed_precision=args.mixed_precision, seed=args.seed)
     try:
         _need_peft() if cfg.trainable != "soft-tokens" else None
@@ -1602,6 +1674,13 @@ def cli_main(args) -> int:
     if last is not None:
         dist = "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in d) for a, d in last["distribution"].items())
         print(f"step {res.steps}: loss {last['loss']:.4f}, last batch distribution {dist}")
+    for ev in res.evaluations[-1:]:
+        for which in ("model", "ema"):
+            if which in ev:
+                print(f"evaluation at step {ev['step']} ({which}, {ev[which]['counted']}/{ev[which]['images']} images "
+                      "counted): " + "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in x["freq"]) +
+                                               f" (target gap {x['target_gap']:.3f})"
+                                               for a, x in ev[which]["summary"].items() if x))
     for what, path in (("LoRA", res.lora_dir), ("LoRA (EMA)", res.lora_ema_dir), ("soft tokens", res.soft_tokens),
                        ("soft tokens (EMA)", res.soft_tokens_ema)):
         if path is not None:

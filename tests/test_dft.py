@@ -541,3 +541,42 @@ def test_unpadded_prompts_as_the_papers_code():
     with pytest.raises(dft.DFTError, match="SDXL"):
         DFTTrainer(fastfair.load_pipeline("tiny-sdxl"), [PROMPT], RedClassifier(), small(prompt_padding="longest"),
                    quality_encoder=None)
+
+
+@needs_peft
+def test_evaluation_during_training(tmp_path):
+    """eval_every: before the first step and every k steps, class frequencies on the evaluation prompts at fixed
+    seeds -- at step 0 those of diffusers' pipeline images (LoRA B = 0) classified independently; EMA weights
+    evaluated once the EMA has moved; evaluations survive a resume and land in dft.json."""
+    import diffusers
+
+    cfg = small(scheduler="ddim", eval_every=1, eval_seeds=3, eval_steps=2, ema_decay=0.9, checkpoint_every=1,
+                eval_prompts=["a photo of the face of a nurse"], steps=2)
+    tr = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=None, out_dir=tmp_path / "a")
+    res = tr.train(progress=False)
+    tr.close()
+    ev = res.evaluations
+    assert [e["step"] for e in ev] == [0, 1, 2] and "ema" not in ev[0] and "ema" in ev[2]
+    ref_pipe = fresh()
+    ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
+    noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in range(3)])
+    imgs = ref_pipe(["a photo of the face of a nurse"] * 3, latents=noise, num_inference_steps=2, guidance_scale=7.5,
+                    height=32, width=32, output_type="pt").images
+    f = np.bincount(RedClassifier()(imgs.float())["gender"].argmax(1).numpy(), minlength=2) / 3
+    got = ev[0]["model"]["per_prompt"]["a photo of the face of a nurse"]["gender"]
+    np.testing.assert_allclose(got, f)
+    s0 = ev[0]["model"]["summary"]["gender"]
+    assert s0["target_gap"] == pytest.approx(abs(f[0] - 0.5)) and s0["max_share"] == pytest.approx(f.max())
+    assert ev[0]["model"]["counted"] == ev[0]["model"]["images"] == 3
+    meta = json.loads((tmp_path / "a" / "dft.json").read_text())
+    assert meta["evaluations"] == json.loads(json.dumps(ev))
+    # resumed from step 1: the same evaluations as the uninterrupted run
+    b = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=None, out_dir=tmp_path / "b",
+                   resume=tmp_path / "a" / "checkpoints" / "checkpoint-000001")
+    assert [e["step"] for e in b.evaluations] == [0, 1]
+    res_b = b.train(progress=False)
+    b.close()
+    assert [e["step"] for e in res_b.evaluations] == [0, 1, 2]
+    assert res_b.evaluations[2]["model"]["per_prompt"] == ev[2]["model"]["per_prompt"]
+    with pytest.raises(dft.DFTError, match="eval_every"):
+        small(eval_every=-1)
