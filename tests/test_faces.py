@@ -656,3 +656,15 @@ def test_audit_on_faces_counts_images_without_a_face_as_abstentions(tiny_sd, tmp
         fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", seeds=1,
                        out=tmp_path / "b", entanglement="none", classifier="none", face_detector=every_other,
                        steps=2, height=32, width=32, progress=False)
+
+
+def test_runs_with_and_without_face_crops_are_not_compared(tiny_sd, tmp_path):
+    from fastfair.audit import CompareError, compare
+
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=2, entanglement="none", steps=2, height=32, width=32,
+              progress=False, report=False, n_boot=20)
+    a = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "a", classifier=_Recorder(), **kw)
+    b = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "b", classifier=_Recorder(),
+                       face_detector=whole_image, **kw)
+    with pytest.raises(CompareError, match="different classifiers"):
+        compare(a.run_dir, b.run_dir)
