@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import alignment
+from . import _dist, alignment
 from .alignment import TargetError
 from .guidance import abar_at
 
@@ -604,9 +604,21 @@ class DFTTrainer:
             raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
                            "with their own 77-token conditioning (use 'max_length')")
         self.device = pipe.device
+        self.rank, self.world = _world()
+        if cfg.images_per_prompt % self.world:
+            raise DFTError(f"images_per_prompt={cfg.images_per_prompt} must be a multiple of the {self.world} "
+                           "processes: each takes an equal share of every prompt's images")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self.out_dir is not None:
-            _check_run_dir(self.out_dir, resume is not None, overwrite)
+        if self.out_dir is not None:   # rank 0 checks (and with overwrite clears) the folder; every rank hears why not
+            err = None
+            if self.rank == 0:
+                try:
+                    _check_run_dir(self.out_dir, resume is not None, overwrite)
+                except DFTError as e:
+                    err = str(e)
+            err = _dist.broadcast(err, self.world)
+            if err:
+                raise DFTError(err)
         if cfg.mixed_precision != "no" and self.device.type != "cuda":
             raise DFTError(f"mixed_precision={cfg.mixed_precision!r} is autocast on CUDA; on {self.device.type} "
                            "use 'no'")
@@ -1043,7 +1055,7 @@ class DFTTrainer:
         prompts = self.prompts if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
         n_steps = n_steps or self.cfg.sampling_steps[1]
         counts = {a: np.zeros(len(self.labels[a])) for a in self.attributes}
-        seeds, counted = list(seeds), 0
+        seeds, counted = list(seeds)[self.rank::self.world], 0   # each rank a share of the seeds, summed below
         for p in prompts:
             for s in range(0, len(seeds), batch_size):
                 noise = torch.cat([self.noises(1, torch.Generator("cpu").manual_seed(int(x)))
@@ -1053,6 +1065,15 @@ class DFTTrainer:
                 for a, pr in probs.items():
                     counts[a] += np.bincount(pr[found.to(pr.device)].argmax(1).cpu().numpy(),
                                              minlength=len(self.labels[a]))
+        if self.world > 1:
+            flat = torch.tensor(np.concatenate([counts[a] for a in self.attributes] + [[counted]]),
+                                dtype=torch.float64, device=self._comm_device())
+            flat = _dist.sum_(flat, self.world).cpu().numpy()
+            k = 0
+            for a in self.attributes:
+                counts[a] = flat[k:k + len(counts[a])]
+                k += len(counts[a])
+            counted = int(round(flat[-1]))
         return counts, counted
 
     def marginal_targets(self) -> dict[str, np.ndarray]:
@@ -1109,33 +1130,39 @@ class DFTTrainer:
         if cfg.eval_every and self.step_idx % cfg.eval_every == 0:
             self.evaluate()
         if self.out_dir is not None and cfg.checkpoint_every and self.step_idx % cfg.checkpoint_every == 0:
-            self.save_checkpoint()
+            if self.rank == 0:   # every rank holds the same state (same draws, summed gradients)
+                self.save_checkpoint()
+            _dist.barrier(self.world)
         return rec
 
     def _step(self) -> dict:
         cfg = self.cfg
         N = cfg.images_per_prompt
-        B = cfg.batch_size or N
+        # several processes: each takes an equal slice [lo, hi) of the N images (every rank draws the same
+        # prompt, step count and N noises); targets are computed over all N, the gradients summed over ranks
+        Nl = N // self.world
+        lo, hi = self.rank * Nl, (self.rank + 1) * Nl
+        B = min(cfg.batch_size or Nl, Nl)
         prompt = self._next_prompt()
         n_steps = self.py_rng.randint(*cfg.sampling_steps)
-        noise = self.noises(N, self.noise_gen)
+        noise = self.noises(N, self.noise_gen)[lo:hi]
         self.optimizer.zero_grad(set_to_none=True)
         for m in self.classifier.modules():
             m.eval()
 
         targets = None
-        if B < N:  # targets need every image first: a no-grad pass, then the gradient passes in micro-batches
+        if B < Nl:  # targets need every image first: a no-grad pass, then the gradient passes in micro-batches
             with torch.no_grad():
                 parts = [self._probs(self.sample(prompt, noise[j:j + B], n_steps, grad=False))
-                         for j in range(0, N, B)]
-            targets = self._targets({a: torch.cat([p[a] for p, _ in parts]) for a in self.attributes},
-                                    torch.cat([c for _, c in parts]))
+                         for j in range(0, Nl, B)]
+            targets = self._targets(*self._gather({a: torch.cat([p[a] for p, _ in parts]) for a in self.attributes},
+                                                  torch.cat([c for _, c in parts])))
         # the frozen model's images: quality features, predicted classes, faces and face embeddings
         ref_feats, ref_pred, ref_conf, ref_faces, ref_emb = [], None, None, None, None
         if self.quality or self.face_embedder is not None:
             with torch.no_grad():
                 ref = torch.cat([self.sample(prompt, noise[j:j + B], n_steps, grad=False, frozen=True)
-                                 for j in range(0, N, B)])
+                                 for j in range(0, Nl, B)])
                 ref_feats = [F.normalize(enc(ref).float().flatten(1), dim=-1) for enc in self.quality]
                 ref_faces = self.faces.detect(ref) if self.faces is not None else None
                 rp, rfound = self._probs(ref, ref_faces)
@@ -1143,31 +1170,32 @@ class DFTTrainer:
                 ref_pred = {a: torch.where(rfound, p.argmax(1), torch.full_like(p.argmax(1), -1)) for a, p in rp.items()}
                 ref_conf = {a: p.max(1).values for a, p in rp.items()}
                 if self.face_embedder is not None:
-                    ok = [i for i in range(N) if ref_faces.landmarks[i] is not None]
+                    ok = [i for i in range(Nl) if ref_faces.landmarks[i] is not None]
                     if len(ok) < ref_faces.n:
                         raise DFTError(f"the face detector {self.faces.name} found faces without landmarks; the "
                                        "face-realism loss aligns each face by its five landmarks (left eye, right eye, "
                                        "nose tip, mouth corners): use a detector that returns them, or no face "
                                        "embedder")
-                    ref_emb = torch.zeros((N, 0), device=ref.device)
+                    ref_emb = torch.zeros((Nl, 0), device=ref.device)
                     if ok:
                         e = self._embed_faces(self.faces.aligned(ref, ref_faces, ok))
-                        ref_emb = torch.zeros((N, e.shape[1]), device=e.device).index_copy(
+                        ref_emb = torch.zeros((Nl, e.shape[1]), device=e.device).index_copy(
                             0, torch.tensor(ok, device=e.device), e)
-                    ref_has_emb = torch.zeros(N, dtype=torch.bool, device=ref.device)
+                    ref_has_emb = torch.zeros(Nl, dtype=torch.bool, device=ref.device)
                     ref_has_emb[ok] = True
         tot = dict(loss=0.0, align=0.0, quality=0.0, face=0.0)
-        batch_probs, n_faces = [], 0
-        for j in range(0, N, B):
-            idx = slice(j, j + B)
+        codes, n_faces = [], 0
+        for j in range(0, Nl, B):
+            idx = slice(j, min(j + B, Nl))                 # in this rank's images
+            gidx = slice(lo + idx.start, lo + idx.stop)     # in all N
             images = self.sample(prompt, noise[idx], n_steps, grad=True)
             dev = images.device
             with torch.enable_grad():
                 faces = self.faces.detect(images) if self.faces is not None else None
                 probs, counted = self._probs(images, faces)
                 if targets is None:  # one pass holds all N images: targets from its own (detached) probabilities
-                    targets = self._targets({a: p.detach() for a, p in probs.items()}, counted)
-                sub = self._sub_targets(targets, idx)
+                    targets = self._targets(*self._gather({a: p.detach() for a, p in probs.items()}, counted))
+                sub = self._sub_targets(targets, gidx)
                 if faces is not None:  # a face must be found in this pass too (as the paper's code re-detects)
                     sub.keep = {a: k & counted for a, k in sub.keep.items()}
                 l_align = alignment.alignment_loss(probs, sub, reduction="none")
@@ -1205,8 +1233,17 @@ class DFTTrainer:
             tot["face"] += float(l_face.detach().sum()) / N
             c = counted.to(dev)
             n_faces += int(c.sum())
-            batch_probs.append({a: p.detach()[c] for a, p in probs.items()})
+            codes.append(torch.stack([torch.where(c, p.detach().argmax(1), torch.full_like(c, -1, dtype=torch.long))
+                                      for p in probs.values()], 1))
 
+        if self.world > 1:
+            self._sum_grads()
+            red = torch.tensor([tot["loss"], tot["align"], tot["quality"], tot["face"], float(n_faces)],
+                               dtype=torch.float64, device=self._comm_device())
+            _dist.sum_(red, self.world)
+            tot = dict(zip(("loss", "align", "quality", "face"), red[:4].tolist()))
+            n_faces = int(round(float(red[4])))
+        all_codes = _dist.gather_cat(torch.cat(codes).to(self._comm_device()), self.world).cpu()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -1222,8 +1259,8 @@ class DFTTrainer:
             self.ema.update(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_idx += 1
-        counts = {a: np.bincount(torch.cat([p[a] for p in batch_probs]).argmax(1).cpu().numpy(),
-                                 minlength=len(self.labels[a])) for a in self.attributes}
+        counts = {a: np.bincount(all_codes[:, i][all_codes[:, i] >= 0].numpy(), minlength=len(self.labels[a]))
+                  for i, a in enumerate(self.attributes)}
         # the distribution of the counted images (with a face detector: the faces found; none: NaN)
         dist = {a: (c / c.sum() if c.sum() else np.full(len(c), np.nan)) for a, c in counts.items()}
         rec = dict(step=self.step_idx, prompt=prompt, sampling_steps=n_steps, loss=tot["loss"], loss_align=tot["align"],
@@ -1232,7 +1269,7 @@ class DFTTrainer:
                    distribution={a: d.tolist() for a, d in dist.items()})
         if self.faces is not None:
             rec["faces"] = n_faces
-            if n_faces == 0 and not self._warned_no_face:
+            if n_faces == 0 and not self._warned_no_face and self.rank == 0:
                 import warnings
 
                 warnings.warn(f"DFT step {self.step_idx}: the face detector {self.faces.name} found no face in any of "
@@ -1243,6 +1280,35 @@ class DFTTrainer:
             rec["loss_face"] = tot["face"]
         self.history.append(rec)
         return rec
+
+    def _comm_device(self) -> torch.device:
+        """Where collectives run: the CPU under gloo, the model's device under NCCL."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() == "gloo":
+                return torch.device("cpu")
+        return self.device
+
+    def _gather(self, probs, counted):
+        """Every rank's (detached) probabilities and counted flags, concatenated in rank order: all N images."""
+        if self.world == 1:
+            return probs, counted
+        dev = self._comm_device()
+        out = {a: _dist.gather_cat(p.detach().float().to(dev), self.world) for a, p in probs.items()}
+        return out, _dist.gather_cat(counted.to(dev, torch.uint8), self.world).bool().cpu()
+
+    def _sum_grads(self) -> None:
+        """Sum the trainables' gradients over ranks (each rank's loss is its images' share of the sum over N)."""
+        dev = self._comm_device()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().to(dev)
+                          for p in self.params])
+        _dist.sum_(flat, self.world)
+        k = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[k:k + n].view_as(p).to(p.device, p.dtype).clone()
+            k += n
 
     def _face_loss(self, images, faces, sub, same, ref_conf, ref_emb, ref_has_emb, idx) -> torch.Tensor:
         """Face realism: 1 - cosine between the aligned face's embedding and its target embedding -- the frozen
@@ -1288,8 +1354,8 @@ class DFTTrainer:
         from tqdm.auto import tqdm
 
         total = self.cfg.steps if steps is None else steps
-        bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress, desc="fastfair dft",
-                   unit="step")
+        bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress or self.rank != 0,
+                   desc="fastfair dft", unit="step")
         try:
             if self.cfg.eval_every and not any(e["step"] == self.step_idx for e in self.evaluations):
                 self.evaluate()   # the starting point (step 0), or a resumed run's missing one
@@ -1302,8 +1368,11 @@ class DFTTrainer:
                     + "".join(f" eval {a} gap {v['target_gap']:.3f}" for a, v in ev.items() if v))
         finally:
             bar.close()
-        res = self.save_outputs() if self.out_dir is not None else DFTResult(None, self.step_idx, self.history,
-                                                                                evaluations=self.evaluations)
+        if self.out_dir is not None and self.rank == 0:
+            res = self.save_outputs()
+        else:
+            res = DFTResult(self.out_dir, self.step_idx, self.history, evaluations=self.evaluations)
+        _dist.barrier(self.world)
         return res
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -1508,6 +1577,15 @@ class DFTTrainer:
 RUN_FILES = ("dft.json", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _module_name(m) -> str:
     """How a run records an encoder: its model id where it has one (CLIP / DINOv2), else its class."""
     inner = getattr(m, "encoder", None)
@@ -1615,12 +1693,31 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
 
 
 def cli_main(args) -> int:
-    """``fastfair finetune dft`` (the parser is in ``fastfair.cli``)."""
+    """``fastfair finetune dft`` (the parser is in ``fastfair.cli``). Under ``torchrun --nproc-per-node K`` the
+    N images of every step are shared by K processes (gloo on CPU, NCCL on GPUs, one GPU each)."""
+    rank, world, local, own = _dist.setup(6 * 3600)
+    try:
+        return _cli_run(args, rank, world, local)
+    finally:
+        _dist.teardown(own)
+
+
+def _cli_run(args, rank: int, world: int, local: int) -> int:
     from .pipelines import load_pipeline
 
     if not args.overwrite:  # before loading anything: a run in --out is continued or overwritten, never mixed
-        _check_run_dir(Path(args.out), args.resume is not None, False)
+        err = None
+        if rank == 0:
+            try:
+                _check_run_dir(Path(args.out), args.resume is not None, False)
+            except DFTError as e:
+                err = str(e)
+        err = _dist.broadcast(err, world)
+        if err:
+            raise DFTError(err)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local}"
     prompts = _prompts_from_args(args)
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     ss = str(args.sampling_steps)
@@ -1670,6 +1767,8 @@ def cli_main(args) -> int:
     res = finetune_dft(pipe, prompts, clf, cfg, quality_encoder=qe, out_dir=args.out, resume=args.resume,
                        overwrite=args.overwrite, progress=not args.no_progress, face_detector=det,
                        face_embedder=emb, face_bank=bank)
+    if rank != 0:
+        return 0
     last = res.history[-1] if res.history else None
     if last is not None:
         dist = "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in d) for a, d in last["distribution"].items())

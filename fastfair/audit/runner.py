@@ -29,7 +29,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .. import concepts
+from .._dist import barrier as _barrier, broadcast as _broadcast, setup as _dist_setup
 from .._env import provenance
 from ..classify import AttributeClassifier, check_labels, load_classifier
 from . import prompts as P
@@ -210,41 +211,6 @@ def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = Fal
 
 
 # ------------------------------------------------------------------------------------------ distributed
-
-def _dist_setup(timeout_s: float):
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    own = False
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        own = True
-    if dist.is_available() and dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-    return rank, world, local, own
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
 
 # ------------------------------------------------------------------------------------------ the audit
 
