@@ -380,16 +380,27 @@ def _audit(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="write the self-contained HTML report of an audit run directory")
-    p.add_argument("run_dir", help="an audit run directory (fastfair audit --out)")
+    p = sub.add_parser("report", help="write the self-contained HTML report of an audit run directory or a "
+                                      "fastfair finetune dft folder")
+    p.add_argument("run_dir", help="an audit run directory (fastfair audit --out) or a DFT folder (fastfair finetune dft --out)")
     p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="override a target distribution, e.g. age=0.75,0.25")
 
 
 def _report(args) -> int:
+    from pathlib import Path
+
     from .audit import report
 
+    root = Path(args.run_dir)
+    if (root / "dft.json").is_file() and not (root / "audit.json").is_file():   # a fastfair finetune dft folder
+        from .dft_report import write_dft_report
+
+        if args.target:
+            raise ValueError("--target re-summarises audits; a DFT run's targets are its own")
+        print(f"wrote {write_dft_report(root, out=args.out)}")
+        return 0
     path = report(args.run_dir, out=args.out, targets=" ".join(args.target) if args.target else None)
     print(f"wrote {path}")
     return 0

@@ -546,6 +546,7 @@ class DFTResult:
     soft_tokens_ema: Path | None = None
     token: str | None = None
     evaluations: list = field(default_factory=list)
+    report: Path | None = None
 
 
 def _enable_lora(module: torch.nn.Module, enabled: bool) -> None:
@@ -590,8 +591,10 @@ class DFTTrainer:
     def __init__(self, pipe, prompts: Sequence[str] | str, classifier, config: DFTConfig | None = None, *,
                  labels=None, quality_encoder="clip", out_dir: str | os.PathLike | None = None,
                  resume: str | os.PathLike | None = None, overwrite: bool = False, face_detector=None,
-                 face_embedder=None, face_bank=None):
+                 face_embedder=None, face_bank=None, model_name: str | None = None):
         self.pipe = pipe
+        name = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+        self.model_name = str(name) if name else None
         self.cfg = cfg = config or DFTConfig()
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts:
@@ -1562,7 +1565,7 @@ class DFTTrainer:
         from ._env import provenance
         from ._io import atomic_write
 
-        meta = dict(config=self.cfg.to_dict(), steps=self.step_idx,
+        meta = dict(model=self.model_name, config=self.cfg.to_dict(), steps=self.step_idx,
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
                     quality_encoders=[_module_name(e) for e in self.quality],
@@ -1571,10 +1574,19 @@ class DFTTrainer:
                     outputs={k: str(v) for k, v in outputs.items() if v is not None},
                     environment=provenance(self.device))
         atomic_write(out / "dft.json", json.dumps(meta, indent=1).encode())
+        try:
+            from .dft_report import write_dft_report
+
+            res.report = write_dft_report(out)
+        except Exception as e:  # the report is a view of dft.json: never lose a run's outputs over it
+            import warnings
+
+            warnings.warn(f"could not write the DFT report ({e}); dft.json holds everything, retry with fastfair "
+                          "report", stacklevel=2)
         return res
 
 
-RUN_FILES = ("dft.json", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
+RUN_FILES = ("dft.json", "report.html", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
 
 
 def _world() -> tuple[int, int]:
@@ -1626,7 +1638,7 @@ def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
 
 def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, labels=None, quality_encoder="clip",
                  out_dir=None, resume=None, overwrite: bool = False, progress: bool = True, face_detector=None,
-                 face_embedder=None, face_bank=None, **overrides) -> DFTResult:
+                 face_embedder=None, face_bank=None, model_name: str | None = None, **overrides) -> DFTResult:
     """Adjusted DFT of ``pipe`` toward the target distribution; see :class:`DFTTrainer`. Keyword ``overrides``
     replace fields of ``config``."""
     cfg = config or DFTConfig()
@@ -1634,7 +1646,7 @@ def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, 
         cfg = DFTConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **overrides})
     tr = DFTTrainer(pipe, prompts, classifier, cfg, labels=labels, quality_encoder=quality_encoder, out_dir=out_dir,
                     resume=resume, overwrite=overwrite, face_detector=face_detector, face_embedder=face_embedder,
-                    face_bank=face_bank)
+                    face_bank=face_bank, model_name=model_name)
     try:
         return tr.train(progress=progress)
     finally:
@@ -1766,7 +1778,7 @@ def _cli_run(args, rank: int, world: int, local: int) -> int:
     qe = None if args.quality_encoder == "none" or args.quality_weight <= 0 else args.quality_encoder
     res = finetune_dft(pipe, prompts, clf, cfg, quality_encoder=qe, out_dir=args.out, resume=args.resume,
                        overwrite=args.overwrite, progress=not args.no_progress, face_detector=det,
-                       face_embedder=emb, face_bank=bank)
+                       face_embedder=emb, face_bank=bank, model_name=args.model)
     if rank != 0:
         return 0
     last = res.history[-1] if res.history else None
@@ -1799,4 +1811,6 @@ def _cli_run(args, rank: int, world: int, local: int) -> int:
                   f"with {res.token}")
     elif res.lora_dir is not None:
         print(f"use: pipe.load_lora_weights('{res.lora_dir}')")
+    if res.report is not None:
+        print(f"wrote the training report: {res.report}")
     return 0

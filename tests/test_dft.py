@@ -580,3 +580,31 @@ def test_evaluation_during_training(tmp_path):
     assert res_b.evaluations[2]["model"]["per_prompt"] == ev[2]["model"]["per_prompt"]
     with pytest.raises(dft.DFTError, match="eval_every"):
         small(eval_every=-1)
+
+
+def test_report_of_a_training_run(tmp_path, capsys):
+    """The training report: written at the end of a run and by fastfair report; its target marginals are the
+    trainer's (row-major joint classes), its plots carry every step."""
+    from fastfair.cli import main
+    from fastfair.dft_report import _marginals
+
+    labels = {"gender": ["male", "female"], "race": ["a", "b", "c"]}
+    joint = [0.1, 0.2, 0.05, 0.3, 0.15, 0.2]
+    m = _marginals(labels, joint)
+    cls = np.array([[g, r] for g in range(2) for r in range(3)])      # row-major: the last attribute fastest
+    np.testing.assert_allclose(m["gender"], [sum(t for t, c in zip(joint, cls) if c[0] == g) for g in range(2)])
+    np.testing.assert_allclose(m["race"], [sum(t for t, c in zip(joint, cls) if c[1] == r) for r in range(3)])
+    if not HAVE_PEFT:
+        return
+    cfg = small(steps=3, eval_every=2, eval_seeds=2, eval_steps=1, ema_decay=0.9)
+    tr = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=None, out_dir=tmp_path / "run")
+    res = tr.train(progress=False)
+    tr.close()
+    page = res.report.read_text()
+    assert res.report == tmp_path / "run" / "report.html"
+    assert page.count("<polyline") >= 3 + 3 and "gender: batch class frequencies" in page
+    assert "per prompt (EMA weights)" in page and PROMPT in page and "target gap" in page
+    (tmp_path / "run" / "report.html").unlink()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.html").read_text() == page
+    assert "wrote" in capsys.readouterr().out
