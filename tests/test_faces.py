@@ -18,6 +18,8 @@ from fastfair import alignment, dft, faces
 from fastfair.dft import DFTConfig, DFTError, DFTTrainer
 from fastfair.faces import ARCFACE_TEMPLATE_112, Face, FaceCropper, FaceError
 
+from dft_helpers import RedClassifier, small, tiny_encoder
+
 PROMPT = "a photo of the face of a doctor"
 try:
     import peft  # noqa: F401
@@ -278,22 +280,6 @@ def test_insightface_adapter_gives_bgr_and_maps_fields():
 # DFT with faces
 # --------------------------------------------------------------------------------------------
 
-class RedClassifier(torch.nn.Module):
-    labels = {"gender": ("male", "female")}
-
-    def forward(self, x):
-        p0 = torch.sigmoid(300.0 * (x[:, 0].mean((1, 2)) - 0.43))
-        return {"gender": torch.stack([p0, 1 - p0], 1)}
-
-
-def small(**kw):
-    base = dict(images_per_prompt=2, sampling_steps=(2, 2), steps=2, quality_weight=0.0, ema_decay=None, lr=1e-2,
-                rank=4, checkpoint_every=0, height=32, width=32, gradient_checkpointing=False,
-                uncertainty_threshold=1.0)
-    base.update(kw)
-    return DFTConfig(**base)
-
-
 def whole_image(im):
     h, w = im.shape[:2]
     return [Face((0, 0, w, h), ARCFACE_TEMPLATE_112 * (w / 112.0), 1.0)]
@@ -309,12 +295,6 @@ class Scripted:
         found = self.plan[self.i % len(self.plan)]
         self.i += 1
         return whole_image(im) if found else []
-
-
-def tiny_encoder():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                               torch.nn.Flatten())
 
 
 @needs_peft
