@@ -9,9 +9,10 @@ from datetime import timedelta
 import torch
 
 
-def setup(timeout_s: float):
+def setup(timeout_s: float, backend: str | None = None):
     """(rank, world, local_rank, whether this call made the process group). Under torchrun (WORLD_SIZE > 1)
-    a process group is made: NCCL on CUDA machines (each rank on cuda:LOCAL_RANK), gloo otherwise."""
+    a process group is made: ``backend``, by default NCCL on CUDA machines (each rank on cuda:LOCAL_RANK) and
+    gloo otherwise."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -19,7 +20,7 @@ def setup(timeout_s: float):
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     own = False
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))

@@ -652,6 +652,27 @@ def _bench(args) -> int:
     return cli_main(args)
 
 
+def _process() -> str:
+    """" (process R of K)" under torchrun, so that each process's error says whose it is."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+
+
+def _peer_failure(e: BaseException) -> str | None:
+    """A collective that failed because another process stopped: say so instead of the backend's text."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    dist_error = getattr(__import__("torch").distributed, "DistError", ())
+    text = str(e)
+    if isinstance(e, dist_error) or "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return "another process failed (its error is printed above or below); this one stopped with it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
@@ -677,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
-        print(f"fastfair {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or e}", file=sys.stderr)
         return 1
     except OSError as e:  # a file or folder the command reads or writes (missing, a file where a folder goes...)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

@@ -608,6 +608,10 @@ class DFTTrainer:
                            "with their own 77-token conditioning (use 'max_length')")
         self.device = pipe.device
         self.rank, self.world = _world()
+        if self.world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DFTError(f"running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) without a process group: "
+                           "call torch.distributed.init_process_group() first (fastfair finetune dft does), or every "
+                           "process trains on all the images and writes the same folder")
         if cfg.images_per_prompt % self.world:
             raise DFTError(f"images_per_prompt={cfg.images_per_prompt} must be a multiple of the {self.world} "
                            "processes: each takes an equal share of every prompt's images")
@@ -641,6 +645,15 @@ class DFTTrainer:
         self.labels = {a: have[a] for a in attrs}
         self.joint_target = self._joint_target()
         K = len(self.joint_target)
+        if cfg.ot_samples == 0:   # the exact expectation: its histogram count is known now, not at the first step
+            from math import comb
+
+            k = int((np.asarray(self.joint_target) > 0).sum())
+            if comb(cfg.images_per_prompt + k - 1, k - 1) > alignment.MAX_EXACT_HISTOGRAMS:
+                raise TargetError(f"ot_samples=0 (the exact expectation) needs all "
+                                  f"{comb(cfg.images_per_prompt + k - 1, k - 1)} histograms of "
+                                  f"{cfg.images_per_prompt} images over {k} classes (at most "
+                                  f"{alignment.MAX_EXACT_HISTOGRAMS}); sample them instead (--ot-samples 100)")
         if cfg.images_per_prompt < K:
             raise TargetError(f"images_per_prompt={cfg.images_per_prompt} is smaller than the {K} "
                               f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}; the distribution "
@@ -1047,7 +1060,8 @@ class DFTTrainer:
                 n_steps: int | None = None, frozen: bool = False, batch_size: int = 8) -> dict[str, np.ndarray]:
         """Class frequencies (argmax) per attribute over prompts x seeds, sampled the way training samples
         (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model. With a face
-        detector: of the faces' crops, over the images with a face."""
+        detector: of the faces' crops, over the images with a face. Under several processes every process must
+        call it (the seeds are shared out and the counts summed)."""
         counts, _ = self._counts(prompts, seeds, n_steps, frozen, batch_size)
         # with a face detector only images with a face count; none at all gives NaN frequencies
         return {a: c / c.sum() if c.sum() else np.full(len(c), np.nan) for a, c in counts.items()}
@@ -1089,7 +1103,8 @@ class DFTTrainer:
         """Class frequencies on the evaluation prompts (``eval_prompts``, default the training prompts) at the fixed
         seeds 0..eval_seeds-1, for the current weights and (with an EMA) the EMA weights: per prompt and attribute
         the frequencies, and per attribute the mean over prompts of the target gap mean_c |f_c - t_c| (0 = on
-        target) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints)."""
+        target) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints). Under
+        several processes every process must call it (the seeds are shared out and the counts summed)."""
         cfg = self.cfg
         prompts = list(cfg.eval_prompts) if cfg.eval_prompts else self.prompts
         seeds = range(cfg.eval_seeds)
@@ -1304,13 +1319,15 @@ class DFTTrainer:
     def _sum_grads(self) -> None:
         """Sum the trainables' gradients over ranks (each rank's loss is its images' share of the sum over N)."""
         dev = self._comm_device()
+        had = _dist.sum_(torch.tensor([float(p.grad is not None) for p in self.params], device=dev), self.world)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten().to(dev)
                           for p in self.params])
         _dist.sum_(flat, self.world)
         k = 0
-        for p in self.params:
+        for p, h in zip(self.params, had.tolist()):
             n = p.numel()
-            p.grad = flat[k:k + n].view_as(p).to(p.device, p.dtype).clone()
+            # no rank had a gradient: None, as with one process (AdamW then skips the tensor: no decay, no state)
+            p.grad = flat[k:k + n].view_as(p).to(p.device, p.dtype).clone() if h > 0 else None
             k += n
 
     def _face_loss(self, images, faces, sub, same, ref_conf, ref_emb, ref_has_emb, idx) -> torch.Tensor:
@@ -1360,8 +1377,9 @@ class DFTTrainer:
         bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress or self.rank != 0,
                    desc="fastfair dft", unit="step")
         try:
-            if self.cfg.eval_every and not any(e["step"] == self.step_idx for e in self.evaluations):
-                self.evaluate()   # the starting point (step 0), or a resumed run's missing one
+            ev_k = self.cfg.eval_every
+            if ev_k and self.step_idx % ev_k == 0 and not any(e["step"] == self.step_idx for e in self.evaluations):
+                self.evaluate()   # the starting point (step 0)
             while self.step_idx < total:
                 r = self.step()
                 bar.update(1)
@@ -1369,6 +1387,8 @@ class DFTTrainer:
                 bar.set_postfix_str(f"loss {r['loss']:.4f} " + " ".join(
                     f"{a}=" + "/".join(f"{v:.2f}" for v in d) for a, d in r["distribution"].items())
                     + "".join(f" eval {a} gap {v['target_gap']:.3f}" for a, v in ev.items() if v))
+            if ev_k and self.evaluations and self.evaluations[-1]["step"] != self.step_idx:
+                self.evaluate()   # the final weights, when the last step is not a multiple of eval_every
         finally:
             bar.close()
         if self.out_dir is not None and self.rank == 0:
@@ -1565,7 +1585,7 @@ class DFTTrainer:
         from ._env import provenance
         from ._io import atomic_write
 
-        meta = dict(model=self.model_name, config=self.cfg.to_dict(), steps=self.step_idx,
+        meta = dict(model=self.model_name, config=self.cfg.to_dict(), steps=self.step_idx, processes=self.world,
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
                     quality_encoders=[_module_name(e) for e in self.quality],
@@ -1707,14 +1727,29 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
 def cli_main(args) -> int:
     """``fastfair finetune dft`` (the parser is in ``fastfair.cli``). Under ``torchrun --nproc-per-node K`` the
     N images of every step are shared by K processes (gloo on CPU, NCCL on GPUs, one GPU each)."""
-    rank, world, local, own = _dist.setup(6 * 3600)
+    if args.overwrite and args.resume is not None:
+        raise DFTError("--overwrite starts over and --resume continues a run: give one of them")
+    eval_flags = {"--eval-prompt": args.eval_prompt is not None, "--eval-seeds": args.eval_seeds != 16,
+                  "--eval-steps": args.eval_steps is not None}
+    if not args.eval_every and any(eval_flags.values()):
+        raise DFTError(f"{', '.join(k for k, v in eval_flags.items() if v)} only apply with --eval-every N")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.startswith("cuda:"):
+            raise DFTError(f"--device {device} under torchrun: give --device cuda (each process takes the GPU of its "
+                           "LOCAL_RANK) or cpu")
+        if args.images_per_prompt % world:
+            raise DFTError(f"--images-per-prompt {args.images_per_prompt} must be a multiple of the {world} "
+                           "processes: each takes an equal share of every prompt's images")
+    rank, world, local, own = _dist.setup(6 * 3600, backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        return _cli_run(args, rank, world, local)
+        return _cli_run(args, rank, world, local, f"cuda:{local}" if world > 1 and device == "cuda" else device)
     finally:
         _dist.teardown(own)
 
 
-def _cli_run(args, rank: int, world: int, local: int) -> int:
+def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
     from .pipelines import load_pipeline
 
     if not args.overwrite:  # before loading anything: a run in --out is continued or overwritten, never mixed
@@ -1727,9 +1762,6 @@ def _cli_run(args, rank: int, world: int, local: int) -> int:
         err = _dist.broadcast(err, world)
         if err:
             raise DFTError(err)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and device == "cuda":
-        device = f"cuda:{local}"
     prompts = _prompts_from_args(args)
     attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     ss = str(args.sampling_steps)
@@ -1787,7 +1819,9 @@ def _cli_run(args, rank: int, world: int, local: int) -> int:
         print(f"step {res.steps}: loss {last['loss']:.4f}, last batch distribution {dist}")
     for ev in res.evaluations[-1:]:
         for which in ("model", "ema"):
-            if which in ev:
+            if which in ev and not any(ev[which]["summary"].values()):
+                print(f"evaluation at step {ev['step']} ({which}): no image counted (no face found)")
+            elif which in ev:
                 print(f"evaluation at step {ev['step']} ({which}, {ev[which]['counted']}/{ev[which]['images']} images "
                       "counted): " + "; ".join(f"{a} " + "/".join(f"{v:.2f}" for v in x["freq"]) +
                                                f" (target gap {x['target_gap']:.3f})"

@@ -581,3 +581,37 @@ def test_report_of_a_training_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.html").read_text() == page
     assert "wrote" in capsys.readouterr().out
+
+
+@needs_peft
+def test_evaluations_at_multiples_and_the_end_also_when_resumed(tmp_path):
+    cfg = small(eval_every=2, eval_seeds=1, eval_steps=1, checkpoint_every=1, keep_checkpoints=5, steps=3)
+    a = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=None, out_dir=tmp_path / "a")
+    ev = a.train(progress=False).evaluations
+    a.close()
+    assert [e["step"] for e in ev] == [0, 2, 3]                     # every 2 steps, and the final weights
+    b = DFTTrainer(fresh(), [PROMPT], RedClassifier(), cfg, quality_encoder=None, out_dir=tmp_path / "b",
+                   resume=tmp_path / "a" / "checkpoints" / "checkpoint-000001")
+    evb = b.train(progress=False).evaluations
+    b.close()
+    assert [e["step"] for e in evb] == [0, 2, 3]                    # no extra evaluation at the resume step
+
+
+def test_up_front_refusals(tmp_path, monkeypatch, capsys):
+    from fastfair.cli import main
+
+    pipe = fresh()
+    clf = dft.DifferentiableClassifier(lambda x: {a: torch.full((len(x), 2), 0.5) for a in ("g", "a", "r")},
+                                       {"g": ["m", "f"], "a": ["y", "o"], "r": ["1", "2"]})
+    with pytest.raises(TargetError, match="sample them instead"):
+        DFTTrainer(pipe, [PROMPT], clf, small(images_per_prompt=200, ot_samples=0), quality_encoder=None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(dft.DFTError, match="without a process group"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(), quality_encoder=None)
+    monkeypatch.delenv("WORLD_SIZE")
+    base = ["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--out", str(tmp_path / "x")]
+    assert main(base + ["--overwrite", "--resume", "latest"]) == 1
+    assert "give one of them" in capsys.readouterr().err
+    assert main(base + ["--eval-seeds", "4"]) == 1
+    assert "--eval-seeds only apply with --eval-every" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
