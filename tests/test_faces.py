@@ -622,7 +622,8 @@ def test_audit_on_faces_counts_images_without_a_face_as_abstentions(tiny_sd, tmp
 
     res = fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", seeds=2,
                          out=tmp_path / "a", entanglement="none", classifier=_Recorder(), face_detector=every_other,
-                         steps=2, height=32, width=32, progress=False, report=False, n_boot=20)
+                         steps=2, height=32, width=32, progress=False, report=True, n_boot=20)
+    assert "distributions of each image's largest face" in (res.run_dir / "report.html").read_text()
     df = res.results
     neutral = df[df["kind"] == "neutral"]
     assert len(decisions) == len(neutral) == 4

@@ -318,7 +318,11 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                  f"template “{E(st['template'])}” · "
                  f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
                  f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}"
-                 + _mitigation(st['generation']) + "</p>")
+                 + _mitigation(st['generation'])
+                 + (f" · distributions of each image's largest face ({E(str(st['classifier']['face_crops']))}; "
+                    "images without a face are abstentions)"
+                    if isinstance(st.get("classifier"), dict) and st["classifier"].get("face_crops") else "")
+                 + "</p>")
     planned = summary.get("n_planned")
     if planned and summary.get("n_images", 0) < planned:
         parts.append(f'<p class=warn>Partial run: {summary["n_images"]} of {planned} planned images are finished; '
