@@ -341,8 +341,13 @@ class InsightFaceDetector:
             kw = {"root": self.root} if self.root else {}
             if self.providers is not None:
                 kw["providers"] = list(self.providers)
-            app = FaceAnalysis(name=self.model, allowed_modules=["detection"], **kw)
-            app.prepare(ctx_id=self.ctx_id, det_size=(self.det_size, self.det_size))
+            try:
+                app = FaceAnalysis(name=self.model, allowed_modules=["detection"], **kw)
+                app.prepare(ctx_id=self.ctx_id, det_size=(self.det_size, self.det_size))
+            except Exception as e:   # a download that failed, a missing model folder (insightface asserts)...
+                raise FaceError(f"insightface could not load its {self.model!r} detection model: "
+                                f"{type(e).__name__}: {e} (it downloads to {self.root or '~/.insightface'}/models on "
+                                "first use; offline, put the model folder there)") from e
             self._app = app
         return self._app
 
