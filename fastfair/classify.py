@@ -292,7 +292,8 @@ class FaceCrops(AttributeClassifier):
     """``classifier`` applied to the crop of each image's largest face (``fastfair.faces``: the box grown by
     ``expand`` to a square, ``crop_size`` pixels, black outside the image), abstaining (a NaN row) on images
     without a face -- the evaluation protocol of Shen et al. (faces only; images without one reported apart).
-    ``detector``: "insightface", a callable on RGB uint8 images returning faces, or a ``FaceCropper``."""
+    ``detector``: "insightface", a callable on RGB uint8 images returning faces, or a ``FaceCropper`` (which
+    brings its own crop size and expansion)."""
 
     def __init__(self, classifier: AttributeClassifier, detector, crop_size: int = 224, expand: float = 0.5):
         from .faces import FaceCropper, InsightFaceDetector

@@ -538,7 +538,8 @@ def _add_finetune(sub) -> None:
                                     "backpropagating through sampling (adjusted DFT) so that the classifier's "
                                     "attribute distribution over each prompt's images matches the target. Writes "
                                     "OUT/lora (diffusers load_lora_weights) or OUT/soft_tokens.safetensors, EMA "
-                                    "versions, checkpoints and dft.json.")
+                                    "versions, checkpoints, dft.json and report.html. Under torchrun "
+                                    "--nproc-per-node K the images of every step are shared by K processes.")
     d.add_argument("--model", default="tiny-sd", help="offline preset, a hub id or a local pipeline folder")
     d.add_argument("--prompt", action="append", default=None, help="a training prompt (repeatable)")
     d.add_argument("--prompts", default=None,
@@ -602,7 +603,8 @@ def _add_finetune(sub) -> None:
     d.add_argument("--face-crop-size", type=int, default=224, help="classifier crop size (pixels)")
     d.add_argument("--checkpoint-every", type=int, default=20)
     d.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate before the first step and every N steps (class frequencies on the evaluation "
+                   help="evaluate before the first step, every N steps and after the last one (class frequencies "
+                        "on the evaluation "
                         "prompts at fixed seeds, current and EMA weights; in dft.json); 0: never")
     d.add_argument("--eval-prompt", action="append", default=None,
                    help="an evaluation prompt (repeatable; default the training prompts)")

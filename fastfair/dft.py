@@ -10,7 +10,8 @@ Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024
    ``c_t = sqrt(abar_t) * sqrt(1 - abar_t) / (1 - alpha_t)``, the c_t normalised by their geometric
    mean over the steps ("adjusted DFT", :func:`grad_coefficients`, :class:`ScaleGrad`);
 3. a differentiable attribute classifier gives per-attribute probabilities; the distributional
-   alignment targets (``fastfair.alignment``: exact OT to histograms sampled from the target) give a
+   alignment targets (``fastfair.alignment``: exact OT to histograms sampled from the target, or with
+   ``ot_samples=0`` to every histogram weighted by its probability) give a
    label per image and attribute, uncertain ones dropped; the loss is their cross-entropy;
 4. a quality regulariser keeps each image close (1 - cosine of encoder features, CLIP by default; the
    paper's CLIP ViT-H + DINOv2 with ``quality_encoder="paper"``) to the frozen model's image for the same
@@ -567,18 +568,19 @@ def _set_rng_state(r: random.Random, s):
 
 
 class DFTTrainer:
-    """Adjusted DFT on a Stable Diffusion (1.x/2.x) pipeline; the pipeline is changed in place (adapters or
+    """Adjusted DFT on a Stable Diffusion 1.x/2.x or SDXL pipeline; the pipeline is changed in place (adapters or
     soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs ``config.steps``.
 
     ``prompts``: the training prompts. ``classifier``: see the module docstring (``labels`` goes to
     :func:`as_differentiable`). ``quality_encoder``: see :func:`load_quality_encoders` ("clip", the default, is
     CLIP ViT-L/14; "paper" is CLIP ViT-H/14 + DINOv2 as Shen et al.; a module; None for no quality regulariser).
 
-    Faces (Shen et al.'s setting): with ``face_detector`` (a callable on RGB uint8 images, "insightface", or a
-    :class:`fastfair.faces.FaceCropper`) the classifier sees the crop of each image's largest face (box expanded
+    Faces (Shen et al.'s setting): with ``face_detector`` (a callable on RGB uint8 images, "insightface",
+    "python:FILE.py:FUNC", or a :class:`fastfair.faces.FaceCropper`) the classifier sees the crop of each image's largest face (box expanded
     by ``face_expand``, ``face_crop_size`` pixels); images without a face get no alignment target (the targets
     are computed over the images with a face), keep the full quality weight, and the quality loss's gradient is
-    scaled by ``face_relax`` inside the face region of images whose target changes the face. ``face_embedder``
+    scaled by ``face_relax`` inside the (crop) face box of images whose target is not a kept target equal to
+    the frozen image's class. ``face_embedder``
     (a module mapping aligned 112 x 112 faces in [0, 1] to embeddings) adds the face-realism loss: 1 - cosine
     to the frozen image's face where the target keeps its class (frozen confidence >= ``face_confidence``),
     otherwise to the nearest of ``face_bank`` ((M, D) embeddings of real faces; without one such images get
@@ -1037,8 +1039,8 @@ class DFTTrainer:
         return F.normalize(e.flatten(1), dim=-1)
 
     def _relax_face_region(self, images, faces, ref_faces, which: torch.Tensor) -> torch.Tensor:
-        """``images`` with the gradient scaled by ``face_relax`` inside the face box (intersected with the frozen
-        image's face box where it has one) of the images ``which``."""
+        """``images`` with the gradient scaled by ``face_relax`` inside the expanded (crop) face box (intersected
+        with the frozen image's crop box where it has one) of the images ``which``."""
         H, W = images.shape[-2:]
         mask = torch.zeros((len(images), 1, H, W), dtype=torch.bool, device=images.device)
         for i in which.nonzero().flatten().tolist():
@@ -1059,8 +1061,9 @@ class DFTTrainer:
     def measure(self, prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = range(16),
                 n_steps: int | None = None, frozen: bool = False, batch_size: int = 8) -> dict[str, np.ndarray]:
         """Class frequencies (argmax) per attribute over prompts x seeds, sampled the way training samples
-        (``n_steps`` default: the top of ``sampling_steps``). ``frozen``: the original model. With a face
-        detector: of the faces' crops, over the images with a face. Under several processes every process must
+        (``prompts`` default: the training prompts; ``n_steps`` default: the top of ``sampling_steps``).
+        ``frozen``: the original model. With a face detector: of the faces' crops, over the images with a face
+        (NaN frequencies when none has one). Under several processes every process must
         call it (the seeds are shared out and the counts summed)."""
         counts, _ = self._counts(prompts, seeds, n_steps, frozen, batch_size)
         # with a face detector only images with a face count; none at all gives NaN frequencies
@@ -1101,7 +1104,8 @@ class DFTTrainer:
 
     def evaluate(self) -> dict:
         """Class frequencies on the evaluation prompts (``eval_prompts``, default the training prompts) at the fixed
-        seeds 0..eval_seeds-1, for the current weights and (with an EMA) the EMA weights: per prompt and attribute
+        seeds 0..eval_seeds-1, for the current weights and (once the EMA has been updated) the EMA weights: per
+        prompt and attribute
         the frequencies, and per attribute the mean over prompts of the target gap mean_c |f_c - t_c| (0 = on
         target) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints). Under
         several processes every process must call it (the seeds are shared out and the counts summed)."""

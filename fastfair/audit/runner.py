@@ -386,6 +386,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         # ---- the classifier
         clf: AttributeClassifier | None = load_classifier(classifier, sets, device=dev,
                                                           clip_model=clip_model or "openai/clip-vit-large-patch14")
+        if face_detector is None and (face_crop_size != 224 or face_expand != 0.5):
+            raise AuditInputError("--face-crop-size / --face-expand only apply with --face-detector")
         if face_detector is not None:
             if clf is None:
                 raise AuditInputError("a face detector crops faces for the attribute classifier: give --classifier "
