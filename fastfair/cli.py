@@ -266,9 +266,9 @@ def _add_audit(sub) -> None:
                    help="model id or folder for --classifier clip")
     p.add_argument("--face-detector", default=None,
                    help="classify each image's largest face (crop grown by --face-expand, --face-crop-size px) "
-                        "instead of the whole image: insightface (pip install insightface onnxruntime) or "
-                        "python:FILE.py:FUNC (FUNC() returns a callable on RGB uint8 images giving faces); images "
-                        "without a face are abstentions")
+                        "instead of the whole image: insightface (pip install insightface onnxruntime), "
+                        "face_recognition, python:FILE.py:FUNC (FUNC() returns a callable on RGB uint8 images giving "
+                        "faces), or several joined by commas, tried in order; images without a face are abstentions")
     p.add_argument("--face-crop-size", type=int, default=224, help="face crop size for the classifier (pixels)")
     p.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
@@ -586,8 +586,10 @@ def _add_finetune(sub) -> None:
                         "(CLIP ViT-H/14 + DINOv2 ViT-B/14 on 224-pixel images, as Shen et al.) or none")
     d.add_argument("--face-detector", default=None,
                    help="classify each image's largest face (Shen et al.): insightface (pip install insightface "
-                        "onnxruntime; downloads buffalo_l) or python:FILE.py:FUNC (FUNC() returns a callable on RGB "
-                        "uint8 images giving faces, see fastfair.faces); images without a face are not aligned")
+                        "onnxruntime; downloads buffalo_l), face_recognition (dlib CNN), python:FILE.py:FUNC (FUNC() "
+                        "returns a callable on RGB uint8 images giving faces, see fastfair.faces), or several joined "
+                        "by commas, tried in order (insightface,face_recognition is the paper's); images without a "
+                        "face are not aligned")
     d.add_argument("--face-embedder", default=None,
                    help="face-realism loss: python:FILE.py:FUNC, FUNC(device=) returns a module mapping aligned "
                         "112x112 faces in [0,1] to embeddings (needs --face-detector with landmarks)")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Face", "FaceBatch", "FaceCropper", "InsightFaceDetector", "load_detector", "ARCFACE_TEMPLATE_112", "expand_box",
+__all__ = ["Face", "FaceBatch", "FaceCropper", "InsightFaceDetector", "FaceRecognitionDetector", "FirstFound",
+           "load_detector", "ARCFACE_TEMPLATE_112", "expand_box",
            "largest_face", "crop_boxes", "similarity_transform", "warp_affine", "align_faces", "FaceError"]
 
 # the five-point template of ArcFace's 112 x 112 aligned faces (left eye, right eye, nose tip, mouth corners)
@@ -44,6 +45,7 @@ class Face:
     box: tuple[float, float, float, float]          # x0, y0, x1, y1 in pixels
     landmarks: np.ndarray | None = None               # (5, 2) x, y in pixels
     score: float | None = None
+    expand: float | None = None                       # this detector's box growth (None: the cropper's)
 
 
 def _clipped_area(box, width: int, height: int) -> float:
@@ -220,7 +222,7 @@ class FaceCropper:
                 f = None
             found.append(f is not None)
             boxes.append(None if f is None else tuple(float(v) for v in f.box))
-            cboxes.append(None if f is None else expand_box(f.box, self.expand, 1.0))
+            cboxes.append(None if f is None else expand_box(f.box, self.expand if f.expand is None else f.expand, 1.0))
             lms.append(None if f is None or f.landmarks is None else np.asarray(f.landmarks, dtype=np.float64))
         if any(found) and max(max(abs(v) for v in b) for b in boxes if b is not None) <= 1.5 and min(H, W) > 8:
             raise FaceError(f"every face box lies within [0, 1.5] on {W} x {H} images: the detector seems to return "
@@ -255,8 +257,9 @@ def _as_face(f) -> Face:
     """A detector's face in another shape, checked: a :class:`Face`, an object with ``bbox`` / ``kps`` /
     ``det_score`` (insightface), a mapping with ``box`` (or ``bbox``) / ``landmarks`` (or ``kps``) /
     ``score``, or a bare (x0, y0, x1, y1) box."""
+    expand = None
     if isinstance(f, Face):
-        box, lm, score = f.box, f.landmarks, f.score
+        box, lm, score, expand = f.box, f.landmarks, f.score, f.expand
     elif isinstance(f, dict):
         if "keypoints" in f or ("box" not in f and "bbox" not in f):
             raise FaceError(f"the face detector returned a dict with keys {sorted(f)}; fastfair reads 'box' "
@@ -289,7 +292,7 @@ def _as_face(f) -> Face:
                             "right eye, nose tip, left and right mouth corners")
         if not np.isfinite(lm).all():
             raise FaceError(f"the face detector returned non-finite landmarks {lm.tolist()}")
-    return Face(tuple(float(v) for v in box), lm, None if score is None else float(score))
+    return Face(tuple(float(v) for v in box), lm, None if score is None else float(score), expand)
 
 
 def _face_list(out) -> list:
@@ -356,13 +359,68 @@ class InsightFaceDetector:
         return [_as_face(f) for f in faces]
 
 
+class FaceRecognitionDetector:
+    """dlib's CNN face detector and 68-point landmarks through the ``face_recognition`` package, the paper's
+    second detector (tried where insightface finds no face). As there: no upsampling, the five points are the
+    eyes' centres, the nose bridge's last point and the upper lip's outer corners, and its boxes (tighter than
+    insightface's) grow by 1.1 instead of 0.5. Needs ``pip install face_recognition`` (dlib)."""
+
+    def __init__(self, model: str = "cnn", upsample: int = 0, landmarks_model: str = "large", expand: float = 1.1):
+        import importlib.util
+
+        if importlib.util.find_spec("face_recognition") is None:
+            raise FaceError("the face_recognition detector needs `pip install face_recognition` (it builds dlib); or "
+                            "give any detector callable on an RGB uint8 image (python:FILE.py:FUNC)")
+        self.model, self.upsample, self.landmarks_model, self.expand = model, int(upsample), landmarks_model, expand
+        self.name = f"face_recognition:{model}"
+
+    def __call__(self, image: np.ndarray) -> list[Face]:
+        import face_recognition as fr
+
+        out = []
+        for top, right, bottom, left in fr.face_locations(image, number_of_times_to_upsample=self.upsample,
+                                                          model=self.model):
+            marks = fr.face_landmarks(image, face_locations=[(top, right, bottom, left)], model=self.landmarks_model)
+            kps = None
+            if marks:
+                d = marks[0]
+                kps = np.stack([np.mean(d["left_eye"], 0), np.mean(d["right_eye"], 0), np.asarray(d["nose_bridge"][-1]),
+                                np.asarray(d["top_lip"][0]), np.asarray(d["top_lip"][6])]).astype(np.float64)
+            out.append(Face((float(left), float(top), float(right), float(bottom)), kps, None, self.expand))
+        return out
+
+
+class FirstFound:
+    """Detectors tried in order on each image until one finds a face (the paper: insightface, then
+    face_recognition)."""
+
+    def __init__(self, detectors: Sequence[Callable]):
+        self.detectors = list(detectors)
+        if not self.detectors:
+            raise FaceError("no face detectors to try")
+        self.name = " then ".join(getattr(d, "name", None) or type(d).__name__ for d in self.detectors)
+
+    def __call__(self, image: np.ndarray):
+        for d in self.detectors:
+            faces = _face_list(d(image))
+            if faces:
+                return faces
+        return []
+
+
 def load_detector(spec):
-    """A detector from a CLI spec: ``insightface``, or ``python:FILE.py:FUNC`` (``FUNC()`` returns a callable on RGB
-    uint8 images giving faces); a callable or a :class:`FaceCropper` is returned as it is."""
+    """A detector from a CLI spec: ``insightface``, ``face_recognition``, ``python:FILE.py:FUNC`` (``FUNC()`` returns
+    a callable on RGB uint8 images giving faces), or several joined by commas, tried in order until one finds a
+    face (``insightface,face_recognition`` is the paper's); a callable or a :class:`FaceCropper` is returned as
+    it is."""
     if spec is None or not isinstance(spec, str):
         return spec
+    if "," in spec:
+        return FirstFound([load_detector(part.strip()) for part in spec.split(",") if part.strip()])
     if spec == "insightface":
         return InsightFaceDetector()
+    if spec == "face_recognition":
+        return FaceRecognitionDetector()
     if spec.startswith("python:"):
         from .classify import _import_factory
 
@@ -382,4 +440,5 @@ def load_detector(spec):
             except (AttributeError, TypeError):
                 pass
         return det
-    raise FaceError(f"face detector {spec!r}: give insightface or python:FILE.py:FUNCTION")
+    raise FaceError(f"face detector {spec!r}: give insightface, face_recognition, python:FILE.py:FUNCTION, or "
+                    "several joined by commas (tried in order)")

@@ -649,3 +649,52 @@ def test_runs_with_and_without_face_crops_are_not_compared(tiny_sd, tmp_path):
                        face_detector=whole_image, **kw)
     with pytest.raises(CompareError, match="different classifiers"):
         compare(a.run_dir, b.run_dir)
+
+
+def test_face_recognition_adapter_and_fallback_chain(monkeypatch, tmp_path):
+    """The paper's second detector through a stand-in face_recognition module (its documented return shapes):
+    (top, right, bottom, left) boxes become (x0, y0, x1, y1), the five points are the eye centres, the nose
+    bridge's last point and the upper lip's corners, the crop grows by 1.1; a chain falls back to it."""
+    import sys
+    import types
+
+    fr = types.ModuleType("face_recognition")
+    calls = {}
+
+    def face_locations(img, number_of_times_to_upsample=1, model="hog"):
+        calls["loc"] = (number_of_times_to_upsample, model)
+        return [(10, 30, 26, 14)]                                   # top, right, bottom, left
+
+    def face_landmarks(img, face_locations=None, model="large"):
+        calls["lm"] = (face_locations, model)
+        return [{"left_eye": [(15, 14), (17, 14), (16, 16)], "right_eye": [(25, 14), (27, 16), (26, 15)],
+                 "nose_bridge": [(21, 14), (21, 16), (21, 18)], "top_lip": [(16, 22), (17, 21), (18, 21), (19, 21),
+                                                                           (20, 21), (22, 21), (26, 22)]}]
+
+    fr.face_locations, fr.face_landmarks = face_locations, face_landmarks
+    monkeypatch.setitem(sys.modules, "face_recognition", fr)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "face_recognition" else None)
+    det = faces.load_detector("face_recognition")
+    out = det(np.zeros((40, 40, 3), dtype=np.uint8))
+    assert calls["loc"] == (0, "cnn") and calls["lm"] == ([(10, 30, 26, 14)], "large")
+    assert out[0].box == (14.0, 10.0, 30.0, 26.0) and out[0].expand == 1.1
+    np.testing.assert_allclose(out[0].landmarks, [[16, 14.666666666666666], [26, 15], [21, 18], [16, 22], [26, 22]])
+    fb = FaceCropper(det).detect(torch.zeros(1, 3, 40, 40))
+    assert fb.crop_boxes[0] == faces.expand_box((14, 10, 30, 26), 1.1)
+    # a chain: the first detector finds nothing, the second is used
+    chain = faces.FirstFound([lambda im: [], det])
+    assert chain(np.zeros((40, 40, 3), dtype=np.uint8))[0].box == (14.0, 10.0, 30.0, 26.0)
+    assert FaceCropper(faces.FirstFound([whole_image, det])).detect(torch.zeros(1, 3, 40, 40)).boxes[0] == (0, 0, 40, 40)
+    parts = tmp_path / "d.py"
+    parts.write_text("def none():\n    return lambda im: []\n")
+    chained = faces.load_detector(f"python:{parts}:none,face_recognition")
+    assert isinstance(chained, faces.FirstFound) and chained.name.endswith("then face_recognition:cnn")
+
+
+def test_face_recognition_missing_is_said_up_front():
+    import importlib.util
+
+    if importlib.util.find_spec("face_recognition"):
+        pytest.skip("face_recognition is installed")
+    with pytest.raises(FaceError, match="pip install face_recognition"):
+        faces.load_detector("face_recognition")
