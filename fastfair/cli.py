@@ -416,12 +416,19 @@ def _add_compare(sub) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--boot-seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the full result as JSON")
+    p.add_argument("--image-similarity", default=None, metavar="ENCODERS",
+                   help="also the cosine similarity of every image to the baseline's image of the same profession and "
+                        "seed: clip, clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several joined by '+', or paper")
+    p.add_argument("--device", default=None, help="device of the --image-similarity encoders (default: cuda if "
+                                                  "available)")
 
 
 def _compare(args) -> int:
     from .audit.compare import compare, format_markdown, write_json
 
-    res = compare(args.baseline, *args.runs, n_boot=args.n_boot, seed=args.boot_seed)
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    res = compare(args.baseline, *args.runs, n_boot=args.n_boot, seed=args.boot_seed,
+                  image_similarity=args.image_similarity, device=device if args.image_similarity else None)
     print(format_markdown(res))
     if args.json:
         print(f"wrote {write_json(res, args.json)}")

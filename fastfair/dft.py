@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _dist, alignment
+from .features import (PAPER_CLIP, PAPER_DINO, ClipFeatures, DinoFeatures, FeatureError,  # noqa: F401
+                       Resized, encoder_name, load_encoders)
 from .alignment import TargetError
 from .guidance import abar_at
 
@@ -261,104 +263,12 @@ def load_classifier(spec, attributes: Sequence[str], *, device=None, clip_model:
 # Quality regulariser encoder
 # --------------------------------------------------------------------------------------------
 
-class ClipFeatures(torch.nn.Module):
-    """CLIP image embeddings of images in [0, 1] (differentiable preprocessing), the default feature encoder
-    of the quality regulariser."""
-
-    def __init__(self, model_id: str = "openai/clip-vit-large-patch14", device=None, dtype=None):
-        super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
-        try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
-        except (OSError, ValueError) as e:
-            raise DFTError(f"could not load CLIP model {model_id!r} for the quality regulariser: {e}\n(give a local "
-                           "CLIP folder with --quality-encoder clip:PATH, or --quality-encoder none; in Python "
-                           "quality_encoder=<a torch module> or None)") from e
-        self.model.requires_grad_(False).eval()
-        if device is not None:
-            self.model.to(device)
-        self.size = int(self.model.config.image_size)
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images):
-        x = F.interpolate(images, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        x = (x - self.mean.to(x)) / self.std.to(x)
-        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).image_embeds.float()
-
-
-class DinoFeatures(torch.nn.Module):
-    """DINOv2 features (the final layer-normed CLS token, what ``torch.hub``'s ``dinov2_vit*14`` models return) of
-    images in [0, 1], ImageNet-normalised; no resize (patch-14 models take any size, position embeddings are
-    interpolated)."""
-
-    def __init__(self, model_id: str = "facebook/dinov2-base", device=None, dtype=None):
-        super().__init__()
-        from transformers import Dinov2Model
-
-        try:
-            self.model = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
-        except (OSError, ValueError) as e:
-            raise DFTError(f"could not load DINOv2 model {model_id!r} for the quality regulariser: {e}\n(give a "
-                           "local folder with --quality-encoder dinov2:PATH, or leave DINOv2 out)") from e
-        self.model.requires_grad_(False).eval()
-        if device is not None:
-            self.model.to(device)
-        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images):
-        x = (images - self.mean.to(images)) / self.std.to(images)
-        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).pooler_output.float()
-
-
-class Resized(torch.nn.Module):
-    """``encoder`` applied to the images resized to ``size`` x ``size`` (bilinear, antialiased: torchvision's
-    ``Resize`` on tensors), as the paper's code feeds CLIP and DINOv2 224-pixel images."""
-
-    def __init__(self, encoder: torch.nn.Module, size: int = 224):
-        super().__init__()
-        self.encoder, self.size = encoder, int(size)
-
-    def forward(self, images):
-        if tuple(images.shape[-2:]) != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return self.encoder(images)
-
-
-PAPER_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-PAPER_DINO = "facebook/dinov2-base"
-
-
 def load_quality_encoders(spec, device=None) -> list[torch.nn.Module]:
-    """The quality regulariser's encoders. ``spec``: ``"clip"`` (CLIP ViT-L/14), ``"clip:MODEL_ID"``, ``"dinov2"``
-    (DINOv2 ViT-B/14), ``"dinov2:MODEL_ID"``, several joined by ``+`` (their losses add up), ``"paper"`` (Shen et
-    al.'s: CLIP ViT-H/14 + DINOv2 ViT-B/14 on the image resized to 224), ``"none"`` / None, a torch module mapping
-    images in [0, 1] to features, or a list of modules."""
-    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
-        return []
-    if isinstance(spec, torch.nn.Module) or (callable(spec) and not isinstance(spec, str)):
-        return [spec]
-    if isinstance(spec, (list, tuple)):
-        return [e for s in spec for e in load_quality_encoders(s, device)]
-    if not isinstance(spec, str):
-        raise DFTError(f"quality_encoder must be a string, a module or a list; got {type(spec).__name__}")
-    if spec.strip() == "paper":
-        return [Resized(ClipFeatures(PAPER_CLIP, device=device), 224), Resized(DinoFeatures(PAPER_DINO, device), 224)]
-    out = []
-    for part in (p.strip() for p in spec.split("+")):
-        kind, _, mid = part.partition(":")
-        if kind == "clip":
-            out.append(ClipFeatures(mid or "openai/clip-vit-large-patch14", device=device))
-        elif kind == "dinov2":
-            out.append(DinoFeatures(mid or PAPER_DINO, device=device))
-        else:
-            raise DFTError(f"quality encoder {part!r}: use clip, clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several "
-                           "joined by '+', or alone: paper (CLIP ViT-H/14 + DINOv2 ViT-B/14, as Shen et al.) or none")
-    return out
+    """The quality regulariser's encoders (:func:`fastfair.features.load_encoders`; errors as DFTError)."""
+    try:
+        return load_encoders(spec, device)
+    except FeatureError as e:
+        raise DFTError(str(e)) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -1592,7 +1502,7 @@ class DFTTrainer:
         meta = dict(model=self.model_name, config=self.cfg.to_dict(), steps=self.step_idx, processes=self.world,
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
-                    quality_encoders=[_module_name(e) for e in self.quality],
+                    quality_encoders=[encoder_name(e) for e in self.quality],
                     faces=self._face_fingerprint().get("faces"),
                     history=self.history, evaluations=self.evaluations,
                     outputs={k: str(v) for k, v in outputs.items() if v is not None},
@@ -1620,16 +1530,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _module_name(m) -> str:
-    """How a run records an encoder: its model id where it has one (CLIP / DINOv2), else its class."""
-    inner = getattr(m, "encoder", None)
-    if isinstance(m, Resized) and inner is not None:
-        return f"{_module_name(inner)}@{m.size}px"
-    cfg = getattr(getattr(m, "model", None), "config", None)
-    ident = getattr(cfg, "_name_or_path", None) if cfg is not None else None
-    return f"{type(m).__name__}({ident})" if ident else type(m).__name__
 
 
 def _sub_faces(faces, idx: slice):

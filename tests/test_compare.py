@@ -207,3 +207,46 @@ def test_provenance_ignores_the_thread_count():
         assert provenance("cpu") == a
     finally:
         torch.set_num_threads(n)
+
+
+def test_image_similarity_to_the_baseline(base, tmp_path, capsys):
+    """--image-similarity: per pair of neutral images (same profession and seed) the cosine of encoder features;
+    untouched images give 1, flipped ones the value computed here from the PNGs; CLIP from a saved CLIPModel
+    gives CLIPModel's own image features."""
+    import torch
+    from PIL import Image, ImageOps
+
+    from fastfair.cli import main
+    from tiny_models import tiny_clip
+
+    other = edited(base, tmp_path, lambda df: df)
+    df = pd.read_parquet(other / "results.parquet")
+    doctor = df[(df["kind"] == "neutral") & (df["profession"] == "doctor")].sort_values("seed")
+    for rel in doctor["image"]:
+        ImageOps.mirror(Image.open(other / rel)).save(other / rel)
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(3),
+                              torch.nn.Flatten())
+
+    def feats(path):
+        x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        with torch.no_grad():
+            return enc(x[None])[0]
+
+    manual = np.mean([float(torch.nn.functional.cosine_similarity(feats(base / r), feats(other / r), dim=0))
+                      for r in doctor["image"]])
+    res = compare(base, other, n_boot=200, image_similarity=enc)
+    sim = res["comparisons"][0]["image_similarity"]["Sequential"]
+    assert sim["per_profession"]["nurse"] == pytest.approx(1.0, abs=1e-6)
+    assert sim["per_profession"]["doctor"] == pytest.approx(manual, rel=1e-6) and manual < 0.999
+    assert sim["mean"] == pytest.approx((manual + 1) / 2, rel=1e-6) and sim["n_pairs"] == 8
+    assert sim["lo"] <= sim["mean"] <= sim["hi"]
+    # the CLI with CLIP loaded from a saved CLIPModel folder
+    model, _ = tiny_clip()
+    model.save_pretrained(tmp_path / "clip")
+    assert main(["compare", str(base), str(other), "--image-similarity", f"clip:{tmp_path / 'clip'}", "--device",
+                 "cpu", "--n-boot", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "image similarity to the baseline's image" in out and "ClipFeatures(" in out
+    with pytest.raises(CompareError, match="use clip, clip:MODEL_ID, dinov2"):
+        compare(base, other, image_similarity="vgg")

@@ -698,3 +698,20 @@ def test_face_recognition_missing_is_said_up_front():
         pytest.skip("face_recognition is installed")
     with pytest.raises(FaceError, match="pip install face_recognition"):
         faces.load_detector("face_recognition")
+
+
+def test_clip_features_from_a_whole_clip_model_folder(tmp_path):
+    """ClipFeatures on a saved CLIPModel (whose projection width sits on the top-level config): the embeddings are
+    CLIPModel's own get_image_features of the normalised image."""
+    from tiny_models import tiny_clip
+
+    model, _ = tiny_clip()
+    model.save_pretrained(tmp_path / "clip")
+    enc = dft.ClipFeatures(str(tmp_path / "clip"))
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=(x - mean) / std)
+    ref = getattr(ref, "pooler_output", ref)
+    torch.testing.assert_close(enc(x), ref, rtol=1e-5, atol=1e-6)

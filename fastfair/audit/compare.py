@@ -185,11 +185,16 @@ def _env_diff(a: _Run, b: _Run) -> dict:
     return out
 
 
-def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float = 0.95, image_similarity=None,
+            device=None) -> dict:
     """Compare audit run directories ``others`` against ``baseline``, image by image (see the module doc).
 
     Returns {"baseline": run, "comparisons": [{"run", "differs", "entanglement", "distribution"}, ...]}, every
     metric as {"baseline", "other", "diff": {"mean", "lo", "hi"}, "n_pairs", "professions"}.
+    ``image_similarity``: encoders (``fastfair.features.load_encoders`` specs: "clip", "dinov2", "clip+dinov2", a
+    module...) -- each comparison then also holds, per encoder, the cosine similarity of every neutral image to
+    the baseline's image of the same profession and seed (how much the change alters the pictures), macro mean
+    over professions with a profession-stratified bootstrap interval.
     """
     if not others:
         raise CompareError("give at least one run to compare against the baseline")
@@ -199,6 +204,14 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
     n_boot = int(n_boot)
     if not 0 < level < 1:
         raise CompareError(f"level must be in (0, 1); got {level}")
+    encoders = []
+    if image_similarity is not None:
+        from ..features import FeatureError, load_encoders
+
+        try:
+            encoders = load_encoders(image_similarity, device)
+        except FeatureError as e:
+            raise CompareError(str(e)) from None
     base = _Run(baseline)
     out = {"baseline": {"run": str(base.root), "model": base.name()},
            "bootstrap": {"n_boot": int(n_boot), "seed": seed, "level": level, "paired": True}, "comparisons": []}
@@ -269,9 +282,52 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
         coverage = {"neutral_pairs": int(len(common)), "baseline_neutral": int(len(na)), "run_neutral": int(len(nb)),
                     "professions": int(len(pa & pb)), "baseline_professions": int(len(pa)),
                     "professions_left_out": sorted(pa ^ pb), "seeds_left_out": sorted(sa ^ sb)}
-        out["comparisons"].append({"run": str(run.root), "model": run.name(), "differs": differs,
-                                   "environment_differs": _env_diff(base, run),
-                                   "coverage": coverage, "entanglement": ent, "distribution": dist})
+        comp = {"run": str(run.root), "model": run.name(), "differs": differs,
+                "environment_differs": _env_diff(base, run),
+                "coverage": coverage, "entanglement": ent, "distribution": dist}
+        if encoders:
+            comp["image_similarity"] = _image_similarity(base, run, na, nb, encoders, n_boot, seed, level, device)
+        out["comparisons"].append(comp)
+    return out
+
+
+def _image_similarity(base: _Run, run: _Run, na, nb, encoders, n_boot, seed, level, device, batch: int = 16) -> dict:
+    """Per encoder: cosine similarity of each neutral image to the baseline's image of the same (profession,
+    seed); per profession the mean, overall the macro mean with a profession-stratified bootstrap interval."""
+    import torch
+    from PIL import Image
+
+    from ..features import encoder_name
+
+    keys = ["profession", "seed"]
+    m = na[keys + ["image"]].merge(nb[keys + ["image"]], on=keys, suffixes=("_a", "_b"))
+    if not len(m):
+        return {}
+
+    def load(root, rels):
+        arr = [np.asarray(Image.open(root / r).convert("RGB"), dtype=np.float32) / 255.0 for r in rels]
+        return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
+
+    out = {}
+    for enc in encoders:
+        dev = device or next((p.device for p in getattr(enc, "parameters", lambda: iter(()))()), "cpu")
+        sims = []
+        with torch.no_grad():
+            for i in range(0, len(m), batch):
+                part = m.iloc[i:i + batch]
+                fa = enc(load(base.root, part["image_a"]).to(dev)).float().flatten(1)
+                fb = enc(load(run.root, part["image_b"]).to(dev)).float().flatten(1)
+                sims.append(torch.nn.functional.cosine_similarity(fa, fb, dim=1).cpu().numpy())
+        sim = np.concatenate(sims).astype(np.float64)
+        rng = np.random.default_rng(seed)
+        per, boots = {}, []
+        for p in list(dict.fromkeys(m["profession"])):
+            v = sim[(m["profession"] == p).to_numpy()]
+            per[p] = float(v.mean())
+            boots.append(v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1))
+        point = float(np.mean(list(per.values())))
+        out[encoder_name(enc)] = {**_ci(point, np.mean(np.stack(boots), axis=0), level), "n_pairs": int(len(sim)),
+                                  "professions": len(per), "per_profession": per}
     return out
 
 
@@ -309,6 +365,13 @@ def format_markdown(result: dict) -> str:
             lines.append(f"| {name} | {num(v['baseline'])} | {num(v['other'])} | {num(d['mean'])}{ci} | "
                          f"{v['n_pairs']} |")
         lines.append("")
+        if c.get("image_similarity"):
+            lines.append(f"| image similarity to the baseline's image (cosine of features) | mean [{lv}% CI] | pairs |")
+            lines.append("|---|---|---|")
+            for name, v in c["image_similarity"].items():
+                ci = f" [{num(v['lo'])}, {num(v['hi'])}]" if v.get("lo") is not None else ""
+                lines.append(f"| {name} | {num(v['mean'])}{ci} | {v['n_pairs']} |")
+            lines.append("")
     return "\n".join(lines)
 
 

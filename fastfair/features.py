@@ -1,0 +1,131 @@
+"""Image feature encoders on images in [0, 1] with differentiable preprocessing: CLIP image embeddings, DINOv2's
+CLS token, a resize wrapper, and the spec parser shared by DFT's quality regulariser and ``fastfair compare
+--image-similarity``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ClipFeatures", "DinoFeatures", "Resized", "load_encoders", "encoder_name", "FeatureError", "PAPER_CLIP",
+           "PAPER_DINO"]
+
+
+class FeatureError(ValueError):
+    """An encoder that cannot be loaded, or a spec that names none."""
+
+
+class ClipFeatures(torch.nn.Module):
+    """CLIP image embeddings of images in [0, 1] (differentiable preprocessing), the default feature encoder
+    of the quality regulariser."""
+
+    def __init__(self, model_id: str = "openai/clip-vit-large-patch14", device=None, dtype=None):
+        super().__init__()
+        from transformers import AutoConfig, CLIPVisionModelWithProjection
+
+        try:
+            kw = {}
+            cfg = AutoConfig.from_pretrained(model_id)
+            if getattr(cfg, "model_type", None) == "clip":   # a whole CLIPModel: the projection width is on the top
+                vcfg = cfg.vision_config                    # config, not always in its vision part
+                vcfg.projection_dim = cfg.projection_dim
+                kw["config"] = vcfg
+            self.model = CLIPVisionModelWithProjection.from_pretrained(model_id, torch_dtype=dtype or torch.float32,
+                                                                       **kw)
+        except (OSError, ValueError) as e:
+            raise FeatureError(f"could not load CLIP model {model_id!r}: {e}\n(give a local CLIP folder as clip:PATH "
+                               "(--quality-encoder, --image-similarity), or leave CLIP out)") from e
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.size = int(self.model.config.image_size)
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = F.interpolate(images, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).image_embeds.float()
+
+
+class DinoFeatures(torch.nn.Module):
+    """DINOv2 features (the final layer-normed CLS token, what ``torch.hub``'s ``dinov2_vit*14`` models return) of
+    images in [0, 1], ImageNet-normalised; no resize (patch-14 models take any size, position embeddings are
+    interpolated)."""
+
+    def __init__(self, model_id: str = "facebook/dinov2-base", device=None, dtype=None):
+        super().__init__()
+        from transformers import Dinov2Model
+
+        try:
+            self.model = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
+        except (OSError, ValueError) as e:
+            raise FeatureError(f"could not load DINOv2 model {model_id!r}: {e}\n(give a local folder as dinov2:PATH "
+                               "(--quality-encoder, --image-similarity), or leave DINOv2 out)") from e
+        self.model.requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = (images - self.mean.to(images)) / self.std.to(images)
+        return self.model(pixel_values=x.to(next(self.model.parameters()).dtype)).pooler_output.float()
+
+
+class Resized(torch.nn.Module):
+    """``encoder`` applied to the images resized to ``size`` x ``size`` (bilinear, antialiased: torchvision's
+    ``Resize`` on tensors), as the paper's code feeds CLIP and DINOv2 224-pixel images."""
+
+    def __init__(self, encoder: torch.nn.Module, size: int = 224):
+        super().__init__()
+        self.encoder, self.size = encoder, int(size)
+
+    def forward(self, images):
+        if tuple(images.shape[-2:]) != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return self.encoder(images)
+
+
+PAPER_CLIP = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+PAPER_DINO = "facebook/dinov2-base"
+
+
+def load_encoders(spec, device=None) -> list[torch.nn.Module]:
+    """Image feature encoders (DFT's quality regulariser, ``fastfair compare --image-similarity``).
+
+    ``spec``: ``"clip"`` (CLIP ViT-L/14), ``"clip:MODEL_ID"``, ``"dinov2"`` (DINOv2 ViT-B/14), ``"dinov2:MODEL_ID"``,
+    several joined by ``+``, ``"paper"`` (Shen et al.'s: CLIP ViT-H/14 + DINOv2 ViT-B/14 on the image resized to
+    224), ``"none"`` / None, a torch module mapping images in [0, 1] to features, or a list of modules."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
+        return []
+    if isinstance(spec, torch.nn.Module) or (callable(spec) and not isinstance(spec, str)):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [e for s in spec for e in load_encoders(s, device)]
+    if not isinstance(spec, str):
+        raise FeatureError(f"an encoder spec must be a string, a module or a list; got {type(spec).__name__}")
+    if spec.strip() == "paper":
+        return [Resized(ClipFeatures(PAPER_CLIP, device=device), 224), Resized(DinoFeatures(PAPER_DINO, device), 224)]
+    out = []
+    for part in (p.strip() for p in spec.split("+")):
+        kind, _, mid = part.partition(":")
+        if kind == "clip":
+            out.append(ClipFeatures(mid or "openai/clip-vit-large-patch14", device=device))
+        elif kind == "dinov2":
+            out.append(DinoFeatures(mid or PAPER_DINO, device=device))
+        else:
+            raise FeatureError(f"encoder {part!r}: use clip, clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several joined by "
+                               "'+', or alone: paper (CLIP ViT-H/14 + DINOv2 ViT-B/14, as Shen et al.) or none")
+    return out
+
+
+def encoder_name(m) -> str:
+    """How runs record an encoder: its model id where it has one (CLIP / DINOv2), else its class."""
+    inner = getattr(m, "encoder", None)
+    if isinstance(m, Resized) and inner is not None:
+        return f"{encoder_name(inner)}@{m.size}px"
+    cfg = getattr(getattr(m, "model", None), "config", None)
+    ident = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    return f"{type(m).__name__}({ident})" if ident else type(m).__name__
