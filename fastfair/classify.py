@@ -288,6 +288,36 @@ class ModuleClassifier(AttributeClassifier):
         return {s: (np.concatenate(v) if v else np.zeros((0, len(self.labels[s])))) for s, v in parts.items()}
 
 
+class ClipScore:
+    """Prompt alignment of images, CLIP score as torchmetrics defines it: 100 * max(cos(image, prompt), 0) with
+    CLIP's image and text embeddings (``ClipZeroShot``'s preprocessing: shorter side resized, centre crop)."""
+
+    def __init__(self, zero_shot: "ClipZeroShot"):
+        self.zs = zero_shot
+
+    @classmethod
+    def load(cls, classifier=None, model_id: str = DEFAULT_CLIP, device=None, attribute_sets=()) -> "ClipScore":
+        """Reuse the audit's CLIP classifier (also inside ``FaceCrops``: the score is of the whole image), else load
+        ``model_id`` (its zero-shot prompts, those of ``attribute_sets``, are not used for the score)."""
+        inner = getattr(classifier, "inner", classifier)
+        if isinstance(inner, ClipZeroShot):
+            return cls(inner)
+        return cls(ClipZeroShot.from_pretrained(model_id, attribute_sets, device=device))
+
+    def describe(self) -> dict:
+        return {"model": self.zs.model_id or type(self.zs.model).__name__, "score": "100 * max(cos, 0)"}
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
+        zs = self.zs
+        img = zs.image_embeddings(list(images))
+        tok = zs.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        tok = {k: v.to(zs.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        txt = zs.model.text_projection(zs.model.text_model(**tok).pooler_output).float()
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (100.0 * (img * txt.to(img.device)).sum(-1).clamp_min(0)).double().cpu().numpy()
+
+
 class FaceCrops(AttributeClassifier):
     """``classifier`` applied to the crop of each image's largest face (``fastfair.faces``: the box grown by
     ``expand`` to a square, ``crop_size`` pixels, black outside the image), abstaining (a NaN row) on images

@@ -269,6 +269,9 @@ def _add_audit(sub) -> None:
                         "instead of the whole image: insightface (pip install insightface onnxruntime), "
                         "face_recognition, python:FILE.py:FUNC (FUNC() returns a callable on RGB uint8 images giving "
                         "faces), or several joined by commas, tried in order; images without a face are abstentions")
+    p.add_argument("--clip-score", action="store_true",
+                   help="also score every image's prompt alignment: 100 * max(cos(image, prompt), 0) with CLIP (the "
+                        "--classifier clip model, else --clip-model); column clip_score, in the summary and report")
     p.add_argument("--face-crop-size", type=int, default=224, help="face crop size for the classifier (pixels)")
     p.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
@@ -351,6 +354,7 @@ def _audit(args) -> int:
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
                 inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
                 face_detector=args.face_detector, face_crop_size=args.face_crop_size, face_expand=args.face_expand,
+                clip_score=args.clip_score,
                 targets=" ".join(args.target) if args.target else None, steps=args.steps,
                 guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                 negative_prompt=args.negative_prompt, aggregation=args.aggregation, percentile=args.percentile,

@@ -250,3 +250,40 @@ def test_image_similarity_to_the_baseline(base, tmp_path, capsys):
     assert "image similarity to the baseline's image" in out and "ClipFeatures(" in out
     with pytest.raises(CompareError, match="use clip, clip:MODEL_ID, dinov2"):
         compare(base, other, image_similarity="vgg")
+
+
+def test_clip_score_in_audits_summary_report_and_compare(tiny_sd, tmp_path):
+    """--clip-score: 100 * max(cos(image, prompt), 0) with CLIP for every image (against CLIPModel's own image and
+    text features here), per-profession means in the summary, a report section, a paired row in compare."""
+    import torch
+    from PIL import Image
+
+    from fastfair.classify import clip_preprocess
+    from tiny_models import tiny_clip
+
+    model, tok = tiny_clip()
+    model.save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=2, steps=2, progress=False, n_boot=50, classifier="none",
+              entanglement="none", clip_score=True, clip_model=str(tmp_path / "clip"))
+    res = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "a", **kw)
+    df = res.results
+    assert df["clip_score"].notna().all()
+    row = df.iloc[0]
+    img = Image.open(res.run_dir / row["image"])
+    with torch.no_grad():
+        fi = model.get_image_features(pixel_values=clip_preprocess([img], 32))
+        fi = getattr(fi, "pooler_output", fi)
+        t = tok([row["prompt"]], padding=True, return_tensors="pt")
+        ft = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        ft = getattr(ft, "pooler_output", ft)
+    expect = 100 * max(float(torch.nn.functional.cosine_similarity(fi, ft)), 0.0)
+    assert row["clip_score"] == pytest.approx(expect, rel=1e-5, abs=1e-5)
+    per = df.groupby("profession")["clip_score"].mean()
+    cs = res.summary["clip_score"]
+    assert cs["per_profession"]["doctor"]["mean"] == pytest.approx(per["doctor"])
+    assert cs["overall"]["mean"] == pytest.approx(per.mean())
+    assert "Prompt alignment (CLIP score)" in (res.run_dir / "report.html").read_text()
+    c = compare(res.run_dir, res.run_dir, n_boot=50)["comparisons"][0]
+    q = c["quality"]["CLIP score (prompt alignment), neutral"]
+    assert q["diff"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0} and q["n_pairs"] == 4

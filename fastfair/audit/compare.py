@@ -272,7 +272,13 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                                            level)
                 if blk:
                     dist[iname] = blk
-        if not ent and not dist:
+        quality: dict = {}
+        sa, sb = base.settings.get("clip_score"), run.settings.get("clip_score")
+        if sa and sa == sb and "clip_score" in na.columns and "clip_score" in nb.columns:
+            blk = _mean_block(na, nb, ["profession", "seed"], "clip_score", n_boot, seed, level)
+            if blk is not None:
+                quality["CLIP score (prompt alignment), neutral"] = blk
+        if not ent and not dist and not quality:
             raise CompareError(f"{base.root} and {run.root} have no metric on common images (same professions and "
                                "seeds, a shared attribute set and entanglement mode or classifier)")
         keys = ["profession", "seed"]
@@ -284,7 +290,7 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                     "professions_left_out": sorted(pa ^ pb), "seeds_left_out": sorted(sa ^ sb)}
         comp = {"run": str(run.root), "model": run.name(), "differs": differs,
                 "environment_differs": _env_diff(base, run),
-                "coverage": coverage, "entanglement": ent, "distribution": dist}
+                "coverage": coverage, "entanglement": ent, "distribution": dist, "quality": quality}
         if encoders:
             comp["image_similarity"] = _image_similarity(base, run, na, nb, encoders, n_boot, seed, level, device)
         out["comparisons"].append(comp)
@@ -358,7 +364,7 @@ def format_markdown(result: dict) -> str:
         lines.append(f"| metric | baseline | this run | difference [{lv}% CI, paired] | pairs |")
         lines.append("|---|---|---|---|---|")
         rows = list(c["entanglement"].items()) + [(f"{m}({s})", v) for s, blk in c["distribution"].items()
-                                                  for m, v in blk.items()]
+                                                  for m, v in blk.items()] + list(c.get("quality", {}).items())
         for name, v in rows:
             d = v["diff"]
             ci = f" [{num(d['lo'])}, {num(d['hi'])}]" if d["lo"] is not None else ""

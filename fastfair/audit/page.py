@@ -427,6 +427,13 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
         rows.append(["<b>all (pooled)</b>", ov["n"]] + [f"{100 * f:.0f}%" if f is not None else "–"
                                                        for f in ov["freq_pooled"]] + [_ci_text(ov["dft_bias"])])
         parts.append(_table(head, rows))
+    cs = summary.get("clip_score")
+    if cs:
+        items = [(p, v["mean"], v.get("lo"), v.get("hi")) for p, v in cs["per_profession"].items()]
+        top = max([v[3] or v[1] or 0 for v in items] + [1.0])
+        parts.append("<h2>Prompt alignment (CLIP score)</h2><p>100 · max(cos(image, prompt), 0) with "
+                     f"{E(str(st['clip_score'].get('model')))}, neutral images: overall {_ci_text(cs['overall'], 2)}"
+                     "</p>" + svg_ci_bars(items, "CLIP score per profession", xmax=float(np.ceil(top / 10) * 10)))
     parts += _share_table(summary.get("adherence", {}), "per_label", "Prompt adherence (in-prompt images)",
                           "Share of in-prompt images whose predicted class is the word in the prompt – a check of "
                           "the classifier and the model together.", ["attribute set", "adherence", "images", "per word"])

@@ -183,7 +183,8 @@ def batches(items: Sequence[WorkItem], batch_size: int):
         yield cur
 
 
-def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False, guided: bool = False):
+def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False, guided: bool = False,
+               clip_score: bool = False):
     import pyarrow as pa
 
     fields = [("work_id", pa.string()), ("kind", pa.string()), ("profession", pa.string()), ("prompt", pa.string()),
@@ -198,6 +199,8 @@ def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = Fal
         fields += [(f"iou_open_{slug(w)}", pa.float64()), (f"softiou_open_{slug(w)}", pa.float64())]
     if inprompt:
         fields += [("iou_inprompt", pa.float64()), ("softiou_inprompt", pa.float64())]
+    if clip_score:
+        fields.append(("clip_score", pa.float64()))
     for s in sets:
         fields += [(f"p_{s.slug}_{slug(lab)}", pa.float64()) for lab in s.labels]
         fields.append((f"pred_{s.slug}", pa.string()))
@@ -225,7 +228,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           resume: bool = False, overwrite: bool = False, save_maps: bool = True, report: bool = True,
           n_boot: int = 1000, boot_seed: int = 0, progress: bool = True, edit_guidance=None,
           guide: str | None = None, guide_options: dict | None = None, face_detector=None,
-          face_crop_size: int = 224, face_expand: float = 0.5, dist_timeout_s: float = 6 * 3600) -> AuditResult:
+          face_crop_size: int = 224, face_expand: float = 0.5, clip_score: bool = False,
+          dist_timeout_s: float = 6 * 3600) -> AuditResult:
     """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
 
     ``model``: preset / hub id / folder (``pipeline=`` gives an already loaded pipeline; ``model``
@@ -249,6 +253,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     ``face_detector``: classify each image's largest face instead of the whole image ("insightface",
     "python:FILE.py:FUNC" or a callable on RGB uint8 images; ``fastfair.classify.FaceCrops``); images without
     a face are abstentions (left out of the frequencies, counted in the summary's ``abstained``).
+    ``clip_score``: every image's prompt alignment, 100 * max(cos(image, its prompt), 0) with CLIP (the CLIP
+    classifier's model, else ``clip_model``), column ``clip_score``, summarised per profession.
     """
     from ..generation import generate
 
@@ -401,6 +407,11 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 raise AuditInputError(str(e)) from None
         if clf is not None:
             check_labels(clf, sets)
+        scorer = None
+        if clip_score:
+            from ..classify import ClipScore
+
+            scorer = ClipScore.load(clf, clip_model or "openai/clip-vit-large-patch14", device=dev, attribute_sets=sets)
 
         settings = {
             "model": model_name, "pipeline": type(pipe).__name__, "dtype": _dtype_name(net.dtype),
@@ -417,6 +428,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "metrics": {"percentile": percentile,
                         "soft_iou": {"top_k": soft_iou_top_k, "gamma": soft_iou_gamma, "iters": soft_iou_iters}},
             "classifier": clf.describe() if clf is not None else None,
+            **({"clip_score": scorer.describe()} if scorer is not None else {}),
             "save_maps": bool(save_maps), "maps_dtype": "float16",
         }
         settings_hash = _sha(settings, 16)
@@ -431,7 +443,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         }
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
         fair = edit_guidance is not None and hasattr(edit_guidance, "label_for")
-        schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair, guided=guide is not None)
+        schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair, guided=guide is not None,
+                            clip_score=scorer is not None)
 
         # ---- the run directory (rank 0 decides; everyone hears the verdict)
         store = RunStore(out, rank)
@@ -453,7 +466,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         mine = [it for it in plan if it.index % world == rank and it.work_id not in done]
 
         # ---- work
-        ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, sets=sets, inters=inters, open_words=open_words,
+        ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, scorer=scorer, sets=sets, inters=inters, open_words=open_words,
                             attribution_template=attribution_template, steps=steps, guidance_scale=guidance_scale,
                             height=height, width=width, negative_prompt=negative_prompt, aggregation=aggregation,
                             backend=backend, percentile=percentile,
@@ -545,6 +558,7 @@ class _BatchContext:
     edit_guidance: object = None
     guide: str | None = None  # the attribute word whose entanglement with the profession is guided
     guide_options: dict | None = None
+    scorer: object = None  # CLIP score of every image against its prompt
 
     def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None, edit=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
@@ -608,6 +622,9 @@ class _BatchContext:
                 rows[i]["softiou_inprompt"] = float(soft[i])
                 maps[f"{it.work_id}:inprompt::profession"] = gen.maps[prof][i].half()
                 maps[f"{it.work_id}:inprompt::attribute"] = gen.maps[first.word][i].half()
+        if self.scorer is not None:
+            for i, sc in enumerate(self.scorer(images, [it.prompt for it in batch])):
+                rows[i]["clip_score"] = float(sc)
         preds: dict[str, list] = {}
         if self.clf is not None:
             probs = self.clf.predict(images)

@@ -161,6 +161,8 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                                                               level)["overall"]
             ent["inprompt"][name] = block
     out["entanglement"] = ent
+    if st.get("clip_score") and "clip_score" in df.columns:   # prompt alignment of the neutral images
+        out["clip_score"] = _entanglement_block(neutral, professions, "clip_score", n_boot, seed, level)
 
     if st.get("classifier"):
         dist: dict = {}
