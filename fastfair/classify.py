@@ -302,7 +302,13 @@ class ClipScore:
         inner = getattr(classifier, "inner", classifier)
         if isinstance(inner, ClipZeroShot):
             return cls(inner)
-        return cls(ClipZeroShot.from_pretrained(model_id, attribute_sets, device=device))
+        if Path(model_id).exists():   # a local folder: recorded by its absolute path (runs compare by it)
+            model_id = str(Path(model_id).resolve())
+        try:
+            return cls(ClipZeroShot.from_pretrained(model_id, attribute_sets, device=device))
+        except RuntimeError as e:
+            raise ValueError(f"--clip-score could not load CLIP model {model_id!r} ({e.__cause__ or e}); give "
+                             "--clip-model a local CLIP folder, or leave --clip-score out") from e
 
     def describe(self) -> dict:
         return {"model": self.zs.model_id or type(self.zs.model).__name__, "score": "100 * max(cos, 0)"}

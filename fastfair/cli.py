@@ -431,6 +431,8 @@ def _compare(args) -> int:
     from .audit.compare import compare, format_markdown, write_json
 
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device; use --device cpu")
     res = compare(args.baseline, *args.runs, n_boot=args.n_boot, seed=args.boot_seed,
                   image_similarity=args.image_similarity, device=device if args.image_similarity else None)
     print(format_markdown(res))

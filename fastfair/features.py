@@ -25,12 +25,18 @@ class ClipFeatures(torch.nn.Module):
         try:
             kw = {}
             cfg = AutoConfig.from_pretrained(model_id)
-            if getattr(cfg, "model_type", None) == "clip":   # a whole CLIPModel: the projection width is on the top
-                vcfg = cfg.vision_config                    # config, not always in its vision part
+            kind = getattr(cfg, "model_type", None)
+            if kind not in ("clip", "clip_vision_model"):
+                raise FeatureError(f"{model_id!r} holds a {kind!r} model, not CLIP")
+            if kind == "clip":   # a whole CLIPModel: the projection width is on the top config, not always in its
+                vcfg = cfg.vision_config                    # vision part
                 vcfg.projection_dim = cfg.projection_dim
                 kw["config"] = vcfg
-            self.model = CLIPVisionModelWithProjection.from_pretrained(model_id, torch_dtype=dtype or torch.float32,
-                                                                       **kw)
+            self.model, info = CLIPVisionModelWithProjection.from_pretrained(
+                model_id, torch_dtype=dtype or torch.float32, output_loading_info=True, **kw)
+            if info.get("missing_keys"):
+                raise FeatureError(f"{model_id!r} lacks CLIP weights {sorted(info['missing_keys'])[:4]} (a model "
+                                   "without the visual projection?): they would be random")
         except (OSError, ValueError) as e:
             raise FeatureError(f"could not load CLIP model {model_id!r}: {e}\n(give a local CLIP folder as clip:PATH "
                                "(--quality-encoder, --image-similarity), or leave CLIP out)") from e
@@ -58,7 +64,16 @@ class DinoFeatures(torch.nn.Module):
         from transformers import Dinov2Model
 
         try:
-            self.model = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32)
+            from transformers import AutoConfig
+
+            kind = getattr(AutoConfig.from_pretrained(model_id), "model_type", None)
+            if kind != "dinov2":
+                raise FeatureError(f"{model_id!r} holds a {kind!r} model, not DINOv2")
+            self.model, info = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32,
+                                                           output_loading_info=True)
+            if info.get("missing_keys"):
+                raise FeatureError(f"{model_id!r} lacks DINOv2 weights {sorted(info['missing_keys'])[:4]}: they would "
+                                   "be random")
         except (OSError, ValueError) as e:
             raise FeatureError(f"could not load DINOv2 model {model_id!r}: {e}\n(give a local folder as dinov2:PATH "
                                "(--quality-encoder, --image-similarity), or leave DINOv2 out)") from e

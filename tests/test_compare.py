@@ -287,3 +287,38 @@ def test_clip_score_in_audits_summary_report_and_compare(tiny_sd, tmp_path):
     c = compare(res.run_dir, res.run_dir, n_boot=50)["comparisons"][0]
     q = c["quality"]["CLIP score (prompt alignment), neutral"]
     assert q["diff"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0} and q["n_pairs"] == 4
+
+
+def test_similarity_alone_notes_and_wrong_model_folders(tiny_sd, tmp_path):
+    """Image similarity is a metric of its own (runs with nothing else to compare); runs scored with different
+    CLIP models say why their CLIP scores are left out; a folder of another model kind is refused (its weights
+    would be random); two encoders of one name both kept."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fastfair.features import FeatureError, load_encoders
+    from tiny_models import tiny_clip
+
+    for i in (0, 1):
+        model, tok = tiny_clip(seed=i)
+        model.save_pretrained(tmp_path / f"clip{i}")
+        tok.save_pretrained(tmp_path / f"clip{i}")
+    kw = dict(pipeline=tiny_sd, attributes="gender", seeds=1, steps=2, progress=False, n_boot=20, classifier="none",
+              entanglement="none", report=False)
+    plain = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "plain", **kw).run_dir
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    sims = compare(plain, plain, n_boot=20, image_similarity=[enc, enc])["comparisons"][0]["image_similarity"]
+    assert sorted(sims) == ["Sequential", "Sequential#2"] and sims["Sequential"]["mean"] == pytest.approx(1.0)
+    a = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "a", clip_score=True, clip_model=str(tmp_path / "clip0"),
+                       **kw).run_dir
+    b = fastfair.audit("tiny-sd", "list:doctor", out=tmp_path / "b", clip_score=True, clip_model=str(tmp_path / "clip1"),
+                       **kw).run_dir
+    c = compare(a, b, n_boot=20, image_similarity=enc)["comparisons"][0]
+    assert not c["quality"] and "CLIP score not compared: scored with" in c["notes"][0]
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    with pytest.raises(FeatureError, match="not DINOv2"):
+        load_encoders(f"dinov2:{tmp_path / 'clip0'}")
+    with pytest.raises(FeatureError, match="not CLIP"):
+        load_encoders(f"clip:{tmp_path / 'dino'}")

@@ -273,12 +273,17 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                 if blk:
                     dist[iname] = blk
         quality: dict = {}
+        notes: list[str] = []
         sa, sb = base.settings.get("clip_score"), run.settings.get("clip_score")
         if sa and sa == sb and "clip_score" in na.columns and "clip_score" in nb.columns:
             blk = _mean_block(na, nb, ["profession", "seed"], "clip_score", n_boot, seed, level)
             if blk is not None:
                 quality["CLIP score (prompt alignment), neutral"] = blk
-        if not ent and not dist and not quality:
+        elif sa or sb:
+            notes.append("CLIP score not compared: " + (
+                f"scored with {sa.get('model')} vs {sb.get('model')}" if sa and sb else
+                f"only the {'baseline' if sa else 'run'} has CLIP scores (audit both with --clip-score)"))
+        if not ent and not dist and not quality and not encoders:
             raise CompareError(f"{base.root} and {run.root} have no metric on common images (same professions and "
                                "seeds, a shared attribute set and entanglement mode or classifier)")
         keys = ["profession", "seed"]
@@ -290,7 +295,8 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                     "professions_left_out": sorted(pa ^ pb), "seeds_left_out": sorted(sa ^ sb)}
         comp = {"run": str(run.root), "model": run.name(), "differs": differs,
                 "environment_differs": _env_diff(base, run),
-                "coverage": coverage, "entanglement": ent, "distribution": dist, "quality": quality}
+                "coverage": coverage, "entanglement": ent, "distribution": dist, "quality": quality,
+                "notes": notes}
         if encoders:
             comp["image_similarity"] = _image_similarity(base, run, na, nb, encoders, n_boot, seed, level, device)
         out["comparisons"].append(comp)
@@ -316,13 +322,25 @@ def _image_similarity(base: _Run, run: _Run, na, nb, encoders, n_boot, seed, lev
 
     out = {}
     for enc in encoders:
+        if device is not None and isinstance(enc, torch.nn.Module):
+            enc.to(device)
         dev = device or next((p.device for p in getattr(enc, "parameters", lambda: iter(()))()), "cpu")
+        name = encoder_name(enc)
+        k = 2
+        while name in out:   # the same encoder twice (or two of one class): keep both
+            name = f"{encoder_name(enc)}#{k}"
+            k += 1
         sims = []
         with torch.no_grad():
             for i in range(0, len(m), batch):
                 part = m.iloc[i:i + batch]
-                fa = enc(load(base.root, part["image_a"]).to(dev)).float().flatten(1)
-                fb = enc(load(run.root, part["image_b"]).to(dev)).float().flatten(1)
+                xa, xb = load(base.root, part["image_a"]), load(run.root, part["image_b"])
+                fa = enc(xa.to(dev)).float().flatten(1)
+                fb = enc(xb.to(dev)).float().flatten(1)
+                if fa.shape != fb.shape:
+                    raise CompareError(f"{name} gives {fa.shape[1]} features for the baseline's "
+                                       f"{xa.shape[-1]}x{xa.shape[-2]} images but {fb.shape[1]} for the run's "
+                                       f"{xb.shape[-1]}x{xb.shape[-2]} ones; use an encoder that resizes (clip, dinov2)")
                 sims.append(torch.nn.functional.cosine_similarity(fa, fb, dim=1).cpu().numpy())
         sim = np.concatenate(sims).astype(np.float64)
         rng = np.random.default_rng(seed)
@@ -332,7 +350,7 @@ def _image_similarity(base: _Run, run: _Run, na, nb, encoders, n_boot, seed, lev
             per[p] = float(v.mean())
             boots.append(v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1))
         point = float(np.mean(list(per.values())))
-        out[encoder_name(enc)] = {**_ci(point, np.mean(np.stack(boots), axis=0), level), "n_pairs": int(len(sim)),
+        out[name] = {**_ci(point, np.mean(np.stack(boots), axis=0), level), "n_pairs": int(len(sim)),
                                   "professions": len(per), "per_profession": per}
     return out
 
@@ -360,6 +378,8 @@ def format_markdown(result: dict) -> str:
                          f"{cov['baseline_neutral']}, this run {cov['run_neutral']}; {cov['professions']} of "
                          f"{cov['baseline_professions']} professions)"
                          + (f"; not in both: {'; '.join(left)}" if left else ""))
+        for note in c.get("notes", []):
+            lines.append(f"note: {note}")
         lines.append("")
         lines.append(f"| metric | baseline | this run | difference [{lv}% CI, paired] | pairs |")
         lines.append("|---|---|---|---|---|")
