@@ -350,8 +350,9 @@ class FaceCrops(AttributeClassifier):
         d = self.cropper.describe()
         faces = " ".join(f"{k}={d[k]}" for k in ("detector", "crop_size", "expand"))
         # the inner classifier's keys stay at the top level (per-set parts are compared set by set)
-        return {**self.inner.describe(), "type": f"FaceCrops({self.inner.describe().get('type')})",
-                "face_crops": faces}
+        inner = (self.inner.describe() if hasattr(self.inner, "describe")   # duck-typed classifiers may have none
+                 else {"type": type(self.inner).__name__, "labels": {k: list(v) for k, v in self.labels.items()}})
+        return {**inner, "type": f"FaceCrops({inner.get('type')})", "face_crops": faces}
 
     def predict(self, images: Sequence) -> dict[str, np.ndarray]:
         from PIL import Image

@@ -459,6 +459,9 @@ def _add_edit(sub) -> None:
     m.add_argument("--classifier", default="clip",
                    help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (fastfair.classify); ignored with --measured")
     m.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
+    m.add_argument("--face-detector", default=None,
+                   help="measure each image's largest face (insightface, face_recognition, python:FILE.py:FUNC or "
+                        "several joined by commas); images without a face are abstentions")
     m.add_argument("--measured", default=None, metavar="JSON",
                    help='measured distributions {"doctor": [p1, p2], ...}: one edit round, no classifier')
     m.add_argument("--protocol", default="fastfair", choices=("fastfair", "reference"),
@@ -536,7 +539,8 @@ def _edit(args) -> int:
                      measure_template=args.measure_template, images=args.images, seeds=args.seeds, reseed=args.reseed,
                      steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                      negative_prompt=args.negative_prompt, batch_size=args.batch_size, measure=args.measure,
-                     clip_model=args.clip_model, model_id=args.model, progress=not args.no_progress)
+                     clip_model=args.clip_model, model_id=args.model, progress=not args.no_progress,
+                     face_detector=args.face_detector)
     path = edit.save(args.out)
     print(mist.summary(edit))
     print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -604,7 +604,8 @@ def _is_attribute_classifier(obj) -> bool:
     return hasattr(obj, "predict") and isinstance(getattr(obj, "labels", None), Mapping)
 
 
-def resolve_classifier(classifier, sets: Sequence[AttributeSet], *, device=None, clip_model: str | None = None):
+def resolve_classifier(classifier, sets: Sequence[AttributeSet], *, device=None, clip_model: str | None = None,
+                       face_detector=None):
     """Any supported classifier -> ``f(images) -> (N, K)`` joint probabilities (float64), checked
     against the attribute sets up front. Accepted:
 
@@ -613,6 +614,9 @@ def resolve_classifier(classifier, sets: Sequence[AttributeSet], *, device=None,
       or a ``torch.nn.Module`` with such ``labels``: per-set probabilities multiplied into the joint;
     * a callable ``classifier(images) -> (N, K)`` over the joint classes (``labels``: K names, any order);
     * a list or ``{set name: callable}`` of per-set callables.
+
+    ``face_detector`` (a ``fastfair.faces`` detector or spec): the classifier sees each image's largest face
+    crop (``fastfair.classify.FaceCrops``), images without a face are abstentions; needs one of the first two.
     """
     labels, _ = joint_classes(sets)
     if isinstance(classifier, str) or isinstance(classifier, torch.nn.Module):
@@ -625,6 +629,17 @@ def resolve_classifier(classifier, sets: Sequence[AttributeSet], *, device=None,
                 raise MistError("classifier 'none': MIST's rounds need a classifier (or measured=...)")
         else:
             classifier = classify.as_classifier(classifier)
+    if face_detector is not None:
+        from .classify import FaceCrops
+        from .faces import FaceError, load_detector
+
+        if not _is_attribute_classifier(classifier):
+            raise MistError("face crops need a fastfair.classify classifier (a spec such as 'clip', an "
+                            "AttributeClassifier or a module with labels), not a joint-class callable")
+        try:
+            classifier = FaceCrops(classifier, load_detector(face_detector))
+        except (FaceError, ValueError) as e:
+            raise MistError(str(e)) from None
     if _is_attribute_classifier(classifier):
         from .classify import check_labels
 
@@ -731,7 +746,7 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
          height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
          batch_size: int = 8, measure: str = "argmax", custom_attributes: Mapping | None = None,
          clip_model: str | None = None, model_id: str | None = None, progress: bool = True,
-         callback: Callable | None = None) -> MistEdit:
+         callback: Callable | None = None, face_detector=None) -> MistEdit:
     """Debias ``concepts`` over ``attributes`` towards ``target`` with MIST; returns the ``MistEdit``
     and leaves it applied to ``pipe`` (``edit.revert(pipe)`` restores the model bit for bit).
 
@@ -742,7 +757,8 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     concept is within ``tol`` of the target (it then joins the preserve set) or ``max_rounds``
     edits were made. Without a classifier, ``measured`` (``{concept: distribution}``, or one row per
     concept, e.g. from an audit) drives a single edit round. ``callback(round, p_hat)`` is called
-    after every measurement.
+    after every measurement. ``face_detector``: measure on each image's largest face (images without one are
+    abstentions), as audits and DFT do with a detector.
     """
     from tqdm.auto import tqdm
 
@@ -768,8 +784,10 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
         raise MistError(f"max_rounds must be >= 1, got {max_rounds}")
     if measure not in ("argmax", "mean"):
         raise MistError(f"measure must be 'argmax' or 'mean', got {measure!r}")
+    if face_detector is not None and classifier is None:
+        raise MistError("face_detector crops faces for the classifier: give classifier= too (measured= needs none)")
     clf = None if classifier is None else resolve_classifier(classifier, sets, device=pipe.device,
-                                                             clip_model=clip_model)
+                                                             clip_model=clip_model, face_detector=face_detector)
 
     # prompts (length-checked up front, before any work)
     c_prompts = [fill(template, c) for c in concepts]

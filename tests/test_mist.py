@@ -526,3 +526,33 @@ def test_cli_reference_protocol(monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--seeds", "0-3", "--reseed"]) == 1
     assert "--reseed" in capsys.readouterr().err
+
+
+def test_face_crops_in_the_measurement():
+    """face_detector: the classifier sees each image's largest face crop; images without a face are NaN rows
+    (abstentions, left out of the distribution); joint-class callables are refused with the way out."""
+    from PIL import Image
+
+    from fastfair.faces import Face
+
+    sets = mist.parse_attributes("gender")
+    seen = []
+
+    class Audit:
+        labels = {"gender": ("male", "female")}
+
+        def predict(self, images):
+            seen.extend(im.size for im in images)
+            return {"gender": np.tile([0.9, 0.1], (len(images), 1))}
+
+    def detector(im):   # a face in bright images only
+        return [Face((2, 2, 10, 10))] if im.mean() > 100 else []
+
+    imgs = [Image.new("RGB", (16, 16), (200, 200, 200)), Image.new("RGB", (16, 16), (10, 10, 10))]
+    f = mist.resolve_classifier(Audit(), sets, face_detector=detector)
+    p = f(imgs)
+    assert torch.isfinite(p[0]).all() and torch.isnan(p[1]).all() and seen == [(224, 224)]
+    torch.testing.assert_close(mist.distribution(p), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert "face_crops" in f.describe
+    with pytest.raises(mist.MistError, match="face crops need a fastfair.classify classifier"):
+        mist.resolve_classifier(lambda ims: torch.ones(len(ims), 2) / 2, sets, face_detector=detector)
