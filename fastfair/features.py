@@ -14,6 +14,30 @@ class FeatureError(ValueError):
     """An encoder that cannot be loaded, or a spec that names none."""
 
 
+def _model_type(model_id: str, what: str, flag: str) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(model_id), "model_type", None)
+    except (OSError, ValueError) as e:
+        raise FeatureError(f"could not load {what} model {model_id!r}: {e}\n(give a local folder as {flag}:PATH "
+                           "(--quality-encoder, --image-similarity), or leave it out)") from e
+
+
+def _load_frozen(cls, model_id: str, what: str, flag: str, dtype, device, **kw):
+    """``cls.from_pretrained`` in eval mode without gradients; weights that would load at random are refused."""
+    try:
+        model, info = cls.from_pretrained(model_id, torch_dtype=dtype or torch.float32, output_loading_info=True, **kw)
+    except (OSError, ValueError) as e:
+        raise FeatureError(f"could not load {what} model {model_id!r}: {e}\n(give a local folder as {flag}:PATH "
+                           "(--quality-encoder, --image-similarity), or leave it out)") from e
+    if info.get("missing_keys"):
+        raise FeatureError(f"{model_id!r} lacks {what} weights {sorted(info['missing_keys'])[:4]}: they would be "
+                           "random")
+    model.requires_grad_(False).eval()
+    return model.to(device) if device is not None else model
+
+
 class ClipFeatures(torch.nn.Module):
     """CLIP image embeddings of images in [0, 1] (differentiable preprocessing), the default feature encoder
     of the quality regulariser."""
@@ -22,27 +46,15 @@ class ClipFeatures(torch.nn.Module):
         super().__init__()
         from transformers import AutoConfig, CLIPVisionModelWithProjection
 
-        try:
-            kw = {}
-            cfg = AutoConfig.from_pretrained(model_id)
-            kind = getattr(cfg, "model_type", None)
-            if kind not in ("clip", "clip_vision_model"):
-                raise FeatureError(f"{model_id!r} holds a {kind!r} model, not CLIP")
-            if kind == "clip":   # a whole CLIPModel: the projection width is on the top config, not always in its
-                vcfg = cfg.vision_config                    # vision part
-                vcfg.projection_dim = cfg.projection_dim
-                kw["config"] = vcfg
-            self.model, info = CLIPVisionModelWithProjection.from_pretrained(
-                model_id, torch_dtype=dtype or torch.float32, output_loading_info=True, **kw)
-            if info.get("missing_keys"):
-                raise FeatureError(f"{model_id!r} lacks CLIP weights {sorted(info['missing_keys'])[:4]} (a model "
-                                   "without the visual projection?): they would be random")
-        except (OSError, ValueError) as e:
-            raise FeatureError(f"could not load CLIP model {model_id!r}: {e}\n(give a local CLIP folder as clip:PATH "
-                               "(--quality-encoder, --image-similarity), or leave CLIP out)") from e
-        self.model.requires_grad_(False).eval()
-        if device is not None:
-            self.model.to(device)
+        kind = _model_type(model_id, "CLIP", "clip")
+        if kind not in ("clip", "clip_vision_model"):
+            raise FeatureError(f"{model_id!r} holds a {kind!r} model, not CLIP")
+        kw = {}
+        if kind == "clip":   # a whole CLIPModel: the projection width is on the top config, not always in its vision
+            cfg = AutoConfig.from_pretrained(model_id)   # part
+            cfg.vision_config.projection_dim = cfg.projection_dim
+            kw["config"] = cfg.vision_config
+        self.model = _load_frozen(CLIPVisionModelWithProjection, model_id, "CLIP", "clip", dtype, device, **kw)
         self.size = int(self.model.config.image_size)
         mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -63,23 +75,10 @@ class DinoFeatures(torch.nn.Module):
         super().__init__()
         from transformers import Dinov2Model
 
-        try:
-            from transformers import AutoConfig
-
-            kind = getattr(AutoConfig.from_pretrained(model_id), "model_type", None)
-            if kind != "dinov2":
-                raise FeatureError(f"{model_id!r} holds a {kind!r} model, not DINOv2")
-            self.model, info = Dinov2Model.from_pretrained(model_id, torch_dtype=dtype or torch.float32,
-                                                           output_loading_info=True)
-            if info.get("missing_keys"):
-                raise FeatureError(f"{model_id!r} lacks DINOv2 weights {sorted(info['missing_keys'])[:4]}: they would "
-                                   "be random")
-        except (OSError, ValueError) as e:
-            raise FeatureError(f"could not load DINOv2 model {model_id!r}: {e}\n(give a local folder as dinov2:PATH "
-                               "(--quality-encoder, --image-similarity), or leave DINOv2 out)") from e
-        self.model.requires_grad_(False).eval()
-        if device is not None:
-            self.model.to(device)
+        kind = _model_type(model_id, "DINOv2", "dinov2")
+        if kind != "dinov2":
+            raise FeatureError(f"{model_id!r} holds a {kind!r} model, not DINOv2")
+        self.model = _load_frozen(Dinov2Model, model_id, "DINOv2", "dinov2", dtype, device)
         self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
 
