@@ -627,6 +627,9 @@ def _add_finetune(sub) -> None:
                         "prompts at fixed seeds, current and EMA weights; in dft.json); 0: never")
     d.add_argument("--eval-prompt", action="append", default=None,
                    help="an evaluation prompt (repeatable; default the training prompts)")
+    d.add_argument("--eval-prompts", default=None,
+                   help="evaluation professions (builtin:NAME, file:PATH or list:a,b) filled into --template, e.g. "
+                        "held-out occupations as the paper's validation set")
     d.add_argument("--eval-seeds", type=int, default=16, help="images per evaluation prompt (seeds 0..N-1)")
     d.add_argument("--eval-steps", type=int, default=None,
                    help="sampling steps of evaluation images (default: the top of --sampling-steps)")

@@ -1577,12 +1577,20 @@ def finetune_dft(pipe, prompts, classifier, config: DFTConfig | None = None, *, 
         tr.close()
 
 
-def _prompts_from_args(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        from .audit.prompts import fill, load_professions
+def _prompts_from_args(args, eval_: bool = False) -> list[str] | None:
+    """The training prompts (``--prompt`` / ``--prompts`` in ``--template``), or with ``eval_`` the evaluation
+    prompts (``--eval-prompt`` / ``--eval-prompts``; None: the training prompts)."""
+    prompts = list((args.eval_prompt if eval_ else args.prompt) or [])
+    spec = args.eval_prompts if eval_ else args.prompts
+    if spec:
+        from .audit.prompts import PromptSetError, fill, load_professions
 
-        prompts += [fill(args.template, p) for p in load_professions(args.prompts)]
+        try:
+            prompts += [fill(args.template, p) for p in load_professions(spec)]
+        except PromptSetError as e:
+            raise DFTError(f"--{'eval-' if eval_ else ''}prompts: {e}") from None
+    if eval_:
+        return prompts or None
     if not prompts:
         raise DFTError("no training prompts: give --prompt TEXT (repeatable) or --prompts builtin:NAME")
     return prompts
@@ -1633,7 +1641,8 @@ def cli_main(args) -> int:
     N images of every step are shared by K processes (gloo on CPU, NCCL on GPUs, one GPU each)."""
     if args.overwrite and args.resume is not None:
         raise DFTError("--overwrite starts over and --resume continues a run: give one of them")
-    eval_flags = {"--eval-prompt": args.eval_prompt is not None, "--eval-seeds": args.eval_seeds != 16,
+    eval_flags = {"--eval-prompt": args.eval_prompt is not None, "--eval-prompts": args.eval_prompts is not None,
+                  "--eval-seeds": args.eval_seeds != 16,
                   "--eval-steps": args.eval_steps is not None}
     if not args.eval_every and any(eval_flags.values()):
         raise DFTError(f"{', '.join(k for k, v in eval_flags.items() if v)} only apply with --eval-every N")
@@ -1692,7 +1701,7 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
                     face_crop_size=args.face_crop_size, face_expand=args.face_expand, face_relax=args.face_relax,
                     face_weight=args.face_weight, face_confidence=args.face_confidence,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                    eval_every=args.eval_every, eval_prompts=args.eval_prompt, eval_seeds=args.eval_seeds,
+                    eval_every=args.eval_every, eval_prompts=_prompts_from_args(args, eval_=True), eval_seeds=args.eval_seeds,
                     eval_steps=args.eval_steps,
                     mixed_precision=args.mixed_precision, seed=args.seed)
     try:

@@ -615,3 +615,23 @@ def test_up_front_refusals(tmp_path, monkeypatch, capsys):
     assert main(base + ["--eval-seeds", "4"]) == 1
     assert "--eval-seeds only apply with --eval-every" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@needs_peft
+def test_cli_eval_prompts_from_a_profession_list(tmp_path, capsys):
+    from fastfair.cli import main
+
+    clf = tmp_path / "clf.py"
+    clf.write_text("from dft_helpers import RedClassifier\n\ndef make(attribute_sets=None, device=None):\n"
+                   "    return RedClassifier()\n")
+    base = ["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--steps", "1", "--images-per-prompt", "2",
+            "--sampling-steps", "1", "--height", "32", "--width", "32", "--rank", "4", "--classifier",
+            f"python:{clf}:make", "--quality-encoder", "none", "--uncertainty-threshold", "1", "--no-progress",
+            "--eval-every", "1", "--eval-seeds", "1", "--eval-steps", "1"]
+    assert main(base + ["--eval-prompts", "list:nurse,pilot", "--out", str(tmp_path / "r")]) == 0
+    ev = json.loads((tmp_path / "r" / "dft.json").read_text())["evaluations"]
+    assert [sorted(e["model"]["per_prompt"]) for e in ev] == [["a photo of the face of a nurse",
+                                                                 "a photo of the face of a pilot"]] * 2
+    capsys.readouterr()
+    assert main(base + ["--eval-prompts", "builtin:nope", "--out", str(tmp_path / "r2")]) == 1
+    assert "--eval-prompts" in capsys.readouterr().err
