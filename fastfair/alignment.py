@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 __all__ = ["TargetError", "AlignmentTargets", "check_target", "joint_target", "joint_classes", "transport_cost",
-           "sample_histograms", "all_histograms", "exact_transport", "alignment_targets", "alignment_loss"]
+           "sample_histograms", "all_histograms", "check_exact", "marginals", "exact_transport", "alignment_targets",
+           "alignment_loss"]
 
 MAX_EXACT_HISTOGRAMS = 20000
 
@@ -66,6 +67,13 @@ def joint_classes(sizes: Sequence[int]) -> np.ndarray:
     """(K, A) class index per attribute for every joint class, row-major (the last attribute varies fastest):
     for gender x age, [(0,0), (0,1), (1,0), (1,1)]."""
     return np.array(list(itertools.product(*[range(int(k)) for k in sizes])), dtype=np.int64).reshape(-1, len(sizes))
+
+
+def marginals(joint, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Each attribute's distribution under a joint one over the row-major joint classes of ``sizes``."""
+    cls = joint_classes(sizes)
+    joint = np.asarray(joint, dtype=np.float64)
+    return [np.array([joint[cls[:, a] == c].sum() for c in range(k)]) for a, k in enumerate(sizes)]
 
 
 def joint_target(targets: Sequence) -> np.ndarray:
@@ -112,18 +120,28 @@ def sample_histograms(target, n: int, samples: int, rng: np.random.Generator) ->
     return rng.multinomial(n, np.asarray(target, dtype=np.float64), size=samples)
 
 
-def all_histograms(target, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every class-count histogram of ``n`` images over the K classes with nonzero target probability, and its
-    Multinomial(n, target) probability: ((H, K) counts, (H,) probabilities summing to 1)."""
-    from math import comb, lgamma
+def check_exact(target, n: int) -> int:
+    """The number of histograms the exact expectation enumerates for ``n`` images (those over the classes with
+    nonzero target probability), or a TargetError when it exceeds ``MAX_EXACT_HISTOGRAMS``."""
+    from math import comb
 
-    t = np.asarray(target, dtype=np.float64)
-    support = np.flatnonzero(t > 0)
-    k = len(support)
+    k = int((np.asarray(target, dtype=np.float64) > 0).sum())
     count = comb(n + k - 1, k - 1)
     if count > MAX_EXACT_HISTOGRAMS:
         raise TargetError(f"the exact expectation needs all {count} histograms of {n} images over {k} classes (at "
                           f"most {MAX_EXACT_HISTOGRAMS}); sample them instead (samples > 0, e.g. --ot-samples 100)")
+    return count
+
+
+def all_histograms(target, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every class-count histogram of ``n`` images over the K classes with nonzero target probability, and its
+    Multinomial(n, target) probability: ((H, K) counts, (H,) probabilities summing to 1)."""
+    from math import lgamma
+
+    check_exact(target, n)
+    t = np.asarray(target, dtype=np.float64)
+    support = np.flatnonzero(t > 0)
+    k = len(support)
     rows, probs = [], []
     logt = np.log(t[support])
     for bars in itertools.combinations(range(n + k - 1), k - 1):   # stars and bars

@@ -558,14 +558,7 @@ class DFTTrainer:
         self.joint_target = self._joint_target()
         K = len(self.joint_target)
         if cfg.ot_samples == 0:   # the exact expectation: its histogram count is known now, not at the first step
-            from math import comb
-
-            k = int((np.asarray(self.joint_target) > 0).sum())
-            if comb(cfg.images_per_prompt + k - 1, k - 1) > alignment.MAX_EXACT_HISTOGRAMS:
-                raise TargetError(f"ot_samples=0 (the exact expectation) needs all "
-                                  f"{comb(cfg.images_per_prompt + k - 1, k - 1)} histograms of "
-                                  f"{cfg.images_per_prompt} images over {k} classes (at most "
-                                  f"{alignment.MAX_EXACT_HISTOGRAMS}); sample them instead (--ot-samples 100)")
+            alignment.check_exact(self.joint_target, cfg.images_per_prompt)
         if cfg.images_per_prompt < K:
             raise TargetError(f"images_per_prompt={cfg.images_per_prompt} is smaller than the {K} "
                               f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}; the distribution "
@@ -915,16 +908,14 @@ class DFTTrainer:
         """Alignment targets over the counted images (all, or those with a face); the others are dropped. Fewer
         counted images than classes: every image dropped this step."""
         idx = counted.nonzero().flatten()
-        N = len(counted)
-        if len(idx) == N:
-            return alignment.alignment_targets(probs, self.joint_target, samples=self.cfg.ot_samples,
-                                               threshold=self.cfg.uncertainty_threshold, rng=self.np_rng)
-        K = len(self.joint_target)
+        N, K = len(counted), len(self.joint_target)
         sub = None
         if len(idx) >= K:
             sub = alignment.alignment_targets({a: p[idx.to(p.device)] for a, p in probs.items()}, self.joint_target,
                                               samples=self.cfg.ot_samples, threshold=self.cfg.uncertainty_threshold,
                                               rng=self.np_rng)
+            if len(idx) == N:   # every image counts: the targets as they are
+                return sub
         labels, unc, keep, q = {}, {}, {}, {}
         for a in self.attributes:
             k = len(self.labels[a])
@@ -1008,9 +999,8 @@ class DFTTrainer:
 
     def marginal_targets(self) -> dict[str, np.ndarray]:
         """Each attribute's target distribution (the joint target's marginals)."""
-        cls = alignment.joint_classes([len(self.labels[a]) for a in self.attributes])
-        return {a: np.array([self.joint_target[cls[:, i] == c].sum() for c in range(len(self.labels[a]))])
-                for i, a in enumerate(self.attributes)}
+        return dict(zip(self.attributes, alignment.marginals(self.joint_target,
+                                                             [len(self.labels[a]) for a in self.attributes])))
 
     def evaluate(self) -> dict:
         """Class frequencies on the evaluation prompts (``eval_prompts``, default the training prompts) at the fixed
@@ -1134,8 +1124,9 @@ class DFTTrainer:
                 # "same": every attribute's target kept and equal to the frozen image's class
                 same = torch.ones(len(images), dtype=torch.bool, device=dev)
                 for a in self.attributes:
-                    same &= sub.keep[a].to(dev) & (sub.labels[a].to(dev) == ref_pred[a][idx]) \
-                        if ref_pred is not None else sub.keep[a].to(dev)
+                    same &= sub.keep[a].to(dev)
+                    if ref_pred is not None:
+                        same &= sub.labels[a].to(dev) == ref_pred[a][idx]
                 l_quality = torch.zeros_like(l_align)
                 if self.quality:
                     w = torch.where(same, torch.ones_like(l_quality), torch.full_like(l_quality, cfg.quality_relax))
@@ -1597,19 +1588,10 @@ def _prompts_from_args(args, eval_: bool = False) -> list[str] | None:
 
 
 def load_face_parts(detector: str | None, embedder: str | None, bank: str | None, device=None):
-    """The CLI's face detector (``insightface`` or ``python:FILE.py:FUNC``, FUNC() returning a detector), face
-    embedder (``python:FILE.py:FUNC``, FUNC(device=) returning a module on aligned faces in [0, 1]) and face bank
-    (a ``.pt`` tensor or ``.npy`` array of real-face embeddings, (M, D))."""
+    """The CLI's face detector (a ``fastfair.faces.load_detector`` spec), face embedder (``python:FILE.py:FUNC``,
+    FUNC(device=) returning a module on aligned faces in [0, 1]) and face bank (a ``.pt`` tensor or ``.npy`` array
+    of real-face embeddings, (M, D))."""
     from .classify import _import_factory
-
-    def factory(spec, what):
-        if not spec.startswith("python:"):
-            raise DFTError(f"--face-{what} {spec!r}: give python:FILE.py:FUNCTION")
-        try:
-            return _import_factory(spec[len("python:"):], f"face {what}")
-        except ValueError as e:
-            raise DFTError(str(e)) from e
-
     from .faces import FaceError, load_detector
 
     det = emb = bk = None
@@ -1619,7 +1601,12 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
         except FaceError as e:
             raise DFTError(str(e)) from e
     if embedder:
-        emb = factory(embedder, "embedder")(device=device)
+        if not embedder.startswith("python:"):
+            raise DFTError(f"--face-embedder {embedder!r}: give python:FILE.py:FUNCTION")
+        try:
+            emb = _import_factory(embedder[len("python:"):], "face embedder")(device=device)
+        except ValueError as e:
+            raise DFTError(str(e)) from e
     if bank:
         path = Path(bank)
         if not path.is_file():
@@ -1628,8 +1615,8 @@ def load_face_parts(detector: str | None, embedder: str | None, bank: str | None
             bk = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise DFTError(f"cannot read --face-bank {bank!r}: {e}") from e
-        if not isinstance(bk, (np.ndarray, torch.Tensor)) or bk.ndim != 2 or not np.issubdtype(
-                np.asarray(bk).dtype if isinstance(bk, np.ndarray) else np.float32, np.number):
+        numeric = isinstance(bk, torch.Tensor) or (isinstance(bk, np.ndarray) and bk.dtype.kind in "biuf")
+        if not numeric or bk.ndim != 2:
             what = f"a {type(bk).__name__}" + (f" with keys {sorted(bk)}" if isinstance(bk, dict) else "")
             raise DFTError(f"--face-bank {bank!r} holds {what}; it must hold one (M, D) tensor or array of face "
                            "embeddings (save just that matrix)")

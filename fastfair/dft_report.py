@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from ._io import atomic_write
+from .alignment import marginals
 from .audit.page import CSS, PALETTE, SCRIPT, E, _table
 
 REPORT = "report.html"
@@ -168,17 +169,10 @@ def build_dft_html(meta: dict, name: str = "") -> str:
 
 def _marginals(labels: dict, joint) -> dict:
     """Per attribute the joint target's marginal (row-major joint classes); uniform without a joint target."""
-    names = list(labels)
-    sizes = [len(labels[a]) for a in names]
+    sizes = [len(v) for v in labels.values()]
     if not joint:
-        return {a: [1.0 / n] * n for a, n in zip(names, sizes)}
-    out = {a: [0.0] * n for a, n in zip(names, sizes)}
-    for j, t in enumerate(joint):
-        rest = j
-        for a, n in reversed(list(zip(names, sizes))):
-            out[a][rest % n] += float(t)
-            rest //= n
-    return out
+        return {a: [1.0 / n] * n for a, n in zip(labels, sizes)}
+    return {a: m.tolist() for a, m in zip(labels, marginals(joint, sizes))}
 
 
 def write_dft_report(run_dir, out=None) -> Path:

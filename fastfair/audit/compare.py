@@ -309,6 +309,7 @@ def _image_similarity(base: _Run, run: _Run, na, nb, encoders, n_boot, seed, lev
     import torch
     from PIL import Image
 
+    from ..classify import to_tensor
     from ..features import encoder_name
 
     keys = ["profession", "seed"]
@@ -317,8 +318,7 @@ def _image_similarity(base: _Run, run: _Run, na, nb, encoders, n_boot, seed, lev
         return {}
 
     def load(root, rels):
-        arr = [np.asarray(Image.open(root / r).convert("RGB"), dtype=np.float32) / 255.0 for r in rels]
-        return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
+        return to_tensor([Image.open(root / r) for r in rels])
 
     out = {}
     for enc in encoders:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .. import concepts
-from .._dist import barrier as _barrier, broadcast as _broadcast, setup as _dist_setup
+from .._dist import barrier as _barrier, broadcast as _broadcast, setup as _dist_setup, teardown as _dist_teardown
 from .._env import provenance
 from ..classify import AttributeClassifier, check_labels, load_classifier
 from . import prompts as P
@@ -512,10 +512,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     finally:
         if store is not None:
             store.release()
-        if own_pg:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        _dist_teardown(own_pg)
 
 
 def _json_default(o):
