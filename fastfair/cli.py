@@ -572,7 +572,10 @@ def _add_finetune(sub) -> None:
                    help="clip, clip:MODEL_ID or python:FILE.py:FUNCTION (a differentiable module)")
     d.add_argument("--clip-model", default=None, help="model id or folder for --classifier clip")
     d.add_argument("--trainable", default="text-lora",
-                   choices=("text-lora", "unet-lora", "text+unet-lora", "soft-tokens"))
+                   choices=("text-lora", "unet-lora", "text+unet-lora", "transformer-lora", "text+transformer-lora",
+                            "soft-tokens"),
+                   help="LoRA of the CLIP text encoder(s), of the UNet (SD 1.x/2.x, SDXL) or the transformer (SD3, "
+                        "Flux), or soft prefix tokens (SD 1.x/2.x, SDXL)")
     d.add_argument("--rank", type=int, default=50, help="LoRA rank")
     d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")
@@ -581,8 +584,11 @@ def _add_finetune(sub) -> None:
     d.add_argument("--images-per-prompt", type=int, default=8, help="N, the images whose distribution is aligned")
     d.add_argument("--batch-size", type=int, default=None, help="images per backward pass (default N)")
     d.add_argument("--sampling-steps", default="19-23", help="random sampling-step count per iteration, LO-HI or N")
-    d.add_argument("--scheduler", default="dpm++", choices=("dpm++", "ddim", "pipeline"))
-    d.add_argument("--guidance-scale", type=float, default=7.5)
+    d.add_argument("--scheduler", default=None, choices=("dpm++", "ddim", "pipeline"),
+                   help="sampler while training (default: dpm++ as the paper on UNets; the pipeline's flow-matching "
+                        "Euler on SD3 / Flux, the only one there)")
+    d.add_argument("--guidance-scale", type=float, default=None,
+                   help="default 7.5 (the paper) on UNets, 7.0 on SD3, 3.5 on Flux (its guidance embedding)")
     d.add_argument("--prompt-padding", default="max_length", choices=("max_length", "longest"),
                    help="text conditioning while training: max_length (77 tokens, as pipelines sample) or longest "
                         "(the paper's code: the prompt's tokens only, the empty prompt padded to their length)")
@@ -636,8 +642,9 @@ def _add_finetune(sub) -> None:
     d.add_argument("--keep-checkpoints", type=int, default=2)
     d.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --out")
     d.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
-    d.add_argument("--attention", default="fastfair", choices=("fastfair", "diffusers"),
-                   help="cross-attention through fastfair.ops (fused backward) or diffusers' processors")
+    d.add_argument("--attention", default=None, choices=("fastfair", "diffusers"),
+                   help="cross-attention through fastfair.ops (fused backward; the default on UNets) or diffusers' "
+                        "processors (the default on SD3 / Flux, whose joint attention is SDPA)")
     d.add_argument("--backend", default="auto", help="auto, reference, triton or native")
     d.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast on CUDA")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

@@ -58,15 +58,20 @@ from .features import (PAPER_CLIP, PAPER_DINO, ClipFeatures, DinoFeatures, Featu
                        Resized, encoder_name, load_encoders)
 from .alignment import TargetError
 from .guidance import abar_at
+from .processors import default_sample_size, denoiser
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
-           "grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
+           "grad_coefficients", "flow_grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
            "ClipFeatures", "DinoFeatures", "Resized", "load_quality_encoders", "parse_targets", "TargetError"]
 
 CHECKPOINT_VERSION = 1
 TEXT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # the paper also adapts the MLP
 UNET_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-TRAINABLES = ("text-lora", "unet-lora", "text+unet-lora", "soft-tokens")
+# an MMDiT's (SD3, Flux) attention: the image and the text stream's projections (diffusers' SD3 / Flux LoRA scripts)
+TRANSFORMER_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+TRAINABLES = ("text-lora", "unet-lora", "text+unet-lora", "transformer-lora", "text+transformer-lora", "soft-tokens")
+# guidance scales when none is given: the paper's 7.5 on UNets; SD3's and Flux's pipelines' own defaults
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5}
 
 
 class DFTError(ValueError):
@@ -129,6 +134,37 @@ class ScaleGrad(torch.autograd.Function):
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return ScaleGrad.apply(x, scale)
+
+
+def flow_grad_coefficients(scheduler, normalize: bool = True) -> np.ndarray:
+    """Adjusted-DFT gradient scales for flow matching (SD3, Flux; fastfair's extension of the paper's adjustment):
+    c_i = 1 / (sigma_i - sigma_(i+1)) per Euler step (call ``set_timesteps`` first).
+
+    An Euler step is z_(i+1) = z_i + (sigma_(i+1) - sigma_i) v_i, so with detached inputs the final latent's
+    gradient reaches step i's velocity with the factor sigma_(i+1) - sigma_i; scaled by c_i every step
+    contributes alike, as :func:`grad_coefficients` makes every step of a noise-prediction sampler contribute
+    alike. With ``normalize`` the c_i are divided by their geometric mean (their product is 1).
+    """
+    sig = scheduler.sigmas.double().cpu().numpy()
+    if len(sig) < 2:
+        raise ValueError("no timesteps: call scheduler.set_timesteps(n) first")
+    d = sig[:-1] - sig[1:]
+    if not (d > 0).all():
+        raise ValueError(f"the scheduler's sigmas do not decrease step by step ({sig.tolist()})")
+    c = 1.0 / d
+    if normalize:
+        c = c / math.exp(np.log(c).mean())
+    return c
+
+
+def _flow_shift(scheduler, image_seq_len: int, max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift mu of SD3.5 / Flux schedulers (dynamic shifting), as their pipelines compute
+    it from the number of image tokens."""
+    c = scheduler.config
+    base, top = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    lo, hi = c.get("base_shift", 0.5), c.get("max_shift", max_shift)   # the default: Flux's 1.15, SD3's 1.16
+    m = (hi - lo) / (top - base)
+    return image_seq_len * m + (lo - m * base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,25 +336,30 @@ class DFTConfig:
     attributes: Sequence[str] | None = None        # classifier heads to align (default: all of them)
     target: Mapping[str, Sequence[float]] | None = None   # per attribute, in label order; default uniform
     joint_target: Sequence[float] | None = None    # over the joint classes (row-major); overrides `target`
-    trainable: str = "text-lora"                   # text-lora | unet-lora | text+unet-lora | soft-tokens
+    trainable: str = "text-lora"                   # text-lora | unet-lora | text+unet-lora | soft-tokens; on SD3 /
+                                                   # Flux: text-lora | transformer-lora | text+transformer-lora
     rank: int = 50
     lora_alpha: float | None = None                # None: = rank (scale 1)
     text_lora_modules: Sequence[str] = TEXT_LORA_MODULES
     unet_lora_modules: Sequence[str] = UNET_LORA_MODULES
+    transformer_lora_modules: Sequence[str] = TRANSFORMER_LORA_MODULES
     soft_tokens: int = 4                           # k, for trainable="soft-tokens"
     token: str = "<fastfair>"
     images_per_prompt: int = 8                     # N: the batch the distribution is aligned over
     batch_size: int | None = None                  # images per backward pass (None: all N in one pass)
     steps: int = 1000                              # optimisation steps
     sampling_steps: tuple[int, int] = (19, 23)     # inclusive range of the random step count
-    scheduler: str = "dpm++"                       # dpm++ | ddim | pipeline
-    guidance_scale: float = 7.5
+    scheduler: str | None = None                   # dpm++ | ddim | pipeline; None: dpm++ (the paper's) on UNets,
+                                                   # the pipeline's flow-matching Euler on SD3 / Flux
+    guidance_scale: float | None = None            # None: 7.5 (the paper's) on UNets, 7.0 on SD3, 3.5 on Flux (its
+                                                   # distilled guidance embedding; Flux has no CFG batch)
     prompt_padding: str = "max_length"             # max_length (77 tokens, as pipelines) | longest (the paper's
                                                    # code: BOS..EOS only, the empty prompt padded to that length)
     height: int | None = None
     width: int | None = None
     gradient_checkpointing: bool = True
-    attention: str = "fastfair"                    # fastfair (patched processor, fastfair.ops) | diffusers
+    attention: str | None = None                   # fastfair (patched processor, fastfair.ops) | diffusers; None:
+                                                   # fastfair on UNets, diffusers (SDPA) on SD3 / Flux
     backend: str = "auto"
     lr: float = 5e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -352,9 +393,11 @@ class DFTConfig:
     def __post_init__(self):
         if self.trainable not in TRAINABLES:
             raise DFTError(f"trainable must be one of {TRAINABLES}; got {self.trainable!r}")
-        if self.scheduler not in ("dpm++", "ddim", "pipeline"):
+        if self.scheduler not in (None, "dpm++", "ddim", "pipeline"):
             raise DFTError(f"scheduler must be dpm++, ddim or pipeline; got {self.scheduler!r}")
-        if self.attention not in ("fastfair", "diffusers"):
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise DFTError(f"guidance_scale must be a finite number >= 0; got {self.guidance_scale}")
+        if self.attention not in (None, "fastfair", "diffusers"):
             raise DFTError(f"attention must be 'fastfair' or 'diffusers'; got {self.attention!r}")
         if self.prompt_padding not in ("max_length", "longest"):
             raise DFTError(f"prompt_padding must be 'max_length' or 'longest'; got {self.prompt_padding!r}")
@@ -392,7 +435,7 @@ class DFTConfig:
         d["target"] = {k: list(v) for k, v in self.target.items()} if self.target else None
         d["joint_target"] = list(self.joint_target) if self.joint_target is not None else None
         d["eval_prompts"] = list(self.eval_prompts) if self.eval_prompts is not None else None
-        for k in ("text_lora_modules", "unet_lora_modules", "sampling_steps", "adam_betas"):
+        for k in ("text_lora_modules", "unet_lora_modules", "transformer_lora_modules", "sampling_steps", "adam_betas"):
             d[k] = list(d[k])
         return d
 
@@ -477,8 +520,75 @@ def _set_rng_state(r: random.Random, s):
     r.setstate((s[0], tuple(s[1]), s[2]))
 
 
+def _model_kind(pipe) -> str:
+    """sd (1.x / 2.x), sdxl, sd3 or flux; anything else is refused."""
+    from .processors import is_flux
+
+    if getattr(pipe, "text_encoder", None) is not None:
+        if getattr(pipe, "unet", None) is not None:
+            return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+        net = getattr(pipe, "transformer", None)
+        if net is not None and is_flux(net) and hasattr(pipe, "_pack_latents"):
+            return "flux"
+        if net is not None and hasattr(pipe, "text_encoder_3"):
+            return "sd3"
+    raise DFTError("DFT supports Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines (a UNet with CLIP text "
+                   f"encoders, or SD3's / Flux's transformer); got {type(pipe).__name__}")
+
+
+def _resolve_defaults(cfg: DFTConfig, kind: str) -> None:
+    """The settings left to the model (None): DPM-Solver++, the paper's 7.5 and fastfair's attention on UNets;
+    the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux."""
+    mmdit = kind in ("sd3", "flux")
+    if cfg.scheduler is None:
+        cfg.scheduler = "pipeline" if mmdit else "dpm++"
+    if cfg.guidance_scale is None:
+        cfg.guidance_scale = DEFAULT_GUIDANCE[kind]
+    if cfg.attention is None:
+        cfg.attention = "diffusers" if mmdit else "fastfair"
+
+
+def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:
+    name = {"sd": "Stable Diffusion", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[kind]
+    if kind in ("sd3", "flux"):
+        if cfg.trainable in ("unet-lora", "text+unet-lora"):
+            raise DFTError(f"{name}'s denoiser is a transformer, not a UNet: use trainable="
+                           f"{cfg.trainable.replace('unet', 'transformer')!r} (--trainable "
+                           f"{cfg.trainable.replace('unet', 'transformer')})")
+        if cfg.trainable == "soft-tokens":
+            raise DFTError(f"soft tokens are trained as a textual-inversion embedding of CLIP text encoders, which "
+                           f"{name}'s pipeline cannot load (its prompt is read by T5 too): use text-lora, "
+                           "transformer-lora or text+transformer-lora")
+        if cfg.prompt_padding != "max_length":
+            raise DFTError(f"prompt_padding='longest' reproduces the paper's SD 1.5 code; {name} is trained with its "
+                           "pipeline's own padded conditioning (use 'max_length')")
+        if cfg.scheduler != "pipeline":
+            raise DFTError(f"{name} samples by flow matching: scheduler={cfg.scheduler!r} is a noise-prediction "
+                           "solver; use 'pipeline' (the pipeline's flow-matching Euler scheduler, the default)")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = pipe.scheduler
+        if type(sched) is not FlowMatchEulerDiscreteScheduler or sched.config.get("stochastic_sampling", False):
+            raise DFTError(f"adjusted DFT on {name} scales each Euler step's velocity by the step's sigma difference; "
+                           f"the pipeline's scheduler is {type(sched).__name__}"
+                           f"{' with stochastic sampling' if type(sched) is FlowMatchEulerDiscreteScheduler else ''}: "
+                           "set pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) "
+                           "(deterministic)")
+        if kind == "flux" and cfg.guidance_scale != DEFAULT_GUIDANCE["flux"] and \
+                not getattr(pipe.transformer.config, "guidance_embeds", False):
+            raise DFTError("this Flux transformer has no guidance embedding (FLUX.1-schnell) and Flux has no CFG "
+                           "batch: a guidance scale has no effect; leave it unset")
+    else:
+        if cfg.trainable in ("transformer-lora", "text+transformer-lora"):
+            raise DFTError(f"{name}'s denoiser is a UNet: use trainable="
+                           f"{cfg.trainable.replace('transformer', 'unet')!r}")
+        if kind == "sdxl" and cfg.prompt_padding != "max_length":
+            raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
+                           "with their own 77-token conditioning (use 'max_length')")
+
+
 class DFTTrainer:
-    """Adjusted DFT on a Stable Diffusion 1.x/2.x or SDXL pipeline; the pipeline is changed in place (adapters or
+    """Adjusted DFT on a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline; the pipeline is changed in place (adapters or
     soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs ``config.steps``.
 
     ``prompts``: the training prompts. ``classifier``: see the module docstring (``labels`` goes to
@@ -507,17 +617,23 @@ class DFTTrainer:
         self.pipe = pipe
         name = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None)
         self.model_name = str(name) if name else None
-        self.cfg = cfg = config or DFTConfig()
+        # a copy: the model-dependent defaults (scheduler, guidance scale, attention) are resolved into it
+        self.cfg = cfg = copy.copy(config) if config is not None else DFTConfig()
         self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not self.prompts:
             raise DFTError("no training prompts")
-        if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
-            raise DFTError("DFT supports Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
-                           f"encoders); got {type(pipe).__name__}")
-        self._xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: two text encoders, pooled + time ids
-        if self._xl and cfg.prompt_padding != "max_length":
-            raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
-                           "with their own 77-token conditioning (use 'max_length')")
+        self.kind = _model_kind(pipe)
+        self._mmdit = self.kind in ("sd3", "flux")
+        self._xl = self.kind == "sdxl"   # SDXL: two text encoders, pooled + time ids
+        self.net = denoiser(pipe)
+        _resolve_defaults(cfg, self.kind)
+        _check_for_model(cfg, self.kind, pipe)
+        if self._mmdit:   # as the pipelines require (SD3 refuses, Flux silently rounds down)
+            mult = pipe.vae_scale_factor * (2 if self.kind == "flux" else self.net.config.patch_size)
+            hw = self._image_hw()
+            if hw[0] % mult or hw[1] % mult:
+                raise DFTError(f"{self.kind.upper()} images need a height and width divisible by {mult}; got "
+                               f"{hw[0]}x{hw[1]} (height=, width= / --height, --width)")
         self.device = pipe.device
         self.rank, self.world = _world()
         if self.world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -612,7 +728,8 @@ class DFTTrainer:
                 enc.requires_grad_(False)
 
         # the model ---------------------------------------------------------------------------------
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        for m in (self.net, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                  getattr(pipe, "text_encoder_3", None)):
             if m is not None:
                 m.requires_grad_(False)
         self._sched = self._make_scheduler()
@@ -669,6 +786,9 @@ class DFTTrainer:
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
         base = self.pipe.scheduler
+        self._v_pred = False
+        if self._mmdit:   # flow matching: the pipeline's Euler scheduler (checked in _check_for_model)
+            return copy.deepcopy(base)
         if self.cfg.scheduler == "dpm++":
             s = DPMSolverMultistepScheduler.from_config(base.config, algorithm_type="dpmsolver++")
         elif self.cfg.scheduler == "ddim":
@@ -697,7 +817,7 @@ class DFTTrainer:
 
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank
         self.lora_configs = {}
-        if cfg.trainable in ("text-lora", "text+unet-lora"):
+        if cfg.trainable in ("text-lora", "text+unet-lora", "text+transformer-lora"):
             lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                             target_modules=list(cfg.text_lora_modules))
             # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs
@@ -705,23 +825,25 @@ class DFTTrainer:
                 inject_adapter_in_model(lc, getattr(pipe, name), adapter_name="default")
                 self.lora_configs[name] = lc
                 out += [(f"{name}.{n}", p) for n, p in getattr(pipe, name).named_parameters() if "lora_" in n]
-        if cfg.trainable in ("unet-lora", "text+unet-lora"):
+        if cfg.trainable in ("unet-lora", "text+unet-lora", "transformer-lora", "text+transformer-lora"):
+            name = "transformer" if self._mmdit else "unet"
             lc = LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                            target_modules=list(cfg.unet_lora_modules))
-            pipe.unet.add_adapter(lc)
-            self.lora_configs["unet"] = lc
-            out += [(f"unet.{n}", p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
+                            target_modules=list(cfg.transformer_lora_modules if self._mmdit else cfg.unet_lora_modules))
+            self.net.add_adapter(lc)
+            self.lora_configs[name] = lc
+            out += [(f"{name}.{n}", p) for n, p in self.net.named_parameters() if "lora_" in n]
         for _, p in out:
             p.requires_grad_(True)
             p.data = p.data.float()
         if not out:
             raise DFTError(f"no LoRA parameters were added (target modules {cfg.text_lora_modules} / "
-                           f"{cfg.unet_lora_modules})")
+                           f"{cfg.transformer_lora_modules if self._mmdit else cfg.unet_lora_modules})")
         return out
 
     def _text_encoders(self) -> tuple[str, ...]:
-        """The pipeline's text encoders that LoRA / soft tokens train: SDXL's two, else the one."""
-        return ("text_encoder", "text_encoder_2") if self._xl else ("text_encoder",)
+        """The pipeline's text encoders that LoRA / soft tokens train: the CLIP encoders the pipeline's LoRA loader
+        reads -- SDXL's and SD3's two, SD 1.x/2.x's one, Flux's one (its pooled embedding); not SD3's / Flux's T5."""
+        return ("text_encoder", "text_encoder_2") if self.kind in ("sdxl", "sd3") else ("text_encoder",)
 
     def _setup_soft_tokens(self):
         """k trainable token embeddings, one parameter (k, sum of the encoders' widths): on SDXL its first
@@ -755,7 +877,7 @@ class DFTTrainer:
 
     def _set_checkpointing(self, on: bool):
         state = {}
-        for name in ("unet", "vae"):
+        for name in ("transformer" if self._mmdit else "unet", "vae"):
             m = getattr(self.pipe, name)
             if hasattr(m, "enable_gradient_checkpointing"):
                 state[name] = bool(getattr(m, "gradient_checkpointing", False) or
@@ -810,61 +932,129 @@ class DFTTrainer:
         """The prompt the finetuned model is sampled with (soft tokens prefixed)."""
         return f"{self.cfg.token} {prompt}" if self.cfg.trainable == "soft-tokens" else prompt
 
+    def _image_hw(self):
+        vsf = self.pipe.vae_scale_factor
+        size = default_sample_size(self.pipe) * vsf
+        return self.cfg.height or size, self.cfg.width or size
+
     def _latent_hw(self):
         vsf = self.pipe.vae_scale_factor
-        h = self.cfg.height or self.pipe.unet.config.sample_size * vsf
-        w = self.cfg.width or self.pipe.unet.config.sample_size * vsf
+        h, w = self._image_hw()
+        if self.kind == "flux":   # as FluxPipeline: the latent grid is a multiple of its 2x2 packing
+            return 2 * (h // (vsf * 2)), 2 * (w // (vsf * 2))
         return h // vsf, w // vsf
 
     def noises(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Initial noises (n, C, h, w) (Flux: unpacked; the sampler packs them as FluxPipeline does)."""
         h, w = self._latent_hw()
-        x = torch.randn(n, self.pipe.unet.config.in_channels, h, w, generator=generator)
-        return x.to(self.device, self.pipe.unet.dtype)
+        c = self.net.config.in_channels // (4 if self.kind == "flux" else 1)
+        x = torch.randn(n, c, h, w, generator=generator)
+        return x.to(self.device, self.net.dtype)
 
     def sample(self, prompt: str, noise: torch.Tensor, n_steps: int, *, grad: bool,
                frozen: bool = False) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] for ``noise`` (B, 4, h, w). With ``grad``: adjusted DFT (detached UNet
-        inputs, eps_hat gradients scaled by :func:`grad_coefficients`). ``frozen``: the original model."""
-        pipe, cfg, sched = self.pipe, self.cfg, self._sched
-        B = noise.shape[0]
-        cfg_on = cfg.guidance_scale > 1.0
+        """Images (B, 3, H, W) in [0, 1] for ``noise`` (B, C, h, w) (:meth:`noises`). With ``grad``: adjusted DFT
+        (detached denoiser inputs; eps_hat gradients scaled by :func:`grad_coefficients`, or on SD3 / Flux each Euler
+        step's velocity gradient by :func:`flow_grad_coefficients`). ``frozen``: the original model."""
         ctx = self.frozen() if frozen else contextlib.nullcontext()
         text = prompt if frozen else self.train_prompt(prompt)
         with ctx, torch.set_grad_enabled(grad), self._attention(), self._autocast():
-            extra = {}
-            if self._xl:  # SDXL: pooled text embeddings and size / crop ids next to the token embeddings
-                cond, uncond, pooled, upooled = pipe.encode_prompt(prompt=text, device=self.device,
-                                                                   num_images_per_prompt=1,
-                                                                   do_classifier_free_guidance=cfg_on)
-                h, w = self._latent_hw()
-                vsf = pipe.vae_scale_factor
-                ids = torch.tensor([[h * vsf, w * vsf, 0, 0, h * vsf, w * vsf]], device=self.device,
-                                   dtype=cond.dtype).expand(B, -1)
-                pooled = torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]) if cfg_on else pooled.expand(B, -1)
-                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.cat([ids, ids]) if cfg_on else ids}
-            elif cfg.prompt_padding == "longest":
-                cond, uncond = self._encode_unpadded(text, cfg_on)
+            if self._mmdit:
+                return self._sample_flow(text, noise, n_steps, grad)
+            return self._sample_unet(text, noise, n_steps, grad)
+
+    def _sample_flow(self, text: str, noise: torch.Tensor, n_steps: int, grad: bool) -> torch.Tensor:
+        """SD3 / Flux: the pipeline's own loop (encodings, timesteps and shift, transformer call, CFG on SD3, Euler
+        step, VAE scaling and shift), with detached transformer inputs and scaled velocity gradients."""
+        pipe, cfg, sched, net = self.pipe, self.cfg, self._sched, self.net
+        B, C, h, w = noise.shape
+        H, W = self._image_hw()
+        flux = self.kind == "flux"
+        cfg_on = not flux and cfg.guidance_scale > 1.0
+        kw = {}
+        if flux:
+            emb, pooled, txt_ids = pipe.encode_prompt(prompt=text, prompt_2=None, device=self.device,
+                                                      num_images_per_prompt=1)
+            z = pipe._pack_latents(noise, B, C, h, w)
+            kw.update(encoder_hidden_states=emb.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1),
+                      txt_ids=txt_ids, img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device,
+                                                                               emb.dtype))
+            if getattr(net.config, "guidance_embeds", False):
+                kw["guidance"] = torch.full([B], cfg.guidance_scale, device=self.device, dtype=torch.float32)
+            sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n_steps, n_steps)
+            mu = _flow_shift(sched, z.shape[1])
+            sched.set_timesteps(n_steps, device=self.device, sigmas=sigmas, mu=mu)
+        else:
+            cond, uncond, pooled, upooled = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None,
+                                                               device=self.device, num_images_per_prompt=1,
+                                                               do_classifier_free_guidance=cfg_on)
+            z = noise
+            if cfg_on:
+                kw.update(encoder_hidden_states=torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]),
+                          pooled_projections=torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]))
             else:
-                cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
-            emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if cfg_on else cond.expand(B, -1, -1)
-            sched.set_timesteps(n_steps, device=self.device)
-            coefs = grad_coefficients(sched) if grad else None
-            z = noise * sched.init_noise_sigma
-            for i, t in enumerate(sched.timesteps):
-                zin = z.detach()
-                zin = torch.cat([zin, zin]) if cfg_on else zin
-                zin = sched.scale_model_input(zin, t)
-                eps = pipe.unet(zin, t, encoder_hidden_states=emb, return_dict=False, **extra)[0].float()
-                if cfg_on:
-                    eu, ec = eps.chunk(2)
-                    eps = eu + cfg.guidance_scale * (ec - eu)
-                if self._v_pred:  # the model's output is v (CFG is linear, so combine first)
-                    abar = abar_at(sched, t)[1]
-                    eps = math.sqrt(abar) * eps + math.sqrt(1.0 - abar) * zin[:B].float()
-                if grad:
-                    eps = scale_grad(eps, float(coefs[i]))
-                z = sched.step(eps, t, z.float(), return_dict=False)[0]
-            x = pipe.vae.decode(z.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                kw.update(encoder_hidden_states=cond.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1))
+            p = net.config.patch_size
+            mu = (_flow_shift(sched, (h // p) * (w // p), max_shift=1.16)
+                  if sched.config.get("use_dynamic_shifting", False) else None)
+            sched.set_timesteps(n_steps, device=self.device, **({} if mu is None else {"mu": mu}))
+        coefs = flow_grad_coefficients(sched) if grad else None
+        z = z.float()
+        for i, t in enumerate(sched.timesteps):
+            zin = z.detach().to(net.dtype)
+            zin = torch.cat([zin, zin]) if cfg_on else zin
+            tt = t.expand(len(zin)).to(zin.dtype)
+            v = net(hidden_states=zin, timestep=tt / 1000 if flux else tt, return_dict=False, **kw)[0].float()
+            if cfg_on:
+                vu, vc = v.chunk(2)
+                v = vu + cfg.guidance_scale * (vc - vu)
+            if grad:
+                v = scale_grad(v, float(coefs[i]))
+            z = sched.step(v, t, z, return_dict=False)[0]
+        if flux:
+            z = pipe._unpack_latents(z, H, W, pipe.vae_scale_factor)
+        vae = pipe.vae
+        x = vae.decode((z / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype), return_dict=False)[0]
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def _sample_unet(self, text: str, noise: torch.Tensor, n_steps: int, grad: bool) -> torch.Tensor:
+        pipe, cfg, sched = self.pipe, self.cfg, self._sched
+        B = noise.shape[0]
+        cfg_on = cfg.guidance_scale > 1.0
+        extra = {}
+        if self._xl:  # SDXL: pooled text embeddings and size / crop ids next to the token embeddings
+            cond, uncond, pooled, upooled = pipe.encode_prompt(prompt=text, device=self.device,
+                                                               num_images_per_prompt=1,
+                                                               do_classifier_free_guidance=cfg_on)
+            h, w = self._latent_hw()
+            vsf = pipe.vae_scale_factor
+            ids = torch.tensor([[h * vsf, w * vsf, 0, 0, h * vsf, w * vsf]], device=self.device,
+                               dtype=cond.dtype).expand(B, -1)
+            pooled = torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]) if cfg_on else pooled.expand(B, -1)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.cat([ids, ids]) if cfg_on else ids}
+        elif cfg.prompt_padding == "longest":
+            cond, uncond = self._encode_unpadded(text, cfg_on)
+        else:
+            cond, uncond = pipe.encode_prompt(text, self.device, 1, cfg_on)
+        emb = torch.cat([uncond.expand(B, -1, -1), cond.expand(B, -1, -1)]) if cfg_on else cond.expand(B, -1, -1)
+        sched.set_timesteps(n_steps, device=self.device)
+        coefs = grad_coefficients(sched) if grad else None
+        z = noise * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            zin = z.detach()
+            zin = torch.cat([zin, zin]) if cfg_on else zin
+            zin = sched.scale_model_input(zin, t)
+            eps = pipe.unet(zin, t, encoder_hidden_states=emb, return_dict=False, **extra)[0].float()
+            if cfg_on:
+                eu, ec = eps.chunk(2)
+                eps = eu + cfg.guidance_scale * (ec - eu)
+            if self._v_pred:  # the model's output is v (CFG is linear, so combine first)
+                abar = abar_at(sched, t)[1]
+                eps = math.sqrt(abar) * eps + math.sqrt(1.0 - abar) * zin[:B].float()
+            if grad:
+                eps = scale_grad(eps, float(coefs[i]))
+            z = sched.step(eps, t, z.float(), return_dict=False)[0]
+        x = pipe.vae.decode(z.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def _encode_unpadded(self, text: str, cfg_on: bool):
@@ -1307,13 +1497,22 @@ class DFTTrainer:
     def fingerprint(self) -> dict:
         """What a checkpoint must match to be resumed here."""
         cfg = self.cfg
-        u, te = self.pipe.unet.config, self.pipe.text_encoder.config
+        u, te = self.net.config, self.pipe.text_encoder.config
+        if self._mmdit:   # UNet runs keep their fingerprint of before (their checkpoints still resume)
+            lora = dict(rank=cfg.rank, alpha=cfg.lora_alpha, text=list(cfg.text_lora_modules),
+                        transformer=list(cfg.transformer_lora_modules))
+            model = dict(kind=self.kind, layers=u.num_layers, heads=u.num_attention_heads,
+                         head_dim=u.attention_head_dim, joint_attention_dim=u.joint_attention_dim,
+                         text_hidden=te.hidden_size, text_layers=te.num_hidden_layers)
+        else:
+            lora = dict(rank=cfg.rank, alpha=cfg.lora_alpha, text=list(cfg.text_lora_modules),
+                        unet=list(cfg.unet_lora_modules))
+            model = dict(unet_blocks=list(u.block_out_channels), cross_attention_dim=u.cross_attention_dim,
+                         text_hidden=te.hidden_size, text_layers=te.num_hidden_layers)
         return dict(version=CHECKPOINT_VERSION, trainable=cfg.trainable,
-                    lora=dict(rank=cfg.rank, alpha=cfg.lora_alpha, text=list(cfg.text_lora_modules),
-                              unet=list(cfg.unet_lora_modules)) if cfg.trainable != "soft-tokens" else None,
+                    lora=lora if cfg.trainable != "soft-tokens" else None,
                     soft_tokens=dict(k=cfg.soft_tokens, token=cfg.token) if cfg.trainable == "soft-tokens" else None,
-                    model=dict(unet_blocks=list(u.block_out_channels), cross_attention_dim=u.cross_attention_dim,
-                               text_hidden=te.hidden_size, text_layers=te.num_hidden_layers),
+                    model=model,
                     params={n: list(p.shape) for n, p in self.named_params},
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     target=[round(float(x), 8) for x in self.joint_target],
@@ -1438,17 +1637,21 @@ class DFTTrainer:
 
     def save_lora(self, out_dir: str | os.PathLike) -> Path:
         """Write the LoRA in diffusers' format: ``pipe.load_lora_weights(out_dir)`` loads it."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                               StableDiffusionXLPipeline)
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         kw = {}
         for name, lc in self.lora_configs.items():
-            sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(self.pipe, name)))
+            sd = get_peft_model_state_dict(getattr(self.pipe, name))
+            if name != "transformer":   # transformers are saved in peft's naming, as diffusers' SD3 / Flux scripts
+                sd = convert_state_dict_to_diffusers(sd)
             kw[f"{name}_lora_layers"] = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             if lc.lora_alpha != lc.r:
                 kw[f"{name}_lora_adapter_metadata"] = lc.to_dict()
-        cls = StableDiffusionXLPipeline if self._xl else StableDiffusionPipeline
+        cls = dict(sd=StableDiffusionPipeline, sdxl=StableDiffusionXLPipeline, sd3=StableDiffusion3Pipeline,
+                   flux=FluxPipeline)[self.kind]
         cls.save_lora_weights(str(out_dir), safe_serialization=True, **kw)
         return Path(out_dir)
 
