@@ -23,7 +23,9 @@ Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024
 5. AdamW, gradient clipping, EMA of the trainables, a skipped update on non-finite gradients.
 
 Trainables: LoRA (peft) on the text encoder (default) and/or the UNet, or k soft prefix tokens
-(saved as a textual-inversion embedding). Cross-attention runs through ``fastfair.ops`` by
+(saved as a textual-inversion embedding). SD3 and Flux (fastfair's extension): LoRA on the CLIP text encoders
+and/or the transformer; the sampler is the pipeline's flow-matching Euler loop, each step's velocity gradient
+scaled by 1 / (sigma_i - sigma_(i+1)) (:func:`flow_grad_coefficients`), the analogue of the c_t above. Cross-attention runs through ``fastfair.ops`` by
 default (``attention="fastfair"``): fastfair's patched processor, whose backward recomputes the
 attention probabilities instead of keeping them.
 

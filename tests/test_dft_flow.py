@@ -1,0 +1,343 @@
+"""Adjusted DFT on SD3 and Flux (flow matching): fastfair's own sampling loop against diffusers' pipelines, the
+per-step velocity gradient against a hand derivation of the Euler chain, LoRA outputs that load with
+``load_lora_weights``, the CLI, and the refusals.
+
+An Euler step is z_(i+1) = z_i + (sigma_(i+1) - sigma_i) v_i. With detached transformer inputs the final latent's
+gradient reaches v_i with the factor sigma_(i+1) - sigma_i (the chain z_i -> z_(i+1) is the identity), so step i
+alone contributes (sigma_(i+1) - sigma_i) * d<G, v_i>/d(theta), G the loss gradient at the final latent. Adjusted
+DFT multiplies it by c_i = 1 / (sigma_i - sigma_(i+1)) (normalised), so every step contributes -d<G, v_i>/d(theta).
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastfair
+from fastfair import dft
+from fastfair.dft import DFTError, DFTTrainer
+
+from dft_helpers import RedClassifier, small
+
+PROMPT = "a photo of the face of a doctor"
+try:
+    import peft  # noqa: F401
+    HAVE_PEFT = True
+except ImportError:
+    HAVE_PEFT = False
+needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
+MODELS = ("tiny-sd3", "tiny-flux")
+
+
+def _packed(pipe, noise):
+    if not hasattr(pipe, "_pack_latents"):
+        return noise
+    return pipe._pack_latents(noise, *noise.shape)
+
+
+def _flow(name, **kw):
+    pipe = fastfair.load_pipeline(name)
+    torch.manual_seed(0)
+    cfg = dict(trainable="transformer-lora", height=64, width=64)
+    cfg.update(kw)
+    return pipe, DFTTrainer(pipe, [PROMPT], RedClassifier(), small(**cfg), quality_encoder=None)
+
+
+# --------------------------------------------------------------------------------------------
+# coefficients
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_coefficients_are_the_inverse_euler_steps(name):
+    """c_i is 1 / |dt_i| of the scheduler's own Euler step (measured by stepping a zero latent with a unit velocity,
+    with the shift the pipeline uses: SD3's static 3.0, Flux's resolution-dependent mu), geometric mean 1."""
+    pipe, tr = _flow(name)
+    sched = tr._sched
+    n = 5
+    with torch.no_grad():
+        tr.sample(PROMPT, tr.noises(1, torch.Generator().manual_seed(0)), n, grad=False)   # sets the timesteps
+    ts = sched.timesteps.clone()
+    dts = []
+    for t in ts:   # a fresh scheduler with the same timesteps, stepped on z = 0, v = 1: the step's dt
+        probe = type(sched).from_config(sched.config)
+        probe.timesteps, probe.sigmas = ts, sched.sigmas.clone()
+        probe._step_index = int((ts == t).nonzero()[0])
+        probe._begin_index = 0
+        dts.append(float(probe.step(torch.ones(1), t, torch.zeros(1), return_dict=False)[0]))
+    dts = np.array(dts)
+    assert (dts < 0).all() and len(dts) == n
+    raw = dft.flow_grad_coefficients(sched, normalize=False)
+    np.testing.assert_allclose(raw, 1.0 / -dts, rtol=1e-6)
+    c = dft.flow_grad_coefficients(sched)
+    assert math.prod(c) == pytest.approx(1.0, rel=1e-9)
+    np.testing.assert_allclose(c / c[0], raw / raw[0], rtol=1e-9)
+    if name == "tiny-sd3":   # SD3's shift 3 (not dynamic): sigmas = 3 s / (1 + 2 s) of the linear spacing
+        assert not sched.config.get("use_dynamic_shifting", False) and sched.config.shift == 3.0
+        s_min = 3 * 1e-3 / (1 + 2 * 1e-3)                    # the training schedule's last sigma, shifted
+        lin = np.linspace(1.0, s_min, n)
+        sig = np.append(3 * lin / (1 + 2 * lin), 0.0)
+        np.testing.assert_allclose(raw, 1.0 / (sig[:-1] - sig[1:]), rtol=1e-5)
+    tr.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the sampler is the pipeline's
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_sampler_equals_the_diffusers_pipeline(name):
+    """DFT's loop (encodings, timesteps and shift, CFG on SD3, Flux's packing and guidance embedding, VAE scaling
+    and shift) gives the pipeline's images for the same initial latents; the LoRA starts at zero (B = 0), so the
+    trainable model's images are the frozen ones."""
+    pipe, tr = _flow(name)
+    noise = tr.noises(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        frozen = tr.sample(PROMPT, noise, 3, grad=False, frozen=True)
+        live = tr.sample(PROMPT, noise, 3, grad=False)
+    tr.close()
+    ref_pipe = fastfair.load_pipeline(name)
+    ref = ref_pipe([PROMPT] * 2, latents=_packed(ref_pipe, noise), num_inference_steps=3,
+                   guidance_scale=tr.cfg.guidance_scale, height=64, width=64, output_type="pt").images.float()
+    assert tr.cfg.guidance_scale == (7.0 if name == "tiny-sd3" else 3.5)   # the pipelines' defaults
+    assert ref.std() > 0.05
+    torch.testing.assert_close(frozen, ref, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(live, ref, rtol=1e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the gradient path
+# --------------------------------------------------------------------------------------------
+
+def _hand_step_grads(tr, noise, n, loss_fn):
+    """Per step i: (sigma_(i+1) - sigma_i) * d<G, v_i>/d(theta), from a separate no-grad run of the Euler chain
+    (G = d loss / d z_final through the VAE decode), written out here, not with DFT's sampler."""
+    pipe, net, sched, cfgs = tr.pipe, tr.net, tr._sched, tr.cfg
+    flux = tr.kind == "flux"
+    B, C, h, w = noise.shape
+    with torch.no_grad():
+        tr.sample(PROMPT, noise, n, grad=False)   # the scheduler's timesteps for n steps
+    sig = sched.sigmas.double()
+    ts = sched.timesteps.clone()
+
+    def conditioning():   # encoded per call: the text LoRA's graph is used once per gradient
+        if flux:
+            emb, pooled, txt_ids = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, device=tr.device)
+            return dict(encoder_hidden_states=emb.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1),
+                        txt_ids=txt_ids, guidance=torch.full([B], cfgs.guidance_scale),
+                        img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, tr.device, emb.dtype))
+        c, u, p, up = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, prompt_3=None, device=tr.device)
+        return dict(encoder_hidden_states=torch.cat([u.expand(B, -1, -1), c.expand(B, -1, -1)]),
+                    pooled_projections=torch.cat([up.expand(B, -1), p.expand(B, -1)]))
+
+    def velocity(z, t):
+        kw = conditioning()
+        zin = z if flux else torch.cat([z, z])
+        tt = t.expand(len(zin))
+        v = net(hidden_states=zin, timestep=tt / 1000 if flux else tt, return_dict=False, **kw)[0]
+        if not flux:
+            vu, vc = v.chunk(2)
+            v = vu + cfgs.guidance_scale * (vc - vu)
+        return v
+
+    z = _packed(pipe, noise).float()
+    zs = []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            zs.append(z.clone())
+            z = z + float(sig[i + 1] - sig[i]) * velocity(z, t)
+    zf = z.detach().requires_grad_(True)
+    lat = pipe._unpack_latents(zf, 64, 64, pipe.vae_scale_factor) if flux else zf
+    vae = pipe.vae
+    img = ((vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0] + 1) / 2)
+    G = torch.autograd.grad(loss_fn(img.clamp(0, 1)), zf)[0]
+    out = []
+    for i, t in enumerate(ts):
+        g = torch.autograd.grad((G * velocity(zs[i], t)).sum(), tr.params, allow_unused=True)
+        flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, tr.params)])
+        out.append(float(sig[i + 1] - sig[i]) * flat)
+    return out
+
+
+@needs_peft
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_gradient_path(name, monkeypatch):
+    """Transformer inputs never carry gradient; each step's velocity gradient is its Euler factor times
+    d<G, v_i>/d(theta) (hand-derived chain above), and the adjusted gradient is sum_i c_i of those."""
+    n = 2
+    pipe, tr = _flow(name, trainable="text+transformer-lora")
+    with torch.no_grad():   # a non-zero LoRA (B = 0 at init would hide the text LoRA's gradient path)
+        for p in tr.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    seen = []
+    hook = tr.net.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].requires_grad),
+                                            with_kwargs=True)
+    noise = tr.noises(2, torch.Generator().manual_seed(1))
+
+    def loss_fn(img):
+        return (img[:, 0] * torch.linspace(0, 1, 64)).sum()
+
+    def grads(coefs=None):
+        if coefs is not None:
+            monkeypatch.setattr(dft, "flow_grad_coefficients", lambda s, *a, **k: np.asarray(coefs, dtype=float))
+        img = tr.sample(PROMPT, noise, n, grad=True)
+        g = torch.autograd.grad(loss_fn(img), tr.params, allow_unused=True)
+        monkeypatch.undo()
+        return torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, tr.params)])
+
+    g = grads()
+    hook.remove()
+    assert seen and not any(seen)
+    hand = _hand_step_grads(tr, noise, n, loss_fn)
+    g1, g2 = grads([1.0, 0.0]), grads([0.0, 1.0])
+    for gi, hi in zip((g1, g2), hand):
+        assert hi.abs().max() > 0
+        err = float((gi - hi).abs().max() / hi.abs().max())
+        assert err < 2e-3, err
+    c = dft.flow_grad_coefficients(tr._sched)
+    err = float((g - (c[0] * hand[0] + c[1] * hand[1])).abs().max() / g.abs().max())
+    assert err < 2e-3, err
+    # both the text encoders' and the transformer's LoRA get gradient
+    names = [nm for nm, _ in tr.named_params]
+    sizes = [p.numel() for p in tr.params]
+    parts = torch.split(g, sizes)
+    got = {nm.split(".")[0] for nm, x in zip(names, parts) if x.abs().max() > 0}
+    assert got == ({"text_encoder", "text_encoder_2", "transformer"} if name == "tiny-sd3"
+                   else {"text_encoder", "transformer"})
+    tr.close()
+
+
+# --------------------------------------------------------------------------------------------
+# training and outputs
+# --------------------------------------------------------------------------------------------
+
+def _images(pipe, seeds=(0, 1)):
+    gen = fastfair.generate(pipe, PROMPT, seeds=list(seeds), steps=3, height=64, width=64, progress=False)
+    return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images])
+
+
+@needs_peft
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_lora_trains_and_loads_with_load_lora_weights(name, tmp_path):
+    pipe = fastfair.load_pipeline(name)
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+transformer-lora", steps=1, lr=5e-2,
+                                                           ema_decay=0.5, height=64, width=64),
+                    quality_encoder=None, out_dir=tmp_path)
+    res = tr.train(progress=False)
+    tr.close()
+    assert math.isfinite(res.history[-1]["loss"]) and res.history[-1]["grad_norm"] > 0
+    trained = _images(pipe)
+    base = _images(fastfair.load_pipeline(name))
+    loaded_pipe = fastfair.load_pipeline(name)
+    loaded_pipe.load_lora_weights(str(res.lora_dir))
+    loaded = _images(loaded_pipe)
+    assert (loaded - base).abs().mean() > 1.0            # the LoRA changes the images (0..255 scale)
+    assert (loaded - trained).abs().max() <= 2.0         # and gives the trained model's images
+    meta = json.loads((tmp_path / "dft.json").read_text())
+    assert meta["config"]["scheduler"] == "pipeline" and meta["config"]["attention"] == "diffusers"
+    assert (tmp_path / "report.html").exists()
+
+
+@needs_peft
+def test_sd3_transformer_lora_moves_the_distribution():
+    """Five transformer-LoRA steps on tiny-sd3 move the stand-in classifier's distribution from 87.5/12.5 to within
+    15 points of 50/50 (as the UNet test in test_dft.py): the adjusted flow gradient trains. The transformer LoRA
+    starts with B = 0, so its first gradients are small (norm ~0.02): a larger learning rate than the text LoRA's."""
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    clf = RedClassifier()
+    torch.manual_seed(0)
+    cfg = dft.DFTConfig(images_per_prompt=8, sampling_steps=(2, 2), steps=5, quality_weight=0.0, ema_decay=None,
+                        lr=0.1, adam_betas=(0.0, 0.999), rank=4, checkpoint_every=0, height=64, width=64,
+                        gradient_checkpointing=False, trainable="transformer-lora", target={"gender": [0.5, 0.5]})
+    tr = DFTTrainer(pipe, [PROMPT], clf, cfg, quality_encoder=None)
+    seeds = range(100, 132)
+    with torch.no_grad():
+        noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in seeds])
+        red = tr.sample(PROMPT, noise, 2, grad=False)[:, 0].mean((1, 2))
+    clf.b, clf.a = float(torch.quantile(red, 0.1)), 1.0 / float(red.std())
+    before = float((red > clf.b).float().mean())
+    res = tr.train(progress=False)
+    after = tr.measure(seeds=seeds, n_steps=2, batch_size=32)["gender"]
+    tr.close()
+    assert before >= 0.85
+    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in res.history])
+    assert before - after[0] >= 0.25
+
+
+@needs_peft
+def test_flow_fastfair_attention_gives_diffusers_gradients():
+    """attention='fastfair' routes SD3's image queries through fastfair.ops: the same images and gradients."""
+    out = []
+    for att in ("diffusers", "fastfair"):
+        pipe, tr = _flow("tiny-sd3", attention=att)
+        with torch.no_grad():
+            for p in tr.params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        noise = tr.noises(2, torch.Generator().manual_seed(0))
+        with tr._attention():
+            img = tr.sample(PROMPT, noise, 2, grad=True)
+            g = torch.autograd.grad(img[:, 1].sum(), tr.params, allow_unused=True)  # SD3's last block: no text out
+        out.append((img.detach(), torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
+                                             for x, p in zip(g, tr.params)])))
+        assert fastfair.processors.is_patched(pipe) == (att == "fastfair")
+        tr.close()
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-5)
+    assert float((out[1][1] - out[0][1]).abs().max() / out[0][1].abs().max()) < 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# CLI and refusals
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+def test_cli_on_sd3(tmp_path, capsys):
+    from fastfair.cli import main
+
+    rc = main(["finetune", "dft", "--model", "tiny-sd3", "--prompt", PROMPT, "--attributes", "gender",
+               "--classifier", "python:" + str(_write_classifier(tmp_path)) + ":make", "--trainable",
+               "transformer-lora", "--rank", "2", "--steps", "1", "--images-per-prompt", "2", "--sampling-steps", "2",
+               "--height", "32", "--width", "32", "--quality-encoder", "none", "--ema-decay", "0",
+               "--checkpoint-every", "0", "--uncertainty-threshold", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "load_lora_weights" in out
+    meta = json.loads((tmp_path / "run" / "dft.json").read_text())
+    assert meta["config"]["guidance_scale"] == 7.0 and meta["config"]["trainable"] == "transformer-lora"
+
+
+def _write_classifier(tmp_path):
+    f = tmp_path / "clf.py"
+    f.write_text("import sys\nsys.path.insert(0, %r)\nfrom dft_helpers import RedClassifier\n\n"
+                 "def make(**kw):\n    return RedClassifier()\n" % str(__import__("pathlib").Path(__file__).parent))
+    return f
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(trainable="unet-lora"), "transformer-lora"),
+    (dict(trainable="text+unet-lora"), "text\\+transformer-lora"),
+    (dict(trainable="soft-tokens"), "textual-inversion"),
+    (dict(prompt_padding="longest"), "max_length"),
+    (dict(scheduler="dpm++"), "flow matching"),
+    (dict(height=40), "divisible by 16"),
+])
+def test_flow_refusals(kw, match):
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    with pytest.raises(DFTError, match=match):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(**{"trainable": "transformer-lora", **kw}),
+                   quality_encoder=None)
+
+
+def test_flow_scheduler_and_unet_refusals():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(DFTError, match="FlowMatchHeunDiscreteScheduler"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora"), quality_encoder=None)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    with pytest.raises(DFTError, match="stochastic"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora"), quality_encoder=None)
+    with pytest.raises(DFTError, match="'unet-lora'"):
+        DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(trainable="transformer-lora"),
+                   quality_encoder=None)
