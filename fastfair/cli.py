@@ -25,7 +25,7 @@ def _add_generate(sub) -> None:
                         '--attribution race "a photo of a doctor and race" doctor,race')
     p.add_argument("--seeds", default="0", help="seeds: 0-3, or 0,2,5")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
@@ -167,6 +167,8 @@ def _generate(args) -> int:
                                               on_large_grad=args.guide_on_large_grad, branch=args.guide_branch)
     edit_guidance = _edit_guidance(args)
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    from .processors import default_guidance_scale
+
     model = args.model
     if args.edit:
         from .mist import apply_file
@@ -184,7 +186,9 @@ def _generate(args) -> int:
     # --attribution-prompt serves --maps and --guide; with --guide alone it is the guidance's only
     kw = dict(maps=args.maps, attribution_prompt=args.attribution_prompt if (args.maps or not args.guide) else None,
               attributions=attributions, steps=args.steps,
-              guidance_scale=args.guidance_scale, height=args.height, width=args.width, aggregation=args.aggregation,
+              guidance_scale=(args.guidance_scale if args.guidance_scale is not None
+                              else default_guidance_scale(pipe)),   # recorded resolved in the run's settings
+              height=args.height, width=args.width, aggregation=args.aggregation,
               backend=args.backend, negative_prompt=args.negative_prompt)
     # everything the images and maps depend on (which model made them, too); a resumed run must match it
     settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
@@ -277,7 +281,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="target distribution of a set, e.g. age=0.75,0.25 (default uniform); repeatable")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
@@ -486,7 +490,7 @@ def _add_edit(sub) -> None:
     m.add_argument("--reseed", action="store_true", default=None,
                    help="new seeds every round (the reference protocol's random images) instead of fixed ones")
     m.add_argument("--steps", type=int, default=20)
-    m.add_argument("--guidance-scale", type=float, default=7.5)
+    m.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
     m.add_argument("--height", type=int, default=None)
     m.add_argument("--width", type=int, default=None)
     m.add_argument("--negative-prompt", default=None)

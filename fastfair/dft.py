@@ -60,7 +60,7 @@ from .features import (PAPER_CLIP, PAPER_DINO, ClipFeatures, DinoFeatures, Featu
                        Resized, encoder_name, load_encoders)
 from .alignment import TargetError
 from .guidance import abar_at
-from .processors import default_sample_size, denoiser
+from .processors import default_guidance_scale, default_sample_size, denoiser
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
            "grad_coefficients", "flow_grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
@@ -72,8 +72,6 @@ UNET_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 # an MMDiT's (SD3, Flux) attention: the image and the text stream's projections (diffusers' SD3 / Flux LoRA scripts)
 TRANSFORMER_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 TRAINABLES = ("text-lora", "unet-lora", "text+unet-lora", "transformer-lora", "text+transformer-lora", "soft-tokens")
-# guidance scales when none is given: the paper's 7.5 on UNets; SD3's and Flux's pipelines' own defaults
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 7.0, "flux": 3.5}
 
 
 class DFTError(ValueError):
@@ -538,14 +536,14 @@ def _model_kind(pipe) -> str:
                    f"encoders, or SD3's / Flux's transformer); got {type(pipe).__name__}")
 
 
-def _resolve_defaults(cfg: DFTConfig, kind: str) -> None:
+def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
     """The settings left to the model (None): DPM-Solver++, the paper's 7.5 and fastfair's attention on UNets;
     the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux."""
     mmdit = kind in ("sd3", "flux")
     if cfg.scheduler is None:
         cfg.scheduler = "pipeline" if mmdit else "dpm++"
     if cfg.guidance_scale is None:
-        cfg.guidance_scale = DEFAULT_GUIDANCE[kind]
+        cfg.guidance_scale = default_guidance_scale(pipe)
     if cfg.attention is None:
         cfg.attention = "diffusers" if mmdit else "fastfair"
 
@@ -576,7 +574,7 @@ def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:
                            f"{' with stochastic sampling' if type(sched) is FlowMatchEulerDiscreteScheduler else ''}: "
                            "set pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) "
                            "(deterministic)")
-        if kind == "flux" and cfg.guidance_scale != DEFAULT_GUIDANCE["flux"] and \
+        if kind == "flux" and cfg.guidance_scale != default_guidance_scale(pipe) and \
                 not getattr(pipe.transformer.config, "guidance_embeds", False):
             raise DFTError("this Flux transformer has no guidance embedding (FLUX.1-schnell) and Flux has no CFG "
                            "batch: a guidance scale has no effect; leave it unset")
@@ -628,7 +626,7 @@ class DFTTrainer:
         self._mmdit = self.kind in ("sd3", "flux")
         self._xl = self.kind == "sdxl"   # SDXL: two text encoders, pooled + time ids
         self.net = denoiser(pipe)
-        _resolve_defaults(cfg, self.kind)
+        _resolve_defaults(cfg, self.kind, pipe)
         _check_for_model(cfg, self.kind, pipe)
         if self._mmdit:   # as the pipelines require (SD3 refuses, Flux silently rounds down)
             mult = pipe.vae_scale_factor * (2 if self.kind == "flux" else self.net.config.patch_size)

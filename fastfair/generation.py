@@ -16,7 +16,7 @@ from . import concepts, metrics
 from ._env import provenance
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import default_sample_size, denoiser, is_flux, is_patched, patch, unpatch
+from .processors import default_guidance_scale, default_sample_size, denoiser, is_flux, is_patched, patch, unpatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -192,7 +192,8 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     if kwargs.get("edit_guidance") is not None:  # and the edit's settings, before the folder is made
         from .sega import check_edit_guidance
 
-        check_edit_guidance(pipe, kwargs["edit_guidance"], kwargs.get("guidance_scale", 7.5), seeds,
+        gs = kwargs.get("guidance_scale")
+        check_edit_guidance(pipe, kwargs["edit_guidance"], default_guidance_scale(pipe) if gs is None else gs, seeds,
                             kwargs.get("steps", 50))
     out = Path(out_dir)
     run_file = out / PARTS / "run.json"
@@ -404,7 +405,7 @@ def _stack_layouts(lay):
 
 def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[str] = (),
              attribution_prompt: str | Sequence[str] | None = None, attributions=None,
-             steps: int = 50, guidance_scale: float = 7.5,
+             steps: int = 50, guidance_scale: float | None = None,
              height: int | None = None, width: int | None = None, batch_size: int = 8,
              aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
              negative_prompt: str | None = None, backend: str = "auto", guidance=None,
@@ -425,7 +426,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     ``fastfair.EntanglementGuidance`` (BiasMap's energy guidance); its per-step diagnostics land in
     ``Generation.diagnostics``. ``edit_guidance`` takes a ``fastfair.SemanticGuidance`` (SEGA) or
     ``fastfair.FairDiffusion`` (SD 1.x/2.x, SDXL and SD3, with classifier-free guidance); it combines with
-    ``guidance`` as in BiasMap's released code, and its editing prompts get no maps.
+    ``guidance`` as in BiasMap's released code, and its editing prompts get no maps. ``guidance_scale``
+    defaults to 7.5 on UNet pipelines, to the pipeline's own default on SD3 (7.0) and Flux (3.5).
     """
     from contextlib import ExitStack
 
@@ -456,6 +458,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if net is None:
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
+    if guidance_scale is None:
+        guidance_scale = default_guidance_scale(pipe)
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if negative_prompt is not None and is_flux(net):
             raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "

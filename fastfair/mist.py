@@ -742,7 +742,7 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
          measured=None, with_to_k: bool = True, lam: float = 0.5, eta_e: float = 1.0, eta_p: float = 0.2,
          step: float = 0.1, tol: float = 0.05, max_rounds: int = 10, preserve: Sequence[str] = ("",),
          template: str = "a {concept}", measure_template: str = "a headshot of a {concept}",
-         images: int = 20, seeds=None, reseed: bool = False, steps: int = 20, guidance_scale: float = 7.5,
+         images: int = 20, seeds=None, reseed: bool = False, steps: int = 20, guidance_scale: float | None = None,
          height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
          batch_size: int = 8, measure: str = "argmax", custom_attributes: Mapping | None = None,
          clip_model: str | None = None, model_id: str | None = None, progress: bool = True,
@@ -763,6 +763,10 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     from tqdm.auto import tqdm
 
     concepts = _check_concepts(concepts)
+    if guidance_scale is None:
+        from .processors import default_guidance_scale
+
+        guidance_scale = default_guidance_scale(pipe)
     sets = parse_attributes(attributes, custom_attributes)
     labels, phrases = joint_classes(sets)
     K = len(labels)

@@ -77,6 +77,21 @@ def default_sample_size(pipe) -> int:
     return getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)
 
 
+def default_guidance_scale(pipe) -> float:
+    """The guidance scale used when none is given: 7.5 on UNet pipelines (SD 1.x/2.x, SDXL; BiasMap's and the DFT
+    paper's setting), the pipeline's own default on SD3 (7.0) and Flux (3.5: FLUX.1-dev's distilled guidance
+    embedding, for which 7.5 is far outside the range it was distilled on)."""
+    if getattr(pipe, "unet", None) is not None:
+        return 7.5
+    import inspect
+
+    par = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    d = par.default if par is not None else None
+    if isinstance(d, (int, float)) and not isinstance(d, bool):
+        return float(d)
+    return 3.5 if is_flux(denoiser(pipe)) else 7.0
+
+
 def text_attention_modules(pipe) -> dict:
     """The attention modules whose keys include the prompt's tokens: UNet cross-attention, or an MMDiT's (SD3,
     Flux) attention over image and text tokens."""

@@ -78,7 +78,7 @@ def _reference(pipe, words, seeds, steps, kw):
                                             1, 16, 16, 16) for s in seeds])
     else:
         lat = torch.cat([randn_tensor((1, 16, 16, 16), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    out = pipe([PROMPT] * n, latents=lat, guidance_scale=7.5, num_inference_steps=steps, output_type="pt", **kw)
+    out = pipe([PROMPT] * n, latents=lat, num_inference_steps=steps, output_type="pt", **kw)
     assert len(store) == steps * len(blocks)
     n_terms = len(store) * net.config.num_attention_heads
     maps = {}

@@ -69,6 +69,10 @@ def test_no_maps_is_the_plain_pipeline(sd3):
     import numpy as np
 
     gen = fastfair.generate(sd3, PROMPT, seeds=[0], steps=3, progress=False)
+    out = sd3(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.asarray(gen.images[0]), np.asarray(out.images[0]))
+    assert gen.config["guidance_scale"] == 7.0   # the pipeline's own default
+    gen = fastfair.generate(sd3, PROMPT, seeds=[0], steps=3, guidance_scale=7.5, progress=False)
     out = sd3(PROMPT, guidance_scale=7.5, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(np.asarray(gen.images[0]), np.asarray(out.images[0]))
 
@@ -125,7 +129,7 @@ def test_maps_equal_explicit_joint_softmax(request, model, backend):
     from diffusers.utils.torch_utils import randn_tensor
 
     lat = torch.cat([randn_tensor((1, 16, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
-    out = pipe([PROMPT] * 2, latents=lat, guidance_scale=7.5, num_inference_steps=3, output_type="pt")
+    out = pipe([PROMPT] * 2, latents=lat, num_inference_steps=3, output_type="pt")
     assert len(store) == 3 * len(mods)  # every layer of every step
     n_terms = len(store) * pipe.transformer.config.num_attention_heads
     for w in words:

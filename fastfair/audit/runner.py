@@ -220,7 +220,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           attributes="gender", seeds=8, out="runs/audit", entanglement=MODES,
           attribution_template: str = DEFAULT_ATTRIBUTION_TEMPLATE, inprompt_template: str | None = None,
           classifier="clip", clip_model: str | None = None, targets=None, custom_attributes: dict | None = None,
-          steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+          steps: int = 50, guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
           negative_prompt: str | None = None, aggregation: str = "fastfair", percentile: float = 70.0,
           soft_iou_top_k: float | None = 0.3, soft_iou_gamma: float = 0.01, soft_iou_iters: int = 20,
           batch_size: int = 8, device=None, dtype=None, backend: str = "auto", pipeline=None,
@@ -348,7 +348,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None)
                                                                   or type(pipe).__name__)
         dev = pipe.device
-        from ..processors import default_sample_size, denoiser
+        from ..processors import default_guidance_scale, default_sample_size, denoiser
 
         net = denoiser(pipe)
         if net is None:
@@ -356,6 +356,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                                   "diffusion pipeline fastfair can audit")
         size = default_sample_size(pipe) * pipe.vae_scale_factor
         height, width = height or size, width or size
+        if guidance_scale is None:   # recorded resolved: runs of one model with and without the flag are one run
+            guidance_scale = default_guidance_scale(pipe)
         if edit_guidance is not None:
             from ..sega import check_edit_guidance
 
