@@ -30,11 +30,30 @@ def pipeline_tokenizers(pipe) -> list:
     return toks
 
 
+def expand_multi_vector(tokenizer, text: str) -> str:
+    """``text`` as the pipelines encode it when a multi-vector textual-inversion token is loaded: a token "<t>" with
+    k vectors becomes "<t> <t>_1 ... <t>_(k-1)" (diffusers' ``maybe_convert_prompt``, applied by SD 1.x/2.x's and
+    SDXL's ``encode_prompt``), so every later word sits k - 1 positions further on. DFT's soft tokens are such a
+    token (k = 4 by default)."""
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    if not any(t.endswith("_1") for t in added):
+        return text
+    for tok in set(tokenizer.tokenize(text)):
+        if tok in added:
+            rep, i = tok, 1
+            while f"{tok}_{i}" in added:
+                rep += f" {tok}_{i}"
+                i += 1
+            text = text.replace(tok, rep)
+    return text
+
+
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
-    """The prompt's BPE tokens (without BOS/EOS); raises if the prompt exceeds the tokenizer's limit."""
+    """The prompt's BPE tokens (without BOS/EOS) as the pipeline encodes them (multi-vector textual-inversion tokens
+    expanded); raises if the prompt exceeds the tokenizer's limit."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConceptError(f"prompt must be a non-empty string, got {prompt!r}")
-    toks = tokenizer.tokenize(prompt)
+    toks = tokenizer.tokenize(expand_multi_vector(tokenizer, prompt))
     limit = tokenizer.model_max_length
     if len(toks) + 2 > limit:
         raise ConceptError(f"prompt has {len(toks)} tokens plus BOS/EOS, more than the tokenizer's limit of {limit}; "
@@ -63,7 +82,7 @@ def _spacing_hint(prompt: str, word: str) -> str:
 
 def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
     toks = prompt_tokens(tokenizer, prompt)
-    wt = tokenizer.tokenize(word)
+    wt = tokenizer.tokenize(expand_multi_vector(tokenizer, word))
     if not word.strip() or not wt:
         raise ConceptError(f"empty word {word!r}")
     hits: list[int] = []

@@ -86,6 +86,23 @@ def test_maps_match_independent_recorder_and_images_unchanged(tiny_sd):
     assert gen.maps["doctor"].dtype == torch.float32
 
 
+def test_maps_after_a_multi_vector_textual_inversion_token():
+    """A token loaded with k vectors (DFT's soft tokens: k = 4) is k tokens in the encoded prompt (diffusers'
+    maybe_convert_prompt): the words after it sit k - 1 positions further on. The maps must read those positions
+    (before, they were read 3 positions too early: a silent wrong map), and the token itself maps to its k positions."""
+    pipe = fastfair.load_pipeline("tiny-sd")
+    w = pipe.text_encoder.get_input_embeddings().weight
+    pipe.load_textual_inversion({"<ff>": torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(0))},
+                                token="<ff>")
+    prompt = "<ff> " + PROMPT
+    assert pipe.maybe_convert_prompt(prompt, pipe.tokenizer).startswith("<ff> <ff>_1 <ff>_2 <ff>_3 a photo")
+    gen = fastfair.generate(pipe, prompt, seeds=[1], steps=2, maps=["doctor", "<ff>"], progress=False)
+    torch.testing.assert_close(gen.maps["doctor"].double(), reference_maps(pipe, prompt, 1, 2, (8 + 4,)),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gen.maps["<ff>"].double(), reference_maps(pipe, prompt, 1, 2, (1, 2, 3, 4)),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd):
     attr = "a photo of the face of a doctor and gender"
     gen = fastfair.generate(tiny_sd, PROMPT, seeds=[2], steps=2, maps=["gender"], attribution_prompt=attr,
