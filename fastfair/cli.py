@@ -43,6 +43,7 @@ def _add_generate(sub) -> None:
                    help="CFG half whose maps guide (BiasMap's released code reads the unconditional one)")
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) to the model before generating")
+    _add_finetuned_args(p, "generating")
     _add_sega_args(p)
     p.add_argument("--negative-prompt", default=None, help="negative prompt (classifier-free guidance's other branch)")
     p.add_argument("--out", required=True, help="output folder")
@@ -124,6 +125,47 @@ def _edit_guidance(args):
     return None
 
 
+def _add_finetuned_args(p, doing: str) -> None:
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help=f"load a LoRA (e.g. fastfair finetune dft's OUT/lora) before {doing}; the run's settings "
+                        "name the model as MODEL+lora:<hash>, so before/after runs never mix")
+    p.add_argument("--soft-tokens", default=None, metavar="FILE",
+                   help=f"load DFT soft tokens (OUT/soft_tokens.safetensors or soft_tokens-ema.safetensors) before "
+                        f"{doing} and start every prompt with them; the model is named MODEL+soft:<hash>")
+    p.add_argument("--token", default=None,
+                   help="the soft tokens' placeholder (default: the one the file or its run's dft.json names)")
+
+
+def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str, str | None]:
+    """--edit, --lora, --soft-tokens applied to ``pipe``: the model's name for the run's settings and the soft
+    tokens' placeholder (None without soft tokens)."""
+    from pathlib import Path
+
+    if args.edit:
+        from .mist import apply_file
+
+        edit = apply_file(pipe, args.edit)
+        model += f"+mist:{_digest(args.edit)}"
+        if verbose:
+            print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
+    if args.lora:
+        if not Path(args.lora).exists():
+            raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
+        pipe.load_lora_weights(args.lora)
+        model += f"+lora:{_digest(args.lora)}"
+    token = None
+    if args.soft_tokens:
+        from .dft import load_soft_tokens
+
+        token = load_soft_tokens(pipe, args.soft_tokens, token=args.token)
+        model += f"+soft:{_digest(args.soft_tokens)}"
+        if verbose:
+            print(f"loaded soft tokens {args.soft_tokens}: prompts start with {token}")
+    elif args.token:
+        raise ValueError("--token names the placeholder of --soft-tokens: give --soft-tokens FILE too")
+    return model, token
+
+
 def _digest(path) -> str:
     """A short content hash of a file or folder (an edit's or a LoRA's), for run names that never mix."""
     import hashlib
@@ -169,13 +211,8 @@ def _generate(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
     from .processors import default_guidance_scale
 
-    model = args.model
-    if args.edit:
-        from .mist import apply_file
-
-        edit = apply_file(pipe, args.edit)
-        model += f"+mist:{_digest(args.edit)}"
-        print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
+    model, token = _apply_finetuned(pipe, args, args.model, verbose=True)
+    prompts = [f"{token} {p}" for p in args.prompt] if token else args.prompt
     attributions = None
     if args.attribution:
         attributions = {}
@@ -191,13 +228,13 @@ def _generate(args) -> int:
               height=args.height, width=args.width, aggregation=args.aggregation,
               backend=args.backend, negative_prompt=args.negative_prompt)
     # everything the images and maps depend on (which model made them, too); a resumed run must match it
-    settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=args.prompt,
+    settings = dict(kw, model=model, edit=args.edit, dtype=dtype, device=device, prompts=prompts,
                     seeds=parse_seeds(args.seeds),
                     guide=None if guidance is None else [args.guide, args.guide_scale, args.guide_max_grad_norm,
                                                          args.guide_on_large_grad, args.guide_branch,
                                                          args.attribution_prompt],
                     edit_guidance=None if edit_guidance is None else edit_guidance.describe())
-    gen = generate_to_dir(pipe, args.prompt, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
+    gen = generate_to_dir(pipe, prompts, args.out, seeds=args.seeds, settings=settings, resume=args.resume,
                           overwrite=args.overwrite, batch_size=args.batch_size, guidance=guidance,
                           edit_guidance=edit_guidance,
                           progress=not args.no_progress, **kw)
@@ -245,9 +282,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--edit", default=None, metavar="PATH",
                    help="apply a MIST edit (fastfair edit mist --out PATH) before auditing; the run's settings "
                         "name the model as MODEL+mist:<hash of the edit>, so before/after runs never mix")
-    p.add_argument("--lora", default=None, metavar="DIR",
-                   help="load a LoRA (e.g. fastfair finetune dft's OUT/lora) before auditing; the run's settings "
-                        "name the model as MODEL+lora:<hash>, so before/after runs never mix")
+    _add_finetuned_args(p, "auditing")
     p.add_argument("--prompts", default="builtin:biasmap19",
                    help="builtin:biasmap19 | builtin:winobias | builtin:broad, file:PATH (one profession per line), "
                         "or list:doctor,nurse")
@@ -334,9 +369,8 @@ def _audit(args) -> int:
         raise ValueError("--guide-scale / --guide-max-grad-norm / --guide-on-large-grad / --guide-branch need "
                          "--guide-attribute SET")
     model, pipe = args.model, None
-    if args.edit or args.lora:
-        from pathlib import Path
-
+    template, inprompt = args.template, args.inprompt_template
+    if args.edit or args.lora or args.soft_tokens:
         import torch
 
         from .pipelines import load_pipeline
@@ -344,19 +378,13 @@ def _audit(args) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(args.model, device=device,
                              dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))
-        if args.edit:
-            from .mist import apply_file
-
-            apply_file(pipe, args.edit)
-            model += f"+mist:{_digest(args.edit)}"
-        if args.lora:
-            if not Path(args.lora).exists():
-                raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
-            pipe.load_lora_weights(args.lora)
-            model += f"+lora:{_digest(args.lora)}"
-    res = audit(model, args.prompts, pipeline=pipe, template=args.template, attributes=args.attributes, seeds=args.seeds,
+        model, token = _apply_finetuned(pipe, args, model)
+        if token:   # every generated prompt starts with the soft tokens (the in-prompt template follows --template)
+            template = f"{token} {template}"
+            inprompt = f"{token} {inprompt}" if inprompt else None
+    res = audit(model, args.prompts, pipeline=pipe, template=template, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
-                inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
+                inprompt_template=inprompt, classifier=args.classifier, clip_model=args.clip_model,
                 face_detector=args.face_detector, face_crop_size=args.face_crop_size, face_expand=args.face_expand,
                 clip_score=args.clip_score,
                 targets=" ".join(args.target) if args.target else None, steps=args.steps,

@@ -63,7 +63,7 @@ from .guidance import abar_at
 from .processors import default_guidance_scale, default_sample_size, denoiser
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
-           "grad_coefficients", "flow_grad_coefficients", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
+           "grad_coefficients", "flow_grad_coefficients", "load_soft_tokens", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
            "ClipFeatures", "DinoFeatures", "Resized", "load_quality_encoders", "parse_targets", "TargetError"]
 
 CHECKPOINT_VERSION = 1
@@ -1712,6 +1712,59 @@ class DFTTrainer:
             warnings.warn(f"could not write the DFT report ({e}); dft.json holds everything, retry with fastfair "
                           "report", stacklevel=2)
         return res
+
+
+def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) -> str:
+    """Load a DFT soft-token file (``OUT/soft_tokens.safetensors`` or ``soft_tokens-ema.safetensors``) into ``pipe``
+    as textual inversion and return its placeholder token; prompts that start with it use the tokens. SD 1.x/2.x
+    files hold one tensor named by the token; SDXL files ``clip_l`` / ``clip_g`` (one per text encoder), whose
+    token is ``token``, else the run's ``dft.json`` beside the file, else ``<fastfair>``."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DFTError(f"soft tokens {str(path)!r}: no such file (fastfair finetune dft --trainable soft-tokens writes "
+                       "OUT/soft_tokens.safetensors)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = sorted(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise DFTError(f"soft tokens {str(path)!r} is not a safetensors file ({e})") from e
+    kind = _model_kind(pipe)
+    sd = load_file(str(path))
+    if keys == ["clip_g", "clip_l"]:
+        if kind != "sdxl":
+            raise DFTError(f"{str(path)!r} holds SDXL soft tokens (clip_l / clip_g) but the pipeline is "
+                           f"{type(pipe).__name__}: load them into the SDXL model they were trained on")
+        if token is None:
+            run = path.parent / "dft.json"
+            try:
+                token = json.loads(run.read_text())["config"]["token"] if run.exists() else None
+            except (ValueError, KeyError, TypeError):
+                token = None
+        token = token or "<fastfair>"
+        parts = (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
+    elif len(keys) == 1:
+        if kind != "sd":
+            raise DFTError(f"{str(path)!r} holds SD 1.x/2.x soft tokens (one embedding table) but the pipeline is "
+                           f"{type(pipe).__name__}: load them into the model they were trained on")
+        token = token or keys[0]
+        parts = ((keys[0], pipe.text_encoder, pipe.tokenizer),)
+    else:
+        raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {keys}; expected one named by its token, "
+                       "or clip_l and clip_g)")
+    if token in (pipe.tokenizer.get_vocab() if hasattr(pipe.tokenizer, "get_vocab") else {}):
+        raise DFTError(f"the tokenizer already has the token {token!r} (soft tokens loaded twice, or a word of the "
+                       "vocabulary): give another --token / token=")
+    for key, enc, tok in parts:
+        emb = sd[key]
+        width = enc.get_input_embeddings().weight.shape[1]
+        if emb.ndim != 2 or emb.shape[1] != width:
+            raise DFTError(f"the soft tokens {key!r} in {str(path)!r} are {tuple(emb.shape)} but this text encoder's "
+                           f"embeddings are {width} wide: they were trained on another model")
+        pipe.load_textual_inversion({token: emb.to(enc.dtype)}, token=token, text_encoder=enc, tokenizer=tok)
+    return token
 
 
 RUN_FILES = ("dft.json", "report.html", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")

@@ -258,6 +258,16 @@ def test_saved_lora_loads_with_load_lora_weights(tmp_path):
                "--classifier", "none", "--entanglement", "none", "--no-report", "--no-progress",
                "--lora", str(res.lora_dir), "--out", str(tmp_path / "run")])
     assert rc == 0 and "tiny-sd+lora:" in (tmp_path / "run" / "audit.json").read_text()
+    # and fastfair generate --lora
+    from PIL import Image
+
+    assert main(["generate", "--model", "tiny-sd", "--lora", str(res.lora_dir), "--prompt", PROMPT, "--seeds", "0-1",
+                 "--steps", "3", "--height", "64", "--width", "64", "--out", str(tmp_path / "gen"),
+                 "--no-progress"]) == 0
+    pngs = sorted((tmp_path / "gen" / "images").glob("*.png"))
+    assert torch.equal(torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32)) for f in pngs]),
+                       loaded)
+    assert "tiny-sd+lora:" in json.loads((tmp_path / "gen" / "generation.json").read_text())["model"]
 
 
 def test_soft_tokens_through_cli(tmp_path, capsys):
@@ -289,6 +299,34 @@ def test_soft_tokens_through_cli(tmp_path, capsys):
     pipe.load_textual_inversion(str(out / "soft_tokens.safetensors"), token="<fastfair>")
     tuned = _images(pipe, "<fastfair> " + PROMPT)
     assert (tuned - base).abs().mean() > 1.0
+    # fastfair generate / audit --soft-tokens: loaded as textual inversion, every prompt starts with the token
+    rc = main(["generate", "--model", "tiny-sd", "--soft-tokens", str(out / "soft_tokens.safetensors"), "--prompt",
+               PROMPT, "--maps", "doctor", "--seeds", "0-1", "--steps", "3", "--height", "64", "--width", "64",
+               "--out", str(tmp_path / "gen"), "--no-progress"])
+    assert rc == 0 and "prompts start with <fastfair>" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "gen" / "generation.json").read_text())
+    assert meta["prompts"][0] == "<fastfair> " + PROMPT and "+soft:" in meta["model"]
+    from PIL import Image
+
+    pngs = sorted((tmp_path / "gen" / "images").glob("*.png"))
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32)) for f in pngs])
+    assert (got - tuned).abs().max() <= 2.0   # maps run the attention through fastfair.ops: rounding only
+    rc = main(["audit", "--model", "tiny-sd", "--soft-tokens", str(out / "soft_tokens.safetensors"), "--prompts",
+               "list:doctor", "--seeds", "1", "--steps", "2", "--classifier", "none", "--entanglement", "open,inprompt",
+               "--no-report", "--no-progress", "--out", str(tmp_path / "audit")])
+    assert rc == 0
+    audit_meta = (tmp_path / "audit" / "audit.json").read_text()
+    assert "tiny-sd+soft:" in audit_meta and '"<fastfair> a photo of the face of a {}"' in audit_meta
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp_path / "audit" / "results.parquet")
+    assert all(p.startswith("<fastfair> a photo of the face of a") for p in rows["prompt"])
+    assert main(["generate", "--model", "tiny-sdxl", "--soft-tokens", str(out / "soft_tokens.safetensors"),
+                 "--prompt", PROMPT, "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert "SD 1.x/2.x soft tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-sd", "--token", "<x>", "--prompt", PROMPT, "--out",
+                 str(tmp_path / "y"), "--no-progress"]) == 1
+    assert "--token names the placeholder of --soft-tokens" in capsys.readouterr().err
     # resuming a finished run from its latest checkpoint with more steps continues it
     rc = main(["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--attributes", "gender",
                "--target", "gender=0.75,0.25", "--classifier", f"python:{clf_file}:make", "--trainable", "soft-tokens",
@@ -374,6 +412,14 @@ def test_sdxl_soft_tokens_train_and_load_as_textual_inversion(tmp_path):
     loaded = images(fresh_xl, f"{tok} {PROMPT}")
     assert (loaded - base).abs().mean() > 1.0
     assert (loaded - trained).abs().max() <= 2.0
+    # fastfair.dft.load_soft_tokens: both encoders, the token from the run's dft.json
+    other = fastfair.load_pipeline("tiny-sdxl")
+    assert dft.load_soft_tokens(other, res.soft_tokens) == tok
+    assert torch.equal(images(other, f"{tok} {PROMPT}"), loaded)
+    with pytest.raises(dft.DFTError, match="already has the token"):
+        dft.load_soft_tokens(other, res.soft_tokens)
+    with pytest.raises(dft.DFTError, match="SDXL soft tokens"):
+        dft.load_soft_tokens(fresh(), res.soft_tokens)
 
 
 # --------------------------------------------------------------------------------------------
