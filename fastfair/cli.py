@@ -368,8 +368,7 @@ def _audit(args) -> int:
     if guide_options and not args.guide_attribute:
         raise ValueError("--guide-scale / --guide-max-grad-norm / --guide-on-large-grad / --guide-branch need "
                          "--guide-attribute SET")
-    model, pipe = args.model, None
-    template, inprompt = args.template, args.inprompt_template
+    model, pipe, token = args.model, None, None
     if args.edit or args.lora or args.soft_tokens:
         import torch
 
@@ -379,12 +378,9 @@ def _audit(args) -> int:
         pipe = load_pipeline(args.model, device=device,
                              dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))
         model, token = _apply_finetuned(pipe, args, model)
-        if token:   # every generated prompt starts with the soft tokens (the in-prompt template follows --template)
-            template = f"{token} {template}"
-            inprompt = f"{token} {inprompt}" if inprompt else None
-    res = audit(model, args.prompts, pipeline=pipe, template=template, attributes=args.attributes, seeds=args.seeds,
+    res = audit(model, args.prompts, pipeline=pipe, template=args.template, prompt_prefix=token, attributes=args.attributes, seeds=args.seeds,
                 out=args.out, entanglement=args.entanglement, attribution_template=args.attribution_template,
-                inprompt_template=inprompt, classifier=args.classifier, clip_model=args.clip_model,
+                inprompt_template=args.inprompt_template, classifier=args.classifier, clip_model=args.clip_model,
                 face_detector=args.face_detector, face_crop_size=args.face_crop_size, face_expand=args.face_expand,
                 clip_score=args.clip_score,
                 targets=" ".join(args.target) if args.target else None, steps=args.steps,

@@ -315,12 +315,20 @@ def test_soft_tokens_through_cli(tmp_path, capsys):
                "list:doctor", "--seeds", "1", "--steps", "2", "--classifier", "none", "--entanglement", "open,inprompt",
                "--no-report", "--no-progress", "--out", str(tmp_path / "audit")])
     assert rc == 0
-    audit_meta = (tmp_path / "audit" / "audit.json").read_text()
-    assert "tiny-sd+soft:" in audit_meta and '"<fastfair> a photo of the face of a {}"' in audit_meta
+    st = json.loads((tmp_path / "audit" / "audit.json").read_text())["settings"]
+    assert st["model"].startswith("tiny-sd+soft:") and st["prompt_prefix"] == "<fastfair>"
+    assert st["template"] == "a photo of the face of a {}"   # the measurement's; the prefix is the model's
     import pandas as pd
 
     rows = pd.read_parquet(tmp_path / "audit" / "results.parquet")
-    assert all(p.startswith("<fastfair> a photo of the face of a") for p in rows["prompt"])
+    assert len(rows) == 3 and all(p.startswith("<fastfair> a photo of the face of a") for p in rows["prompt"])
+    # a baseline audit of the plain model compares with it (pairs by profession and seed)
+    assert main(["audit", "--model", "tiny-sd", "--prompts", "list:doctor", "--seeds", "1", "--steps", "2",
+                 "--classifier", "none", "--entanglement", "open,inprompt", "--no-report", "--no-progress",
+                 "--out", str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "audit")]) == 0
+    assert "prompt_prefix" in capsys.readouterr().out   # listed among the settings that differ
     assert main(["generate", "--model", "tiny-sdxl", "--soft-tokens", str(out / "soft_tokens.safetensors"),
                  "--prompt", PROMPT, "--out", str(tmp_path / "x"), "--no-progress"]) == 1
     assert "SD 1.x/2.x soft tokens" in capsys.readouterr().err

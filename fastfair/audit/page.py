@@ -316,6 +316,8 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
         cards.append((f"mIoU profession ↔ “{w}”", _ci_text(blk["iou"]["overall"])))
     parts.append(f"<h1>{E(title)}</h1><p class=muted>{E(config.get('created', ''))} · "
                  f"template “{E(st['template'])}” · "
+                 + (f"every prompt starts with {E(st['prompt_prefix'])} (soft tokens) · " if st.get("prompt_prefix")
+                    else "") +
                  f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
                  f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}"
                  + _mitigation(st['generation'])

@@ -228,7 +228,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
           n_boot: int = 1000, boot_seed: int = 0, progress: bool = True, edit_guidance=None,
           guide: str | None = None, guide_options: dict | None = None, face_detector=None,
           face_crop_size: int = 224, face_expand: float = 0.5, clip_score: bool = False,
-          dist_timeout_s: float = 6 * 3600) -> AuditResult:
+          prompt_prefix: str | None = None, dist_timeout_s: float = 6 * 3600) -> AuditResult:
     """Run (or resume) an audit; returns ``AuditResult(run_dir, results_dataframe)``.
 
     ``model``: preset / hub id / folder (``pipeline=`` gives an already loaded pipeline; ``model``
@@ -254,6 +254,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
     a face are abstentions (left out of the frequencies, counted in the summary's ``abstained``).
     ``clip_score``: every image's prompt alignment, 100 * max(cos(image, its prompt), 0) with CLIP (the CLIP
     classifier's model, else ``clip_model``), column ``clip_score``, summarised per profession.
+    ``prompt_prefix``: text put before every generated prompt (DFT's soft tokens, ``--soft-tokens``): part of the
+    model, so the settings keep the templates as given and ``compare`` pairs the run with a baseline; CLIP scores
+    are against the prompt without it.
     """
     from ..generation import generate
 
@@ -321,6 +324,10 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                                           f"in 0..{steps - 1}")
         if inprompt_template is None:
             inprompt_template = P.inprompt_template_from(template)
+        if prompt_prefix is not None and (not isinstance(prompt_prefix, str) or not prompt_prefix.strip()
+                                          or "{" in prompt_prefix):
+            raise AuditInputError(f"prompt_prefix must be a non-empty string without braces (e.g. DFT's soft tokens "
+                                  f"'<fastfair>'); got {prompt_prefix!r}")
         try:
             if "inprompt" in modes:
                 P.check_template(inprompt_template, {"profession", "attribute"}, {"", "profession", "attribute"},
@@ -365,6 +372,12 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 check_edit_guidance(pipe, edit_guidance, guidance_scale, seeds, steps)
             except (TypeError, ValueError) as e:
                 raise AuditInputError(str(e)) from None
+
+        # ---- the model sees every generated prompt after prompt_prefix (DFT's soft tokens: part of the model, not
+        # of the measurement, so the settings keep the templates as given and compare pairs such runs with others)
+        measured = dict(template=template, inprompt_template=inprompt_template)
+        if prompt_prefix:
+            template, inprompt_template = f"{prompt_prefix} {template}", f"{prompt_prefix} {inprompt_template}"
 
         # ---- every prompt and word, checked before any image
         open_words: list[str] = []
@@ -416,9 +429,10 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
 
         settings = {
             "model": model_name, "pipeline": type(pipe).__name__, "dtype": _dtype_name(net.dtype),
-            "template": template, "entanglement": modes,
+            "template": measured["template"], "entanglement": modes,
+            **({"prompt_prefix": prompt_prefix} if prompt_prefix else {}),
             "attribution_template": attribution_template if "open" in modes else None,
-            "inprompt_template": inprompt_template if "inprompt" in modes else None,
+            "inprompt_template": measured["inprompt_template"] if "inprompt" in modes else None,
             "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                            "negative_prompt": negative_prompt, "aggregation": aggregation,
@@ -467,7 +481,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         mine = [it for it in plan if it.index % world == rank and it.work_id not in done]
 
         # ---- work
-        ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, scorer=scorer, sets=sets, inters=inters, open_words=open_words,
+        ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, scorer=scorer, prompt_prefix=prompt_prefix,
+                            sets=sets, inters=inters, open_words=open_words,
                             attribution_template=attribution_template, steps=steps, guidance_scale=guidance_scale,
                             height=height, width=width, negative_prompt=negative_prompt, aggregation=aggregation,
                             backend=backend, percentile=percentile,
@@ -557,6 +572,7 @@ class _BatchContext:
     guide: str | None = None  # the attribute word whose entanglement with the profession is guided
     guide_options: dict | None = None
     scorer: object = None  # CLIP score of every image against its prompt
+    prompt_prefix: str | None = None  # not scored (DFT soft tokens: the model's, not the prompt's)
 
     def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None, edit=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
@@ -621,7 +637,9 @@ class _BatchContext:
                 maps[f"{it.work_id}:inprompt::profession"] = gen.maps[prof][i].half()
                 maps[f"{it.work_id}:inprompt::attribute"] = gen.maps[first.word][i].half()
         if self.scorer is not None:
-            for i, sc in enumerate(self.scorer(images, [it.prompt for it in batch])):
+            pre = f"{self.prompt_prefix} " if self.prompt_prefix else ""   # scored against the prompt as written
+            for i, sc in enumerate(self.scorer(images, [it.prompt[len(pre):] if pre and it.prompt.startswith(pre)
+                                                        else it.prompt for it in batch])):
                 rows[i]["clip_score"] = float(sc)
         preds: dict[str, list] = {}
         if self.clf is not None:
