@@ -25,7 +25,8 @@ def _add_generate(sub) -> None:
                         '--attribution race "a photo of a doctor and race" doctor,race')
     p.add_argument("--seeds", default="0", help="seeds: 0-3, or 0,2,5")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
@@ -316,7 +317,8 @@ def _add_audit(sub) -> None:
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="target distribution of a set, e.g. age=0.75,0.25 (default uniform); repeatable")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
@@ -514,7 +516,7 @@ def _add_edit(sub) -> None:
     m.add_argument("--reseed", action="store_true", default=None,
                    help="new seeds every round (the reference protocol's random images) instead of fixed ones")
     m.add_argument("--steps", type=int, default=20)
-    m.add_argument("--guidance-scale", type=float, default=None, help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
+    m.add_argument("--guidance-scale", type=float, default=None, help="default 7.5")
     m.add_argument("--height", type=int, default=None)
     m.add_argument("--width", type=int, default=None)
     m.add_argument("--negative-prompt", default=None)
@@ -579,7 +581,8 @@ def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="finetune a model toward a target attribute distribution (DFT)")
     fsub = p.add_subparsers(dest="method", required=True)
     d = fsub.add_parser("dft", help="adjusted direct finetuning with the distributional alignment loss (Shen et al.)",
-                        description="Finetune LoRA (text encoder by default, and/or UNet) or soft prefix tokens by "
+                        description="Finetune LoRA (text encoder by default, and/or the UNet / SD3's and Flux's "
+                                    "transformer) or soft prefix tokens by "
                                     "backpropagating through sampling (adjusted DFT) so that the classifier's "
                                     "attribute distribution over each prompt's images matches the target. Writes "
                                     "OUT/lora (diffusers load_lora_weights) or OUT/soft_tokens.safetensors, EMA "

@@ -408,6 +408,10 @@ class DFTConfig:
         if not 1 <= lo <= hi:
             raise DFTError(f"sampling_steps must be a range lo <= hi with lo >= 1; got {self.sampling_steps}")
         self.sampling_steps = (int(lo), int(hi))
+        for k in ("height", "width"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise DFTError(f"{k} must be a positive number of pixels (or None: the model's default); got {v!r}")
         if self.images_per_prompt < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise DFTError("images_per_prompt and batch_size must be >= 1")
         if self.rank < 1 or self.soft_tokens < 1:
@@ -542,13 +546,50 @@ def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
     mmdit = kind in ("sd3", "flux")
     if cfg.scheduler is None:
         cfg.scheduler = "pipeline" if mmdit else "dpm++"
-    if cfg.guidance_scale is None:
+    if kind == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", False):
+        if cfg.guidance_scale is not None:
+            raise DFTError("this Flux transformer has no guidance embedding (FLUX.1-schnell) and Flux has no CFG "
+                           f"batch: guidance_scale={cfg.guidance_scale} would have no effect; leave it unset")
+    elif cfg.guidance_scale is None:
         cfg.guidance_scale = default_guidance_scale(pipe)
     if cfg.attention is None:
         cfg.attention = "diffusers" if mmdit else "fastfair"
 
 
 def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:
+    _check_kind(cfg, kind)
+    if kind in ("sd3", "flux"):
+        name = {"sd3": "SD3", "flux": "Flux"}[kind]
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = pipe.scheduler
+        if type(sched) is not FlowMatchEulerDiscreteScheduler or sched.config.get("stochastic_sampling", False):
+            raise DFTError(f"adjusted DFT on {name} scales each Euler step's velocity by the step's sigma difference; "
+                           f"the pipeline's scheduler is {type(sched).__name__}"
+                           f"{' with stochastic sampling' if type(sched) is FlowMatchEulerDiscreteScheduler else ''}: "
+                           "set pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) "
+                           "(deterministic)")
+
+
+PIPELINE_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                  "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+PRESET_KINDS = {"tiny-sd": "sd", "sd15-shaped": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+
+
+def _kind_without_loading(model: str) -> str | None:
+    """The model kind of a preset or a local pipeline folder (its model_index.json), without loading weights;
+    None when it cannot be told (a hub id: loading decides)."""
+    if model in PRESET_KINDS:
+        return PRESET_KINDS[model]
+    index = Path(model) / "model_index.json"
+    try:
+        return PIPELINE_KINDS.get(json.loads(index.read_text()).get("_class_name")) if index.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_kind(cfg: DFTConfig, kind: str) -> None:
+    """The settings that the model kind alone rules out (checked before loading the model where it can be told)."""
     name = {"sd": "Stable Diffusion", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}[kind]
     if kind in ("sd3", "flux"):
         if cfg.trainable in ("unet-lora", "text+unet-lora"):
@@ -562,29 +603,43 @@ def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:
         if cfg.prompt_padding != "max_length":
             raise DFTError(f"prompt_padding='longest' reproduces the paper's SD 1.5 code; {name} is trained with its "
                            "pipeline's own padded conditioning (use 'max_length')")
-        if cfg.scheduler != "pipeline":
+        if cfg.scheduler not in (None, "pipeline"):
             raise DFTError(f"{name} samples by flow matching: scheduler={cfg.scheduler!r} is a noise-prediction "
                            "solver; use 'pipeline' (the pipeline's flow-matching Euler scheduler, the default)")
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = pipe.scheduler
-        if type(sched) is not FlowMatchEulerDiscreteScheduler or sched.config.get("stochastic_sampling", False):
-            raise DFTError(f"adjusted DFT on {name} scales each Euler step's velocity by the step's sigma difference; "
-                           f"the pipeline's scheduler is {type(sched).__name__}"
-                           f"{' with stochastic sampling' if type(sched) is FlowMatchEulerDiscreteScheduler else ''}: "
-                           "set pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) "
-                           "(deterministic)")
-        if kind == "flux" and cfg.guidance_scale != default_guidance_scale(pipe) and \
-                not getattr(pipe.transformer.config, "guidance_embeds", False):
-            raise DFTError("this Flux transformer has no guidance embedding (FLUX.1-schnell) and Flux has no CFG "
-                           "batch: a guidance scale has no effect; leave it unset")
     else:
         if cfg.trainable in ("transformer-lora", "text+transformer-lora"):
-            raise DFTError(f"{name}'s denoiser is a UNet: use trainable="
-                           f"{cfg.trainable.replace('transformer', 'unet')!r}")
+            raise DFTError(f"{name}'s denoiser is a UNet, not a transformer: use trainable="
+                           f"{cfg.trainable.replace('transformer', 'unet')!r} (--trainable "
+                           f"{cfg.trainable.replace('transformer', 'unet')})")
         if kind == "sdxl" and cfg.prompt_padding != "max_length":
             raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
                            "with their own 77-token conditioning (use 'max_length')")
+
+
+def _check_untouched(pipe, cfg: DFTConfig, kind: str) -> None:
+    """Refuse a pipeline that already holds LoRA adapters or the soft tokens' placeholder: a previous trainer's (DFT
+    changes the pipeline in place) or a loaded LoRA, which the frozen reference would silently switch off too."""
+    names = ["transformer" if kind in ("sd3", "flux") else "unet", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:   # no peft: no adapters can have been added
+        BaseTunerLayer = None
+    if BaseTunerLayer is not None:
+        held = [n for n in names if getattr(pipe, n, None) is not None
+                and any(isinstance(m, BaseTunerLayer) for m in getattr(pipe, n).modules())]
+        if held:
+            raise DFTError(f"the pipeline's {', '.join(held)} already hold LoRA adapters (a previous DFT trainer's -- "
+                           "DFT changes the pipeline in place -- or a LoRA loaded with load_lora_weights); the frozen "
+                           "reference of the quality loss switches every adapter off, so start from a pipeline "
+                           "without them: load it afresh, or bake a LoRA to keep into the weights first with "
+                           "pipe.fuse_lora(); pipe.unload_lora_weights()")
+    if cfg.trainable == "soft-tokens":
+        for t in ("tokenizer", "tokenizer_2"):
+            tok = getattr(pipe, t, None)
+            if tok is not None and cfg.token in tok.get_vocab():
+                raise DFTError(f"the pipeline's {t} already has the token {cfg.token!r} (soft tokens of a previous "
+                               "DFT trainer or a loaded textual inversion): load the pipeline afresh, or give another "
+                               "token= (--token)")
 
 
 class DFTTrainer:
@@ -626,15 +681,19 @@ class DFTTrainer:
         self._mmdit = self.kind in ("sd3", "flux")
         self._xl = self.kind == "sdxl"   # SDXL: two text encoders, pooled + time ids
         self.net = denoiser(pipe)
+        self.device = pipe.device
+        if cfg.mixed_precision != "no" and self.device.type != "cuda":
+            raise DFTError(f"mixed_precision={cfg.mixed_precision!r} is autocast on CUDA; on {self.device.type} "
+                           "use 'no'")
         _resolve_defaults(cfg, self.kind, pipe)
         _check_for_model(cfg, self.kind, pipe)
+        _check_untouched(pipe, cfg, self.kind)
         if self._mmdit:   # as the pipelines require (SD3 refuses, Flux silently rounds down)
             mult = pipe.vae_scale_factor * (2 if self.kind == "flux" else self.net.config.patch_size)
             hw = self._image_hw()
             if hw[0] % mult or hw[1] % mult:
                 raise DFTError(f"{self.kind.upper()} images need a height and width divisible by {mult}; got "
                                f"{hw[0]}x{hw[1]} (height=, width= / --height, --width)")
-        self.device = pipe.device
         self.rank, self.world = _world()
         if self.world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise DFTError(f"running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}) without a process group: "
@@ -644,19 +703,10 @@ class DFTTrainer:
             raise DFTError(f"images_per_prompt={cfg.images_per_prompt} must be a multiple of the {self.world} "
                            "processes: each takes an equal share of every prompt's images")
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self.out_dir is not None:   # rank 0 checks (and with overwrite clears) the folder; every rank hears why not
-            err = None
-            if self.rank == 0:
-                try:
-                    _check_run_dir(self.out_dir, resume is not None, overwrite)
-                except DFTError as e:
-                    err = str(e)
-            err = _dist.broadcast(err, self.world)
-            if err:
-                raise DFTError(err)
-        if cfg.mixed_precision != "no" and self.device.type != "cuda":
-            raise DFTError(f"mixed_precision={cfg.mixed_precision!r} is autocast on CUDA; on {self.device.type} "
-                           "use 'no'")
+        # rank 0 checks the folder now (and with overwrite clears it once every other check has passed, below);
+        # every rank hears why not
+        self._run_dir(resume is not None, overwrite, remove=False)
+        resume_path = self._resolve_resume(resume) if resume is not None else None
 
         # classifier and targets ---------------------------------------------------------------
         self.classifier = as_differentiable(classifier, labels)
@@ -727,12 +777,17 @@ class DFTTrainer:
             if isinstance(enc, torch.nn.Module):
                 enc.requires_grad_(False)
 
+        self._sched = self._make_scheduler()
+        if self._mmdit:
+            self._check_schedule()
+        # every check has passed: the model and the folder change from here on
+        self._run_dir(resume is not None, overwrite, remove=True)
+
         # the model ---------------------------------------------------------------------------------
         for m in (self.net, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
                   getattr(pipe, "text_encoder_3", None)):
             if m is not None:
                 m.requires_grad_(False)
-        self._sched = self._make_scheduler()
         torch.manual_seed(cfg.seed)  # adapter / token initialisation
         self.named_params = self._add_trainables()
         self.params = [p for _, p in self.named_params]
@@ -758,10 +813,67 @@ class DFTTrainer:
         self._order: list[int] = []
         self.history: list[dict] = []
         self.evaluations: list[dict] = []
-        if resume is not None:
-            self.load_checkpoint(self._resolve_resume(resume))
+        if resume_path is not None:
+            try:
+                self.load_checkpoint(resume_path)
+            except ResumeError as e:
+                raise ResumeError(f"{e}\n(the pipeline now holds this trainer's "
+                                  f"{'soft tokens' if cfg.trainable == 'soft-tokens' else 'LoRA adapters'}: load a "
+                                  "fresh pipeline before trying again)") from None
 
     # ---------------------------------------------------------------------------------------------
+    def _run_dir(self, resuming: bool, overwrite: bool, remove: bool) -> None:
+        if self.out_dir is None:
+            return
+        err = None
+        if self.rank == 0:
+            try:
+                _check_run_dir(self.out_dir, resuming, overwrite and remove)
+            except DFTError as e:
+                err = str(e)
+        err = _dist.broadcast(err, self.world)
+        if err:
+            raise DFTError(err)
+
+    def _set_flow_timesteps(self, n_steps: int, latent_hw=None) -> None:
+        """SD3 / Flux: the pipeline's timesteps for n_steps (Flux's linear sigmas and resolution shift mu; SD3's
+        static shift, or mu under dynamic shifting)."""
+        sched, h_w = self._sched, latent_hw or self._latent_hw()
+        h, w = h_w
+        if self.kind == "flux":
+            sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n_steps, n_steps)
+            sched.set_timesteps(n_steps, device=self.device, sigmas=sigmas, mu=_flow_shift(sched, (h // 2) * (w // 2)))
+        else:
+            p = self.net.config.patch_size
+            mu = (_flow_shift(sched, (h // p) * (w // p), max_shift=1.16)
+                  if sched.config.get("use_dynamic_shifting", False) else None)
+            sched.set_timesteps(n_steps, device=self.device, **({} if mu is None else {"mu": mu}))
+
+    def _check_schedule(self) -> None:
+        """Every step count training or evaluation samples with gives finite, decreasing sigmas (the adjusted
+        gradient divides by their differences): checked now, not at the first step."""
+        lo, hi = self.cfg.sampling_steps
+        counts = sorted(set(range(lo, hi + 1)) | {self.cfg.eval_steps or hi})
+        sched = self._sched
+        try:
+            for n in counts:
+                self._set_flow_timesteps(n)
+                sig = sched.sigmas.double()
+                if len(sig) != n + 1 or not bool(torch.isfinite(sig).all()):
+                    raise ValueError(f"{n} steps give the sigmas {sig.tolist()}")
+                flow_grad_coefficients(sched)
+        except (ValueError, IndexError, ZeroDivisionError) as e:
+            opts = {k: sched.config.get(k) for k in ("invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                                                     "use_exponential_sigmas", "use_beta_sigmas")
+                    if sched.config.get(k)}
+            raise DFTError(f"the pipeline's flow-matching schedule cannot be trained through ({e})"
+                           + (f"; its scheduler sets {opts}" if opts else "")
+                           + ": adjusted DFT needs sigmas that decrease at every step (invert_sigmas is never "
+                           "supported; shift_terminal needs at least 2 sampling steps): change the scheduler "
+                           "config or the step counts (sampling_steps, eval_steps)") from None
+        finally:
+            sched._step_index = sched._begin_index = None
+
     def _joint_target(self) -> np.ndarray:
         cfg = self.cfg
         sizes = [len(self.labels[a]) for a in self.attributes]
@@ -979,11 +1091,8 @@ class DFTTrainer:
             kw.update(encoder_hidden_states=emb.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1),
                       txt_ids=txt_ids, img_ids=pipe._prepare_latent_image_ids(B, h // 2, w // 2, self.device,
                                                                                emb.dtype))
-            if getattr(net.config, "guidance_embeds", False):
+            if cfg.guidance_scale is not None:   # None: no guidance embedding (FLUX.1-schnell)
                 kw["guidance"] = torch.full([B], cfg.guidance_scale, device=self.device, dtype=torch.float32)
-            sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / n_steps, n_steps)
-            mu = _flow_shift(sched, z.shape[1])
-            sched.set_timesteps(n_steps, device=self.device, sigmas=sigmas, mu=mu)
         else:
             cond, uncond, pooled, upooled = pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None,
                                                                device=self.device, num_images_per_prompt=1,
@@ -994,17 +1103,15 @@ class DFTTrainer:
                           pooled_projections=torch.cat([upooled.expand(B, -1), pooled.expand(B, -1)]))
             else:
                 kw.update(encoder_hidden_states=cond.expand(B, -1, -1), pooled_projections=pooled.expand(B, -1))
-            p = net.config.patch_size
-            mu = (_flow_shift(sched, (h // p) * (w // p), max_shift=1.16)
-                  if sched.config.get("use_dynamic_shifting", False) else None)
-            sched.set_timesteps(n_steps, device=self.device, **({} if mu is None else {"mu": mu}))
+        self._set_flow_timesteps(n_steps, (h, w))
         coefs = flow_grad_coefficients(sched) if grad else None
         z = z.float()
         for i, t in enumerate(sched.timesteps):
             zin = z.detach().to(net.dtype)
             zin = torch.cat([zin, zin]) if cfg_on else zin
-            tt = t.expand(len(zin)).to(zin.dtype)
-            v = net(hidden_states=zin, timestep=tt / 1000 if flux else tt, return_dict=False, **kw)[0].float()
+            tt = t.expand(len(zin))   # as the pipelines: SD3's timestep in float32, Flux's in the model's dtype
+            v = net(hidden_states=zin, timestep=tt.to(zin.dtype) / 1000 if flux else tt, return_dict=False,
+                    **kw)[0].float()
             if cfg_on:
                 vu, vc = v.chunk(2)
                 v = vu + cfg.guidance_scale * (vc - vu)
@@ -1517,6 +1624,9 @@ class DFTTrainer:
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     target=[round(float(x), 8) for x in self.joint_target],
                     images_per_prompt=cfg.images_per_prompt, **self._face_fingerprint(),
+                    # what the images are sampled with: a resumed run continues the same training distribution
+                    sampling=dict(size=list(self._image_hw()), scheduler=cfg.scheduler, guidance_scale=cfg.guidance_scale,
+                                  steps=list(cfg.sampling_steps)),
                     **({} if cfg.prompt_padding == "max_length" else {"prompt_padding": cfg.prompt_padding}))
 
     def _face_fingerprint(self) -> dict:
@@ -1589,6 +1699,8 @@ class DFTTrainer:
         except Exception as e:
             raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
+        if "sampling" not in theirs:   # checkpoints from before it was recorded
+            mine.pop("sampling")
         if mine != theirs:
             diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
                     if k != "params" and mine.get(k) != theirs.get(k)]
@@ -1960,6 +2072,11 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
                   "--face-crop-size": (args.face_crop_size, 224)}
     if not args.face_detector and any(v != d for v, d in face_flags.values()):
         raise DFTError(f"{', '.join(k for k, (v, d) in face_flags.items() if v != d)} only apply with --face-detector")
+    if cfg.mixed_precision != "no" and not device.startswith("cuda"):
+        raise DFTError(f"--mixed-precision {cfg.mixed_precision} is autocast on CUDA; on {device} use 'no'")
+    kind = _kind_without_loading(args.model)
+    if kind is not None:   # what the model kind rules out, before minutes of loading a large model
+        _check_kind(cfg, kind)
     det, emb, bank = load_face_parts(args.face_detector, args.face_embedder, args.face_bank, device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     clf = load_classifier(args.classifier, attributes, device=device, clip_model=args.clip_model)

@@ -341,3 +341,135 @@ def test_flow_scheduler_and_unet_refusals():
     with pytest.raises(DFTError, match="'unet-lora'"):
         DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(trainable="transformer-lora"),
                    quality_encoder=None)
+
+
+# --------------------------------------------------------------------------------------------
+# refusals come before anything changes
+# --------------------------------------------------------------------------------------------
+
+@needs_peft
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path):
+    """--overwrite removes the old run only once every check of the new one has passed."""
+    out = tmp_path / "run"
+    tr = DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),
+                    small(trainable="transformer-lora", steps=1, height=32, width=32), quality_encoder=None, out_dir=out)
+    tr.train(progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    assert "dft.json" in before
+    for bad in (dict(mixed_precision="bf16"), dict(target={"gender": [0.3, 0.3]}), dict(images_per_prompt=1),
+                dict(attributes=["age"])):
+        with pytest.raises(DFTError):
+            DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),
+                       small(**{"trainable": "transformer-lora", **bad}), quality_encoder=None, out_dir=out,
+                       overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(dft.ResumeError, match="not a DFT checkpoint"):
+        DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(), small(trainable="transformer-lora"),
+                   quality_encoder=None, out_dir=tmp_path / "other", resume=tmp_path / "nothing")
+
+
+@needs_peft
+def test_a_refused_trainer_leaves_the_pipeline_alone_and_a_used_one_is_named():
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    with pytest.raises(dft.ResumeError):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora"), quality_encoder=None,
+                   resume="/nonexistent/checkpoint")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora"), quality_encoder=None)
+    tr.close()   # the trained adapters stay in the pipeline: a second trainer on it is refused with the way out
+    with pytest.raises(DFTError, match="already hold LoRA adapters.*load it afresh"):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text-lora"), quality_encoder=None)
+    sd = fastfair.load_pipeline("tiny-sd")
+    tr = DFTTrainer(sd, [PROMPT], RedClassifier(), small(trainable="soft-tokens"), quality_encoder=None)
+    tr.close()
+    with pytest.raises(DFTError, match="already has the token"):
+        DFTTrainer(sd, [PROMPT], RedClassifier(), small(trainable="soft-tokens"), quality_encoder=None)
+
+
+@pytest.mark.parametrize("config,steps,match", [
+    (dict(invert_sigmas=True), (2, 2), "invert_sigmas"),
+    (dict(shift_terminal=0.1), (1, 2), "shift_terminal"),
+])
+def test_untrainable_schedules_are_refused_up_front(config, steps, match):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **config)
+    with pytest.raises(DFTError, match=match):
+        DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", sampling_steps=steps),
+                   quality_encoder=None)
+
+
+def test_flux_without_guidance_embedding():
+    """FLUX.1-schnell has no guidance input: no scale is used or recorded, and a given one is refused."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = fastfair.load_pipeline("tiny-flux")
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
+    for gs in (3.5, 5.0):
+        with pytest.raises(DFTError, match="no guidance embedding"):
+            DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", guidance_scale=gs),
+                       quality_encoder=None)
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", height=64, width=64),
+                    quality_encoder=None)
+    assert tr.cfg.guidance_scale is None
+    noise = tr.noises(1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img = tr.sample(PROMPT, noise, 2, grad=False)
+    ref = pipe(PROMPT, latents=_packed(pipe, noise), num_inference_steps=2, height=64, width=64,
+               output_type="pt").images.float()
+    torch.testing.assert_close(img, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("hw", [0, -16])
+def test_sizes_must_be_positive(hw):
+    with pytest.raises(DFTError, match="positive number of pixels"):
+        small(height=hw)
+
+
+@needs_peft
+def test_half_precision_timesteps_as_the_pipelines(monkeypatch):
+    """In bf16 the transformer gets the pipelines' own timesteps: SD3's in float32 (a bf16 cast turned 751.12 into
+    752), Flux's in the model's dtype, as diffusers passes them."""
+    for name in MODELS:
+        pipe = fastfair.load_pipeline(name, dtype="bf16")
+        seen = []
+        pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: seen.append((k["timestep"].dtype, k["timestep"].float().tolist())), with_kwargs=True)
+        tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", height=64, width=64),
+                        quality_encoder=None)
+        noise = tr.noises(1, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            tr.sample(PROMPT, noise, 3, grad=False, frozen=True)
+        ours, seen[:] = list(seen), []
+        pipe(PROMPT, latents=_packed(pipe, noise), num_inference_steps=3, height=64, width=64, output_type="latent")
+        tr.close()
+        assert ours == seen and ours[0][0] == (torch.float32 if name == "tiny-sd3" else torch.bfloat16)
+
+
+@needs_peft
+def test_resume_with_other_sampling_is_refused(tmp_path):
+    tr = DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),
+                    small(trainable="transformer-lora", steps=1, checkpoint_every=1, height=32, width=32),
+                    quality_encoder=None, out_dir=tmp_path)
+    tr.train(progress=False)
+    with pytest.raises(dft.ResumeError, match="sampling"):
+        DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),
+                   small(trainable="transformer-lora", steps=2, height=64, width=64), quality_encoder=None,
+                   out_dir=tmp_path, resume="latest")
+
+
+def test_cli_refuses_by_model_kind_before_loading(tmp_path, capsys, monkeypatch):
+    from fastfair import pipelines
+    from fastfair.cli import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", no_loading)
+    for extra, match in ((["--trainable", "unet-lora"], "transformer-lora"), (["--scheduler", "ddim"], "flow matching"),
+                         (["--mixed-precision", "bf16", "--device", "cpu"], "autocast on CUDA")):
+        rc = main(["finetune", "dft", "--model", "tiny-sd3", "--prompt", PROMPT, "--attributes", "gender",
+                   "--out", str(tmp_path / "run"), "--no-progress", *extra])
+        assert rc == 1 and match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
