@@ -1,8 +1,16 @@
 """Shared pieces of the DFT tests: a deterministic differentiable stand-in classifier, a small feature encoder,
 and a small fast config (32x32 images, 2 sampling steps, rank-4 LoRA)."""
+import pytest
 import torch
 
-from fastfair.dft import DFTConfig
+from fastfair.dft import DFTConfig, DFTTrainer
+
+try:
+    import peft  # noqa: F401
+    HAVE_PEFT = True
+except ImportError:  # LoRA needs the [train] extra
+    HAVE_PEFT = False
+needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
 
 
 class RedClassifier(torch.nn.Module):
@@ -32,3 +40,20 @@ def small(**kw):
                 uncertainty_threshold=1.0)
     base.update(kw)
     return DFTConfig(**base)
+
+
+def distribution_shift(pipe, prompt, cfg, seeds=range(100, 132)):
+    """Train ``cfg`` on ``pipe`` with a RedClassifier whose threshold is the 10% quantile of the mean red of the frozen
+    model's images at ``seeds`` (a = 1 / their std: the frozen model is ~90/10 there). Returns (share of class 0
+    before, class frequencies after, the run's history)."""
+    clf = RedClassifier()
+    tr = DFTTrainer(pipe, [prompt], clf, cfg, quality_encoder=None)
+    with torch.no_grad():
+        noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in seeds])
+        red = tr.sample(prompt, noise, cfg.sampling_steps[0], grad=False)[:, 0].mean((1, 2))
+    clf.b, clf.a = float(torch.quantile(red, 0.1)), 1.0 / float(red.std())
+    before = float((red > clf.b).float().mean())          # = the classifier's argmax on these images
+    res = tr.train(progress=False)
+    after = tr.measure(seeds=seeds, n_steps=cfg.sampling_steps[0], batch_size=32)["gender"]
+    tr.close()
+    return before, after, res.history

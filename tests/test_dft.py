@@ -16,15 +16,9 @@ from fastfair import dft
 from fastfair.alignment import TargetError
 from fastfair.dft import ClassifierMismatch, DFTConfig, DFTTrainer, ResumeError
 
-from dft_helpers import RedClassifier, small, tiny_encoder
+from dft_helpers import HAVE_PEFT, RedClassifier, distribution_shift, needs_peft, small, tiny_encoder
 
 PROMPT = "a photo of the face of a doctor"
-try:
-    import peft  # noqa: F401
-    HAVE_PEFT = True
-except ImportError:  # LoRA needs the [train] extra
-    HAVE_PEFT = False
-needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
 
 
 def fresh():
@@ -172,23 +166,12 @@ def test_text_lora_steps_move_distribution_to_target():
     evaluation seeds, and a = 1 / their std, so the frozen model is 87.5/12.5 there. AdamW without momentum
     (beta1 = 0) keeps the few large steps from overshooting.
     """
-    pipe = fresh()
-    clf = RedClassifier()
     cfg = DFTConfig(images_per_prompt=8, sampling_steps=(2, 2), steps=5, quality_weight=0.0, ema_decay=None, lr=3e-3,
                     adam_betas=(0.0, 0.999), rank=4, checkpoint_every=0, height=64, width=64,
                     gradient_checkpointing=False, target={"gender": [0.5, 0.5]})
-    tr = DFTTrainer(pipe, [PROMPT], clf, cfg, quality_encoder=None)
-    seeds = range(100, 132)
-    with torch.no_grad():
-        noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in seeds])
-        red = tr.sample(PROMPT, noise, 2, grad=False)[:, 0].mean((1, 2))
-    clf.b, clf.a = float(torch.quantile(red, 0.1)), 1.0 / float(red.std())
-    before = float((red > clf.b).float().mean())          # = the classifier's argmax on these images
-    res = tr.train(progress=False)
-    after = tr.measure(seeds=seeds, n_steps=2, batch_size=32)["gender"]
-    tr.close()
+    before, after, history = distribution_shift(fresh(), PROMPT, cfg)
     assert before >= 0.85
-    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in res.history])
+    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in history])
     assert before - after[0] >= 0.25
 
 

@@ -18,15 +18,9 @@ import fastfair
 from fastfair import dft
 from fastfair.dft import DFTError, DFTTrainer
 
-from dft_helpers import RedClassifier, small
+from dft_helpers import RedClassifier, distribution_shift, needs_peft, small
 
 PROMPT = "a photo of the face of a doctor"
-try:
-    import peft  # noqa: F401
-    HAVE_PEFT = True
-except ImportError:
-    HAVE_PEFT = False
-needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
 MODELS = ("tiny-sd3", "tiny-flux")
 
 
@@ -244,24 +238,13 @@ def test_sd3_transformer_lora_moves_the_distribution():
     """Five transformer-LoRA steps on tiny-sd3 move the stand-in classifier's distribution from 87.5/12.5 to within
     15 points of 50/50 (as the UNet test in test_dft.py): the adjusted flow gradient trains. The transformer LoRA
     starts with B = 0, so its first gradients are small (norm ~0.02): a larger learning rate than the text LoRA's."""
-    pipe = fastfair.load_pipeline("tiny-sd3")
-    clf = RedClassifier()
     torch.manual_seed(0)
     cfg = dft.DFTConfig(images_per_prompt=8, sampling_steps=(2, 2), steps=5, quality_weight=0.0, ema_decay=None,
                         lr=0.1, adam_betas=(0.0, 0.999), rank=4, checkpoint_every=0, height=64, width=64,
                         gradient_checkpointing=False, trainable="transformer-lora", target={"gender": [0.5, 0.5]})
-    tr = DFTTrainer(pipe, [PROMPT], clf, cfg, quality_encoder=None)
-    seeds = range(100, 132)
-    with torch.no_grad():
-        noise = torch.cat([tr.noises(1, torch.Generator().manual_seed(s)) for s in seeds])
-        red = tr.sample(PROMPT, noise, 2, grad=False)[:, 0].mean((1, 2))
-    clf.b, clf.a = float(torch.quantile(red, 0.1)), 1.0 / float(red.std())
-    before = float((red > clf.b).float().mean())
-    res = tr.train(progress=False)
-    after = tr.measure(seeds=seeds, n_steps=2, batch_size=32)["gender"]
-    tr.close()
+    before, after, history = distribution_shift(fastfair.load_pipeline("tiny-sd3"), PROMPT, cfg)
     assert before >= 0.85
-    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in res.history])
+    assert abs(after[0] - 0.5) <= 0.15, (before, after, [r["distribution"] for r in history])
     assert before - after[0] >= 0.25
 
 

@@ -18,15 +18,9 @@ from fastfair import alignment, dft, faces
 from fastfair.dft import DFTConfig, DFTError, DFTTrainer
 from fastfair.faces import ARCFACE_TEMPLATE_112, Face, FaceCropper, FaceError
 
-from dft_helpers import RedClassifier, small, tiny_encoder
+from dft_helpers import RedClassifier, needs_peft, small, tiny_encoder
 
 PROMPT = "a photo of the face of a doctor"
-try:
-    import peft  # noqa: F401
-    HAVE_PEFT = True
-except ImportError:
-    HAVE_PEFT = False
-needs_peft = pytest.mark.skipif(not HAVE_PEFT, reason="peft is not installed (pip install 'fastfair[train]')")
 
 
 # --------------------------------------------------------------------------------------------
