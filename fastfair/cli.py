@@ -606,7 +606,7 @@ def _add_finetune(sub) -> None:
                    choices=("text-lora", "unet-lora", "text+unet-lora", "transformer-lora", "text+transformer-lora",
                             "soft-tokens"),
                    help="LoRA of the CLIP text encoder(s), of the UNet (SD 1.x/2.x, SDXL) or the transformer (SD3, "
-                        "Flux), or soft prefix tokens (SD 1.x/2.x, SDXL)")
+                        "Flux), or soft prefix tokens")
     d.add_argument("--rank", type=int, default=50, help="LoRA rank")
     d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")

@@ -596,10 +596,6 @@ def _check_kind(cfg: DFTConfig, kind: str) -> None:
             raise DFTError(f"{name}'s denoiser is a transformer, not a UNet: use trainable="
                            f"{cfg.trainable.replace('unet', 'transformer')!r} (--trainable "
                            f"{cfg.trainable.replace('unet', 'transformer')})")
-        if cfg.trainable == "soft-tokens":
-            raise DFTError(f"soft tokens are trained as a textual-inversion embedding of CLIP text encoders, which "
-                           f"{name}'s pipeline cannot load (its prompt is read by T5 too): use text-lora, "
-                           "transformer-lora or text+transformer-lora")
         if cfg.prompt_padding != "max_length":
             raise DFTError(f"prompt_padding='longest' reproduces the paper's SD 1.5 code; {name} is trained with its "
                            "pipeline's own padded conditioning (use 'max_length')")
@@ -614,6 +610,45 @@ def _check_kind(cfg: DFTConfig, kind: str) -> None:
         if kind == "sdxl" and cfg.prompt_padding != "max_length":
             raise DFTError("prompt_padding='longest' reproduces the paper's SD 1.5 code; SDXL pipelines are sampled "
                            "with their own 77-token conditioning (use 'max_length')")
+
+
+def mmdit_soft_token_names(token: str, k: int) -> list[str]:
+    """SD3 / Flux soft tokens: k distinct added tokens "<fastfair_0>" ... (their pipelines have no multi-vector
+    textual inversion, so the prompt spells every one of them out)."""
+    return [f"<{token.strip('<>')}_{i}>" for i in range(k)]
+
+
+def _soft_encoders(pipe, kind: str) -> list[tuple[str, str, str]]:
+    """(text encoder, tokenizer, file key) that soft tokens live in: every encoder that reads the prompt -- SD3's
+    CLIPs and T5, Flux's CLIP (pooled) and T5; SD 1.x/2.x's and SDXL's CLIPs."""
+    if kind == "sd":
+        return [("text_encoder", "tokenizer", "clip_l")]
+    out = [("text_encoder", "tokenizer", "clip_l")]
+    if kind in ("sdxl", "sd3"):
+        out.append(("text_encoder_2", "tokenizer_2", "clip_g"))
+    if kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+        out.append(("text_encoder_3", "tokenizer_3", "t5"))
+    if kind == "flux":
+        out.append(("text_encoder_2", "tokenizer_2", "t5"))
+    return out
+
+
+def _add_token_rows(enc, tok, names: list[str], rows: torch.Tensor | None) -> list[int]:
+    """Add ``names`` to the tokenizer (and rows to the encoder's embedding table where its ids fall outside it);
+    with ``rows`` (k, width) set their embeddings. Returns their ids."""
+    tok.add_tokens(names)
+    ids = tok.convert_tokens_to_ids(names)
+    emb = enc.get_input_embeddings()
+    if max(ids) >= emb.num_embeddings:   # T5's table already has spare rows past its 32100 pieces
+        try:
+            enc.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+        except TypeError:   # transformers without mean_resizing
+            enc.resize_token_embeddings(max(ids) + 1)
+        emb = enc.get_input_embeddings()
+    if rows is not None:
+        with torch.no_grad():
+            emb.weight[ids] = rows.to(emb.weight.device, emb.weight.dtype)
+    return ids
 
 
 def _check_untouched(pipe, cfg: DFTConfig, kind: str) -> None:
@@ -634,9 +669,10 @@ def _check_untouched(pipe, cfg: DFTConfig, kind: str) -> None:
                            "without them: load it afresh, or bake a LoRA to keep into the weights first with "
                            "pipe.fuse_lora(); pipe.unload_lora_weights()")
     if cfg.trainable == "soft-tokens":
-        for t in ("tokenizer", "tokenizer_2"):
+        first = mmdit_soft_token_names(cfg.token, 1)[0] if kind in ("sd3", "flux") else cfg.token
+        for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tok = getattr(pipe, t, None)
-            if tok is not None and cfg.token in tok.get_vocab():
+            if tok is not None and first in tok.get_vocab():
                 raise DFTError(f"the pipeline's {t} already has the token {cfg.token!r} (soft tokens of a previous "
                                "DFT trainer or a loaded textual inversion): load the pipeline afresh, or give another "
                                "token= (--token)")
@@ -959,18 +995,26 @@ class DFTTrainer:
 
     def _setup_soft_tokens(self):
         """k trainable token embeddings, one parameter (k, sum of the encoders' widths): on SDXL its first
-        columns are the tokens' embeddings in CLIP ViT-L, the rest in OpenCLIP ViT-bigG."""
+        columns are the tokens' embeddings in CLIP ViT-L, the rest in OpenCLIP ViT-bigG; on SD3 CLIP ViT-L,
+        OpenCLIP ViT-bigG, T5; on Flux CLIP ViT-L (its pooled embedding) and T5. SD 1.x/2.x and SDXL load them as a
+        multi-vector textual inversion ("<fastfair>", "<fastfair>_1", ...); SD3 and Flux as k added tokens
+        ("<fastfair_0>" ...) that the prompt spells out."""
         cfg, pipe = self.cfg, self.pipe
         g = torch.Generator().manual_seed(cfg.seed)
-        toks = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)]
-        inits, self._soft_cols, self._soft_hooks, col = [], [], [], 0
-        for name in self._text_encoders():
-            enc, tok = getattr(pipe, name), getattr(pipe, name.replace("text_encoder", "tokenizer"))
+        toks = (mmdit_soft_token_names(cfg.token, cfg.soft_tokens) if self._mmdit
+                else [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)])
+        inits, self._soft_cols, self._soft_keys, self._soft_hooks, col = [], [], [], [], 0
+        for name, tname, key in _soft_encoders(pipe, self.kind):
+            enc, tok = getattr(pipe, name), getattr(pipe, tname)
             w = enc.get_input_embeddings().weight
             init = torch.randn(cfg.soft_tokens, w.shape[1], generator=g) * float(w.std())
-            pipe.load_textual_inversion({cfg.token: init.to(w.dtype)}, token=cfg.token, text_encoder=enc,
-                                        tokenizer=tok)
+            if self._mmdit:
+                _add_token_rows(enc, tok, toks, init)
+            else:
+                pipe.load_textual_inversion({cfg.token: init.to(w.dtype)}, token=cfg.token, text_encoder=enc,
+                                            tokenizer=tok)
             ids = torch.tensor(tok.convert_tokens_to_ids(toks), device=self.device)
+            self._soft_keys.append(key)
             cols = slice(col, col + w.shape[1])
             col = cols.stop
             inits.append(init)
@@ -1042,7 +1086,15 @@ class DFTTrainer:
 
     def train_prompt(self, prompt: str) -> str:
         """The prompt the finetuned model is sampled with (soft tokens prefixed)."""
-        return f"{self.cfg.token} {prompt}" if self.cfg.trainable == "soft-tokens" else prompt
+        return f"{self.prompt_prefix} {prompt}" if self.cfg.trainable == "soft-tokens" else prompt
+
+    @property
+    def prompt_prefix(self) -> str | None:
+        """What a prompt starts with to use the soft tokens: the token (SD 1.x/2.x, SDXL), every token spelled out
+        (SD3, Flux); None without soft tokens."""
+        if self.cfg.trainable != "soft-tokens":
+            return None
+        return " ".join(mmdit_soft_token_names(self.cfg.token, self.cfg.soft_tokens)) if self._mmdit else self.cfg.token
 
     def _image_hw(self):
         vsf = self.pipe.vae_scale_factor
@@ -1775,11 +1827,14 @@ class DFTTrainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         soft = self.soft.detach().cpu().float()
-        if self._xl:  # SDXL's textual-inversion layout: load each with text_encoder= / tokenizer= (see README)
-            tensors = {name: soft[:, cols].contiguous() for name, cols in zip(("clip_l", "clip_g"), self._soft_cols)}
-        else:
+        meta = None
+        if self.kind == "sd":
             tensors = {self.cfg.token: soft.contiguous()}
-        save_file(tensors, str(path))
+        else:  # SDXL's textual-inversion layout (load each with text_encoder= / tokenizer=); SD3 / Flux add t5
+            tensors = {key: soft[:, cols].contiguous() for key, cols in zip(self._soft_keys, self._soft_cols)}
+            if self._mmdit:   # fastfair.dft.load_soft_tokens reads the model kind and the tokens from here
+                meta = {"fastfair_model_kind": self.kind, "fastfair_tokens": self.prompt_prefix}
+        save_file(tensors, str(path), metadata=meta)
         return path
 
     def save_outputs(self, out_dir: str | os.PathLike | None = None) -> DFTResult:
@@ -1788,7 +1843,7 @@ class DFTTrainer:
             raise DFTError("no out_dir to save to")
         out.mkdir(parents=True, exist_ok=True)
         soft = self.cfg.trainable == "soft-tokens"
-        res = DFTResult(out, self.step_idx, self.history, token=self.cfg.token if soft else None,
+        res = DFTResult(out, self.step_idx, self.history, token=self.prompt_prefix,
                         evaluations=self.evaluations)
         if soft:
             res.soft_tokens = self.save_soft_tokens(out / "soft_tokens.safetensors")
@@ -1828,9 +1883,11 @@ class DFTTrainer:
 
 def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) -> str:
     """Load a DFT soft-token file (``OUT/soft_tokens.safetensors`` or ``soft_tokens-ema.safetensors``) into ``pipe``
-    as textual inversion and return its placeholder token; prompts that start with it use the tokens. SD 1.x/2.x
-    files hold one tensor named by the token; SDXL files ``clip_l`` / ``clip_g`` (one per text encoder), whose
-    token is ``token``, else the run's ``dft.json`` beside the file, else ``<fastfair>``."""
+    and return what prompts start with to use them. SD 1.x/2.x files hold one tensor named by the token and SDXL
+    files ``clip_l`` / ``clip_g`` (one per text encoder), both loaded as textual inversion; the SDXL token is
+    ``token``, else the run's ``dft.json`` beside the file, else ``<fastfair>``. SD3 / Flux files add ``t5`` and name
+    their k tokens in their metadata; they are added to every tokenizer and returned spelled out
+    ("<fastfair_0> <fastfair_1> ...")."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -1840,15 +1897,25 @@ def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) ->
                        "OUT/soft_tokens.safetensors)")
     try:
         with safe_open(str(path), "pt") as f:
-            keys = sorted(f.keys())
+            keys, meta = sorted(f.keys()), (f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise DFTError(f"soft tokens {str(path)!r} is not a safetensors file ({e})") from e
     kind = _model_kind(pipe)
+    names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+    made_for = meta.get("fastfair_model_kind") or ("sdxl" if keys == ["clip_g", "clip_l"] else
+                                                  "sd" if len(keys) == 1 else None)
+    if made_for not in names:
+        raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {keys}; expected one named by its token, "
+                       "clip_l and clip_g, or those of SD3 / Flux with their metadata)")
+    if made_for != kind:
+        raise DFTError(f"{str(path)!r} holds {names[made_for]} soft tokens but the pipeline is "
+                       f"{type(pipe).__name__}: load them into the model they were trained on")
     sd = load_file(str(path))
-    if keys == ["clip_g", "clip_l"]:
-        if kind != "sdxl":
-            raise DFTError(f"{str(path)!r} holds SDXL soft tokens (clip_l / clip_g) but the pipeline is "
-                           f"{type(pipe).__name__}: load them into the SDXL model they were trained on")
+    parts = {key: (getattr(pipe, e), getattr(pipe, t)) for e, t, key in _soft_encoders(pipe, kind)}
+    if kind == "sd":
+        token = token or keys[0]
+        parts = {keys[0]: parts["clip_l"]}
+    elif kind == "sdxl":
         if token is None:
             run = path.parent / "dft.json"
             try:
@@ -1856,28 +1923,33 @@ def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) ->
             except (ValueError, KeyError, TypeError):
                 token = None
         token = token or "<fastfair>"
-        parts = (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
-    elif len(keys) == 1:
-        if kind != "sd":
-            raise DFTError(f"{str(path)!r} holds SD 1.x/2.x soft tokens (one embedding table) but the pipeline is "
-                           f"{type(pipe).__name__}: load them into the model they were trained on")
-        token = token or keys[0]
-        parts = ((keys[0], pipe.text_encoder, pipe.tokenizer),)
     else:
-        raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {keys}; expected one named by its token, "
-                       "or clip_l and clip_g)")
-    if token in (pipe.tokenizer.get_vocab() if hasattr(pipe.tokenizer, "get_vocab") else {}):
-        raise DFTError(f"the tokenizer already has the token {token!r} (soft tokens loaded twice, or a word of the "
-                       "vocabulary): give another --token / token=")
-    for key, enc, tok in parts:
+        if sorted(parts) != keys:
+            raise DFTError(f"{str(path)!r} holds soft tokens for the text encoders {keys} but this pipeline has "
+                           f"{sorted(parts)}: load them into the model they were trained on")
+        listed = meta.get("fastfair_tokens", "").split()
+        k = sd[keys[0]].shape[0]
+        toks = mmdit_soft_token_names(token, k) if token else listed
+        if len(toks) != k:
+            raise DFTError(f"{str(path)!r} names {len(toks)} tokens for its {k} embeddings")
+        token = " ".join(toks)
+    first = token.split()[0]
+    for key, (enc, tok) in parts.items():
+        if first in tok.get_vocab():
+            raise DFTError(f"the tokenizer already has the token {first!r} (soft tokens loaded twice, or a word of the "
+                           "vocabulary): give another --token / token=")
+    for key, (enc, tok) in parts.items():
         emb = sd[key]
         width = enc.get_input_embeddings().weight.shape[1]
         if emb.ndim != 2 or emb.shape[1] != width:
             raise DFTError(f"the soft tokens {key!r} in {str(path)!r} are {tuple(emb.shape)} but this text encoder's "
                            f"embeddings are {width} wide: they were trained on another model")
-        pipe.load_textual_inversion({token: emb.to(enc.dtype)}, token=token, text_encoder=enc, tokenizer=tok)
+    for key, (enc, tok) in parts.items():
+        if kind in ("sd3", "flux"):
+            _add_token_rows(enc, tok, token.split(), sd[key])
+        else:
+            pipe.load_textual_inversion({token: sd[key].to(enc.dtype)}, token=token, text_encoder=enc, tokenizer=tok)
     return token
-
 
 RUN_FILES = ("dft.json", "report.html", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
 
@@ -2104,18 +2176,8 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
         if path is not None:
             print(f"wrote {what}: {path}")
     if res.soft_tokens is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(res.soft_tokens), "pt") as f:
-            xl = "clip_g" in f.keys()
-        if xl:  # SDXL: one embedding per text encoder
-            print(f"use: sd = safetensors.torch.load_file('{res.soft_tokens}'); "
-                  f"pipe.load_textual_inversion(sd['clip_l'], token='{res.token}', text_encoder=pipe.text_encoder, "
-                  f"tokenizer=pipe.tokenizer); pipe.load_textual_inversion(sd['clip_g'], token='{res.token}', "
-                  f"text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2); prompts starting with {res.token}")
-        else:
-            print(f"use: pipe.load_textual_inversion('{res.soft_tokens}', token='{res.token}') and prompts starting "
-                  f"with {res.token}")
+        print(f"use: fastfair generate / audit --soft-tokens {res.soft_tokens}, or in Python "
+              f"fastfair.dft.load_soft_tokens(pipe, '{res.soft_tokens}') and prompts starting with {res.token}")
     elif res.lora_dir is not None:
         print(f"use: pipe.load_lora_weights('{res.lora_dir}')")
     if res.report is not None:

@@ -299,7 +299,6 @@ def _write_classifier(tmp_path):
 @pytest.mark.parametrize("kw,match", [
     (dict(trainable="unet-lora"), "transformer-lora"),
     (dict(trainable="text+unet-lora"), "text\\+transformer-lora"),
-    (dict(trainable="soft-tokens"), "textual-inversion"),
     (dict(prompt_padding="longest"), "max_length"),
     (dict(scheduler="dpm++"), "flow matching"),
     (dict(height=40), "divisible by 16"),
@@ -456,3 +455,52 @@ def test_cli_refuses_by_model_kind_before_loading(tmp_path, capsys, monkeypatch)
                    "--out", str(tmp_path / "run"), "--no-progress", *extra])
         assert rc == 1 and match in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# soft tokens on SD3 / Flux
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_soft_tokens_train_save_and_load(name, tmp_path):
+    """k added tokens ("<fastfair_0> ...") in every encoder that reads the prompt (SD3: both CLIPs and T5; Flux: CLIP
+    and T5), trained through the prompt's embeddings; fastfair.dft.load_soft_tokens on a fresh pipeline gives the
+    trained model's images, and the maps of the prompt's words still read their own tokens."""
+    from safetensors import safe_open
+
+    pipe = fastfair.load_pipeline(name)
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="soft-tokens", soft_tokens=2, lr=0.5, steps=2,
+                                                           height=64, width=64), quality_encoder=None, out_dir=tmp_path)
+    before = tr.soft.detach().clone()
+    res = tr.train(progress=False)
+    tr.close()
+    keys = ["clip_g", "clip_l", "t5"] if name == "tiny-sd3" else ["clip_l", "t5"]
+    with safe_open(str(res.soft_tokens), "pt") as f:
+        assert sorted(f.keys()) == keys and f.metadata()["fastfair_tokens"] == "<fastfair_0> <fastfair_1>"
+    moved = (tr.soft.detach() - before).abs()
+    for cols in tr._soft_cols:   # every encoder's embeddings were trained
+        assert moved[:, cols].max() > 0
+    assert res.token == "<fastfair_0> <fastfair_1>"
+
+    def images(p, prompt, maps=()):
+        gen = fastfair.generate(p, prompt, seeds=[0, 1], steps=3, height=64, width=64, maps=list(maps), progress=False)
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images]), gen
+
+    trained, _ = images(pipe, f"{res.token} {PROMPT}")
+    fresh_pipe = fastfair.load_pipeline(name)
+    base, _ = images(fresh_pipe, PROMPT)
+    assert dft.load_soft_tokens(fresh_pipe, res.soft_tokens) == res.token
+    loaded, gen = images(fresh_pipe, f"{res.token} {PROMPT}", maps=["doctor"])
+    assert (loaded - base).abs().mean() > 1.0
+    assert (loaded - trained).abs().max() <= 2.0
+    # the word's tokens sit two positions on, in CLIP's and T5's sequences (SD3 CLIP: BOS + 2 + 7 -> 10; T5 77 + 9)
+    from fastfair import concepts
+
+    pos = concepts.resolve(fresh_pipe, f"{res.token} {PROMPT}", "doctor").positions
+    plain = concepts.resolve(fastfair.load_pipeline(name), PROMPT, "doctor").positions
+    assert pos == tuple(p + 2 for p in plain) and pos == ((10, 86) if name == "tiny-sd3" else (9,))
+    with pytest.raises(DFTError, match="already has the token"):
+        dft.load_soft_tokens(fresh_pipe, res.soft_tokens)
+    other = "tiny-flux" if name == "tiny-sd3" else "tiny-sd3"
+    with pytest.raises(DFTError, match="soft tokens but the pipeline is"):
+        dft.load_soft_tokens(fastfair.load_pipeline(other), res.soft_tokens)
