@@ -134,14 +134,46 @@ def _add_finetuned_args(p, doing: str) -> None:
                    help=f"load DFT soft tokens (OUT/soft_tokens.safetensors or soft_tokens-ema.safetensors) before "
                         f"{doing} and start every prompt with them; the model is named MODEL+soft:<hash>")
     p.add_argument("--token", default=None,
-                   help="the soft tokens' placeholder (default: the one the file or its run's dft.json names)")
+                   help="the soft tokens' placeholder (default: the one the file or its run's dft.json names; SD3 / "
+                        "Flux files hold k tokens, named <TOKEN_0> ... <TOKEN_k-1> when --token TOKEN is given)")
+
+
+def _check_finetuned_args(args, texts=()) -> None:
+    """--lora / --soft-tokens / --token checked before any model loads: paths that exist and are what they say,
+    --token only with --soft-tokens and never inside a prompt (diffusers would rewrite the word that holds it)."""
+    from pathlib import Path
+
+    if args.token and not args.soft_tokens:
+        raise ValueError("--token names the placeholder of --soft-tokens: give --soft-tokens FILE too")
+    if args.token is not None and (not args.token.strip() or any(c in args.token for c in "{} ")):
+        raise ValueError(f"--token {args.token!r}: give one word without spaces or braces, e.g. '<fastfair>'")
+    if args.lora:
+        p = Path(args.lora)
+        if not p.exists():
+            raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
+        if p.is_dir() and (p / "dft.json").exists():
+            raise ValueError(f"--lora {args.lora!r} is a DFT run folder: give its LoRA, {str(p / 'lora')!r} (or "
+                             "lora-ema), or --soft-tokens for a soft-token run")
+        if p.name.startswith("soft_tokens"):
+            raise ValueError(f"--lora {args.lora!r} holds DFT soft tokens: load it with --soft-tokens")
+    if args.soft_tokens:
+        p = Path(args.soft_tokens)
+        if p.is_dir():
+            raise ValueError(f"--soft-tokens {args.soft_tokens!r} is a folder; give the soft-token file "
+                             "(OUT/soft_tokens.safetensors), or --lora for a LoRA folder")
+        if not p.is_file():
+            raise ValueError(f"--soft-tokens {args.soft_tokens!r}: no such file (fastfair finetune dft --trainable "
+                             "soft-tokens writes OUT/soft_tokens.safetensors)")
+        if args.token:
+            for t in texts:
+                if args.token in t:
+                    raise ValueError(f"--token {args.token!r} occurs in {t!r}: the pipeline would rewrite that word "
+                                     "into the soft tokens; choose a token that no prompt contains, e.g. '<fastfair>'")
 
 
 def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str, str | None]:
     """--edit, --lora, --soft-tokens applied to ``pipe``: the model's name for the run's settings and the soft
     tokens' placeholder (None without soft tokens)."""
-    from pathlib import Path
-
     if args.edit:
         from .mist import apply_file
 
@@ -150,9 +182,17 @@ def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str
         if verbose:
             print(f"applied MIST edit {args.edit} (concepts: {', '.join(edit.meta.get('concepts', []))})")
     if args.lora:
-        if not Path(args.lora).exists():
-            raise ValueError(f"--lora {args.lora!r} does not exist (fastfair finetune dft writes OUT/lora)")
-        pipe.load_lora_weights(args.lora)
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()   # "no LoRA keys associated to the UNet" for a text-encoder LoRA: expected
+        try:
+            pipe.load_lora_weights(args.lora)
+        except ValueError as e:
+            raise ValueError(f"--lora {args.lora!r} is not a LoRA diffusers can load ({e}); DFT soft tokens load "
+                             "with --soft-tokens") from None
+        finally:
+            dlog.set_verbosity(level)
         model += f"+lora:{_digest(args.lora)}"
     token = None
     if args.soft_tokens:
@@ -162,8 +202,6 @@ def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str
         model += f"+soft:{_digest(args.soft_tokens)}"
         if verbose:
             print(f"loaded soft tokens {args.soft_tokens}: prompts start with {token}")
-    elif args.token:
-        raise ValueError("--token names the placeholder of --soft-tokens: give --soft-tokens FILE too")
     return model, token
 
 
@@ -192,7 +230,7 @@ def _generate(args) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the generation in --out, --overwrite replaces it: give one")
     if not (args.resume and (Path(args.out) / PARTS).exists()):
-        check_out_dir(args.out, args.overwrite)  # before any work: a bad --out must not cost the generation
+        check_out_dir(args.out, args.overwrite, resuming=args.resume)  # before any work: a bad --out costs nothing
     parse_seeds(args.seeds)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -209,23 +247,31 @@ def _generate(args) -> int:
                                               scale=args.guide_scale, max_grad_norm=args.guide_max_grad_norm,
                                               on_large_grad=args.guide_on_large_grad, branch=args.guide_branch)
     edit_guidance = _edit_guidance(args)
+    _check_finetuned_args(args, [*args.prompt, args.attribution_prompt or "",
+                                 *(t for _, t, _ in (args.attribution or []))])
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
-    from .processors import default_guidance_scale
+    from .processors import guidance_scale_for
 
     model, token = _apply_finetuned(pipe, args, args.model, verbose=True)
-    prompts = [f"{token} {p}" for p in args.prompt] if token else args.prompt
+
+    def pre(text):   # every text the finetuned model encodes starts with the soft tokens, attribution prompts too
+        return f"{token} {text}" if token and text is not None else text
+
+    prompts = [pre(p) for p in args.prompt]
+    attribution_prompt = pre(args.attribution_prompt)
+    if guidance is not None and guidance.attribution_prompt is not None:
+        guidance.attribution_prompt = pre(guidance.attribution_prompt)
     attributions = None
     if args.attribution:
         attributions = {}
         for name, text, ws in args.attribution:
             if name in attributions:
                 raise ValueError(f"--attribution {name!r} given twice; give each name once")
-            attributions[name] = (text, ws)
+            attributions[name] = (pre(text), ws)
     # --attribution-prompt serves --maps and --guide; with --guide alone it is the guidance's only
-    kw = dict(maps=args.maps, attribution_prompt=args.attribution_prompt if (args.maps or not args.guide) else None,
+    kw = dict(maps=args.maps, attribution_prompt=attribution_prompt if (args.maps or not args.guide) else None,
               attributions=attributions, steps=args.steps,
-              guidance_scale=(args.guidance_scale if args.guidance_scale is not None
-                              else default_guidance_scale(pipe)),   # recorded resolved in the run's settings
+              guidance_scale=guidance_scale_for(pipe, args.guidance_scale),   # recorded resolved in the settings
               height=args.height, width=args.width, aggregation=args.aggregation,
               backend=args.backend, negative_prompt=args.negative_prompt)
     # everything the images and maps depend on (which model made them, too); a resumed run must match it
@@ -371,12 +417,15 @@ def _audit(args) -> int:
         raise ValueError("--guide-scale / --guide-max-grad-norm / --guide-on-large-grad / --guide-branch need "
                          "--guide-attribute SET")
     model, pipe, token = args.model, None, None
+    _check_finetuned_args(args, [args.template, args.inprompt_template or "", args.attribution_template])
     if args.edit or args.lora or args.soft_tokens:
         import torch
 
         from .pipelines import load_pipeline
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # under torchrun each process its own GPU (audit() sets the same device; this loads before it runs)
+        device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available()
+                                 else "cpu")
         pipe = load_pipeline(args.model, device=device,
                              dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"))
         model, token = _apply_finetuned(pipe, args, model)

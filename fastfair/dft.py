@@ -60,7 +60,7 @@ from .features import (PAPER_CLIP, PAPER_DINO, ClipFeatures, DinoFeatures, Featu
                        Resized, encoder_name, load_encoders)
 from .alignment import TargetError
 from .guidance import abar_at
-from .processors import default_guidance_scale, default_sample_size, denoiser
+from .processors import default_sample_size, denoiser, guidance_scale_for
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
            "grad_coefficients", "flow_grad_coefficients", "load_soft_tokens", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
@@ -546,12 +546,8 @@ def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
     mmdit = kind in ("sd3", "flux")
     if cfg.scheduler is None:
         cfg.scheduler = "pipeline" if mmdit else "dpm++"
-    if kind == "flux" and not getattr(pipe.transformer.config, "guidance_embeds", False):
-        if cfg.guidance_scale is not None:
-            raise DFTError("this Flux transformer has no guidance embedding (FLUX.1-schnell) and Flux has no CFG "
-                           f"batch: guidance_scale={cfg.guidance_scale} would have no effect; leave it unset")
-    elif cfg.guidance_scale is None:
-        cfg.guidance_scale = default_guidance_scale(pipe)
+    # None on a Flux transformer without a guidance embedding (FLUX.1-schnell: no guidance input, any value unused)
+    cfg.guidance_scale = guidance_scale_for(pipe, cfg.guidance_scale)
     if cfg.attention is None:
         cfg.attention = "diffusers" if mmdit else "fastfair"
 
@@ -724,6 +720,13 @@ class DFTTrainer:
         _resolve_defaults(cfg, self.kind, pipe)
         _check_for_model(cfg, self.kind, pipe)
         _check_untouched(pipe, cfg, self.kind)
+        if cfg.trainable == "soft-tokens":   # a pipeline rewrites every occurrence of the token, inside words too
+            names = mmdit_soft_token_names(cfg.token, cfg.soft_tokens) if self._mmdit else [cfg.token]
+            for p in [*self.prompts, *(cfg.eval_prompts or [])]:
+                hit = [t for t in names if t in p]
+                if hit:
+                    raise DFTError(f"the soft token {hit[0]!r} occurs in the prompt {p!r}: the pipeline would rewrite "
+                                   "it; choose a token that no prompt contains (token= / --token)")
         if self._mmdit:   # as the pipelines require (SD3 refuses, Flux silently rounds down)
             mult = pipe.vae_scale_factor * (2 if self.kind == "flux" else self.net.config.patch_size)
             hw = self._image_hw()

@@ -16,7 +16,8 @@ from . import concepts, metrics
 from ._env import provenance
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import default_guidance_scale, default_sample_size, denoiser, is_flux, is_patched, patch, unpatch
+from .processors import (default_guidance_scale, default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched,
+                         patch, unpatch)
 
 
 class NonFiniteError(FloatingPointError):
@@ -298,7 +299,7 @@ def _remove_outputs(out: Path, keep=()) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> Path:
     """The output folder of ``Generation.save``, checked before any work: not a file, and not holding an
     earlier generation's outputs unless ``overwrite``."""
     out = Path(out_dir)
@@ -312,6 +313,9 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         if (out / PARTS).exists():
             raise ValueError(f"output folder {str(out)!r} holds an unfinished generation: continue it with --resume "
                              "(the same settings), or start over with --overwrite")
+        if found and resuming:
+            raise ValueError(f"output folder {str(out)!r} holds a finished generation ({', '.join(found)}): nothing to "
+                             "resume. Choose another folder, or start over with --overwrite")
         if found:
             raise ValueError(f"output folder {str(out)!r} already holds a generation ({', '.join(found)}); its images "
                              "and maps would mix with the new ones. Choose another folder, or overwrite it "
@@ -458,8 +462,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if net is None:
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
-    if guidance_scale is None:
-        guidance_scale = default_guidance_scale(pipe)
+    guidance_scale = guidance_scale_for(pipe, guidance_scale)
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if negative_prompt is not None and is_flux(net):
             raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "

@@ -77,6 +77,16 @@ def default_sample_size(pipe) -> int:
     return getattr(net.config, "sample_size", None) or getattr(pipe, "default_sample_size", 64)
 
 
+def guidance_scale_for(pipe, value: float | None = None) -> float | None:
+    """The guidance scale a run uses and records: ``value``, or when None :func:`default_guidance_scale`; None for a
+    Flux transformer without a guidance embedding (FLUX.1-schnell), which has no guidance input at all (any value
+    is unused there, e.g. the 0.0 diffusers' examples pass)."""
+    net = denoiser(pipe)
+    if is_flux(net) and not getattr(net.config, "guidance_embeds", False):
+        return None
+    return default_guidance_scale(pipe) if value is None else value
+
+
 def default_guidance_scale(pipe) -> float:
     """The guidance scale used when none is given: 7.5 on UNet pipelines (SD 1.x/2.x, SDXL; BiasMap's and the DFT
     paper's setting), the pipeline's own default on SD3 (7.0) and Flux (3.5: FLUX.1-dev's distilled guidance

@@ -382,16 +382,20 @@ def test_untrainable_schedules_are_refused_up_front(config, steps, match):
 
 
 def test_flux_without_guidance_embedding():
-    """FLUX.1-schnell has no guidance input: no scale is used or recorded, and a given one is refused."""
+    """FLUX.1-schnell has no guidance input: no scale is used or recorded (DFT and generate), whatever is given."""
     from diffusers import FluxTransformer2DModel
 
     pipe = fastfair.load_pipeline("tiny-flux")
     torch.manual_seed(0)
     pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
-    for gs in (3.5, 5.0):
-        with pytest.raises(DFTError, match="no guidance embedding"):
-            DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", guidance_scale=gs),
-                       quality_encoder=None)
+    for gs in (0.0, 5.0):   # no guidance input: any value is unused and recorded as none
+        tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", guidance_scale=gs),
+                        quality_encoder=None)
+        assert tr.cfg.guidance_scale is None
+        tr.close()
+        pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
+    gen = fastfair.generate(pipe, PROMPT, seeds=[0], steps=2, height=64, width=64, guidance_scale=0.0, progress=False)
+    assert gen.config["guidance_scale"] is None
     tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", height=64, width=64),
                     quality_encoder=None)
     assert tr.cfg.guidance_scale is None

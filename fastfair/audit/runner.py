@@ -150,6 +150,15 @@ def _resolve_or_raise(pipe, text: str, word: str, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------ plan
 
+def attribution_prompt(template: str, profession: str, word: str, prompt: str, prefix: str | None = None) -> str:
+    """The open-vocabulary attribution prompt of an image of ``prompt``. With a prompt prefix (DFT's soft tokens)
+    it is built from the prompt without the prefix and then prefixed, as every text the finetuned model encodes:
+    the same text whether the template says {prompt} or spells the prompt out."""
+    pre = f"{prefix} " if prefix else ""
+    plain = prompt[len(pre):] if pre and prompt.startswith(pre) else prompt
+    return pre + P.fill(template, profession, attribute=word, prompt=plain)
+
+
 def build_plan(professions, seeds, template, sets, modes, inprompt_template, model, settings_hash) -> list[WorkItem]:
     items: list[WorkItem] = []
 
@@ -355,7 +364,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None)
                                                                   or type(pipe).__name__)
         dev = pipe.device
-        from ..processors import default_guidance_scale, default_sample_size, denoiser
+        from ..processors import default_sample_size, denoiser, guidance_scale_for
 
         net = denoiser(pipe)
         if net is None:
@@ -363,8 +372,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                                   "diffusion pipeline fastfair can audit")
         size = default_sample_size(pipe) * pipe.vae_scale_factor
         height, width = height or size, width or size
-        if guidance_scale is None:   # recorded resolved: runs of one model with and without the flag are one run
-            guidance_scale = default_guidance_scale(pipe)
+        # recorded resolved: runs of one model with and without the flag are one run
+        guidance_scale = guidance_scale_for(pipe, guidance_scale)
         if edit_guidance is not None:
             from ..sega import check_edit_guidance
 
@@ -387,9 +396,16 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                     open_words.append(st.open_word)
         for prof in professions:
             prompt = P.fill(template, prof)
+            if prompt_prefix:   # a pipeline rewrites every occurrence of a soft token, the word holding it too
+                plain = P.fill(measured["template"], prof)
+                hit = [t for t in prompt_prefix.split() if t in plain]
+                if hit:
+                    raise AuditInputError(f"the soft token {hit[0]!r} occurs in the prompt {plain!r}: the pipeline "
+                                          "would rewrite that word into the soft tokens; load them under another "
+                                          "token (--token)")
             _resolve_or_raise(pipe, prompt, prof, f"profession {prof!r} in the prompt made from the template")
             for w in open_words:
-                ap = P.fill(attribution_template, prof, attribute=w, prompt=prompt)
+                ap = attribution_prompt(attribution_template, prof, w, prompt, prompt_prefix)
                 _resolve_or_raise(pipe, ap, prof, f"profession {prof!r} in the attribution prompt {ap!r} "
                                                   f"(attribution template {attribution_template!r})")
                 _resolve_or_raise(pipe, ap, w, f"attribute word {w!r} missing from the attribution prompt {ap!r} "
@@ -601,8 +617,8 @@ class _BatchContext:
         gen = None
         if first.kind == "neutral":
             # one generation: every open word's attribution prompt is read from the same UNet pass
-            attributions = {w: (P.fill(self.attribution_template, prof, attribute=w, prompt=prompt), [prof, w])
-                            for w in self.open_words}
+            attributions = {w: (attribution_prompt(self.attribution_template, prof, w, prompt, self.prompt_prefix),
+                                [prof, w]) for w in self.open_words}
             guidance = None
             if self.guide is not None:
                 from ..guidance import EntanglementGuidance

@@ -143,8 +143,10 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
         for w in words:
             ent["open"][w] = {
                 "sets": [n for n, a in attrs.items() if a["open_word"] == w],
-                "attribution_example": fill(st["attribution_template"], professions[0], attribute=w,
-                                            prompt=fill(st["template"], professions[0])),
+                # the prompt actually read (soft tokens' prefix included, as runner.attribution_prompt builds it)
+                "attribution_example": (f"{st['prompt_prefix']} " if st.get("prompt_prefix") else "")
+                + fill(st["attribution_template"], professions[0], attribute=w,
+                       prompt=fill(st["template"], professions[0])),
                 "iou": _entanglement_block(neutral, professions, f"iou_open_{slug(w)}", n_boot, seed, level),
                 "soft_iou": _entanglement_block(neutral, professions, f"softiou_open_{slug(w)}", n_boot, seed, level),
             }
