@@ -26,7 +26,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--seeds", default="0", help="seeds: 0-3, or 0,2,5")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
+                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults); "
+                        "FLUX.1-schnell has no guidance input (recorded as none)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
@@ -364,7 +365,8 @@ def _add_audit(sub) -> None:
                    help="target distribution of a set, e.g. age=0.75,0.25 (default uniform); repeatable")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults)")
+                   help="default 7.5; on SD3 7.0 and on Flux 3.5 (the pipelines' own defaults); "
+                        "FLUX.1-schnell has no guidance input (recorded as none)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--negative-prompt", default=None)
@@ -659,7 +661,8 @@ def _add_finetune(sub) -> None:
     d.add_argument("--rank", type=int, default=50, help="LoRA rank")
     d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")
-    d.add_argument("--token", default="<fastfair>", help="the soft tokens' placeholder")
+    d.add_argument("--token", default="<fastfair>",
+                   help="the soft tokens' placeholder (SD3 / Flux: the k tokens <TOKEN_0> ... <TOKEN_k-1>)")
     d.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     d.add_argument("--images-per-prompt", type=int, default=8, help="N, the images whose distribution is aligned")
     d.add_argument("--batch-size", type=int, default=None, help="images per backward pass (default N)")
@@ -668,7 +671,8 @@ def _add_finetune(sub) -> None:
                    help="sampler while training (default: dpm++ as the paper on UNets; the pipeline's flow-matching "
                         "Euler on SD3 / Flux, the only one there)")
     d.add_argument("--guidance-scale", type=float, default=None,
-                   help="default 7.5 (the paper) on UNets, 7.0 on SD3, 3.5 on Flux (its guidance embedding)")
+                   help="default 7.5 (the paper) on UNets, 7.0 on SD3, 3.5 on Flux (its guidance embedding; none "
+                        "on FLUX.1-schnell)")
     d.add_argument("--prompt-padding", default="max_length", choices=("max_length", "longest"),
                    help="text conditioning while training: max_length (77 tokens, as pipelines sample) or longest "
                         "(the paper's code: the prompt's tokens only, the empty prompt padded to their length)")

@@ -1,6 +1,8 @@
 """Words -> token positions in a prompt's tokenization (the key positions of cross-attention).
 
 Positions count the BOS token: in "a photo of a doctor", "doctor" is key position 5.
+A multi-vector textual-inversion token (DFT's soft tokens on SD 1.x/2.x and SDXL) counts as its k tokens, as the
+pipelines expand it (:func:`expand_multi_vector`), so the words after it sit k - 1 positions further on.
 A word made of several sub-word tokens ("janitor" = jan + itor, "African-American" = african - american)
 resolves to all of its positions; its map is the mean over them. A word that occurs more than once
 resolves to every occurrence (as DAAM does). Matching is on whole BPE tokens, so "a" never matches

@@ -3,7 +3,7 @@
 Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024). One iteration:
 
 1. pick a prompt, draw N initial noises and a number of sampling steps (19-23 in the paper);
-2. sample the N images *with gradients* (DPM-Solver++ by default, classifier-free guidance). The
+2. sample the N images *with gradients* (on UNets DPM-Solver++ by default, classifier-free guidance). The
    UNet is fed *detached* latents, so no gradient flows z_t -> eps_hat across steps; the latents
    still carry gradient through the solver's update, which makes every step's eps_hat reach the
    image. Each step's eps_hat gradient is multiplied by
@@ -24,10 +24,13 @@ Shen et al., "Finetuning Text-to-Image Diffusion Models for Fairness" (ICLR 2024
 
 Trainables: LoRA (peft) on the text encoder (default) and/or the UNet, or k soft prefix tokens
 (saved as a textual-inversion embedding). SD3 and Flux (fastfair's extension): LoRA on the CLIP text encoders
-and/or the transformer; the sampler is the pipeline's flow-matching Euler loop, each step's velocity gradient
-scaled by 1 / (sigma_i - sigma_(i+1)) (:func:`flow_grad_coefficients`), the analogue of the c_t above. Cross-attention runs through ``fastfair.ops`` by
-default (``attention="fastfair"``): fastfair's patched processor, whose backward recomputes the
-attention probabilities instead of keeping them.
+and/or the transformer, or k soft tokens added to every tokenizer that reads the prompt (CLIPs and T5; loaded with
+:func:`load_soft_tokens`); the sampler is the pipeline's flow-matching Euler loop, each step's velocity gradient
+scaled by 1 / (sigma_i - sigma_(i+1)) (:func:`flow_grad_coefficients`), the analogue of the c_t above. On UNets
+cross-attention runs through ``fastfair.ops`` by default (``attention="fastfair"``): fastfair's patched
+processor, whose backward recomputes the attention probabilities instead of keeping them; on SD3 / Flux the
+default is diffusers' SDPA (``attention="diffusers"``). The model-dependent defaults (scheduler, guidance scale,
+attention) are resolved into the trainer's copy of the config (``trainer.cfg``).
 
 Classifier protocol (``classifier=`` of :class:`DFTTrainer`): anything :func:`as_differentiable`
 accepts -- a ``torch.nn.Module`` or callable mapping images as a float tensor (N, 3, H, W) in [0, 1]
@@ -337,14 +340,15 @@ class DFTConfig:
     target: Mapping[str, Sequence[float]] | None = None   # per attribute, in label order; default uniform
     joint_target: Sequence[float] | None = None    # over the joint classes (row-major); overrides `target`
     trainable: str = "text-lora"                   # text-lora | unet-lora | text+unet-lora | soft-tokens; on SD3 /
-                                                   # Flux: text-lora | transformer-lora | text+transformer-lora
+                                                   # Flux: text-lora | transformer-lora | text+transformer-lora |
+                                                   # soft-tokens
     rank: int = 50
     lora_alpha: float | None = None                # None: = rank (scale 1)
     text_lora_modules: Sequence[str] = TEXT_LORA_MODULES
     unet_lora_modules: Sequence[str] = UNET_LORA_MODULES
     transformer_lora_modules: Sequence[str] = TRANSFORMER_LORA_MODULES
     soft_tokens: int = 4                           # k, for trainable="soft-tokens"
-    token: str = "<fastfair>"
+    token: str = "<fastfair>"                      # SD3 / Flux: the k tokens are <fastfair_0> ... <fastfair_k-1>
     images_per_prompt: int = 8                     # N: the batch the distribution is aligned over
     batch_size: int | None = None                  # images per backward pass (None: all N in one pass)
     steps: int = 1000                              # optimisation steps
@@ -352,7 +356,8 @@ class DFTConfig:
     scheduler: str | None = None                   # dpm++ | ddim | pipeline; None: dpm++ (the paper's) on UNets,
                                                    # the pipeline's flow-matching Euler on SD3 / Flux
     guidance_scale: float | None = None            # None: 7.5 (the paper's) on UNets, 7.0 on SD3, 3.5 on Flux (its
-                                                   # distilled guidance embedding; Flux has no CFG batch)
+                                                   # distilled guidance embedding; Flux has no CFG batch); always
+                                                   # None on FLUX.1-schnell (no guidance input)
     prompt_padding: str = "max_length"             # max_length (77 tokens, as pipelines) | longest (the paper's
                                                    # code: BOS..EOS only, the empty prompt padded to that length)
     height: int | None = None
@@ -675,8 +680,10 @@ def _check_untouched(pipe, cfg: DFTConfig, kind: str) -> None:
 
 
 class DFTTrainer:
-    """Adjusted DFT on a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline; the pipeline is changed in place (adapters or
-    soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs ``config.steps``.
+    """Adjusted DFT on a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline; the pipeline is changed in place
+    (adapters or soft tokens are added and trained). ``step()`` runs one iteration; ``train()`` runs
+    ``config.steps``. ``config`` is copied: the settings left to the model (None: scheduler, guidance scale,
+    attention) are resolved in ``trainer.cfg``, the caller's object is not changed.
 
     ``prompts``: the training prompts. ``classifier``: see the module docstring (``labels`` goes to
     :func:`as_differentiable`). ``quality_encoder``: see :func:`load_quality_encoders` ("clip", the default, is
@@ -992,8 +999,9 @@ class DFTTrainer:
         return out
 
     def _text_encoders(self) -> tuple[str, ...]:
-        """The pipeline's text encoders that LoRA / soft tokens train: the CLIP encoders the pipeline's LoRA loader
-        reads -- SDXL's and SD3's two, SD 1.x/2.x's one, Flux's one (its pooled embedding); not SD3's / Flux's T5."""
+        """The pipeline's text encoders that text LoRA trains: the CLIP encoders the pipeline's LoRA loader reads --
+        SDXL's and SD3's two, SD 1.x/2.x's one, Flux's one (its pooled embedding); not SD3's / Flux's T5 (soft tokens
+        live in every encoder: :func:`_soft_encoders`)."""
         return ("text_encoder", "text_encoder_2") if self.kind in ("sdxl", "sd3") else ("text_encoder",)
 
     def _setup_soft_tokens(self):
@@ -1823,8 +1831,9 @@ class DFTTrainer:
         return Path(out_dir)
 
     def save_soft_tokens(self, path: str | os.PathLike) -> Path:
-        """A textual-inversion file: ``pipe.load_textual_inversion(path, token=...)``, then prompts that start
-        with the token (``fastfair.generate(pipe, "<fastfair> a photo of ...")``)."""
+        """The soft-token file; :func:`load_soft_tokens` loads every kind (SD 1.x/2.x: a textual-inversion file,
+        ``pipe.load_textual_inversion(path, token=...)``; SDXL: clip_l / clip_g, one per encoder; SD3 / Flux: clip_l,
+        clip_g, t5 with the tokens in the metadata), then prompts that start with :attr:`prompt_prefix`."""
         from safetensors.torch import save_file
 
         path = Path(path)

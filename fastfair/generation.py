@@ -431,7 +431,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     ``Generation.diagnostics``. ``edit_guidance`` takes a ``fastfair.SemanticGuidance`` (SEGA) or
     ``fastfair.FairDiffusion`` (SD 1.x/2.x, SDXL and SD3, with classifier-free guidance); it combines with
     ``guidance`` as in BiasMap's released code, and its editing prompts get no maps. ``guidance_scale``
-    defaults to 7.5 on UNet pipelines, to the pipeline's own default on SD3 (7.0) and Flux (3.5).
+    defaults to 7.5 on UNet pipelines, to the pipeline's own default on SD3 (7.0) and Flux (3.5); FLUX.1-schnell
+    has no guidance input (None, whatever is given).
     """
     from contextlib import ExitStack
 

@@ -249,11 +249,12 @@ def test_sd3_transformer_lora_moves_the_distribution():
 
 
 @needs_peft
-def test_flow_fastfair_attention_gives_diffusers_gradients():
-    """attention='fastfair' routes SD3's image queries through fastfair.ops: the same images and gradients."""
+@pytest.mark.parametrize("name", MODELS)
+def test_flow_fastfair_attention_gives_diffusers_gradients(name):
+    """attention='fastfair' routes the image queries through fastfair.ops: the same images and gradients."""
     out = []
     for att in ("diffusers", "fastfair"):
-        pipe, tr = _flow("tiny-sd3", attention=att)
+        pipe, tr = _flow(name, attention=att)
         with torch.no_grad():
             for p in tr.params:
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
