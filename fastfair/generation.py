@@ -16,8 +16,8 @@ from . import concepts, metrics
 from ._env import provenance
 from ._io import atomic_write
 from .maps import Aggregation, MapRecorder
-from .processors import (default_guidance_scale, default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched,
-                         patch, unpatch)
+from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
+                         unpatch)
 
 
 class NonFiniteError(FloatingPointError):
@@ -194,7 +194,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         from .sega import check_edit_guidance
 
         gs = kwargs.get("guidance_scale")
-        check_edit_guidance(pipe, kwargs["edit_guidance"], default_guidance_scale(pipe) if gs is None else gs, seeds,
+        check_edit_guidance(pipe, kwargs["edit_guidance"], guidance_scale_for(pipe, gs), seeds,
                             kwargs.get("steps", 50))
     out = Path(out_dir)
     run_file = out / PARTS / "run.json"

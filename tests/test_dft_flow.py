@@ -382,7 +382,7 @@ def test_untrainable_schedules_are_refused_up_front(config, steps, match):
                    quality_encoder=None)
 
 
-def test_flux_without_guidance_embedding():
+def test_flux_without_guidance_embedding(tmp_path):
     """FLUX.1-schnell has no guidance input: no scale is used or recorded (DFT and generate), whatever is given."""
     from diffusers import FluxTransformer2DModel
 
@@ -397,6 +397,12 @@ def test_flux_without_guidance_embedding():
         pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
     gen = fastfair.generate(pipe, PROMPT, seeds=[0], steps=2, height=64, width=64, guidance_scale=0.0, progress=False)
     assert gen.config["guidance_scale"] is None
+    from fastfair.audit import audit
+
+    res = audit("schnell-like", "list:doctor", pipeline=pipe, seeds=1, steps=2, height=64, width=64, classifier=None,
+                entanglement="open", out=tmp_path / "audit", n_boot=0, progress=False)
+    assert json.loads((res.run_dir / "audit.json").read_text())["settings"]["generation"]["guidance_scale"] is None
+    assert "no guidance input" in (res.run_dir / "report.html").read_text()
     tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="transformer-lora", height=64, width=64),
                     quality_encoder=None)
     assert tr.cfg.guidance_scale is None

@@ -318,7 +318,9 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                  f"template “{E(st['template'])}” · "
                  + (f"every prompt starts with {E(st['prompt_prefix'])} (soft tokens) · " if st.get("prompt_prefix")
                     else "") +
-                 f"{st['generation']['steps']} steps, guidance {st['generation']['guidance_scale']}, "
+                 f"{st['generation']['steps']} steps, "
+                 + (f"guidance {st['generation']['guidance_scale']}, " if st['generation'].get('guidance_scale') is not None
+                    else "no guidance input, ") +
                  f"{st['generation']['width']}×{st['generation']['height']}, {E(st['dtype'])}"
                  + _mitigation(st['generation'])
                  + (f" · distributions of each image's largest face ({E(str(st['classifier']['face_crops']))}; "
