@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks still owed (issues 3, 4, 9), in device calls of <= 9 minutes each (A and B first; C if time is left):
 #   bash bench/gpu_next.sh A   setup, per-call cost (triton, native; Triton launch counts), Triton + native
-#                              CUDA tests (xdist, incl. the direct-launch path now on by default),
+#                              CUDA tests (xdist, incl. the direct-launch path now on by default; DFT's CUDA
+#                              autocast, Triton backward and SD3 bf16: carry the peft + accelerate wheels too),
 #                              `fastfair bench --suite kernels` (fp16; eager and CUDA-graph times)
 #   bash bench/gpu_next.sh B   setup, `fastfair bench --suite e2e` (random-weight SD1.5 and SDXL sizes),
 #                              guided sampling vs the reference style, SD3-medium-size attribution text streams,
@@ -47,7 +48,8 @@ if [ "$PART" = A ]; then
   timeout 90 python3 bench/triton_host_overhead.py --device cuda --calls 200 2>&1 | tail -8 | tee -a "$RES/overhead.txt"
   log "triton + native CUDA tests (8 workers)"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 150 330) python3 -m pytest -q -p no:cacheprovider --noconftest -n 8 \
-    tests/test_triton_xattn.py tests/test_triton_softiou.py tests/test_triton_engine.py > "$RES/tests.log" 2>&1; echo "rc=$?"
+    tests/test_triton_xattn.py tests/test_triton_softiou.py tests/test_triton_engine.py tests/test_dft_cuda.py \
+    > "$RES/tests.log" 2>&1; echo "rc=$?"
   timeout 60 python3 -m pytest -q -p no:cacheprovider --noconftest tests/test_native.py -k cuda >> "$RES/tests.log" 2>&1
   grep -E "passed|failed|error" "$RES/tests.log" | tee "$RES/tests.txt"
   log "fastfair bench kernels"
