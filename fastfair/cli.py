@@ -165,11 +165,14 @@ def _check_finetuned_args(args, texts=()) -> None:
         if not p.is_file():
             raise ValueError(f"--soft-tokens {args.soft_tokens!r}: no such file (fastfair finetune dft --trainable "
                              "soft-tokens writes OUT/soft_tokens.safetensors)")
-        if args.token:
+        from .dft import soft_token_names
+
+        for name in soft_token_names(p, args.token):   # from the file's header: no model needed
             for t in texts:
-                if args.token in t:
-                    raise ValueError(f"--token {args.token!r} occurs in {t!r}: the pipeline would rewrite that word "
-                                     "into the soft tokens; choose a token that no prompt contains, e.g. '<fastfair>'")
+                if name in t:
+                    raise ValueError(f"the soft token {name!r} occurs in {t!r}: it would be read as the soft token "
+                                     "(SD 1.x/2.x and SDXL rewrite the word holding it); load the tokens under a name "
+                                     "no prompt contains (--token)")
 
 
 def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str, str | None]:

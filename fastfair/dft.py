@@ -66,7 +66,7 @@ from .guidance import abar_at
 from .processors import default_sample_size, denoiser, guidance_scale_for
 
 __all__ = ["DFTConfig", "DFTTrainer", "DFTResult", "DFTError", "ClassifierMismatch", "ResumeError", "finetune_dft",
-           "grad_coefficients", "flow_grad_coefficients", "load_soft_tokens", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
+           "grad_coefficients", "flow_grad_coefficients", "load_soft_tokens", "soft_token_names", "ScaleGrad", "scale_grad", "as_differentiable", "DifferentiableClassifier",
            "ClipFeatures", "DinoFeatures", "Resized", "load_quality_encoders", "parse_targets", "TargetError"]
 
 CHECKPOINT_VERSION = 1
@@ -421,6 +421,9 @@ class DFTConfig:
             raise DFTError("images_per_prompt and batch_size must be >= 1")
         if self.rank < 1 or self.soft_tokens < 1:
             raise DFTError("rank and soft_tokens must be >= 1")
+        if not isinstance(self.token, str) or not self.token.strip("<>") or any(c.isspace() or c in "{}"
+                                                                                for c in self.token):
+            raise DFTError(f"token must be one word without spaces or braces, e.g. '<fastfair>'; got {self.token!r}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise DFTError(f"ema_decay must be in [0, 1) or None; got {self.ema_decay}")
         if self.checkpoint_every < 0:
@@ -632,6 +635,22 @@ def _soft_encoders(pipe, kind: str) -> list[tuple[str, str, str]]:
     if kind == "flux":
         out.append(("text_encoder_2", "tokenizer_2", "t5"))
     return out
+
+
+def _fix_clip_pooling(enc, tok) -> None:
+    """CLIP text encoders whose config keeps the legacy ``eos_token_id = 2`` (openai/clip-vit-large-patch14 and the
+    encoders copied from it: SD 1.5, SDXL, SD3, FLUX.1) pool at the *highest token id* of the prompt, which is EOS
+    only until tokens are added: with soft tokens the pooled embedding would be read at the last soft token, before
+    any word (CLIP is causal), and no longer depend on the prompt. Point the encoder at the tokenizer's real EOS id:
+    for prompts without added tokens the pooled position is the same (the first EOS is the highest id)."""
+    tm = getattr(enc, "text_model", enc)   # transformers 5's CLIPTextModel pools itself; older ones in text_model
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None or getattr(tm, "eos_token_id", None) != 2 or eos == 2:
+        return
+    tm.eos_token_id = eos
+    enc.config.eos_token_id = eos
+    if hasattr(enc.config, "text_config"):
+        enc.config.text_config.eos_token_id = eos
 
 
 def _add_token_rows(enc, tok, names: list[str], rows: torch.Tensor | None) -> list[int]:
@@ -1015,10 +1034,12 @@ class DFTTrainer:
         toks = (mmdit_soft_token_names(cfg.token, cfg.soft_tokens) if self._mmdit
                 else [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.soft_tokens)])
         inits, self._soft_cols, self._soft_keys, self._soft_hooks, col = [], [], [], [], 0
+        self._soft_tables = []
         for name, tname, key in _soft_encoders(pipe, self.kind):
             enc, tok = getattr(pipe, name), getattr(pipe, tname)
             w = enc.get_input_embeddings().weight
             init = torch.randn(cfg.soft_tokens, w.shape[1], generator=g) * float(w.std())
+            _fix_clip_pooling(enc, tok)
             if self._mmdit:
                 _add_token_rows(enc, tok, toks, init)
             else:
@@ -1026,6 +1047,7 @@ class DFTTrainer:
                                             tokenizer=tok)
             ids = torch.tensor(tok.convert_tokens_to_ids(toks), device=self.device)
             self._soft_keys.append(key)
+            self._soft_tables.append((enc, ids))
             cols = slice(col, col + w.shape[1])
             col = cols.stop
             inits.append(init)
@@ -1054,7 +1076,17 @@ class DFTTrainer:
 
     def close(self):
         """Detach fastfair's patch (when the trainer installed it) and the checkpointing switch; the trained
-        adapters / soft tokens stay in the pipeline."""
+        adapters / soft tokens stay in the pipeline (soft tokens: written into the encoders' embedding tables, the
+        training hooks removed, so that ``pipe.save_pretrained`` keeps them)."""
+        if getattr(self, "_soft_hooks", None):
+            with torch.no_grad():
+                for (enc, ids), cols in zip(self._soft_tables, self._soft_cols):
+                    emb = enc.get_input_embeddings().weight
+                    emb[ids.to(emb.device)] = self.soft[:, cols].detach().to(emb.device, emb.dtype)
+            for h in self._soft_hooks:
+                h.remove()
+            self._soft_hooks = []
+        self._closed = True
         for name, was in self._ckpt_state.items():
             m = getattr(self.pipe, name)
             m.enable_gradient_checkpointing() if was else m.disable_gradient_checkpointing()
@@ -1405,6 +1437,9 @@ class DFTTrainer:
 
     def step(self) -> dict:
         """One DFT iteration; returns its metrics (loss, its parts, this batch's class frequencies...)."""
+        if getattr(self, "_closed", False):
+            raise DFTError("this trainer was closed (its soft tokens / adapters were handed to the pipeline): make a "
+                           "new DFTTrainer, with resume= to continue from a checkpoint")
         # the attention route must hold through backward too: checkpointed blocks are recomputed there
         with self._attention():
             rec = self._step()
@@ -1893,6 +1928,42 @@ class DFTTrainer:
         return res
 
 
+def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[str]:
+    """The tokens a soft-token file puts into prompts, read from its header (no model needed): SD 1.x/2.x the
+    file's token (or ``token``), SDXL ``token`` / the run's dft.json / ``<fastfair>``, SD3 / Flux the k names in its
+    metadata (``token`` T gives <T_0> ...; the spelled-out prefix "<a> <b>" is accepted as it is)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys, meta = sorted(f.keys()), (f.metadata() or {})
+            k = f.get_slice(keys[0]).get_shape()[0] if keys else 0
+    except (SafetensorError, OSError) as e:
+        raise DFTError(f"soft tokens {str(path)!r} is not a safetensors file ({e})") from e
+    if meta.get("fastfair_model_kind") in ("sd3", "flux"):
+        if token and len(token.split()) > 1:
+            names = token.split()
+        else:
+            names = mmdit_soft_token_names(token, k) if token else meta.get("fastfair_tokens", "").split()
+        if len(names) != k:
+            raise DFTError(f"soft tokens {str(path)!r}: {len(names)} token names ({' '.join(names)!r}) for its {k} "
+                           "embeddings")
+        return names
+    if keys == ["clip_g", "clip_l"]:
+        if token is None:
+            run = Path(path).parent / "dft.json"
+            try:
+                token = json.loads(run.read_text())["config"]["token"] if run.exists() else None
+            except (ValueError, KeyError, TypeError):
+                token = None
+        return [token or "<fastfair>"]
+    if len(keys) == 1:
+        return [token or keys[0]]
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {shown}; expected one named by its token, "
+                   "clip_l and clip_g, or those of SD3 / Flux with their metadata); a LoRA loads with --lora")
+
+
 def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) -> str:
     """Load a DFT soft-token file (``OUT/soft_tokens.safetensors`` or ``soft_tokens-ema.safetensors``) into ``pipe``
     and return what prompts start with to use them. SD 1.x/2.x files hold one tensor named by the token and SDXL
@@ -1917,39 +1988,30 @@ def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) ->
     made_for = meta.get("fastfair_model_kind") or ("sdxl" if keys == ["clip_g", "clip_l"] else
                                                   "sd" if len(keys) == 1 else None)
     if made_for not in names:
-        raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {keys}; expected one named by its token, "
-                       "clip_l and clip_g, or those of SD3 / Flux with their metadata)")
+        soft_token_names(path)   # raises, naming the tensors
     if made_for != kind:
         raise DFTError(f"{str(path)!r} holds {names[made_for]} soft tokens but the pipeline is "
                        f"{type(pipe).__name__}: load them into the model they were trained on")
     sd = load_file(str(path))
     parts = {key: (getattr(pipe, e), getattr(pipe, t)) for e, t, key in _soft_encoders(pipe, kind)}
     if kind == "sd":
-        token = token or keys[0]
+        token = soft_token_names(path, token)[0]
         parts = {keys[0]: parts["clip_l"]}
     elif kind == "sdxl":
-        if token is None:
-            run = path.parent / "dft.json"
-            try:
-                token = json.loads(run.read_text())["config"]["token"] if run.exists() else None
-            except (ValueError, KeyError, TypeError):
-                token = None
-        token = token or "<fastfair>"
+        token = soft_token_names(path, token)[0]
     else:
         if sorted(parts) != keys:
             raise DFTError(f"{str(path)!r} holds soft tokens for the text encoders {keys} but this pipeline has "
                            f"{sorted(parts)}: load them into the model they were trained on")
-        listed = meta.get("fastfair_tokens", "").split()
-        k = sd[keys[0]].shape[0]
-        toks = mmdit_soft_token_names(token, k) if token else listed
-        if len(toks) != k:
-            raise DFTError(f"{str(path)!r} names {len(toks)} tokens for its {k} embeddings")
-        token = " ".join(toks)
-    first = token.split()[0]
+        token = " ".join(soft_token_names(path, token))
+    if token is None or any(c in "{}" for c in token) or (kind in ("sd", "sdxl") and len(token.split()) != 1):
+        raise DFTError(f"soft tokens {str(path)!r}: token {token!r} must be one word without braces")
     for key, (enc, tok) in parts.items():
-        if first in tok.get_vocab():
-            raise DFTError(f"the tokenizer already has the token {first!r} (soft tokens loaded twice, or a word of the "
-                           "vocabulary): give another --token / token=")
+        vocab = tok.get_vocab()
+        taken = [t for t in token.split() if t in vocab]
+        if taken:
+            raise DFTError(f"the tokenizer already has the token {taken[0]!r} (soft tokens loaded twice, or a word of "
+                           "the vocabulary): give another --token / token=")
     for key, (enc, tok) in parts.items():
         emb = sd[key]
         width = enc.get_input_embeddings().weight.shape[1]
@@ -1957,11 +2019,13 @@ def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) ->
             raise DFTError(f"the soft tokens {key!r} in {str(path)!r} are {tuple(emb.shape)} but this text encoder's "
                            f"embeddings are {width} wide: they were trained on another model")
     for key, (enc, tok) in parts.items():
+        _fix_clip_pooling(enc, tok)
         if kind in ("sd3", "flux"):
             _add_token_rows(enc, tok, token.split(), sd[key])
         else:
             pipe.load_textual_inversion({token: sd[key].to(enc.dtype)}, token=token, text_encoder=enc, tokenizer=tok)
     return token
+
 
 RUN_FILES = ("dft.json", "report.html", "lora", "lora-ema", "soft_tokens.safetensors", "soft_tokens-ema.safetensors", "checkpoints")
 

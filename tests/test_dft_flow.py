@@ -497,6 +497,14 @@ def test_flow_soft_tokens_train_save_and_load(name, tmp_path):
         gen = fastfair.generate(p, prompt, seeds=[0, 1], steps=3, height=64, width=64, maps=list(maps), progress=False)
         return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in gen.images]), gen
 
+    # close() wrote the trained rows into the embedding tables and removed the training hooks (save_pretrained
+    # keeps them)
+    for (enc, ids), cols in zip(tr._soft_tables, tr._soft_cols):
+        emb = enc.get_input_embeddings()
+        assert not emb._forward_hooks
+        torch.testing.assert_close(emb.weight[ids].float(), tr.soft[:, cols].detach().float())
+    with pytest.raises(DFTError, match="closed"):
+        tr.step()
     trained, _ = images(pipe, f"{res.token} {PROMPT}")
     fresh_pipe = fastfair.load_pipeline(name)
     base, _ = images(fresh_pipe, PROMPT)
@@ -512,6 +520,50 @@ def test_flow_soft_tokens_train_save_and_load(name, tmp_path):
     assert pos == tuple(p + 2 for p in plain) and pos == ((10, 86) if name == "tiny-sd3" else (9,))
     with pytest.raises(DFTError, match="already has the token"):
         dft.load_soft_tokens(fresh_pipe, res.soft_tokens)
+    spelled = fastfair.load_pipeline(name)   # the returned prefix is accepted as token= too
+    assert dft.load_soft_tokens(spelled, res.soft_tokens, token=res.token) == res.token
     other = "tiny-flux" if name == "tiny-sd3" else "tiny-sd3"
     with pytest.raises(DFTError, match="soft tokens but the pipeline is"):
         dft.load_soft_tokens(fastfair.load_pipeline(other), res.soft_tokens)
+
+
+def _legacy_eos(pipe):
+    """Real SD / SDXL / SD3 / FLUX.1 CLIP configs keep eos_token_id = 2 (pooling at the highest token id)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        enc = getattr(pipe, name, None)
+        tm = getattr(enc, "text_model", enc)   # transformers 5's CLIPTextModel pools itself
+        if enc is not None and hasattr(tm, "eos_token_id"):
+            tm.eos_token_id = enc.config.eos_token_id = 2
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sdxl"])
+def test_pooled_embedding_with_soft_tokens_on_legacy_clip_configs(name, tmp_path):
+    """With the legacy eos_token_id = 2, CLIP pools at the highest token id: the added soft tokens', before any
+    word, so the pooled embedding (SDXL's, SD3's, Flux's only CLIP output) stopped depending on the prompt. Loading
+    soft tokens points the encoders at the real EOS: prompts differ again, and a prompt without them pools as
+    before."""
+    from safetensors.torch import save_file
+
+    pipe = fastfair.load_pipeline(name)
+    _legacy_eos(pipe)
+    kind = {"tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-sdxl": "sdxl"}[name]
+    widths = {key: getattr(pipe, e).get_input_embeddings().weight.shape[1] for e, _, key in dft._soft_encoders(pipe, kind)}
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "soft_tokens.safetensors"
+    save_file({k: torch.randn(2, w, generator=g) for k, w in widths.items()}, str(path),
+              metadata=None if kind == "sdxl" else {"fastfair_model_kind": kind,
+                                                    "fastfair_tokens": "<fastfair_0> <fastfair_1>"})
+
+    def pooled(text):
+        with torch.no_grad():
+            if kind == "flux":
+                return pipe.encode_prompt(prompt=text, prompt_2=None)[1]
+            if kind == "sd3":
+                return pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)[2]
+            return pipe.encode_prompt(prompt=text, do_classifier_free_guidance=False)[2]
+
+    plain = pooled(PROMPT)
+    token = dft.load_soft_tokens(pipe, path)
+    assert torch.equal(pooled(PROMPT), plain)   # no added token in the prompt: the same pooled position
+    a, b = pooled(f"{token} {PROMPT}"), pooled(f"{token} a photo of the face of a nurse")
+    assert (a - b).abs().max() > 1e-3

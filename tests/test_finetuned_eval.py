@@ -78,6 +78,28 @@ def test_bad_finetuned_arguments_are_refused_before_loading(tmp_path, soft, caps
         assert match in capsys.readouterr().err, extra
 
 
+def test_soft_token_names_are_checked_against_the_prompts_before_loading(tmp_path, capsys, monkeypatch):
+    """SD3 / Flux files name their tokens <T_0> ...: a prompt that contains one is refused before loading, and a
+    --token that is only a substring of a word is not (the pipeline sees <doc_0>, not 'doc')."""
+    from fastfair import dft, pipelines
+
+    path = tmp_path / "sd3.safetensors"
+    save_file({k: torch.zeros(2, 4) for k in ("clip_l", "clip_g", "t5")}, str(path),
+              metadata={"fastfair_model_kind": "sd3", "fastfair_tokens": "<fastfair_0> <fastfair_1>"})
+    assert dft.soft_token_names(path) == ["<fastfair_0>", "<fastfair_1>"]
+    assert dft.soft_token_names(path, "doc") == ["<doc_0>", "<doc_1>"]
+    assert dft.soft_token_names(path, "<a> <b>") == ["<a>", "<b>"]
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["generate", *BASE, "--soft-tokens", str(path), "--prompt", "<fastfair_1> " + PROMPT,
+                 "--out", str(tmp_path / "g")]) == 1
+    assert "the soft token '<fastfair_1>' occurs in" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="loaded"):   # passed every check: it reached the loading
+        main(["generate", *BASE, "--soft-tokens", str(path), "--token", "doc", "--prompt", PROMPT,
+              "--out", str(tmp_path / "g2")])
+    with pytest.raises(dft.DFTError, match="one word"):
+        dft.DFTConfig(token="my tok")
+
+
 def test_a_token_inside_a_profession_is_refused(tmp_path, soft, capsys):
     assert main(["audit", *BASE, "--soft-tokens", str(soft), "--token", "docto", "--prompts", "list:doctor",
                  "--classifier", "none", "--out", str(tmp_path / "a")]) == 1
