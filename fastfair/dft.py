@@ -1862,14 +1862,31 @@ class DFTTrainer:
                 kw[f"{name}_lora_adapter_metadata"] = lc.to_dict()
         cls = dict(sd=StableDiffusionPipeline, sdxl=StableDiffusionXLPipeline, sd3=StableDiffusion3Pipeline,
                    flux=FluxPipeline)[self.kind]
-        cls.save_lora_weights(str(out_dir), safe_serialization=True, **kw)
-        return Path(out_dir)
+        # written whole or not at all (a folder beside it, then renamed), in the umask's mode (safetensors writes
+        # its files 0600)
+        from ._io import _MODE, _umask
+
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            cls.save_lora_weights(str(tmp), safe_serialization=True, **kw)
+            for f in tmp.iterdir():
+                os.chmod(f, _MODE)
+            os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it 0700
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
 
     def save_soft_tokens(self, path: str | os.PathLike) -> Path:
         """The soft-token file; :func:`load_soft_tokens` loads every kind (SD 1.x/2.x: a textual-inversion file,
-        ``pipe.load_textual_inversion(path, token=...)``; SDXL: clip_l / clip_g, one per encoder; SD3 / Flux: clip_l,
+        ``pipe.load_textual_inversion(path, token=...)``; SDXL: clip_l / clip_g, one per encoder -- diffusers' loader
+        alone leaves a legacy CLIP config pooling at the soft token, :func:`_fix_clip_pooling`; SD3 / Flux: clip_l,
         clip_g, t5 with the tokens in the metadata), then prompts that start with :attr:`prompt_prefix`."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1881,7 +1898,9 @@ class DFTTrainer:
             tensors = {key: soft[:, cols].contiguous() for key, cols in zip(self._soft_keys, self._soft_cols)}
             if self._mmdit:   # fastfair.dft.load_soft_tokens reads the model kind and the tokens from here
                 meta = {"fastfair_model_kind": self.kind, "fastfair_tokens": self.prompt_prefix}
-        save_file(tensors, str(path), metadata=meta)
+        from ._io import atomic_write
+
+        atomic_write(path, save(tensors, metadata=meta))   # whole or not at all, in the umask's mode
         return path
 
     def save_outputs(self, out_dir: str | os.PathLike | None = None) -> DFTResult:

@@ -230,6 +230,14 @@ def test_flow_lora_trains_and_loads_with_load_lora_weights(name, tmp_path):
     assert (loaded - trained).abs().max() <= 2.0         # and gives the trained model's images
     meta = json.loads((tmp_path / "dft.json").read_text())
     assert meta["config"]["scheduler"] == "pipeline" and meta["config"]["attention"] == "diffusers"
+    import os
+    import stat
+
+    from fastfair._io import _MODE
+
+    for f in [*res.lora_dir.iterdir(), *res.lora_ema_dir.iterdir()]:   # the umask's mode (safetensors writes 0600)
+        assert stat.S_IMODE(os.stat(f).st_mode) == _MODE, f
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary folder left behind
     assert (tmp_path / "report.html").exists()
 
 
@@ -492,6 +500,12 @@ def test_flow_soft_tokens_train_save_and_load(name, tmp_path):
     for cols in tr._soft_cols:   # every encoder's embeddings were trained
         assert moved[:, cols].max() > 0
     assert res.token == "<fastfair_0> <fastfair_1>"
+    import os
+    import stat
+
+    from fastfair._io import _MODE
+
+    assert stat.S_IMODE(os.stat(res.soft_tokens).st_mode) == _MODE
 
     def images(p, prompt, maps=()):
         gen = fastfair.generate(p, prompt, seeds=[0, 1], steps=3, height=64, width=64, maps=list(maps), progress=False)
