@@ -1055,7 +1055,7 @@ class DFTTrainer:
 
             def hook(module, inputs, output, _ids=ids, _cols=cols):
                 ids_in = inputs[0]
-                match = ids_in[..., None] == _ids  # (B, L, k)
+                match = ids_in[..., None] == _ids.to(ids_in.device)  # (B, L, k); encoders may sit elsewhere (offload)
                 if not match.any():
                     return output
                 which = match.float().argmax(-1)
