@@ -622,6 +622,12 @@ def mmdit_soft_token_names(token: str, k: int) -> list[str]:
     return [f"<{token.strip('<>')}_{i}>" for i in range(k)]
 
 
+def _prompt_soft_tokens(token: str, k: int, kind: str) -> list[str]:
+    """The soft tokens as prompts spell them: the textual-inversion token (SD 1.x/2.x, SDXL: the pipeline expands
+    it into its k vectors), or every one of the k added tokens (SD3, Flux)."""
+    return mmdit_soft_token_names(token, k) if kind in ("sd3", "flux") else [token]
+
+
 def _soft_encoders(pipe, kind: str) -> list[tuple[str, str, str]]:
     """(text encoder, tokenizer, file key) that soft tokens live in: every encoder that reads the prompt -- SD3's
     CLIPs and T5, Flux's CLIP (pooled) and T5; SD 1.x/2.x's and SDXL's CLIPs."""
@@ -689,7 +695,7 @@ def _check_untouched(pipe, cfg: DFTConfig, kind: str) -> None:
                            "without them: load it afresh, or bake a LoRA to keep into the weights first with "
                            "pipe.fuse_lora(); pipe.unload_lora_weights()")
     if cfg.trainable == "soft-tokens":
-        first = mmdit_soft_token_names(cfg.token, 1)[0] if kind in ("sd3", "flux") else cfg.token
+        first = _prompt_soft_tokens(cfg.token, cfg.soft_tokens, kind)[0]
         for t in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tok = getattr(pipe, t, None)
             if tok is not None and first in tok.get_vocab():
@@ -747,7 +753,7 @@ class DFTTrainer:
         _check_for_model(cfg, self.kind, pipe)
         _check_untouched(pipe, cfg, self.kind)
         if cfg.trainable == "soft-tokens":   # a pipeline rewrites every occurrence of the token, inside words too
-            names = mmdit_soft_token_names(cfg.token, cfg.soft_tokens) if self._mmdit else [cfg.token]
+            names = _prompt_soft_tokens(cfg.token, cfg.soft_tokens, self.kind)
             for p in [*self.prompts, *(cfg.eval_prompts or [])]:
                 hit = [t for t in names if t in p]
                 if hit:
@@ -936,8 +942,6 @@ class DFTTrainer:
                            + ": adjusted DFT needs sigmas that decrease at every step (invert_sigmas is never "
                            "supported; shift_terminal needs at least 2 sampling steps): change the scheduler "
                            "config or the step counts (sampling_steps, eval_steps)") from None
-        finally:
-            sched._step_index = sched._begin_index = None
 
     def _joint_target(self) -> np.ndarray:
         cfg = self.cfg
@@ -1137,7 +1141,7 @@ class DFTTrainer:
         (SD3, Flux); None without soft tokens."""
         if self.cfg.trainable != "soft-tokens":
             return None
-        return " ".join(mmdit_soft_token_names(self.cfg.token, self.cfg.soft_tokens)) if self._mmdit else self.cfg.token
+        return " ".join(_prompt_soft_tokens(self.cfg.token, self.cfg.soft_tokens, self.kind))
 
     def _image_hw(self):
         vsf = self.pipe.vae_scale_factor
@@ -1947,10 +1951,9 @@ class DFTTrainer:
         return res
 
 
-def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[str]:
-    """The tokens a soft-token file puts into prompts, read from its header (no model needed): SD 1.x/2.x the
-    file's token (or ``token``), SDXL ``token`` / the run's dft.json / ``<fastfair>``, SD3 / Flux the k names in its
-    metadata (``token`` T gives <T_0> ...; the spelled-out prefix "<a> <b>" is accepted as it is)."""
+def _soft_file(path) -> tuple[list[str], dict, int, str]:
+    """A soft-token file's header: its tensor names, metadata, k and the model kind it was made for (SD 1.x/2.x:
+    one tensor named by its token; SDXL: clip_l / clip_g; SD3 / Flux: named in the metadata). Refuses other files."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -1959,7 +1962,21 @@ def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[
             k = f.get_slice(keys[0]).get_shape()[0] if keys else 0
     except (SafetensorError, OSError) as e:
         raise DFTError(f"soft tokens {str(path)!r} is not a safetensors file ({e})") from e
-    if meta.get("fastfair_model_kind") in ("sd3", "flux"):
+    kind = meta.get("fastfair_model_kind") or ("sdxl" if keys == ["clip_g", "clip_l"] else
+                                              "sd" if len(keys) == 1 else None)
+    if kind not in ("sd", "sdxl", "sd3", "flux"):
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {shown}; expected one named by its "
+                       "token, clip_l and clip_g, or those of SD3 / Flux with their metadata); a LoRA loads with --lora")
+    return keys, meta, k, kind
+
+
+def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[str]:
+    """The tokens a soft-token file puts into prompts, read from its header (no model needed): SD 1.x/2.x the
+    file's token (or ``token``), SDXL ``token`` / the run's dft.json / ``<fastfair>``, SD3 / Flux the k names in its
+    metadata (``token`` T gives <T_0> ...; the spelled-out prefix "<a> <b>" is accepted as it is)."""
+    keys, meta, k, kind = _soft_file(path)
+    if kind in ("sd3", "flux"):
         if token and len(token.split()) > 1:
             names = token.split()
         else:
@@ -1968,7 +1985,7 @@ def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[
             raise DFTError(f"soft tokens {str(path)!r}: {len(names)} token names ({' '.join(names)!r}) for its {k} "
                            "embeddings")
         return names
-    if keys == ["clip_g", "clip_l"]:
+    if kind == "sdxl":
         if token is None:
             run = Path(path).parent / "dft.json"
             try:
@@ -1976,11 +1993,7 @@ def soft_token_names(path: str | os.PathLike, token: str | None = None) -> list[
             except (ValueError, KeyError, TypeError):
                 token = None
         return [token or "<fastfair>"]
-    if len(keys) == 1:
-        return [token or keys[0]]
-    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    raise DFTError(f"{str(path)!r} is not a DFT soft-token file (tensors {shown}; expected one named by its token, "
-                   "clip_l and clip_g, or those of SD3 / Flux with their metadata); a LoRA loads with --lora")
+    return [token or keys[0]]
 
 
 def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) -> str:
@@ -1990,24 +2003,15 @@ def load_soft_tokens(pipe, path: str | os.PathLike, token: str | None = None) ->
     ``token``, else the run's ``dft.json`` beside the file, else ``<fastfair>``. SD3 / Flux files add ``t5`` and name
     their k tokens in their metadata; they are added to every tokenizer and returned spelled out
     ("<fastfair_0> <fastfair_1> ...")."""
-    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise DFTError(f"soft tokens {str(path)!r}: no such file (fastfair finetune dft --trainable soft-tokens writes "
                        "OUT/soft_tokens.safetensors)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys, meta = sorted(f.keys()), (f.metadata() or {})
-    except (SafetensorError, OSError) as e:
-        raise DFTError(f"soft tokens {str(path)!r} is not a safetensors file ({e})") from e
+    keys, _, _, made_for = _soft_file(path)
     kind = _model_kind(pipe)
     names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
-    made_for = meta.get("fastfair_model_kind") or ("sdxl" if keys == ["clip_g", "clip_l"] else
-                                                  "sd" if len(keys) == 1 else None)
-    if made_for not in names:
-        soft_token_names(path)   # raises, naming the tensors
     if made_for != kind:
         raise DFTError(f"{str(path)!r} holds {names[made_for]} soft tokens but the pipeline is "
                        f"{type(pipe).__name__}: load them into the model they were trained on")

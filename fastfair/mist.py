@@ -763,10 +763,9 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     from tqdm.auto import tqdm
 
     concepts = _check_concepts(concepts)
-    if guidance_scale is None:
-        from .processors import default_guidance_scale
+    from .processors import guidance_scale_for
 
-        guidance_scale = default_guidance_scale(pipe)
+    guidance_scale = guidance_scale_for(pipe, guidance_scale)
     sets = parse_attributes(attributes, custom_attributes)
     labels, phrases = joint_classes(sets)
     K = len(labels)

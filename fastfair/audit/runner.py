@@ -150,13 +150,18 @@ def _resolve_or_raise(pipe, text: str, word: str, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------ plan
 
+def without_prefix(prompt: str, prefix: str | None) -> str:
+    """``prompt`` without the ``prefix`` (DFT's soft tokens) that generation put before it."""
+    pre = f"{prefix} " if prefix else ""
+    return prompt[len(pre):] if pre and prompt.startswith(pre) else prompt
+
+
 def attribution_prompt(template: str, profession: str, word: str, prompt: str, prefix: str | None = None) -> str:
     """The open-vocabulary attribution prompt of an image of ``prompt``. With a prompt prefix (DFT's soft tokens)
     it is built from the prompt without the prefix and then prefixed, as every text the finetuned model encodes:
     the same text whether the template says {prompt} or spells the prompt out."""
-    pre = f"{prefix} " if prefix else ""
-    plain = prompt[len(pre):] if pre and prompt.startswith(pre) else prompt
-    return pre + P.fill(template, profession, attribute=word, prompt=plain)
+    text = P.fill(template, profession, attribute=word, prompt=without_prefix(prompt, prefix))
+    return f"{prefix} {text}" if prefix else text
 
 
 def build_plan(professions, seeds, template, sets, modes, inprompt_template, model, settings_hash) -> list[WorkItem]:
@@ -653,9 +658,8 @@ class _BatchContext:
                 maps[f"{it.work_id}:inprompt::profession"] = gen.maps[prof][i].half()
                 maps[f"{it.work_id}:inprompt::attribute"] = gen.maps[first.word][i].half()
         if self.scorer is not None:
-            pre = f"{self.prompt_prefix} " if self.prompt_prefix else ""   # scored against the prompt as written
-            for i, sc in enumerate(self.scorer(images, [it.prompt[len(pre):] if pre and it.prompt.startswith(pre)
-                                                        else it.prompt for it in batch])):
+            texts = [without_prefix(it.prompt, self.prompt_prefix) for it in batch]   # the prompt as written
+            for i, sc in enumerate(self.scorer(images, texts)):
                 rows[i]["clip_score"] = float(sc)
         preds: dict[str, list] = {}
         if self.clf is not None:
