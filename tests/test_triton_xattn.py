@@ -237,6 +237,22 @@ def test_unfused_single_tile_backward(monkeypatch):
     _run_all(q, k, v, mk, tok, per_head=True)
 
 
+@pytest.mark.parametrize("Nk,no_fuse", [(77, True), (200, False)])
+def test_unfused_map_keys_without_their_grad(monkeypatch, Nk, no_fuse):
+    """Attribution keys that need no gradient (guidance's fixed attribution prompt) with dk / dv through the
+    separate kernel: the dq kernel's delta_map once landed in the saved LSE (the placeholder for the unused
+    buffer), so dk and dv came out 10-700x off and a second backward through the same graph differed."""
+    if no_fuse:
+        monkeypatch.setitem(T_OPS._OVERRIDE, "NO_FUSE", True)
+    q, k, v, mk, tok = _inputs(1, 2, 20, Nk, 16, torch.float32, Nm=6)
+    tri = T_OPS.cross_attention_fwd(q, k, v, mk, tok, 0.25, False)
+    lse = tri[1].clone()
+    _run_all(q, k, v, mk, tok, per_head=False, needs=(True, True, True, False))
+    T_OPS.cross_attention_bwd(q, k, v, mk, tok, 0.25, False, tri[0], tri[1], tri[2], torch.randn_like(tri[0]),
+                              torch.randn_like(tri[3]), (True, True, True, False))
+    assert torch.equal(tri[1], lse), "the backward wrote into the saved log-sum-exp"
+
+
 # --------------------------------------------------------------------------------------------
 # the custom op: backend="triton" equals backend="reference", gradients included
 # --------------------------------------------------------------------------------------------

@@ -814,7 +814,10 @@ class _BwdPlan:
         self.fuse, self.need_w, self.maps_main = fuse, need_w, maps_main
         self.dq_shape = (B, H, Nq, D) if dq_src else None
         self.delta_shape = (B, H, Nq) if need_delta else None
-        self.deltam_shape = (B, H, Nq) if (need_delta and dmk_src) else None
+        # the kernel stores delta_map whenever the map keys' path runs with NEED_DELTA (whether or not the
+        # map keys need a gradient): a buffer of its own, never the saved LSE that `buf` hands out for unused
+        # pointers (which the separate dk/dv kernel then read: wrong dk / dv, a corrupted saved LSE)
+        self.deltam_shape = (B, H, Nq) if (need_delta and has_maps and mk is not None) else None
         self.w_shape = (B, H, NMB, T, D) if need_w else None
         split = (nsplit,) if nsplit > 1 else ()  # one split: the partial is the sum (no reduction)
         self.dkp_shape = split + (B, H, Nk, D) if (fuse and dk_src) else None
