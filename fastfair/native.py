@@ -165,6 +165,8 @@ def _tok(tok: Optional[Tensor]) -> Optional[Tensor]:
 def cross_attention_fwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], tok: Optional[Tensor],
                         scale: float, per_head: bool):
     """Returns (out, lse, mlse, maps) exactly as ``naive.cross_attention_fwd``."""
+    if q.numel() == 0:  # an empty batch, head or query set: nothing to compute (the kernels divide by these)
+        return naive.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     Nm = mk.shape[2] if mk is not None else 0
@@ -198,6 +200,8 @@ def cross_attention_bwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], t
                         scale: float, per_head: bool, out: Tensor, lse: Tensor, mlse: Optional[Tensor],
                         dout: Optional[Tensor], dmaps: Optional[Tensor], needs=(True, True, True, True)):
     """Returns (dq, dk, dv, dmk) exactly as ``naive.cross_attention_bwd`` (None where not needed)."""
+    if q.numel() == 0:
+        return naive.cross_attention_bwd(q, k, v, mk, tok, scale, per_head, out, lse, mlse, dout, dmaps, needs)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     Nm = mk.shape[2] if mk is not None else 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -170,13 +171,23 @@ _RESOLVED: dict = {}
 
 def _resolve_for_call(backend: str, device: torch.device, op: str = "xattn") -> str:
     """resolve_backend for one call of ``op`` ("xattn", or "soft_iou" with its own CUDA choice)."""
-    key = (op, backend, device.type, device.index)
     if torch.compiler.is_compiling():
-        name = _RESOLVED.get(key)
-        if name is not None:
-            return name
+        return _resolve_traced(op, backend, device.type, device.index)
+    return _resolve_eager(op, backend, device)
+
+
+def _resolve_eager(op: str, backend: str, device: torch.device) -> str:
+    key = (op, backend, device.type, device.index)
     name = _RESOLVED[key] = (_resolve_soft_iou if op == "soft_iou" else resolve_backend)(backend, device)
     return name
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(op: str, backend: str, dev_type: str, dev_index) -> str:
+    """The backend while dynamo traces: run eagerly at trace time (module imports cannot be traced), its
+    name baked into the graph as a constant -- also when no eager call came first."""
+    name = _RESOLVED.get((op, backend, dev_type, dev_index))
+    return name if name is not None else _resolve_eager(op, backend, torch.device(dev_type, dev_index))
 
 
 def _resolve_soft_iou(backend: str, device: torch.device) -> str:
@@ -204,6 +215,8 @@ def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("fastfair::xattn_fwd", mutates_args=())
 def _xattn_fwd(q: Tensor, k: Tensor, v: Tensor, mk: Optional[Tensor], tok: Optional[Tensor],
                scale: float, per_head: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if tok is not None:  # a compiled graph's tokens: dynamo could not check them at trace time
+        _check_token_range(tok, (mk if mk is not None else k).shape[2])
     return tuple(_mod(backend).cross_attention_fwd(q, k, v, mk, tok, scale, per_head))
 
 
@@ -239,6 +252,40 @@ def _(q, k, v, mk, tok, scale, per_head, backend, out, lse, mlse, dout, dmaps, n
     return tuple(l.new_empty(l.shape) if (n and l is not None) else q.new_empty(0) for n, l in zip(needs, like))
 
 
+_NO_DOUBLE_BACKWARD = (b"fastfair's cross_attention / soft_iou have no second derivative (double backward, e.g. a "
+                       b"gradient penalty through them); for soft_iou use backend='reference', which is plain autograd")
+
+
+def _first_order_only(backward):
+    """The backends' backward formulas are not differentiable (the kernels, and the saved log-sum-exp the
+    reference recomputes from). Run them without grad and, under ``create_graph=True``, hand back gradients
+    whose own backward raises a clear error -- never a silently wrong second derivative. (torch's
+    once_differentiable does this only when the incoming gradients require grad.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        # tie the returned gradients to the op's inputs through a node that raises when differentiated: a second
+        # backward toward those inputs (or anything upstream of them) then reaches it
+        anchors = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+        if not anchors:
+            return out
+        zero = sum(t.reshape(-1)[:1].sum() * 0 for t in anchors)
+        slots = [i for i, g in enumerate(out) if isinstance(g, Tensor) and g.is_floating_point()]
+        err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(slots))
+        res = err(*[out[i] + zero.to(out[i].dtype) for i in slots])
+        res = res if isinstance(res, tuple) else (res,)
+        out = list(out)
+        for i, r in zip(slots, res):
+            out[i] = r
+        return tuple(out)
+
+    return wrapper
+
+
 def _fwd_setup(ctx, inputs, output):
     q, k, v, mk, tok, scale, per_head, backend = inputs
     out, lse, mlse, maps = output
@@ -263,6 +310,7 @@ def _input_grads(ctx, dout, dmaps, bwd):
             None, None, None, None)
 
 
+@_first_order_only
 def _fwd_backward(ctx, dout, dlse, dmlse, dmaps):
     def bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs):
         return _xattn_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, ctx.backend, out, lse, mlse, dout, dmaps, needs)
@@ -289,6 +337,7 @@ class _XAttnEager(torch.autograd.Function):
         return output[0], output[3]
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, dout, dmaps):
         def bwd(q, k, v, mk, tok, out, lse, mlse, dout, dmaps, needs):
             return _mod(ctx.backend).cross_attention_bwd(q, k, v, mk, tok, ctx.scale, ctx.per_head, out, lse,
@@ -296,36 +345,52 @@ class _XAttnEager(torch.autograd.Function):
         return _input_grads(ctx, dout, dmaps, bwd)
 
 
-_TOK_CACHE: list = [None]  # (tensor given, its version, B, nk, device, normalised): the engine passes one tensor per layer
+# (tensor given, its version, its data pointer, B, nk, device, normalised): the engine passes one CUDA tensor per
+# layer call, and checking it costs a few kernel launches each time. CUDA tensors only: CPU checks are cheap, and
+# a CPU tensor can change without a version bump (``.data`` writes, numpy views), which a cached copy would miss.
+_TOK_CACHE: list = [None]
 
 
 def _normalise_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
-    hit = _TOK_CACHE[0]
-    if (hit is not None and hit[0] is map_tokens and hit[1] == map_tokens._version and hit[2:5] == (B, nk, device)
-            and not torch.compiler.is_compiling()):
-        return hit[5]
+    cacheable = (isinstance(map_tokens, Tensor) and map_tokens.device.type == "cuda"
+                 and not map_tokens.is_inference() and not torch.compiler.is_compiling())
+    if cacheable:
+        hit = _TOK_CACHE[0]
+        if (hit is not None and hit[0] is map_tokens and hit[1:6] == (map_tokens._version, map_tokens.data_ptr(),
+                                                                     B, nk, device)):
+            return hit[6]
     tok = _check_tokens(map_tokens, B, nk, device)
-    if isinstance(map_tokens, Tensor) and not torch.compiler.is_compiling():
-        _TOK_CACHE[0] = (map_tokens, map_tokens._version, B, nk, device, tok)
+    if cacheable:
+        _TOK_CACHE[0] = (map_tokens, map_tokens._version, map_tokens.data_ptr(), B, nk, device, tok)
     return tok
 
 
+_TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_tokens(map_tokens, B: int, nk: int, device) -> Tensor:
+    if isinstance(map_tokens, (list, tuple)) and len(map_tokens) == 0:
+        map_tokens = torch.zeros(0, dtype=torch.int64)  # no tokens (torch.as_tensor([]) would be float)
     tok = torch.as_tensor(map_tokens, device=device)
-    if tok.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+    if tok.dtype not in _TOKEN_DTYPES:
         raise TypeError(f"map_tokens must be integer key positions, got dtype {tok.dtype}")
     if tok.dim() == 1:
         tok = tok[None].expand(B, -1)
     if tok.dim() != 2 or tok.shape[0] != B:
         raise ValueError(f"map_tokens must be (T,) or (B={B}, T); got shape {tuple(tok.shape)}")
-    if not tok.numel() or torch.compiler.is_compiling():
-        pass
-    elif tok.device.type != "cpu":  # device-side check: no host sync in the denoising loop
+    if not torch.compiler.is_compiling():  # compiled graphs check inside the op (_check_token_range)
+        _check_token_range(tok, nk)
+    return tok.to(torch.int64).contiguous()
+
+
+def _check_token_range(tok: Tensor, nk: int) -> None:
+    if not tok.numel():
+        return
+    if tok.device.type != "cpu":  # device-side check: no host sync in the denoising loop
         torch._assert_async(((tok >= 0) & (tok < nk)).all(), "map_tokens out of range")
     elif int(tok.min()) < 0 or int(tok.max()) >= nk:
         raise IndexError(f"map_tokens must lie in [0, {nk}) (the number of keys the maps use); "
                          f"got values in [{int(tok.min())}, {int(tok.max())}]")
-    return tok.to(torch.int64).contiguous()
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_keys: Tensor | None = None,
@@ -346,6 +411,8 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, map_tokens=None, map_key
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] == 0:
         raise ValueError("cross_attention needs at least one key")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError(f"cross_attention needs head dims >= 1; got q/k {D}, v {v.shape[3]}")
     if head_reduce not in ("sum", "none"):
         raise ValueError(f"head_reduce must be 'sum' or 'none', got {head_reduce!r}")
     if map_keys is not None:
@@ -426,6 +493,7 @@ def _siou_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+@_first_order_only
 def _siou_backward(ctx, d):
     a, b = ctx.saved_tensors
     da, db = _mod(ctx.backend).soft_iou_bwd(a, b, *ctx.args, d)
@@ -439,19 +507,38 @@ def soft_iou(a: Tensor, b: Tensor, *, top_k: float | None = 0.3, gamma: float = 
              eps: float = 1e-8, backend: str = "auto") -> Tensor:
     """BiasMap's differentiable SoftIoU of maps batched over a leading dimension.
 
-    a, b: (N, ...) maps (trailing dims are flattened) -> (N,). See ``naive.soft_iou``.
+    a, b: (N, ...) maps (trailing dims are flattened) -> (N,), in the dtype the two inputs promote to
+    (float32 for integer maps); the math runs in float32 (float64 for float64 inputs) on every backend.
+    See ``naive.soft_iou``. Each map is min-max normalised first, so a constant (e.g. all-zero) map
+    becomes all zeros: two such maps give 0 without ``top_k`` and a small constant with it (the soft
+    mask of a flat map spreads its top-k mass evenly) -- not NaN, as ``metrics.iou`` gives for them,
+    because guidance differentiates this value.
     """
     if a.shape != b.shape:
         raise ValueError(f"soft_iou needs maps of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() < 2:
         raise ValueError(f"soft_iou expects a batch of maps (N, ...); got shape {tuple(a.shape)}")
-    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    if not a2.is_floating_point():
-        a2, b2 = a2.float(), b2.float()
+    n = math.prod(a.shape[1:])
+    a2, b2 = a.reshape(a.shape[0], n), b.reshape(b.shape[0], n)
+    dtype = torch.promote_types(a2.dtype, b2.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    a2, b2 = a2.to(dtype), b2.to(dtype)
+    if a2.shape[1] == 0:
+        raise ValueError(f"soft_iou needs maps with at least one element; got shape {tuple(a.shape)}")
     if top_k is not None and not 0.0 < top_k < 1.0:
         raise ValueError(f"top_k must be in (0, 1) or None; got {top_k}")
+    if top_k is not None and (int(iters) != iters or iters < 1):
+        raise ValueError(f"iters (Sinkhorn iterations of the top-k mask) must be an integer >= 1; got {iters}")
+    if not gamma > 0:
+        raise ValueError(f"gamma (the top-k mask's entropic temperature) must be > 0; got {gamma}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    if a2.shape[0] == 0:
+        return a2.new_empty(0)
     name = _resolve_for_call(backend, a.device, "soft_iou")
-    if name == "reference":
-        return naive.soft_iou(a2, b2, top_k, gamma, iters, eps)
+    if name == "reference":  # float32 math for half inputs, as the kernels
+        acc = naive.acc_dtype(a2, b2)
+        return naive.soft_iou(a2.to(acc), b2.to(acc), top_k, gamma, iters, eps).to(dtype)
     return torch.ops.fastfair.soft_iou(a2.contiguous(), b2.contiguous(), -1.0 if top_k is None else float(top_k),
                                        float(gamma), int(iters), float(eps), name)

@@ -433,3 +433,32 @@ def test_guarded_small_smem_gpu_tiles(monkeypatch, dtype, D):
     """The tiles of a 99 KiB GPU (sm_86 / sm_89): half-size key tiles (online softmax over more tiles),
     single-buffered forward, 16-row fp32 backward at D > 64 -- against float64, guard bands intact."""
     _guarded_run(monkeypatch, 1, 1, 40, 77, D, dtype, "full", T=4, overrides={"SMEM_BUDGET": 101376})
+
+
+def test_mixed_dtypes_promote():
+    """q fp16 with fp32 keys and values: computed in fp32 as the reference (k, v were narrowed to fp16: maps
+    2e-4 off); out and dq keep q's dtype, dk / dv their inputs'."""
+    q, k, v, _, tok = _inputs(1, 2, 20, 77, 40, torch.float32)
+    qh = q.half()
+    tri = T_OPS.cross_attention_fwd(qh, k, v, None, tok, 0.2, False)
+    ref = naive.cross_attention_fwd(qh.double(), k.double(), v.double(), None, tok, 0.2, False)
+    assert tri[0].dtype == torch.float16
+    assert _err(tri[3], ref[3]) <= 1e-5 * _scale(ref[3])
+    dout = torch.randn(tri[0].shape, device=DEV).half()
+    dm = torch.randn(tri[3].shape, device=DEV)
+    tb = T_OPS.cross_attention_bwd(qh, k, v, None, tok, 0.2, False, tri[0], tri[1], tri[2], dout, dm,
+                                   (True, True, True, False))
+    rb = naive.cross_attention_bwd(qh.double(), k.double(), v.double(), None, tok, 0.2, False, ref[0], ref[1],
+                                   None, dout.double(), dm.double(), (True, True, True, False))
+    assert (tb[0].dtype, tb[1].dtype, tb[2].dtype) == (torch.float16, torch.float32, torch.float32)
+    for a, b in zip(tb[1:3], rb[1:3]):
+        assert _err(a, b) <= 1e-5 * _scale(b)
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter's limitation")
+def test_interpreter_refuses_bf16():
+    q, k, v, _, tok = _inputs(1, 1, 4, 7, 16, torch.float32)
+    with pytest.raises(TypeError, match="bfloat16"):
+        T_OPS.cross_attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, tok, 0.25, False)
+    with pytest.raises(TypeError, match="bfloat16"):
+        T_OPS.soft_iou_fwd(torch.rand(2, 64).bfloat16(), torch.rand(2, 64).bfloat16(), 0.3, 0.01, 5, 1e-8)

@@ -40,6 +40,22 @@ def acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def _exact(fn):
+    """Run ``fn`` with autocast off: the reference promises float32 (float64) math, and under an enclosing
+    ``torch.autocast`` its matmuls would otherwise run in the autocast dtype."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not torch.is_autocast_enabled(t.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _chunks(n: int, chunk: int):
     for s in range(0, n, chunk):
         yield s, min(n, s + chunk)
@@ -61,6 +77,7 @@ def _scatter_cols(g: torch.Tensor, tok: torch.Tensor, nk: int) -> torch.Tensor:
     return G
 
 
+@_exact
 def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool, chunk: int = DEFAULT_CHUNK):
     """Returns (out, lse, mlse, maps).
 
@@ -105,6 +122,7 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool, chunk: i
     return out, lse, mlse, maps
 
 
+@_exact
 def attention_maps(q, mk, tok, scale: float, per_head: bool, chunk: int = DEFAULT_CHUNK):
     """Maps only: ``Pm = softmax(q @ mk^T * scale)`` at the ``tok`` columns, summed over heads
     (``per_head=False``: (B,T,Nq)) or not ((B,H,T,Nq)), in acc_dtype; no output, no LSE.
@@ -125,6 +143,7 @@ def attention_maps(q, mk, tok, scale: float, per_head: bool, chunk: int = DEFAUL
     return maps
 
 
+@_exact
 def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse, mlse, dout, dmaps,
                         needs=(True, True, True, True), chunk: int = DEFAULT_CHUNK):
     """Returns (dq, dk, dv, dmk); entries not in ``needs`` (or without a source) are None.
@@ -218,6 +237,7 @@ def sinkhorn_topk_mask(x: torch.Tensor, top_k: float, gamma: float, iters: int) 
     return n * torch.exp(log_plan[..., 1])
 
 
+@_exact
 def soft_iou(a: torch.Tensor, b: torch.Tensor, top_k: float | None = 0.3, gamma: float = 0.01,
              iters: int = 20, eps: float = 1e-8) -> torch.Tensor:
     """SoftIoU of (N, n) maps -> (N,). With top_k, each map becomes its Sinkhorn soft top-k mask

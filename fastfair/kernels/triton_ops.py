@@ -633,12 +633,21 @@ class _Site:
 # --------------------------------------------------------------------------------------------
 
 def _common_dtype(q, k, v, mk):
+    """q, k, v, mk in the dtype they promote to (fp16 with fp32 -> fp32, fp16 with bf16 -> fp32), as the
+    reference computes: the kernels' dots take one operand dtype, and narrowing the wider input would cost
+    its precision (q fp16 with fp32 keys once put the maps 2e-4 off)."""
     dt = q.dtype
-    k = k if k.dtype == dt else k.to(dt)
-    v = v if v.dtype == dt else v.to(dt)
-    if mk is not None and mk.dtype != dt:
-        mk = mk.to(dt)
-    return k, v, mk
+    for t in (k, v, mk):
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    cvt = lambda t: t if (t is None or t.dtype == dt) else t.to(dt)  # noqa: E731
+    return cvt(q), cvt(k), cvt(v), cvt(mk)
+
+
+def _check_interpreter_dtype(*ts) -> None:
+    if _interpret() and any(t is not None and t.dtype == torch.bfloat16 for t in ts):
+        raise TypeError("the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 dots wrongly: use float16 or "
+                        "float32 inputs, or backend='native' / 'reference' on CPU (bf16 runs on CUDA GPUs)")
 
 
 def _is64(*ts) -> bool:
@@ -742,12 +751,15 @@ def cross_attention_fwd(q, k, v, mk, tok, scale: float, per_head: bool):
     """See ``naive.cross_attention_fwd``: returns (out, lse, mlse, maps)."""
     if _is64(q, k, v, mk) or q.numel() == 0:
         return naive.cross_attention_fwd(q, k, v, mk, tok, scale, per_head)
-    k, v, mk = _common_dtype(q, k, v, mk)
+    _check_interpreter_dtype(q, k, v, mk)
+    q_dtype = q.dtype
+    q, k, v, mk = _common_dtype(q, k, v, mk)
     mode = _mode()
     key = ("fwd", q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), v.shape, v.stride(), _sig(mk),
            _sig(tok), float(scale), bool(per_head), mode)
     plan = _plan(key, lambda: _FwdPlan(q, k, v, mk, tok, scale, per_head, mode))
-    return plan.run(q, k, v, mk, tok)
+    out, lse, mlse, maps = plan.run(q, k, v, mk, tok)
+    return (out if out.dtype == q_dtype else out.to(q_dtype)), lse, mlse, maps
 
 
 class _BwdPlan:
@@ -988,8 +1000,11 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
     """See ``naive.cross_attention_bwd``: returns (dq, dk, dv, dmk), None where not needed."""
     if _is64(q, k, v, mk) or q.numel() == 0:
         return naive.cross_attention_bwd(q, k, v, mk, tok, scale, per_head, out, lse, mlse, dout, dmaps, needs)
-    k_in, v_in, mk_in = k, v, mk
-    k, v, mk = _common_dtype(q, k, v, mk)
+    _check_interpreter_dtype(q, k, v, mk)
+    q_in, k_in, v_in, mk_in = q, k, v, mk
+    q, k, v, mk = _common_dtype(q, k, v, mk)
+    if dout is not None and dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
     has_maps = tok is not None and dmaps is not None and tok.shape[1] > 0
     dm = dmaps.contiguous() if has_maps else None
     has_mlse = mk is not None and mlse is not None and mlse.numel() > 0
@@ -999,7 +1014,8 @@ def cross_attention_bwd(q, k, v, mk, tok, scale: float, per_head: bool, out, lse
            k_in.dtype, v_in.dtype, mk_in.dtype if mk_in is not None else None,
            float(scale), bool(per_head), tuple(bool(x) for x in needs), mode)
     plan = _plan(key, lambda: _BwdPlan(q, k, v, mk, tok, scale, per_head, has_mlse, dout, dm, needs, mode))
-    return plan.run(q, k, v, mk, tok, lse, mlse, dout, dm, k_in, v_in, mk_in)
+    dq, dk, dv, dmk = plan.run(q, k, v, mk, tok, lse, mlse, dout, dm, k_in, v_in, mk_in)
+    return (dq if dq is None or dq.dtype == q_in.dtype else dq.to(q_in.dtype)), dk, dv, dmk
 
 
 # --------------------------------------------------------------------------------------------
@@ -1027,6 +1043,7 @@ def soft_iou_fwd(a, b, top_k, gamma: float, iters: int, eps: float):
     """See ``naive.soft_iou``: (N, n) maps -> (N,) in a's dtype; math in fp32."""
     if _is64(a, b) or a.numel() == 0:
         return naive.soft_iou(a, b, top_k, gamma, iters, eps)
+    _check_interpreter_dtype(a, b)
     if b.dtype != a.dtype:
         b = b.to(a.dtype)
     a = a if a.stride(-1) == 1 else a.contiguous()
