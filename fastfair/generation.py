@@ -412,7 +412,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
              steps: int = 50, guidance_scale: float | None = None,
              height: int | None = None, width: int | None = None, batch_size: int = 8,
              aggregation: str | Aggregation = "fastfair", map_steps: Sequence[int] | None = None,
-             negative_prompt: str | None = None, backend: str = "auto", guidance=None,
+             negative_prompt: str | Sequence[str] | None = None, backend: str = "auto", guidance=None,
              edit_guidance=None, progress: bool = True) -> Generation:
     """Generate images for every (prompt, seed) and capture per-word cross-attention maps.
 
@@ -449,6 +449,14 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     agg = Aggregation.get(aggregation)
     for p in prompts:
         concepts.check_prompt(pipe, p)  # length check up front, before any work
+    negs = None
+    if negative_prompt is not None:
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negs) != len(prompts) or not all(isinstance(n, str) for n in negs):
+            raise ValueError(f"negative_prompt must be one string, or one string per prompt ({len(prompts)}); got "
+                             f"{negative_prompt!r}")
+        for n in set(negs):
+            concepts.check_prompt(pipe, n)
     attr = None
     if attribution_prompt is not None:
         attr = [attribution_prompt] * len(prompts) if isinstance(attribution_prompt, str) else list(attribution_prompt)
@@ -526,7 +534,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            lat = torch.cat([_initial_latents(pipe, s, latent_hw, device) for _, s in chunk])
+            # each image's own generator: its initial latents, then (stochastic schedulers: DDPM, ancestral and
+            # SDE samplers) its noise at every step, exactly as pipe(prompt, generator=manual_seed(s)) draws them
+            gens = [torch.Generator(device).manual_seed(s) for _, s in chunk]
+            lat = torch.cat([_initial_latents(pipe, g, latent_hw, device) for g in gens])
             rec = None
             if records:
                 msteps = frozenset(map_steps) if map_steps is not None else None
@@ -559,11 +570,11 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                     _rec.set_step(i + 1)
                 return {}
 
-            kwargs = dict(prompt=[prompts[pi] for pi, _ in chunk], latents=lat, num_inference_steps=steps,
+            kwargs = dict(prompt=[prompts[pi] for pi, _ in chunk], latents=lat, generator=gens, num_inference_steps=steps,
                           guidance_scale=guidance_scale, height=height, width=width, output_type="pt",
                           callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
             if negative_prompt is not None:
-                kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+                kwargs["negative_prompt"] = [negs[pi] for pi, _ in chunk]
             guider = None
             if guidance is not None:
                 from .guidance import Guider
@@ -654,11 +665,13 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                       environment=provenance(device))
 
 
-def _initial_latents(pipe, seed: int, latent_hw, device) -> torch.Tensor:
-    """The latents ``pipe(..., generator=torch.Generator(device).manual_seed(seed))`` would draw."""
+def _initial_latents(pipe, g: torch.Generator | int, latent_hw, device) -> torch.Tensor:
+    """The latents ``pipe(..., generator=g)`` would draw (``g`` a generator, or a seed for a fresh
+    ``torch.Generator(device).manual_seed(seed)``); ``g`` is left where the pipeline leaves it."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    g = torch.Generator(device).manual_seed(seed)
+    if not isinstance(g, torch.Generator):
+        g = torch.Generator(device).manual_seed(g)
     net = denoiser(pipe)
     if hasattr(pipe, "_pack_latents"):  # Flux: 16 channels drawn as (1, C, h, w), then packed into 2x2 tokens
         c = net.config.in_channels // 4

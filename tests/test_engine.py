@@ -156,6 +156,40 @@ def test_seed_equals_diffusers_generator_convention(tiny_sd):
     torch.testing.assert_close(gen.latents, out.images, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DDPMScheduler"])
+def test_stochastic_scheduler_seeds_fix_the_images(scheduler):
+    """Schedulers that draw noise every step: each image's step noise comes from its own seed's generator (it
+    came from torch's global state: other images every run, and per batch composition)."""
+    import diffusers
+
+    pipe = fastfair.load_pipeline("tiny-sd")
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    kw = dict(steps=3, maps=["doctor"], progress=False)
+    both = fastfair.generate(pipe, PROMPT, seeds=[0, 1], batch_size=2, **kw)
+    torch.manual_seed(123)  # the global state must not matter
+    one = fastfair.generate(pipe, PROMPT, seeds=[1], batch_size=1, **kw)
+    ref = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(1), output_type="latent")
+    # fastfair's attention vs diffusers' SDPA rounds differently (1e-6), which ancestral steps carry to ~3e-5;
+    # a step's noise from another generator moves latents by ~1
+    torch.testing.assert_close(one.latents, ref.images, rtol=0, atol=2e-4)
+    torch.testing.assert_close(both.latents[1:], ref.images, rtol=0, atol=2e-4)
+    torch.testing.assert_close(both.maps["doctor"][1:], one.maps["doctor"], rtol=1e-4, atol=1e-6)
+
+
+def test_negative_prompt_per_prompt(tiny_sd):
+    """A list of negative prompts is one per prompt (it was passed whole to every image: a text pair)."""
+    prompts, negs = [PROMPT, "a photo of a nurse"], ["blurry", "dark"]
+    gen = fastfair.generate(tiny_sd, prompts, seeds=[0], steps=2, negative_prompt=negs, progress=False)
+    for i in range(2):
+        ref = tiny_sd(prompts[i], negative_prompt=negs[i], num_inference_steps=2,
+                      generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+        torch.testing.assert_close(gen.latents[i:i + 1], ref.images, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one string per prompt"):
+        fastfair.generate(tiny_sd, prompts, seeds=[0], steps=2, negative_prompt=["blurry"], progress=False)
+    with pytest.raises(ValueError, match="77"):
+        fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=2, negative_prompt="word " * 90, progress=False)
+
+
 def test_unpatch_restores_exact_processors_including_custom(tiny_sd):
     from diffusers.models.attention_processor import AttnProcessor
 
