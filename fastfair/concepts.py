@@ -121,12 +121,22 @@ def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: i
         raise ConceptError(f"empty word {word!r}")
     hits: list[int] = []
     for i in range(len(toks) - len(wt) + 1):
-        if toks[i:i + len(wt)] == wt:
+        if toks[i:i + len(wt)] == wt and _word_ends(toks, i + len(wt)):
             hits.extend(range(offset + i, offset + i + len(wt)))
     if not hits:
         raise ConceptError(f"word {word!r} (T5 tokens {' '.join(wt)}) is not in the prompt {prompt!r}, whose T5 tokens "
                            f"are [{' '.join(toks)}]. Use a word from the prompt, written as a separate word")
     return tuple(hits)
+
+
+def _word_ends(toks: list[str], j: int) -> bool:
+    """Whether a word matched up to token ``j`` ends there: the prompt ends, the next SentencePiece token starts
+    a new word ("\u2581"), or is punctuation -- not a continuation ("man" is not the start of "mango", nor
+    "doctor" of "doctors")."""
+    if j >= len(toks):
+        return True
+    nxt = toks[j]
+    return nxt.startswith("\u2581") or not nxt[:1].isalnum()
 
 
 FLUX_T5_TOKENS = 512  # FluxPipeline's default max_sequence_length

@@ -52,3 +52,19 @@ def test_unspaced_cjk_word_error_says_how_to_fix(tiny_sd):
     with pytest.raises(concepts.ConceptError, match="put spaces around it"):
         concepts.resolve(tiny_sd, "一个医生的照片", "医生")
     assert len(concepts.resolve(tiny_sd, "一个 医生 的照片", "医生").positions) >= 1
+
+
+def test_t5_words_are_whole_words():
+    """SD3 / Flux words resolve in T5's SentencePiece tokens only as whole words: "man" is not the first piece of
+    "mango", nor "doctor" of "doctors" (both were mapped)."""
+    from fastfair.pipelines import t5_tokenizer
+
+    tok = t5_tokenizer()
+    prompt = "a photo of a man holding a mango."
+    pieces = tok.tokenize(prompt)
+    first = pieces.index("\u2581man")
+    assert pieces[first + 1].startswith("\u2581") and "\u2581man" in pieces[first + 1:]  # the vocabulary splits "mango"
+    assert concepts.t5_positions(tok, prompt, "man", 77) == (77 + first,)
+    assert concepts.t5_positions(tok, "a photo of a doctor.", "doctor", 0) == (4,)  # punctuation ends a word
+    with pytest.raises(concepts.ConceptError, match="not in the prompt"):
+        concepts.t5_positions(tok, "a photo of doctors", "doctor", 0)
