@@ -33,3 +33,38 @@ def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on ``folder`` for one process (``fcntl.flock`` on ``folder/name``): a second
+    fastfair process writing the same outputs is refused instead of mixing its files with the first's. The lock
+    file is removed on release; the lock dies with the process (SIGKILL included)."""
+
+    def __init__(self, folder, what: str, name: str = ".fastfair.lock"):
+        self.path, self.what, self.fh = Path(folder) / name, what, None
+
+    def __enter__(self):
+        import fcntl
+
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise FileExistsError(f"{self.path.parent} is a file, not a folder; choose another output folder")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise RuntimeError(f"another fastfair {self.what} process is writing to {self.path.parent}; wait for it "
+                               "to finish, or use another output folder") from None
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+        return False

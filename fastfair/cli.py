@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import tempfile
+from pathlib import Path
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -320,6 +322,11 @@ def _generate(args) -> int:
                  if gen.edit_targets else ""))
     print(f"wrote {len(gen)} images{', maps and overlays' if words else ''}"
           f"{', attribution maps' if gen.attribution_maps else ''} to {out}")
+    if any(gen.safety_blocked):
+        which = [i for i, b in enumerate(gen.safety_blocked) if b]
+        print(f"warning: the pipeline's safety checker blacked out {len(which)} image(s) (items {which}; listed as "
+              "safety_blocked in generation.json): their maps are the model's, their pictures are not. Load the "
+              "pipeline with safety_checker=None to keep them", file=sys.stderr)
     return 0
 
 
@@ -482,6 +489,10 @@ def _report(args) -> int:
     from .audit import report
 
     root = Path(args.run_dir)
+    if (not (root / "dft.json").is_file() and not (root / "audit.json").is_file()
+            and any((root / "checkpoints").glob("checkpoint-*"))):
+        raise ValueError(f"{root} is an unfinished fastfair finetune run (checkpoints, no dft.json yet): continue it "
+                         "with the same command and --resume latest; its report is written when it finishes")
     if (root / "dft.json").is_file() and not (root / "audit.json").is_file():   # a fastfair finetune dft folder
         from .dft_report import write_dft_report
 
@@ -578,6 +589,7 @@ def _add_edit(sub) -> None:
     m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     m.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
     m.add_argument("--out", required=True, help="output .safetensors (metadata also in OUT.json)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing edit at --out")
     m.add_argument("--no-progress", action="store_true")
 
 
@@ -613,6 +625,12 @@ def _edit(args) -> int:
     for k, v in MIST_PROTOCOLS[args.protocol].items():  # explicit flags win
         if getattr(args, k) is None:
             setattr(args, k, v)
+    out = Path(args.out)
+    out = out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds an edit; --overwrite replaces it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out.parent).close()  # writable: fail now, not after every round has run
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
@@ -823,8 +841,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastfair {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastfair {args.command}: interrupted; finished work is kept (audits and finetuning resume with "
-              "--resume)", file=sys.stderr)
+        kept = {"generate": "finished batches are kept: rerun with --resume",
+                "audit": "finished batches are kept: rerun with --resume",
+                "finetune": "the last checkpoint is kept: rerun with --resume latest",
+                "edit": "nothing was written (an edit is saved when its rounds finish): rerun the command",
+                "bench": "finished cases are in bench.partial.json"}.get(args.command, "")
+        print(f"fastfair {args.command}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 130
 
 

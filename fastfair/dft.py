@@ -1729,7 +1729,26 @@ class DFTTrainer:
                     # what the images are sampled with: a resumed run continues the same training distribution
                     sampling=dict(size=list(self._image_hw()), scheduler=cfg.scheduler, guidance_scale=cfg.guidance_scale,
                                   steps=list(cfg.sampling_steps)),
-                    **({} if cfg.prompt_padding == "max_length" else {"prompt_padding": cfg.prompt_padding}))
+                    **({} if cfg.prompt_padding == "max_length" else {"prompt_padding": cfg.prompt_padding}),
+                    # what is optimised and how: a resume with other values would mix two trainings in one run
+                    # (the total step count may grow: continuing a run further is a resume)
+                    training=self._training_fingerprint())
+
+    def _training_fingerprint(self) -> dict:
+        import hashlib
+
+        from .pipelines import module_digest
+
+        cfg = self.cfg
+        clf = self.classifier
+        fn = getattr(clf, "fn", None)
+        return dict(prompts=hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()[:16],
+                    classifier=dict(name=getattr(clf, "name", type(clf).__name__),
+                                    weights=module_digest(fn) if isinstance(fn, torch.nn.Module) else None),
+                    lr=cfg.lr, adam_betas=list(cfg.adam_betas), weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps,
+                    max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay,
+                    uncertainty_threshold=cfg.uncertainty_threshold, ot_samples=cfg.ot_samples,
+                    quality_weight=cfg.quality_weight, quality_relax=cfg.quality_relax, seed=cfg.seed)
 
     def _face_fingerprint(self) -> dict:
         """Faces change what is aligned (crops, images without a face dropped) and the loss: a run is resumed only
@@ -1801,11 +1820,20 @@ class DFTTrainer:
         except Exception as e:
             raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
-        if "sampling" not in theirs:   # checkpoints from before it was recorded
-            mine.pop("sampling")
+        for key in ("sampling", "training"):
+            if key not in theirs:   # checkpoints from before it was recorded
+                mine.pop(key)
         if mine != theirs:
-            diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-                    if k != "params" and mine.get(k) != theirs.get(k)]
+            diff = []
+            for k in sorted(set(mine) | set(theirs)):
+                a, b = theirs.get(k), mine.get(k)
+                if k == "params" or a == b:
+                    continue
+                if isinstance(a, dict) and isinstance(b, dict):  # name only the entries that differ
+                    diff += [f"{k}.{j}: checkpoint {a.get(j)!r} vs now {b.get(j)!r}" for j in sorted(set(a) | set(b))
+                             if a.get(j) != b.get(j)]
+                else:
+                    diff.append(f"{k}: checkpoint {a!r} vs now {b!r}")
             pm, pt = mine.get("params") or {}, theirs.get("params") or {}
             if pm != pt:  # summarised: the full list is every trainable tensor's shape
                 first = next((n for n in list(pm) + list(pt) if pm.get(n) != pt.get(n)), None)

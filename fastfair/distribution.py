@@ -41,7 +41,8 @@ def counts(codes, n_classes: int) -> np.ndarray:
     if codes.size and codes.max(initial=-1) >= n_classes:
         raise ValueError(f"class code {int(codes.max())} out of range for {n_classes} classes")
     lead = codes.shape[:-1]
-    rows = codes.reshape(-1, codes.shape[-1]) if codes.ndim else codes.reshape(1, 1)
+    # explicit row count: reshape(-1, 0) of a profession without any image yet (an interrupted audit) fails
+    rows = codes.reshape(int(np.prod(lead, dtype=np.int64)), codes.shape[-1]) if codes.ndim else codes.reshape(1, 1)
     ok = rows >= 0
     flat = (np.arange(rows.shape[0])[:, None] * n_classes + rows)[ok]
     return np.bincount(flat, minlength=rows.shape[0] * n_classes).reshape(*lead, n_classes)

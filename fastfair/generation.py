@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import concepts, metrics
 from ._env import provenance
-from ._io import atomic_write
+from ._io import FolderLock, atomic_write
 from .maps import Aggregation, MapRecorder
 from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
                          unpatch)
@@ -47,14 +47,21 @@ def parse_seeds(seeds) -> list[int]:
         seeds = out
     else:
         try:
-            seeds = [int(s) for s in seeds]
+            given = list(seeds)
+            seeds = [int(s) for s in given]
         except (TypeError, ValueError) as e:
             raise ValueError(f"seeds must be integers, e.g. seeds=[0, 1] or seeds='0-3'; got {seeds!r}") from e
+        frac = next((g for g, s in zip(given, seeds) if isinstance(g, bool) or g != s), None)
+        if frac is not None:  # int(0.5) would silently be seed 0
+            raise ValueError(f"seeds must be integers; got {frac!r}")
     if not seeds:
         raise ValueError("no seeds given; pass e.g. seeds=[0, 1] or seeds='0-3'")
     neg = [s for s in seeds if s < 0]
     if neg:
         raise ValueError(f"seeds must be >= 0; got {neg[0]}")
+    big = [s for s in seeds if s >= 2 ** 64]
+    if big:
+        raise ValueError(f"seeds must be below 2**64 (torch.Generator's range); got {big[0]}")
     seen: set[int] = set()
     dup = next((s for s in seeds if s in seen or seen.add(s)), None)
     if dup is not None:
@@ -108,6 +115,9 @@ class Generation:
     # ``generate_to_dir`` run lists every distinct one its batches were made under
     environment: dict = field(default_factory=dict)
     environments: list = field(default_factory=list)
+    # the pipeline's safety checker (SD 1.x / 2.x checkpoints that ship one): per item, whether it blacked the
+    # image out -- the maps are still the model's, the picture is not; empty when the pipeline has no checker
+    safety_blocked: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -156,6 +166,8 @@ class Generation:
                     images=[f"images/{n}.png" for n in names])
         if self.edit_targets:
             meta["edit_targets"] = self.edit_targets
+        if self.safety_blocked:
+            meta["safety_blocked"] = self.safety_blocked
         if self.environment:
             meta["environment"] = self.environment
         if len(self.environments) > 1:
@@ -185,6 +197,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     from safetensors.torch import load_file, save as st_save
     from tqdm.auto import tqdm
 
+    check_text_to_image(pipe)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = parse_seeds(seeds)
     if batch_size < 1:
@@ -197,78 +210,88 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         check_edit_guidance(pipe, kwargs["edit_guidance"], guidance_scale_for(pipe, gs), seeds,
                             kwargs.get("steps", 50))
     out = Path(out_dir)
-    run_file = out / PARTS / "run.json"
-    key = json.dumps(settings, sort_keys=True, default=str)
-    if resume and run_file.exists():
-        before, now = json.loads(run_file.read_text()), json.loads(key)
-        if before != now:
-            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
-                             "run it with those settings, or start over with --overwrite")
-    elif resume and (out / "generation.json").exists():
-        raise ValueError(f"{str(out)!r} holds a finished generation; nothing to resume (use --overwrite to redo it)")
-    else:
-        check_out_dir(out, overwrite)
-        if overwrite:
-            _remove_outputs(out)
-        atomic_write(run_file, key.encode())
-    items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
-    # each prompt's seeds in batches (generate crosses its prompts with its seeds: a batch has one prompt)
-    batches = [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(len(prompts))
-               for i in range(0, len(seeds), batch_size)]
-    names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
-    done = 0
-    config, diag_parts = None, []
-    images, latents, maps, amaps, targets, envs = [], [], {}, {}, [], []
-    bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
-    for b, batch in enumerate(batches):
-        part = out / PARTS / f"batch-{b:05d}.safetensors"
-        if part.exists():
-            t = load_file(str(part))
-            info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
-            imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
+    with FolderLock(out, "generate"):  # a second process writing here would mix its batches with these
+        run_file = out / PARTS / "run.json"
+        from .pipelines import pipeline_fingerprint
+
+        # the model as loaded (scheduler, adapters, safety checker, weights): a resume refuses a model changed under
+        # the same name (a scheduler swapped in its folder, a LoRA added to the same pipeline object)
+        # and the batch size: finished batches are files per batch index (a resume with another size misaligned them)
+        settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe)}
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if resume and run_file.exists():
+            before, now = json.loads(run_file.read_text()), json.loads(key)
+            if before != now:
+                diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+                raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
+                                 "run it with those settings, or start over with --overwrite")
+        elif resume and (out / "generation.json").exists():
+            raise ValueError(f"{str(out)!r} holds a finished generation; nothing to resume (use --overwrite to redo it)")
         else:
-            g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
-                         progress=False, **kwargs)
-            imgs = g.images
-            for it, img in zip(batch, imgs):
-                atomic_write(out / "images" / f"{names[it]}.png", _png(img))
-            t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
-            t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
-            t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
-            t["latents"] = g.latents.float().contiguous()
-            info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
-                        diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment)
-            atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
-            atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
-            done += 1
-        bar.update(len(batch))
-        config = config or info["config"]
-        targets += info.get("edit_targets") or []
-        if info.get("environment") and info["environment"] not in envs:
-            envs.append(info["environment"])
-        images += imgs
-        latents.append(t["latents"])
-        for w in info["words"]:
-            maps.setdefault(w, []).append(t[f"maps/{w}"])
-        for n, ws in info["attributions"].items():
-            for w in ws:
-                amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
-        diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
-    bar.close()
-    diagnostics = {}
-    if diag_parts and diag_parts[0]:
-        diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
-                       else diag_parts[0][k] for k in diag_parts[0]}
-    gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
-                     prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
-                     diagnostics=diagnostics,
-                     attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()},
-                     edit_targets=targets, environment=envs[-1] if envs else {}, environments=envs)
-    gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
-    gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
-    shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
-    return gen
+            check_out_dir(out, overwrite)
+            if overwrite:
+                _remove_outputs(out)
+            atomic_write(run_file, key.encode())
+        items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
+        # each prompt's seeds in batches (generate crosses its prompts with its seeds: a batch has one prompt)
+        batches = [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(len(prompts))
+                   for i in range(0, len(seeds), batch_size)]
+        names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
+        done = 0
+        config, diag_parts = None, []
+        images, latents, maps, amaps, targets, envs, blocked = [], [], {}, {}, [], [], []
+        bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
+        for b, batch in enumerate(batches):
+            part = out / PARTS / f"batch-{b:05d}.safetensors"
+            if part.exists():
+                t = load_file(str(part))
+                info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
+                imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
+            else:
+                g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
+                             progress=False, **kwargs)
+                imgs = g.images
+                for it, img in zip(batch, imgs):
+                    atomic_write(out / "images" / f"{names[it]}.png", _png(img))
+                t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
+                t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
+                t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
+                t["latents"] = g.latents.float().contiguous()
+                info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
+                            diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment,
+                            safety_blocked=g.safety_blocked)
+                atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
+                atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
+                done += 1
+            bar.update(len(batch))
+            config = config or info["config"]
+            targets += info.get("edit_targets") or []
+            blocked += info.get("safety_blocked") or []
+            if info.get("environment") and info["environment"] not in envs:
+                envs.append(info["environment"])
+            images += imgs
+            latents.append(t["latents"])
+            for w in info["words"]:
+                maps.setdefault(w, []).append(t[f"maps/{w}"])
+            for n, ws in info["attributions"].items():
+                for w in ws:
+                    amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
+            diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+        bar.close()
+        diagnostics = {}
+        if diag_parts and diag_parts[0]:
+            diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
+                           else diag_parts[0][k] for k in diag_parts[0]}
+        gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
+                         prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
+                         diagnostics=diagnostics,
+                         attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()},
+                         edit_targets=targets, environment=envs[-1] if envs else {}, environments=envs,
+                         safety_blocked=blocked if len(blocked) == len(items) else [])
+        gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
+        gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
+        shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
+        return gen
 
 
 def _check_words(pipe, prompts: list, kwargs: dict) -> None:
@@ -438,6 +461,9 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
 
     from tqdm.auto import tqdm
 
+    check_text_to_image(pipe)
+    if prompt is None or not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
@@ -472,6 +498,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer; fastfair.generate runs "
                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux pipelines")
     guidance_scale = guidance_scale_for(pipe, guidance_scale)
+    if guidance_scale is not None and not np.isfinite(guidance_scale):  # NaN silently switched CFG off
+        raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1; got {steps}")
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if negative_prompt is not None and is_flux(net):
             raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "
@@ -528,7 +558,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         pipe._fastfair.backend = backend
     saved_pb = dict(getattr(pipe, "_progress_bar_config", {}) or {})
     pipe.set_progress_bar_config(disable=True)
-    images, latents_out, map_chunks, diag_chunks, edit_targets = [], [], [], [], []
+    images, latents_out, map_chunks, diag_chunks, edit_targets, blocked = [], [], [], [], [], []
     extra_chunks = {name: [] for name in extra}
     bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
     try:
@@ -614,6 +644,9 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                 raise NonFiniteError(f"decoded images are NaN/Inf for items {bad.nonzero().flatten().tolist()} "
                                      "(a half-precision VAE overflow?); use float32 or upcast the VAE")
             images.extend(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(imgs)))
+            flags = getattr(out, "nsfw_content_detected", None)
+            if flags is not None:
+                blocked.extend(bool(f) for f in flags)
             fin = final.get("latents", lat)
             if fin.dim() == 3:  # Flux packs 2x2 latent patches into tokens: back to (N, C, h, w)
                 fin = pipe._unpack_latents(fin, height, width, vsf)
@@ -662,7 +695,20 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
                       diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets,
-                      environment=provenance(device))
+                      environment=provenance(device), safety_blocked=blocked)
+
+
+TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def check_text_to_image(pipe) -> None:
+    """Refuse pipelines ``generate`` does not run (image-to-image, inpainting, ControlNet, PAG, other model
+    families): their calls need other inputs, or their attention is not where fastfair reads the maps."""
+    names = {c.__name__ for c in type(pipe).__mro__}
+    if not names & set(TEXT_TO_IMAGE):
+        raise ValueError(f"fastfair generates with the text-to-image pipelines {', '.join(TEXT_TO_IMAGE)} (or their "
+                         f"subclasses); got {type(pipe).__name__}. Build one from the same components, e.g. "
+                         "StableDiffusionPipeline(**pipe.components) for an SD 1.x/2.x img2img or inpainting pipeline")
 
 
 def _initial_latents(pipe, g: torch.Generator | int, latent_hw, device) -> torch.Tensor:

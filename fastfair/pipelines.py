@@ -275,9 +275,27 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
     from diffusers import DiffusionPipeline
 
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
+        names = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype.lower() not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+        dtype = names[dtype.lower()]
+    if device is not None:
+        check_device(device)
+    path = Path(str(name)).expanduser()
+    if name in PRESETS and path.exists():
+        raise ValueError(f"{name!r} is both an offline preset and a path here; write ./{name} for the folder, or "
+                         "run from another directory for the preset")
+    if path.is_file():
+        raise ValueError(f"{name!r} is a file; fastfair loads diffusers pipeline folders (model_index.json and one "
+                         "folder per component). Convert a single-file checkpoint once with diffusers: "
+                         "StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER) (or the SDXL / SD3 / "
+                         "Flux pipeline class), then pass FOLDER")
     source = build_preset(name, seed) if name in PRESETS else name
+    if "variant" not in kwargs and path.is_dir():
+        variant = _only_variant(path)
+        if variant is not None:
+            kwargs["variant"] = variant
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:
@@ -285,7 +303,90 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         except (OSError, ValueError) as e:
             raise RuntimeError(f"could not load pipeline {name!r}: {e}\n(offline presets: {', '.join(PRESETS)}; "
                                f"or pass a local folder saved with save_pretrained)") from e
+    missing = [] if "device_map" in kwargs else [f"{cname}.{pname}" for cname, comp in pipe.components.items() if isinstance(comp, torch.nn.Module)
+               for pname, p in list(comp.named_parameters()) + list(comp.named_buffers()) if p.is_meta]
+    if missing:
+        raise RuntimeError(f"pipeline {name!r} lacks {len(missing)} weight(s) (e.g. {', '.join(missing[:3])}): they "
+                           "were never loaded and would compute garbage. The checkpoint is incomplete or was saved "
+                           "for another architecture; re-save it with save_pretrained")
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's parameters: names, shapes, and per-tensor sums and sums of squares in float64 (8
+    significant digits, so reduction order on another device does not change it). One pass over the weights."""
+    import hashlib
+
+    named = [(n, p) for n, p in module.named_parameters() if not p.is_meta]
+    h = hashlib.sha256()
+    if named:
+        with torch.no_grad():  # one transfer per module (no sync per tensor on a GPU)
+            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]).cpu()
+                                for _, p in named]).tolist()
+        for (pname, p), (s1, s2) in zip(named, sums):
+            h.update(f"{pname}:{tuple(p.shape)}:{s1:.8g}:{s2:.8g};".encode())
+    return h.hexdigest()[:16]
+
+
+def pipeline_fingerprint(pipe) -> dict:
+    """What a run's images depend on in ``pipe`` beyond its name: the scheduler (class and configuration), the
+    adapters loaded into each component, whether a safety checker runs, and a digest of the weights of the
+    denoiser and text encoders (per-tensor sums and sums of squares in float64, 8 significant digits), so a
+    resumed run refuses a model changed in place (a scheduler swapped in the folder, a LoRA added or fused, a
+    MIST edit applied to the same pipeline object). One pass over those weights (~1 s for SD 1.5 on a CPU)."""
+    import hashlib
+
+    sch = pipe.scheduler
+    cfg = {k: v for k, v in dict(sch.config).items() if not k.startswith("_")}
+    out = {"scheduler": type(sch).__name__,
+           "scheduler_config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]}
+    adapters = {}
+    h = hashlib.sha256()
+    for name in sorted(pipe.components):
+        comp = pipe.components[name]
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        peft = getattr(comp, "peft_config", None)
+        if peft:
+            adapters[name] = sorted(peft)
+        if name in ("unet", "transformer") or name.startswith("text_encoder"):
+            h.update(f"{name}:{module_digest(comp)};".encode())
+    if adapters:
+        out["adapters"] = adapters
+    if getattr(pipe, "safety_checker", None) is not None:
+        out["safety_checker"] = True
+    out["weights"] = h.hexdigest()[:16]
+    return out
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device, or a clear error before anything is loaded onto it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch has no CUDA device (a CPU build, or no GPU visible); "
+                             "use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def _only_variant(folder: Path) -> str | None:
+    """The weight variant (e.g. "fp16") of a folder saved with ``save_pretrained(variant=...)`` whose components
+    hold only that variant's files; None when plain weight files are there (or no weights at all)."""
+    variants, plain = set(), False
+    for f in folder.glob("*/*"):
+        parts = f.name.split(".")
+        if f.suffix not in (".safetensors", ".bin") or f.name.endswith(".index.json"):
+            continue
+        if len(parts) == 3:  # model.fp16.safetensors, or sharded: model.fp16-00001-of-00002.safetensors
+            variants.add(parts[1].split("-")[0])
+        elif len(parts) == 2:  # model.safetensors, model-00001-of-00002.safetensors
+            plain = True
+    return next(iter(variants)) if (len(variants) == 1 and not plain) else None

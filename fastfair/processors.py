@@ -23,7 +23,10 @@ from .maps import MapRecorder, block_of
 # diffusers processors that compute plain scaled-dot-product attention; anything else is "custom".
 _STANDARD = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
              "SlicedAttnProcessor", "FusedAttnProcessor2_0"}
-_STANDARD_JOINT = {"JointAttnProcessor2_0", "FluxAttnProcessor"}  # SD3's and Flux's plain attention
+# SD3's and Flux's plain attention, also after fuse_qkv_projections() (the same math from the fused weights; the
+# fastfair processors read to_q / to_k / to_v, which fusing keeps)
+_STANDARD_JOINT = {"JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0",
+                   "FusedFluxAttnProcessor2_0"}
 
 
 class PatchError(RuntimeError):
@@ -427,7 +430,7 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
     custom = {n: type(m.processor).__name__ for n, m in mods.items() if type(m.processor).__name__ not in standard}
     if custom and not force:
         first = next(iter(custom.items()))
-        raise PatchError(f"{len(custom)} cross-attention layers already use a custom processor (e.g. {first[0]}: "
+        raise PatchError(f"{len(custom)} attention layers that read the prompt already use a custom processor (e.g. {first[0]}: "
                          f"{first[1]}). fastfair would bypass it while recording maps. Remove it, or call "
                          "patch(pipe, force=True) to accept that; unpatch() restores it either way.")
     unknown = [n for n in mods if block_of(n) == "other"]

@@ -123,7 +123,7 @@ def test_part_files_are_compacted_without_changing_the_rows(tiny_sd, tmp_path, m
     monkeypatch.setattr(S, "COMPACT_AT", 3)
     comp = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "comp", **kw)
     parts = _parts(tmp_path / "comp")
-    assert sum(p.name.startswith("part-r0-c") for p in parts) == n_batches // 3 and len(parts) < n_batches
+    assert sum(p.name.startswith("part-r0-compact-") for p in parts) == n_batches // 3 and len(parts) < n_batches
     cols = [c for c in plain.results.columns if c not in ("seconds",)]
     a = plain.results[cols].sort_values("work_id").reset_index(drop=True)
     b = comp.results[cols].sort_values("work_id").reset_index(drop=True)

@@ -206,6 +206,20 @@ def test_resume_reproduces_next_step_loss(tmp_path):
     assert "trainable tensors in the checkpoint" in str(err.value) and len(str(err.value)) < 1500  # summarised
     with pytest.raises(ResumeError, match="not a DFT checkpoint"):
         DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(), quality_encoder=None, resume=tmp_path / "nothing")
+    # training settings: another learning rate, gradient clipping, prompt list or classifier would mix two trainings
+    # in one run (they were accepted, and dft.json then recorded values the first steps never used)
+    for prompts, kw, clf, what in (([PROMPT, "a photo of a nurse"], dict(lr=0.1), RedClassifier(), "training.lr"),
+                                   ([PROMPT, "a photo of a nurse"], dict(max_grad_norm=1e-3), RedClassifier(),
+                                    "training.max_grad_norm"),
+                                   ([PROMPT], {}, RedClassifier(), "training.prompts")):
+        with pytest.raises(ResumeError, match=what.replace(".", r"\.")) as err:
+            DFTTrainer(fresh(), prompts, clf, cfg.__class__(**{**cfg.__dict__, **kw}), quality_encoder=tiny_encoder(),
+                       resume=ck)
+        assert "steps" not in str(err.value)
+    longer = DFTTrainer(fresh(), [PROMPT, "a photo of a nurse"], RedClassifier(), cfg.__class__(**{**cfg.__dict__,
+                        "steps": cfg.steps + 5}), quality_encoder=tiny_encoder(), resume=ck)  # more steps: a resume
+    assert longer.step_idx == 1
+    longer.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 from .. import distribution as D
 from .attributes import intersection_labels, slug
 from .store import RunDirError, RunStore, load_results
-from .summary import _ci as _triple, _f, _interval, _Labels, _metrics_for, _safe
+from .summary import _ci as _triple, _f, _interval, _Labels, _metrics_for, _safe, planned_images
 
 __all__ = ["compare", "CompareError", "format_markdown"]
 
@@ -274,6 +274,11 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
                     dist[iname] = blk
         quality: dict = {}
         notes: list[str] = []
+        for r, who in ((base, "the baseline"), (run, "this run")):
+            planned = planned_images(r.config)
+            if len(r.df) < planned:  # in-prompt rows can be missing while every neutral pair is there
+                notes.append(f"{who} ({r.root}) is unfinished: {len(r.df)} of {planned} planned images; metrics over "
+                             "missing professions or in-prompt images cover part of the plan (resume it first)")
         sa, sb = base.settings.get("clip_score"), run.settings.get("clip_score")
         if sa and sa == sb and "clip_score" in na.columns and "clip_score" in nb.columns:
             blk = _mean_block(na, nb, ["profession", "seed"], "clip_score", n_boot, seed, level)

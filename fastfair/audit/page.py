@@ -331,6 +331,11 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
     if planned and summary.get("n_images", 0) < planned:
         parts.append(f'<p class=warn>Partial run: {summary["n_images"]} of {planned} planned images are finished; '
                      "resume the audit (--resume) for the rest.</p>")
+    if summary.get("safety_blocked"):
+        parts.append(f'<p class=warn>The pipeline\'s safety checker blacked out {summary["safety_blocked"]} image(s): '
+                     "their maps are measured, but the classifier abstains on them (left out of the frequencies, "
+                     "counted as abstained) and they have no CLIP score. Which images it blocks can itself depend on "
+                     "the people drawn; audit with safety_checker=None to see every image.</p>")
     parts.append("<div class=cards>" + "".join(f"<div class=card>{E(str(k))}<b>{v}</b></div>" for k, v in cards)
                  + "</div>")
     maps = _Maps(root)
@@ -388,6 +393,13 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                      "|f<sub>i</sub>−f<sub>j</sub>| over class pairs; Δ = |p−0.5|/0.5 (binary); "
                      "KL to uniform (nats); "
                      "gap = mean |f<sub>k</sub>−target<sub>k</sub>|; RD = f(first class) − f(second class).</p>")
+        abst = {n: b.get("overall", {}).get("abstained", 0) for n, b in dist.items() if "parts" not in b}
+        if any(abst.values()):
+            parts.append("<p class=warn>The classifier abstained (no probabilities: no face found, an image the "
+                         "safety checker blacked out, or a NaN row from the classifier) on "
+                         + "; ".join(f"{v} image(s) for {E(n)}" for n, v in abst.items() if v)
+                         + ". Those images are left out of the frequencies below; if they are many, or could depend "
+                         "on the group shown, the frequencies are biased.</p>")
     for name, blk in dist.items():
         if "parts" in blk:
             continue

@@ -42,6 +42,7 @@ from ..classify import AttributeClassifier, check_labels, load_classifier
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
 from .._io import atomic_write
+from ..pipelines import pipeline_fingerprint
 from .store import RunDirError, RunStore
 
 MODES = ("open", "inprompt")
@@ -197,7 +198,7 @@ def batches(items: Sequence[WorkItem], batch_size: int):
 
 
 def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = False, guided: bool = False,
-               clip_score: bool = False):
+               clip_score: bool = False, safety_checker: bool = False):
     import pyarrow as pa
 
     fields = [("work_id", pa.string()), ("kind", pa.string()), ("profession", pa.string()), ("prompt", pa.string()),
@@ -212,6 +213,8 @@ def row_schema(open_words, inprompt: bool, sets, inters, edit_target: bool = Fal
         fields += [(f"iou_open_{slug(w)}", pa.float64()), (f"softiou_open_{slug(w)}", pa.float64())]
     if inprompt:
         fields += [("iou_inprompt", pa.float64()), ("softiou_inprompt", pa.float64())]
+    if safety_checker:  # the pipeline's safety checker blacked the image out: maps kept, no label, no CLIP score
+        fields.append(("safety_blocked", pa.bool_()))
     if clip_score:
         fields.append(("clip_score", pa.float64()))
     for s in sets:
@@ -456,7 +459,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "inprompt_template": measured["inprompt_template"] if "inprompt" in modes else None,
             "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
-                           "negative_prompt": negative_prompt, "aggregation": aggregation,
+                           "negative_prompt": negative_prompt, "aggregation": aggregation, "backend": backend,
                            **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()}),
                            **({} if guide is None else {"guide": dict(attribute=guide, **{
                                k: (list(v) if k == "steps" and v is not None else v)
@@ -466,6 +469,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "classifier": clf.describe() if clf is not None else None,
             **({"clip_score": scorer.describe()} if scorer is not None else {}),
             "save_maps": bool(save_maps), "maps_dtype": "float16",
+            # the model as loaded: a resume refuses one changed under the same name (scheduler, adapters, weights)
+            "model_state": pipeline_fingerprint(pipe),
         }
         settings_hash = _sha(settings, 16)
         config = {
@@ -480,7 +485,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
         fair = edit_guidance is not None and hasattr(edit_guidance, "label_for")
         schema = row_schema(open_words, "inprompt" in modes, sets, inters, edit_target=fair, guided=guide is not None,
-                            clip_score=scorer is not None)
+                            clip_score=scorer is not None,
+                            safety_checker=getattr(pipe, "safety_checker", None) is not None)
 
         # ---- the run directory (rank 0 decides; everyone hears the verdict)
         store = RunStore(out, rank)
@@ -536,6 +542,14 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
 
             summary = summarize(df, config)
             atomic_write(store.root / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
+            abst = {n: b["overall"]["abstained"] for n, b in summary.get("distribution", {}).items()
+                    if "parts" not in b and b.get("overall", {}).get("abstained")}
+            if abst:
+                import warnings
+
+                warnings.warn(f"the classifier abstained (NaN probabilities: no face, a safety-checker block, or the "
+                              f"classifier's own NaN) on {abst} image(s); they are left out of the frequencies "
+                              "(summary.json: abstained)", stacklevel=2)
             if report:
                 from .page import write_report
 
@@ -657,13 +671,20 @@ class _BatchContext:
                 rows[i]["softiou_inprompt"] = float(soft[i])
                 maps[f"{it.work_id}:inprompt::profession"] = gen.maps[prof][i].half()
                 maps[f"{it.work_id}:inprompt::attribute"] = gen.maps[first.word][i].half()
+        blocked = [bool(b) for b in gen.safety_blocked] if gen.safety_blocked else [False] * len(batch)
+        if "safety_blocked" in self.schema.names:
+            for i in range(len(batch)):
+                rows[i]["safety_blocked"] = blocked[i]
         if self.scorer is not None:
             texts = [without_prefix(it.prompt, self.prompt_prefix) for it in batch]   # the prompt as written
             for i, sc in enumerate(self.scorer(images, texts)):
-                rows[i]["clip_score"] = float(sc)
+                rows[i]["clip_score"] = None if blocked[i] else float(sc)
         preds: dict[str, list] = {}
         if self.clf is not None:
             probs = self.clf.predict(images)
+            if any(blocked):  # a blacked-out picture shows no one: the classifier abstains on it
+                probs = {k: np.where(np.asarray(blocked)[:, None], np.nan, np.asarray(v, dtype=np.float64))
+                         for k, v in probs.items()}
             for st in self.sets:
                 order = [list(self.clf.labels[st.name]).index(lab) for lab in st.labels]
                 p = np.asarray(probs[st.name], dtype=np.float64)[:, order]

@@ -13,7 +13,7 @@ Layout::
 A batch is committed by writing its images and map shard first, then its part file; every file
 goes through a temporary file and an atomic rename, so a process killed at any instant leaves
 either a complete part file or none. Every ``COMPACT_AT`` batch part files of a rank are merged into
-one ``part-r{rank}-c{first}.parquet`` (written atomically before its sources are deleted, so a kill in
+one ``part-r{rank}-compact-{first}.parquet`` (written atomically before its sources are deleted, so a kill in
 between leaves duplicate rows of the same work ids, which readers drop): a run of 100,000 images in
 batches of 8 keeps ~50 part files instead of 12,500, and resuming reads them in seconds. Rows whose part file exists are done; ``--resume`` skips
 them, and a batch cut short is simply redone (its images and shard are rewritten under the same
@@ -29,6 +29,10 @@ from pathlib import Path
 from .._io import atomic_write
 
 COMPACT_AT = 256  # batch part files of one rank merged into one compacted part
+
+
+def _is_work_id(s: str) -> bool:
+    return len(s) == 20 and all(c in "0123456789abcdef" for c in s)
 CONFIG = "audit.json"
 RESULTS = "results.parquet"
 SUMMARY = "summary.json"
@@ -221,8 +225,11 @@ class RunStore:
         return path
 
     def _my_batch_parts(self) -> list[Path]:
-        return [p for p in self.part_files() if p.name.startswith(f"part-r{self.rank}-")
-                and not p.name.startswith(f"part-r{self.rank}-c")]
+        """This rank's batch part files: ``part-r{rank}-{work id}`` (20 hex digits). Compacted ones are
+        ``part-r{rank}-compact-{id}`` (before: ``-c{id}``, which a batch whose work id starts with "c" also
+        matched: it was never compacted)."""
+        pre = f"part-r{self.rank}-"
+        return [p for p in self.part_files() if p.name.startswith(pre) and _is_work_id(p.stem[len(pre):])]
 
     def compact(self) -> Path | None:
         """Merge this rank's batch part files into one compacted part (atomic), then delete them."""
@@ -236,7 +243,7 @@ class RunStore:
         table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        out = self.parts_dir / f"part-r{self.rank}-c{parts[0].stem.split('-', 2)[2]}.parquet"
+        out = self.parts_dir / f"part-r{self.rank}-compact-{parts[0].stem.split('-', 2)[2]}.parquet"
         atomic_write(out, buf.getvalue())
         for p in parts:
             if p != out:

@@ -113,6 +113,15 @@ def _distribution_block(df, professions, col, labels, target, n_boot, seed, leve
     return {"labels": list(labels), "target": [float(x) for x in target], "overall": overall, "per_profession": per}
 
 
+def planned_images(config: dict) -> int:
+    """Images an audit's plan holds: per profession and seed, the neutral image and (in-prompt entanglement) one
+    per class word."""
+    st = config["settings"]
+    per_prompt = 1 + (sum(len(a["labels"]) for a in st["attributes"].values()) if "inprompt" in st["entanglement"]
+                      else 0)
+    return len(config["work"]["professions"]) * len(config["work"]["seeds"]) * per_prompt
+
+
 def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None = None, seed: int | None = None,
               level: float | None = None) -> dict:
     """The summary of an audit's rows (``results.parquet`` as a DataFrame) under its config."""
@@ -124,14 +133,15 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
     level = level or opts.get("level", 0.95)
     professions = list(config["work"]["professions"])
     attrs = st["attributes"]
-    per_prompt = 1 + (sum(len(a["labels"]) for a in attrs.values()) if "inprompt" in st["entanglement"] else 0)
-    out: dict = {"n_images": int(len(df)), "n_planned": len(professions) * len(config["work"]["seeds"]) * per_prompt,
+    out: dict = {"n_images": int(len(df)), "n_planned": planned_images(config),
                  "professions": professions, "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level}}
     if not len(df):
         return out
     neutral = df[df["kind"] == "neutral"]
     inprompt = df[df["kind"] == "inprompt"]
     out["n_neutral"], out["n_inprompt"] = int(len(neutral)), int(len(inprompt))
+    if "safety_blocked" in df.columns:  # blacked out by the pipeline's safety checker: abstentions of the classifier
+        out["safety_blocked"] = int(df["safety_blocked"].fillna(False).astype(bool).sum())
 
     ent: dict = {}
     if "open" in st["entanglement"]:

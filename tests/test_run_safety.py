@@ -1,0 +1,157 @@
+"""Runs that are interrupted, resumed, or shared: what a helper's review found mixing or failing, each refused or
+handled (generate's batch size and folder lock, partial audits in reports and comparisons, audit backends, the
+MIST command's output checks, NaN inputs, an unfinished DFT folder)."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fastfair
+from fastfair._io import FolderLock
+from fastfair.audit.summary import summarize
+from fastfair.cli import main
+from fastfair.generation import generate_to_dir
+
+PROMPT = "a photo of the face of a doctor"
+GEN = dict(seeds=[0, 1, 2], steps=2, maps=["doctor"], progress=False)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(pipe, out, batch_size, after=1):
+    """generate_to_dir stopped after ``after`` finished batches (as a kill between batches leaves it)."""
+    from fastfair import generation
+
+    real, calls = generation.generate, []
+
+    def gen(*a, **k):
+        if len(calls) == after:
+            raise _Stop
+        calls.append(1)
+        return real(*a, **k)
+
+    generation.generate = gen
+    try:
+        with pytest.raises(_Stop):
+            generate_to_dir(pipe, PROMPT, out, settings={"model": "tiny-sd"}, batch_size=batch_size, **GEN)
+    finally:
+        generation.generate = real
+
+
+def test_generate_resume_with_another_batch_size_is_refused(tiny_sd, tmp_path):
+    """Finished batches are files per batch index: a resume with another size took seed 1's map for seed 2."""
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=1, resume=True,
+                        **GEN)
+    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True,
+                           **GEN)
+    ref = fastfair.generate(tiny_sd, PROMPT, batch_size=1, **GEN)
+    assert done.seeds == ref.seeds == [0, 1, 2]
+    np.testing.assert_allclose(done.maps["doctor"].numpy(), ref.maps["doctor"].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_second_generate_into_the_same_folder_is_refused(tiny_sd, tmp_path):
+    with FolderLock(tmp_path / "g", "generate"):  # as another process holding the folder
+        with pytest.raises(RuntimeError, match="another fastfair generate process"):
+            generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={}, overwrite=True, **GEN)
+    generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={}, **GEN)
+    assert not (tmp_path / "g" / ".fastfair.lock").exists()  # released and removed
+
+
+@pytest.fixture(scope="module")
+def finished_audit(tiny_sd, tmp_path_factory):
+    from fastfair.audit.attributes import parse_attributes
+    from test_audit import tiny_clip_classifier
+
+    out = tmp_path_factory.mktemp("aud") / "run"
+    clf = tiny_clip_classifier(parse_attributes("gender")[0])
+    res = fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", classifier=clf,
+                         entanglement="open,inprompt", seeds=1, steps=2, progress=False, n_boot=20, out=out)
+    return res
+
+
+def test_summary_and_report_of_a_partial_audit(finished_audit, tmp_path):
+    """A profession without any image yet (an interrupted audit): summarize failed in numpy's reshape."""
+    config = json.loads((finished_audit.run_dir / "audit.json").read_text())
+    df = finished_audit.results
+    part = df[df["profession"] == "doctor"]
+    s = summarize(part, config)
+    assert s["n_images"] == len(part) < s["n_planned"] == len(df)
+    from fastfair.audit.page import write_report
+
+    page = write_report(finished_audit.run_dir, df=part, config=config, summary=s, out=tmp_path / "r.html")
+    assert "Partial run" in page.read_text()
+
+
+def test_compare_flags_an_unfinished_run(finished_audit, tmp_path):
+    """In-prompt rows missing while every neutral pair is there: the comparison said nothing."""
+    import shutil
+
+    from fastfair.audit import compare
+
+    part = tmp_path / "part"
+    shutil.copytree(finished_audit.run_dir, part)
+    df = pd.read_parquet(part / "results.parquet")
+    keep = df[(df["kind"] == "neutral") | (df["profession"] == "doctor")]
+    for f in (part / "parts").glob("*.parquet"):
+        f.unlink()
+    keep.to_parquet(part / "parts" / "part-r0-0123456789abcdef0123.parquet")
+    (part / "results.parquet").unlink()
+    res = compare(finished_audit.run_dir, part, n_boot=20)
+    notes = res["comparisons"][0]["notes"]
+    assert any("unfinished" in n and f"{len(keep)} of {len(df)}" in n for n in notes), notes
+
+
+def test_audit_resume_with_another_backend_is_refused(tiny_sd, tmp_path):
+    from fastfair.audit import RunDirError
+
+    kw = dict(pipeline=tiny_sd, attributes="gender", classifier="none", entanglement="open", seeds=1, steps=2,
+              progress=False, report=False, out=tmp_path / "a")
+    fastfair.audit("tiny-sd", "list:doctor", backend="reference", **kw)
+    with pytest.raises(RunDirError, match="backend"):
+        fastfair.audit("tiny-sd", "list:doctor", backend="native", resume=True, **kw)
+
+
+def test_nan_guidance_scale_is_refused(tmp_path, capsys):
+    rc = main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--steps", "1", "--seeds", "0",
+               "--guidance-scale", "nan", "--out", str(tmp_path / "g")])
+    assert rc == 1 and "finite" in capsys.readouterr().err
+    assert not (tmp_path / "g" / "generation.json").exists()
+
+
+def test_edit_checks_its_output_before_the_rounds(tmp_path, capsys):
+    out = tmp_path / "e.safetensors"
+    out.write_bytes(b"x")
+    rc = main(["edit", "mist", "--model", "tiny-sd", "--concepts", "doctor", "--attributes", "gender", "--rounds", "1",
+               "--out", str(out)])
+    assert rc == 1 and "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"x"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["edit", "mist", "--model", "tiny-sd", "--concepts", "doctor", "--attributes", "gender", "--rounds", "1",
+               "--out", str(blocker / "e.safetensors")])
+    assert rc == 1
+
+
+def test_report_of_an_unfinished_dft_run(tmp_path, capsys):
+    (tmp_path / "d" / "checkpoints" / "checkpoint-000003").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "d")]) == 1
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_report_warns_about_abstentions(finished_audit, tmp_path):
+    """NaN classifier rows are abstentions (the documented protocol); the report now says how many."""
+    from fastfair.audit.page import write_report
+
+    config = json.loads((finished_audit.run_dir / "audit.json").read_text())
+    df = finished_audit.results.copy()
+    df["pred_gender"] = [None if i % 2 else "male" for i in range(len(df))]
+    s = summarize(df, config)
+    assert s["distribution"]["gender"]["overall"]["abstained"] > 0
+    page = write_report(finished_audit.run_dir, df=df, config=config, summary=s, out=tmp_path / "r.html")
+    assert "classifier abstained" in page.read_text()
+    assert math.isfinite(s["distribution"]["gender"]["overall"]["n"])
