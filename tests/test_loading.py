@@ -1,6 +1,5 @@
 """Bringing one's own model: load_pipeline's refusals and conveniences, and the pipelines generate refuses
 (found by a helper's review; each checked against what diffusers itself does)."""
-import os
 
 import pytest
 import torch
