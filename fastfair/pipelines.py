@@ -316,15 +316,18 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
 
 
 def module_digest(module: torch.nn.Module) -> str:
-    """A digest of a module's parameters: names, shapes, and per-tensor sums and sums of squares in float64 (8
-    significant digits, so reduction order on another device does not change it). One pass over the weights."""
+    """A digest of a module's parameters: names, shapes, and per-tensor sums and L2 norms accumulated in float64 (8
+    significant digits, so reduction order on another device does not change it). One pass over the weights:
+    ~2 s per 100M parameters on a 2-core CPU (an SD 1.5 UNet and text encoder: ~25 s, once per run;
+    on a GPU, milliseconds)."""
     import hashlib
 
     named = [(n, p) for n, p in module.named_parameters() if not p.is_meta]
     h = hashlib.sha256()
     if named:
         with torch.no_grad():  # one transfer per module (no sync per tensor on a GPU)
-            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]).cpu()
+            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64),  # no float64 copy of the weights
+                                             torch.linalg.vector_norm(p, dtype=torch.float64)]).cpu()
                                 for _, p in named]).tolist()
         for (pname, p), (s1, s2) in zip(named, sums):
             h.update(f"{pname}:{tuple(p.shape)}:{s1:.8g}:{s2:.8g};".encode())
@@ -334,9 +337,8 @@ def module_digest(module: torch.nn.Module) -> str:
 def pipeline_fingerprint(pipe) -> dict:
     """What a run's images depend on in ``pipe`` beyond its name: the scheduler (class and configuration), the
     adapters loaded into each component, whether a safety checker runs, and a digest of the weights of the
-    denoiser and text encoders (per-tensor sums and sums of squares in float64, 8 significant digits), so a
-    resumed run refuses a model changed in place (a scheduler swapped in the folder, a LoRA added or fused, a
-    MIST edit applied to the same pipeline object). One pass over those weights (~1 s for SD 1.5 on a CPU)."""
+    denoiser and text encoders (``module_digest``), so a resumed run refuses a model changed in place (a scheduler
+    swapped in the folder, a LoRA added or fused, a MIST edit applied to the same pipeline object)."""
     import hashlib
 
     sch = pipe.scheduler

@@ -372,7 +372,13 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             model_name = str(model) if model is not None else str(getattr(pipe, "name_or_path", None)
                                                                   or type(pipe).__name__)
         dev = pipe.device
+        from ..generation import check_text_to_image
         from ..processors import default_sample_size, denoiser, guidance_scale_for
+
+        try:
+            check_text_to_image(pipe)
+        except ValueError as e:
+            raise AuditInputError(str(e)) from None
 
         net = denoiser(pipe)
         if net is None:
