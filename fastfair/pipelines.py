@@ -318,8 +318,8 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
 def module_digest(module: torch.nn.Module) -> str:
     """A digest of a module's parameters: names, shapes, and per-tensor sums and L2 norms accumulated in float64 (8
     significant digits, so reduction order on another device does not change it). One pass over the weights:
-    ~2 s per 100M parameters on a 2-core CPU (an SD 1.5 UNet and text encoder: ~25 s, once per run;
-    on a GPU, milliseconds)."""
+    ~2 s per 100M parameters on a 2-core CPU (an SD 1.5 UNet and text encoder: ~25 s, once per run; on a GPU
+    one read of the weights, not measured)."""
     import hashlib
 
     named = [(n, p) for n, p in module.named_parameters() if not p.is_meta]
