@@ -203,6 +203,14 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_words(pipe, prompts, kwargs)  # every prompt's words, before the first batch
+    negs = kwargs.get("negative_prompt")  # one per prompt: each batch (one prompt) gets its own
+    if negs is not None and not isinstance(negs, str):
+        negs = list(negs)
+        if len(negs) != len(prompts) or not all(isinstance(n, str) for n in negs):
+            raise ValueError(f"negative_prompt must be one string, or one string per prompt ({len(prompts)}); got "
+                             f"{kwargs['negative_prompt']!r}")
+    else:
+        negs = None
     if kwargs.get("edit_guidance") is not None:  # and the edit's settings, before the folder is made
         from .sega import check_edit_guidance
 
@@ -221,6 +229,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         key = json.dumps(settings, sort_keys=True, default=str)
         if resume and run_file.exists():
             before, now = json.loads(run_file.read_text()), json.loads(key)
+            for later in ("batch_size", "model_state"):  # recorded since the ninth session of 2026-11-26
+                if later not in before:
+                    now.pop(later, None)
             if before != now:
                 diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
@@ -248,8 +259,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                 info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
                 imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
             else:
+                kw = kwargs if negs is None else dict(kwargs, negative_prompt=negs[batch[0][0]])
                 g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
-                             progress=False, **kwargs)
+                             progress=False, **kw)
                 imgs = g.images
                 for it, img in zip(batch, imgs):
                     atomic_write(out / "images" / f"{names[it]}.png", _png(img))
@@ -564,8 +576,9 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            # each image's own generator: its initial latents, then (stochastic schedulers: DDPM, ancestral and
-            # SDE samplers) its noise at every step, exactly as pipe(prompt, generator=manual_seed(s)) draws them
+            # each image's own generator: its initial latents, then (stochastic schedulers whose step takes a
+            # generator: DDPM, ancestral, DPM++ SDE variants) its noise at every step, as pipe(prompt,
+            # generator=manual_seed(s)) draws them
             gens = [torch.Generator(device).manual_seed(s) for _, s in chunk]
             lat = torch.cat([_initial_latents(pipe, g, latent_hw, device) for g in gens])
             rec = None

@@ -27,6 +27,8 @@ outside ``steps`` run the plain UNet call, without grad. Nothing is retained acr
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -254,7 +256,9 @@ class StepHooks:
         """Returns the forward in effect before."""
         orig = sched.step
         self._orig_step_attr = sched.__dict__.get("step")
-        sched.step = lambda *a, **k: step(orig, *a, **k)
+        # keep step's signature: pipelines pass generator= (stochastic schedulers' per-image noise) only to a step
+        # whose signature names it (prepare_extra_step_kwargs inspects it)
+        sched.step = functools.wraps(orig)(lambda *a, **k: step(orig, *a, **k))
         self._orig_forward_attr = net.__dict__.get("forward")
         inner = net.forward
         net.forward = forward

@@ -176,6 +176,23 @@ def test_stochastic_scheduler_seeds_fix_the_images(scheduler):
     torch.testing.assert_close(both.maps["doctor"][1:], one.maps["doctor"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("hook", ["guidance", "edit_guidance"])
+def test_stochastic_scheduler_seeds_fix_guided_images(hook):
+    """Entanglement guidance and SEGA wrap scheduler.step: the wrapper must keep its generator parameter, or the
+    pipeline passes no generator and the step noise comes from torch's global state again."""
+    import diffusers
+
+    pipe = fastfair.load_pipeline("tiny-sd")
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    extra = ({"guidance": fastfair.EntanglementGuidance("doctor", "face", gamma=0.1)} if hook == "guidance"
+             else {"edit_guidance": fastfair.SemanticGuidance(["a woman"], warmup=0)})
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(fastfair.generate(pipe, PROMPT, seeds=[3], steps=3, maps=["doctor"], progress=False, **extra))
+    assert torch.equal(runs[0].latents, runs[1].latents)
+
+
 def test_negative_prompt_per_prompt(tiny_sd):
     """A list of negative prompts is one per prompt (it was passed whole to every image: a text pair)."""
     prompts, negs = [PROMPT, "a photo of a nurse"], ["blurry", "dark"]

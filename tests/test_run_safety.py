@@ -155,3 +155,42 @@ def test_report_warns_about_abstentions(finished_audit, tmp_path):
     page = write_report(finished_audit.run_dir, df=df, config=config, summary=s, out=tmp_path / "r.html")
     assert "classifier abstained" in page.read_text()
     assert math.isfinite(s["distribution"]["gender"]["overall"]["n"])
+
+
+def test_runs_made_before_the_model_state_was_recorded_resume(tiny_sd, tmp_path):
+    """Run folders written before model_state / backend / batch_size were recorded still resume (their rows keep
+    their work ids), and record the keys from then on."""
+    kw = dict(pipeline=tiny_sd, attributes="gender", classifier="none", entanglement="open", seeds=2, steps=2,
+              progress=False, report=False, batch_size=1, out=tmp_path / "a")
+    fastfair.audit("tiny-sd", "list:doctor", **kw)
+    cfg_path = tmp_path / "a" / "audit.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["settings"]["model_state"], cfg["settings"]["generation"]["backend"]
+    cfg_path.write_text(json.dumps(cfg))
+    parts = sorted((tmp_path / "a" / "parts").glob("part-*.parquet"))
+    ids = set(pd.read_parquet(tmp_path / "a" / "results.parquet")["work_id"])
+    parts[0].unlink()
+    (tmp_path / "a" / "results.parquet").unlink()
+    res = fastfair.audit("tiny-sd", "list:doctor", resume=True, **kw)
+    assert set(res.results["work_id"]) == ids and len(res.results) == 2
+    assert "model_state" in json.loads(cfg_path.read_text())["settings"]
+
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=2)
+    run = tmp_path / "g" / ".parts" / "run.json"
+    key = json.loads(run.read_text())
+    del key["model_state"], key["batch_size"]
+    run.write_text(json.dumps(key, sort_keys=True))
+    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True,
+                           **GEN)
+    assert done.config["resumed_batches"] == 1
+
+
+def test_generate_to_dir_negative_prompt_per_prompt(tiny_sd, tmp_path):
+    prompts, negs = [PROMPT, "a photo of a nurse"], ["blurry", "dark"]
+    kw = dict(seeds=[0], steps=2, maps=["a"], negative_prompt=negs, progress=False)
+    done = generate_to_dir(tiny_sd, prompts, tmp_path / "g", settings={}, **kw)
+    ref = fastfair.generate(tiny_sd, prompts, **kw)
+    np.testing.assert_allclose(done.latents.numpy(), ref.latents.numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one string per prompt"):
+        generate_to_dir(tiny_sd, prompts, tmp_path / "h", settings={}, **dict(kw, negative_prompt=["x"]))
+    assert not (tmp_path / "h").exists()

@@ -138,6 +138,12 @@ def _dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
+def _id_settings(settings: dict) -> dict:
+    out = {k: v for k, v in settings.items() if k != "model_state"}
+    out["generation"] = {k: v for k, v in settings["generation"].items() if k != "backend"}
+    return out
+
+
 def _sha(obj, n: int) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
@@ -478,7 +484,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             # the model as loaded: a resume refuses one changed under the same name (scheduler, adapters, weights)
             "model_state": pipeline_fingerprint(pipe),
         }
-        settings_hash = _sha(settings, 16)
+        # work ids from the measurement settings: the later-recorded model state and backend stay out, so the rows of
+        # a run directory made before they were recorded keep their ids (the lock still compares them when recorded)
+        settings_hash = _sha(_id_settings(settings), 16)
         config = {
             "settings": settings, "settings_hash": settings_hash,
             "work": {"professions": professions, "seeds": seeds},

@@ -60,6 +60,25 @@ def _diff(old, new, prefix="") -> list[str]:
     return []
 
 
+# settings recorded since the ninth session of 2026-11-26: a run directory made before them lacks them, and is
+# compared without them (its rows were made with whatever they were; resuming it should still work)
+LATER_KEYS = (("model_state",), ("generation", "backend"))
+
+
+def _as_recorded(old_settings: dict | None, new_settings: dict) -> dict:
+    """``new_settings`` without the LATER_KEYS that ``old_settings`` does not record."""
+    if not isinstance(old_settings, dict):
+        return new_settings
+    out = json.loads(json.dumps(new_settings, default=str))
+    for path in LATER_KEYS:
+        o, n = old_settings, out
+        for k in path[:-1]:
+            o, n = (o or {}).get(k), (n or {}).get(k)
+        if isinstance(n, dict) and isinstance(o, dict) and path[-1] not in o:
+            n.pop(path[-1], None)
+    return out
+
+
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= 80 else s[:77] + "..."
@@ -114,7 +133,7 @@ class RunStore:
         mode = "new"
         if existing is not None:
             old = {"settings": existing.get("settings"), "work": existing.get("work")}
-            diffs = _diff(old, locked)
+            diffs = _diff(old, dict(locked, settings=_as_recorded(old["settings"], locked["settings"])))
             n_done = len(self.done_ids())
             if overwrite:
                 self._wipe()
@@ -145,7 +164,7 @@ class RunStore:
         if existing is None:
             raise RunDirError(f"rank {self.rank}: {self.config_path} is missing; rank 0 should have written it")
         diffs = _diff({"settings": existing["settings"], "work": existing["work"]},
-                      {"settings": config["settings"], "work": config["work"]})
+                      {"settings": _as_recorded(existing["settings"], config["settings"]), "work": config["work"]})
         if diffs:
             raise RunDirError(f"rank {self.rank} runs with settings different from rank 0's:\n  " + "\n  ".join(diffs))
 
