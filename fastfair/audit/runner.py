@@ -482,7 +482,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             **({"clip_score": scorer.describe()} if scorer is not None else {}),
             "save_maps": bool(save_maps), "maps_dtype": "float16",
             # the model as loaded: a resume refuses one changed under the same name (scheduler, adapters, weights)
-            "model_state": pipeline_fingerprint(pipe),
+            # (rank 0's: ranks on other GPUs could round a weight sum differently and refuse each other)
+            "model_state": _broadcast(pipeline_fingerprint(pipe) if rank == 0 else None, world),
         }
         # work ids from the measurement settings: the later-recorded model state and backend stay out, so the rows of
         # a run directory made before they were recorded keep their ids (the lock still compares them when recorded)

@@ -645,7 +645,7 @@ def _common_dtype(q, k, v, mk):
 
 
 def _check_interpreter_dtype(*ts) -> None:
-    if _interpret() and any(t is not None and t.dtype == torch.bfloat16 for t in ts):
+    if _interpret() and any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in ts):
         raise TypeError("the Triton interpreter (TRITON_INTERPRET=1) computes bfloat16 dots wrongly: use float16 or "
                         "float32 inputs, or backend='native' / 'reference' on CPU (bf16 runs on CUDA GPUs)")
 
