@@ -694,8 +694,11 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
         models = ["tiny-sd"]
     else:
         models = ["sd15-shaped"] if device.type == "cpu" else ["random-sd15", "random-sdxl"]
-    images = images or (2 if quick or device.type == "cpu" else 8)
-    steps = steps or (2 if quick else 5 if device.type == "cpu" else 20)
+    for name, v in (("images", images), ("steps", steps)):
+        if v is not None and (int(v) != v or v < 1):
+            raise ValueError(f"--{name} must be a whole number >= 1; got {v}")
+    images = images if images is not None else (2 if quick or device.type == "cpu" else 8)
+    steps = steps if steps is not None else (2 if quick else 5 if device.type == "cpu" else 20)
     batch = images
     groups = {"generate, 4 word maps": E2E_GROUPS["generate, 4 word maps"]} if quick else E2E_GROUPS
     rows = []
@@ -708,8 +711,10 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
                     row.update(available=False, reason="daam is not installed (pip install daam==0.2.0)")
                 elif mode.startswith("dft") and importlib.util.find_spec("peft") is None:
                     row.update(available=False, reason="peft is not installed (pip install '.[train]')")
-                elif mode.startswith("dft") and "xl" in m:
-                    row.update(available=False, reason="DFT supports SD 1.x/2.x only")
+                elif mode.startswith("dft") and images < 2:
+                    row.update(available=False, reason="a DFT step aligns a distribution over >= 2 images: --images 2")
+                elif mode == "guided-reference" and "xl" in m:  # BiasMap's released code: SD 1.x/2.x UNets
+                    row.update(available=False, reason="the reference style (BiasMap's code) runs SD 1.x/2.x only")
                 else:
                     spec = dict(model=m, mode=mode, device=str(device), images=images, steps=steps, batch=batch,
                                 dtype="fp32" if mode.startswith("dft") else dtype)  # DFT: fp32 frozen weights

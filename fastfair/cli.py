@@ -618,6 +618,11 @@ def _edit(args) -> int:
         with open(args.measured, encoding="utf-8") as fh:
             measured = json.load(fh)
     target = " ".join(args.target) if args.target else "uniform"
+    if args.measured and args.face_detector:
+        raise ValueError("--face-detector crops faces for the classifier, and --measured replaces the classifier's "
+                         "measurement: give one of them")
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be >= 1 (images measured per concept and round); got {args.images}")
     if args.seeds is not None and args.reseed:
         raise ValueError("--seeds fixes the measured images' seeds and --reseed draws new ones every round: give one")
     if args.seeds is not None:

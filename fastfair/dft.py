@@ -47,6 +47,7 @@ import copy
 import json
 import math
 import os
+import re
 import random
 import shutil
 import tempfile
@@ -899,7 +900,7 @@ class DFTTrainer:
         err = None
         if self.rank == 0:
             try:
-                _check_run_dir(self.out_dir, resuming, overwrite and remove)
+                _check_run_dir(self.out_dir, resuming, overwrite, remove)
             except DFTError as e:
                 err = str(e)
         err = _dist.broadcast(err, self.world)
@@ -947,6 +948,9 @@ class DFTTrainer:
         cfg = self.cfg
         sizes = [len(self.labels[a]) for a in self.attributes]
         if cfg.joint_target is not None:
+            if cfg.target:  # one would be ignored (and dft.json would record it beside the one used)
+                raise TargetError("give target (per attribute) or joint_target (over the joint classes), not both "
+                                  "(--target / --joint-target)")
             return alignment.check_target(cfg.joint_target, int(np.prod(sizes)),
                                           f"joint target over {' x '.join(self.attributes)}")
         tg = dict(cfg.target or {})
@@ -1819,6 +1823,9 @@ class DFTTrainer:
             sd = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
+        if int(sd["step"]) > self.cfg.steps:
+            raise ResumeError(f"checkpoint {str(path)!r} is at step {int(sd['step'])}, beyond steps={self.cfg.steps} "
+                              "(--steps): give at least that many (a resume trains on to --steps)")
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
         for key in ("sampling", "training"):
             if key not in theirs:   # checkpoints from before it was recorded
@@ -2098,9 +2105,10 @@ def _sub_faces(faces, idx: slice):
     return FaceBatch(faces.found[idx], faces.boxes[idx], faces.crop_boxes[idx], faces.landmarks[idx])
 
 
-def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+def _check_run_dir(out: Path, resuming: bool, overwrite: bool, remove: bool = True) -> None:
     """Refuse an ``out_dir`` that is a file, or that holds a run when neither resuming nor overwriting; with
-    ``overwrite`` remove that run's outputs and checkpoints (and nothing else)."""
+    ``overwrite`` and ``remove`` remove that run's outputs and checkpoints (and nothing else) -- without
+    ``remove`` (the first check, before the trainer's other checks) leave them."""
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise DFTError(f"out_dir {str(out)!r}: {str(p)!r} is a file; give a folder (it is created if missing)")
@@ -2111,6 +2119,8 @@ def _check_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
         raise DFTError(f"out_dir {str(out)!r} holds a DFT run ({', '.join(found)}): continue it with resume='latest' "
                        "(--resume latest), choose another folder, or start over with overwrite=True (--overwrite), "
                        "which removes its outputs and checkpoints")
+    if not remove:
+        return
     import shutil
 
     for n in found:
@@ -2230,7 +2240,10 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
         if err:
             raise DFTError(err)
     prompts = _prompts_from_args(args)
-    attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
+    # "gender*race" (the audits' intersection) is what DFT does with "gender,race": align the joint classes
+    attributes = [a.strip() for a in re.split(r"[,*]", args.attributes) if a.strip()]
+    if args.trainable != "soft-tokens" and (args.soft_tokens != 4 or args.token != "<fastfair>"):
+        raise DFTError(f"--soft-tokens / --token set the soft-token trainable; --trainable is {args.trainable}")
     ss = str(args.sampling_steps)
     try:
         lo, hi = (ss.split("-", 1) if "-" in ss else (ss, ss))

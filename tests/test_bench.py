@@ -136,3 +136,14 @@ def test_markdown_graph_columns(quick):
     assert line["sdpa"].rstrip().endswith("| 0.0100 | 12.5 | 1.00 |")
     assert "no graph: RuntimeError: capture failed" in line["fastfair-native"]
     assert all(r.count("|") == 16 for r in line.values())
+
+
+def test_e2e_counts_must_be_positive():
+    """--images 0 / --steps 0 were silently replaced by the defaults."""
+    import torch
+
+    from fastfair.bench import e2e_suite
+
+    for kw in (dict(images=0), dict(steps=0)):
+        with pytest.raises(ValueError, match="whole number >= 1"):
+            e2e_suite(torch.device("cpu"), "fp32", True, model="tiny-sd", **kw)

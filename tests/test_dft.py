@@ -686,3 +686,46 @@ def test_cli_eval_prompts_from_a_profession_list(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--eval-prompts", "builtin:nope", "--out", str(tmp_path / "r2")]) == 1
     assert "--eval-prompts" in capsys.readouterr().err
+
+
+@needs_peft
+def test_cli_overwrite_and_conflicting_flags(tmp_path, capsys):
+    """--overwrite on a folder holding a run started over (it was refused, telling the user to pass --overwrite);
+    flags that would be ignored are refused; a resume may not go back in steps; gender*race is gender,race."""
+    from fastfair.cli import main
+
+    clf = tmp_path / "clf.py"
+    clf.write_text("from dft_helpers import RedClassifier\n\ndef make(attribute_sets=None, device=None):\n"
+                   "    return RedClassifier()\n")
+    out = tmp_path / "r"
+    base = ["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--images-per-prompt", "2",
+            "--sampling-steps", "1", "--height", "32", "--width", "32", "--rank", "4", "--classifier",
+            f"python:{clf}:make", "--quality-encoder", "none", "--uncertainty-threshold", "1", "--no-progress",
+            "--checkpoint-every", "1", "--out", str(out)]
+    assert main(base + ["--steps", "2"]) == 0
+    first = json.loads((out / "dft.json").read_text())
+    assert main(base + ["--steps", "1", "--overwrite"]) == 0
+    again = json.loads((out / "dft.json").read_text())
+    assert (first["steps"], again["steps"]) == (2, 1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000001"]  # the old ones went
+    capsys.readouterr()
+    assert main(base[:-2] + ["--out", str(tmp_path / "x"), "--target", "gender=0.75,0.25",
+                             "--joint-target", "0.5,0.5"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(base[:-2] + ["--out", str(tmp_path / "x"), "--soft-tokens", "3"]) == 1
+    assert "--trainable is text-lora" in capsys.readouterr().err
+    assert main(base + ["--steps", "2", "--resume", "latest"]) == 0  # on from the step-1 checkpoint: fine
+    capsys.readouterr()
+    assert main(base + ["--steps", "1", "--resume", "latest"]) == 1  # back from step 2: refused
+    assert "beyond steps=1" in capsys.readouterr().err
+    two = tmp_path / "two.py"
+    two.write_text("import torch\n\nclass Two(torch.nn.Module):\n    labels = {'gender': ('m', 'f'), 'race': ('a', 'b')}\n"
+                   "    def forward(self, x):\n        p = torch.sigmoid(50 * (x[:, :2].mean((2, 3)) - 0.45))\n"
+                   "        return {'gender': torch.stack([p[:, 0], 1 - p[:, 0]], 1),"
+                   " 'race': torch.stack([p[:, 1], 1 - p[:, 1]], 1)}\n\n"
+                   "def make(attribute_sets=None, device=None):\n    return Two()\n")
+    cmd = [a if a != f"python:{clf}:make" else f"python:{two}:make" for a in base[:-2]]
+    assert main(cmd + ["--out", str(tmp_path / "y"), "--steps", "1", "--attributes", "gender*race",
+                       "--images-per-prompt", "4"]) == 0
+    meta = json.loads((tmp_path / "y" / "dft.json").read_text())
+    assert meta["config"]["attributes"] == ["gender", "race"]  # aligned jointly, as gender,race
