@@ -57,6 +57,9 @@ def check_labels(classifier: AttributeClassifier, attribute_sets) -> None:
     if not isinstance(have, Mapping):
         raise ClassifierMismatchError(f"{type(classifier).__name__} has no `labels` mapping (set name -> labels)")
     for s in attribute_sets:
+        if isinstance(have.get(s.name), str):
+            raise ClassifierMismatchError(f"the classifier's labels for {s.name!r} are one string ({have[s.name]!r}); "
+                                          f"give a list of labels, e.g. {list(s.labels)}")
         if s.name not in have:
             raise ClassifierMismatchError(
                 f"the classifier has no attribute set {s.name!r} (it classifies {sorted(have)}); audit only those "
@@ -72,6 +75,9 @@ def check_probabilities(name: str, p, n: int, n_classes: int) -> np.ndarray:
     """(n, C) probabilities (rows of NaN allowed = abstain) or a clear error."""
     if isinstance(p, torch.Tensor):
         p = p.detach().float().cpu().numpy()
+    if p is None:
+        raise ClassifierMismatchError(f"the classifier returned no output for {name!r}; expected ({n}, {n_classes}) "
+                                      "probabilities, one column per label")
     p = np.asarray(p, dtype=np.float64)
     if p.shape != (n, n_classes):
         raise ClassifierMismatchError(f"classifier output for {name!r} has shape {p.shape}; "

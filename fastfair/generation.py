@@ -514,6 +514,13 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}")
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a whole number >= 1; got {steps}")
+    if guidance is not None and guidance.steps is not None and not any(i < steps for i in guidance.steps):
+        raise ValueError(f"the guidance's steps {sorted(guidance.steps)} are all past the {steps} denoising steps "
+                         f"(indices 0..{steps - 1}): no step would be guided")
+    if guidance is not None and guidance.branch == "uncond" and (guidance_scale is None or guidance_scale <= 1
+                                                                  or is_flux(net)):
+        raise ValueError("branch='uncond' reads the unconditional half of classifier-free guidance, which this call "
+                         f"does not run (guidance_scale {guidance_scale}); use branch='cond' or a guidance_scale > 1")
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if negative_prompt is not None and is_flux(net):
             raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "
@@ -702,7 +709,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                                                               max_grad_norm=guidance.max_grad_norm,
                                                               on_large_grad=guidance.on_large_grad,
                                                               attribution_prompt=guidance.attribution_prompt,
-                                                              steps=None if guidance.steps is None else list(guidance.steps),
+                                                              steps=None if guidance.steps is None else sorted(guidance.steps),
                                                               top_k=guidance.top_k, branch=guidance.branch),
                   edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,

@@ -28,12 +28,12 @@ outside ``steps`` run the plain UNet call, without grad. Nothing is retained acr
 from __future__ import annotations
 
 import functools
-
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -81,8 +81,18 @@ class EntanglementGuidance:
             raise ValueError(f"max_grad_norm must be > 0; got {self.max_grad_norm}")
         if self.on_large_grad not in ("skip", "clip"):
             raise ValueError(f"on_large_grad must be 'skip' or 'clip'; got {self.on_large_grad!r}")
-        if not 0 < self.top_k < 1:
-            raise ValueError(f"top_k must be in (0, 1); got {self.top_k}")
+        if self.top_k is None or not 0 < self.top_k < 1:  # the energy needs the soft top-k masks (BiasMap's)
+            raise ValueError(f"top_k must be in (0, 1) (the energy's soft top-k masks); got {self.top_k}")
+        if self.steps is not None:
+            if isinstance(self.steps, (str, bytes)) or not hasattr(self.steps, "__iter__"):
+                raise ValueError(f"steps must be a collection of step indices, e.g. [0, 1, 2] or range(10), or None "
+                                 f"(every step); got {self.steps!r}")
+            steps = list(self.steps)
+            bad = [x for x in steps if not isinstance(x, (int, np.integer)) or isinstance(x, bool) or x < 0]
+            if bad or not steps:
+                raise ValueError(f"steps must be non-negative step indices (0 is the first denoising step); got "
+                                 f"{self.steps!r}")
+            self.steps = frozenset(int(x) for x in steps)
         if self.branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond' or 'uncond' (the CFG half whose maps guide); got {self.branch!r}")
 

@@ -358,3 +358,25 @@ def test_mmdit_audit_open_and_inprompt(tmp_path, model):
     gen = fastfair.generate(sd3, prompt, seeds=[0, 1], steps=2, maps=["doctor", "gender"],
                             attribution_prompt=f"{prompt} and gender", progress=False, **size)
     np.testing.assert_allclose(neutral["iou_open_gender"].to_numpy(), gen.iou("doctor", "gender").numpy(), atol=1e-6)
+
+
+def test_every_classifier_output_is_checked(tiny_sd, tmp_path):
+    """A duck-typed classifier (labels + predict, no describe) or an AttributeClassifier subclass returning logits or a
+    wrong column count went unchecked into the frequencies (a helper's review); now refused, while a valid one runs."""
+    class Duck:
+        labels = {"gender": ("male", "female")}
+
+        def __init__(self, out):
+            self.out = out
+
+        def predict(self, images):
+            return {"gender": np.tile(np.asarray(self.out, dtype=float), (len(images), 1))}
+
+    kw = dict(pipeline=tiny_sd, attributes="gender", entanglement="none", seeds=1, steps=2, progress=False,
+              report=False)
+    for bad in ([5.0, -3.0], [0.3, 0.3, 0.4]):
+        with pytest.raises(ClassifierMismatchError):
+            fastfair.audit("tiny-sd", "list:doctor", classifier=Duck(bad), out=tmp_path / f"b{len(bad)}", **kw)
+    res = fastfair.audit("tiny-sd", "list:doctor", classifier=Duck([0.25, 0.75]), out=tmp_path / "ok", **kw)
+    assert (res.results["pred_gender"] == "female").all()
+    assert json.loads((tmp_path / "ok" / "audit.json").read_text())["settings"]["classifier"]["type"].endswith("Duck")

@@ -333,3 +333,20 @@ def test_uncond_branch_end_to_end(tiny_sd, tmp_path, capsys):
     assert main(["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--maps", "doctor,face", "--steps", "2",
                  "--guide", "doctor:face", "--guide-branch", "uncond", "--out", str(tmp_path / "g"),
                  "--no-progress"]) == 0
+
+
+def test_guidance_options_that_would_do_nothing_are_refused(tiny_sd):
+    """steps past the loop (or -1 for "the last") guided nothing, silently; an int crashed mid-sampling; top_k=None
+    and branch='uncond' without CFG were a raw TypeError / silently the conditional maps (a helper's review)."""
+    for kw, msg in ((dict(steps=5), "collection of step indices"), (dict(steps=[-1]), "non-negative"),
+                    (dict(top_k=None), "top_k")):
+        with pytest.raises(ValueError, match=msg):
+            EntanglementGuidance("doctor", "face", **kw)
+    kw = dict(seeds=[0], steps=4, progress=False)
+    with pytest.raises(ValueError, match="all past the 4 denoising steps"):
+        fastfair.generate(tiny_sd, PROMPT, guidance=EntanglementGuidance("doctor", "face", steps=[7]), **kw)
+    with pytest.raises(ValueError, match="branch='uncond'"):
+        fastfair.generate(tiny_sd, PROMPT, guidance=EntanglementGuidance("doctor", "face", branch="uncond"),
+                          guidance_scale=1.0, **kw)
+    g = EntanglementGuidance("doctor", "face", steps=range(3, 0, -1))
+    assert g.steps == {1, 2, 3}

@@ -38,7 +38,7 @@ import torch
 from .. import concepts
 from .._dist import barrier as _barrier, broadcast as _broadcast, setup as _dist_setup, teardown as _dist_teardown
 from .._env import provenance
-from ..classify import AttributeClassifier, check_labels, load_classifier
+from ..classify import AttributeClassifier, ClassifierMismatchError, check_labels, check_probabilities, load_classifier
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
 from .._io import atomic_write
@@ -136,6 +136,15 @@ def parse_targets(targets, sets: Sequence[AttributeSet]) -> dict[str, list[float
 
 def _dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _describe_classifier(clf) -> dict:
+    """The classifier's own description; a duck-typed one without ``describe()``: its type and labels."""
+    d = getattr(clf, "describe", None)
+    if callable(d):
+        return d()
+    return {"type": f"{type(clf).__module__}.{type(clf).__qualname__}",
+            "labels": {k: list(v) for k, v in dict(clf.labels).items()}}
 
 
 def _id_settings(settings: dict) -> dict:
@@ -474,11 +483,11 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                            "negative_prompt": negative_prompt, "aggregation": aggregation, "backend": backend,
                            **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()}),
                            **({} if guide is None else {"guide": dict(attribute=guide, **{
-                               k: (list(v) if k == "steps" and v is not None else v)
+                               k: (sorted(v) if k == "steps" and v is not None else v)
                                for k, v in sorted(guide_opts.items())})})},
             "metrics": {"percentile": percentile,
                         "soft_iou": {"top_k": soft_iou_top_k, "gamma": soft_iou_gamma, "iters": soft_iou_iters}},
-            "classifier": clf.describe() if clf is not None else None,
+            "classifier": _describe_classifier(clf) if clf is not None else None,
             **({"clip_score": scorer.describe()} if scorer is not None else {}),
             "save_maps": bool(save_maps), "maps_dtype": "float16",
             # the model as loaded: a resume refuses one changed under the same name (scheduler, adapters, weights)
@@ -697,6 +706,13 @@ class _BatchContext:
         preds: dict[str, list] = {}
         if self.clf is not None:
             probs = self.clf.predict(images)
+            if not isinstance(probs, dict) and not hasattr(probs, "keys"):
+                raise ClassifierMismatchError(f"the classifier's predict() returned {type(probs).__name__}; expected "
+                                              "{attribute set: (N, C) probabilities}")
+            # every classifier's output is checked here (an AttributeClassifier subclass or a duck-typed one was used
+            # unchecked: logits or a wrong column count went into the frequencies)
+            probs = {st.name: check_probabilities(st.name, probs[st.name] if st.name in probs else None, len(batch),
+                                                  len(self.clf.labels[st.name])) for st in self.sets}
             if any(blocked):  # a blacked-out picture shows no one: the classifier abstains on it
                 probs = {k: np.where(np.asarray(blocked)[:, None], np.nan, np.asarray(v, dtype=np.float64))
                          for k, v in probs.items()}
