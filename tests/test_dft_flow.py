@@ -349,11 +349,17 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(tmp_path):
     assert "dft.json" in before
     for bad in (dict(mixed_precision="bf16"), dict(target={"gender": [0.3, 0.3]}), dict(images_per_prompt=1),
                 dict(attributes=["age"])):
-        with pytest.raises(DFTError):
+        # (before the overwrite fix these all failed at the folder check, which refused overwrite=True itself)
+        with pytest.raises((DFTError, dft.TargetError, dft.ClassifierMismatch)):
             DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),
                        small(**{"trainable": "transformer-lora", **bad}), quality_encoder=None, out_dir=out,
                        overwrite=True)
         assert sorted(p.name for p in out.iterdir()) == before
+    tr = DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(),  # a valid one: starts over
+                    small(trainable="transformer-lora", steps=1, height=32, width=32), quality_encoder=None, out_dir=out,
+                    overwrite=True)
+    assert not (out / "dft.json").exists()
+    tr.close()
     with pytest.raises(dft.ResumeError, match="not a DFT checkpoint"):
         DFTTrainer(fastfair.load_pipeline("tiny-sd3"), [PROMPT], RedClassifier(), small(trainable="transformer-lora"),
                    quality_encoder=None, out_dir=tmp_path / "other", resume=tmp_path / "nothing")
