@@ -15,6 +15,7 @@ _LAZY = {
     "unpatch": "fastfair.processors",
     "generate": "fastfair.generation",
     "Generation": "fastfair.generation",
+    "NonFiniteError": "fastfair.generation",
     "Aggregation": "fastfair.maps",
     "resolve": "fastfair.concepts",
     "EntanglementGuidance": "fastfair.guidance",

@@ -409,7 +409,28 @@ def _import_factory(ref: str, what: str = "classifier"):
         mod = importlib.import_module(mod_ref)
     if not hasattr(mod, func):
         raise ValueError(f"{mod_ref!r} has no function {func!r}")
-    return getattr(mod, func)
+    return _keywords_it_takes(getattr(mod, func))
+
+
+def _keywords_it_takes(fn):
+    """``fn`` called with only the keyword arguments its signature names (all of them with ``**kwargs``): a
+    factory ``def make(): ...`` works as well as ``def make(attribute_sets=None, device=None): ...``."""
+    import functools
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return fn
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+
+    return call
 
 
 def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = DEFAULT_CLIP):

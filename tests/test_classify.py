@@ -128,3 +128,30 @@ def test_load_classifier_specs(tmp_path):
         load_classifier(f"python:{f}:build")
     with pytest.raises(RuntimeError, match="could not load CLIP model"):
         load_classifier("clip:" + str(tmp_path / "no-such-clip"), [ATTRIBUTE_SETS["gender"]])
+
+
+def test_python_factories_get_the_keywords_they_name(tmp_path):
+    """`def make(): ...` crashed with "unexpected keyword argument 'attribute_sets'" (a docs review)."""
+    from fastfair.audit.attributes import parse_attributes
+    from fastfair.classify import load_classifier
+
+    f = tmp_path / "c.py"
+    f.write_text("import torch\n\nclass M(torch.nn.Module):\n    labels = {'gender': ('male', 'female')}\n"
+                 "    def forward(self, x):\n        return {'gender': torch.full((len(x), 2), 0.5)}\n\n"
+                 "def bare():\n    return M()\n\ndef some(device=None):\n    assert device == 'cpu'\n    return M()\n\n"
+                 "def anykw(**kw):\n    assert set(kw) == {'attribute_sets', 'device'}\n    return M()\n")
+    sets, _ = parse_attributes("gender")
+    for fn in ("bare", "some", "anykw"):
+        clf = load_classifier(f"python:{f}:{fn}", sets, device="cpu")
+        assert clf.labels["gender"] == ("male", "female")
+
+
+def test_prompt_file_comments(tmp_path):
+    from fastfair.audit.prompts import load_professions
+
+    f = tmp_path / "p.txt"
+    f.write_text("# professions\nnurse # a comment\n\ndoctor\n")
+    assert load_professions(f"file:{f}") == ["nurse", "doctor"]
+    import fastfair
+
+    assert fastfair.NonFiniteError.__name__ == "NonFiniteError"

@@ -107,7 +107,7 @@ def load_professions(spec) -> list[str]:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise PromptSetError(f"cannot read prompt file {str(path)!r}: {e}") from e
-            items = [ln.strip() for ln in text.splitlines() if not ln.strip().startswith("#")]
+            items = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]  # '#' starts a comment
             source = f"prompt file {str(path)!r}"
     items = [p for p in items if p]
     if not items:
