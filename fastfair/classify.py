@@ -88,9 +88,12 @@ def check_probabilities(name: str, p, n: int, n_classes: int) -> np.ndarray:
         raise ClassifierMismatchError(f"classifier output for {name!r} mixes NaN and numbers in a row; "
                                       "a row of all NaN means 'abstain', anything else must be probabilities")
     q = p[rows]
-    if q.size and ((q < -1e-6).any() or (q > 1 + 1e-6).any() or (np.abs(q.sum(1) - 1) > 1e-3).any()):
+    if q.size and ((q < -1e-6).any() or (q > 1 + 1e-6).any() or (np.abs(q.sum(1) - 1) > 2e-2).any()):
         raise ClassifierMismatchError(f"classifier output for {name!r} is not probabilities "
                                       "(rows must be in [0, 1] and sum to 1); apply softmax to logits")
+    if q.size:  # a softmax computed in bf16 / fp16 sums to 1 only within ~1e-2: renormalised
+        p = p.copy()
+        p[rows] = np.clip(q, 0.0, None) / np.clip(q, 0.0, None).sum(1, keepdims=True)
     return p
 
 

@@ -686,9 +686,11 @@ def _add_finetune(sub) -> None:
                         "Flux), or soft prefix tokens")
     d.add_argument("--rank", type=int, default=50, help="LoRA rank")
     d.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    d.add_argument("--soft-tokens", type=int, default=4, help="number of soft prefix tokens")
-    d.add_argument("--token", default="<fastfair>",
-                   help="the soft tokens' placeholder (SD3 / Flux: the k tokens <TOKEN_0> ... <TOKEN_k-1>)")
+    d.add_argument("--soft-tokens", type=int, default=None,
+                   help="number of soft prefix tokens (--trainable soft-tokens; default 4)")
+    d.add_argument("--token", default=None,
+                   help="the soft tokens' placeholder (--trainable soft-tokens; default <fastfair>; SD3 / Flux: the k "
+                        "tokens <TOKEN_0> ... <TOKEN_k-1>)")
     d.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     d.add_argument("--images-per-prompt", type=int, default=8, help="N, the images whose distribution is aligned")
     d.add_argument("--batch-size", type=int, default=None, help="images per backward pass (default N)")

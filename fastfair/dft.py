@@ -1682,6 +1682,9 @@ class DFTTrainer:
         from tqdm.auto import tqdm
 
         total = self.cfg.steps if steps is None else steps
+        if self.step_idx > total:  # a resumed run past its target: outputs would say `steps` and hold more
+            raise ResumeError(f"this run is at step {self.step_idx} (resumed), beyond steps={total} (--steps): give at "
+                              "least that many (a resume trains on to --steps)")
         bar = tqdm(total=total, initial=min(self.step_idx, total), disable=not progress or self.rank != 0,
                    desc="fastfair dft", unit="step")
         try:
@@ -1823,9 +1826,6 @@ class DFTTrainer:
             sd = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
-        if int(sd["step"]) > self.cfg.steps:
-            raise ResumeError(f"checkpoint {str(path)!r} is at step {int(sd['step'])}, beyond steps={self.cfg.steps} "
-                              "(--steps): give at least that many (a resume trains on to --steps)")
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
         for key in ("sampling", "training"):
             if key not in theirs:   # checkpoints from before it was recorded
@@ -2242,8 +2242,9 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
     prompts = _prompts_from_args(args)
     # "gender*race" (the audits' intersection) is what DFT does with "gender,race": align the joint classes
     attributes = [a.strip() for a in re.split(r"[,*]", args.attributes) if a.strip()]
-    if args.trainable != "soft-tokens" and (args.soft_tokens != 4 or args.token != "<fastfair>"):
+    if args.trainable != "soft-tokens" and (args.soft_tokens is not None or args.token is not None):
         raise DFTError(f"--soft-tokens / --token set the soft-token trainable; --trainable is {args.trainable}")
+    soft = {k: v for k, v in (("soft_tokens", args.soft_tokens), ("token", args.token)) if v is not None}
     ss = str(args.sampling_steps)
     try:
         lo, hi = (ss.split("-", 1) if "-" in ss else (ss, ss))
@@ -2256,8 +2257,8 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
         raise DFTError(f"--joint-target {args.joint_target!r}: give comma-separated probabilities") from None
     cfg = DFTConfig(attributes=attributes, target=parse_targets(args.target) or None,
                     joint_target=joint,
-                    trainable=args.trainable, rank=args.rank, lora_alpha=args.lora_alpha, soft_tokens=args.soft_tokens,
-                    token=args.token, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+                    trainable=args.trainable, rank=args.rank, lora_alpha=args.lora_alpha, **soft,
+                    images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                     steps=args.steps, sampling_steps=sampling, scheduler=args.scheduler,
                     guidance_scale=args.guidance_scale, prompt_padding=args.prompt_padding, height=args.height,
                     width=args.width, gradient_checkpointing=not args.no_checkpointing, attention=args.attention, backend=args.backend,

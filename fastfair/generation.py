@@ -301,6 +301,8 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                          edit_targets=targets, environment=envs[-1] if envs else {}, environments=envs,
                          safety_blocked=blocked if len(blocked) == len(items) else [])
         gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
+        if negs is not None:  # each batch recorded its own prompt's negative prompt: the run used them all
+            gen.config["negative_prompt"] = negs
         gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
         shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
         return gen

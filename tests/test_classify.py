@@ -155,3 +155,24 @@ def test_prompt_file_comments(tmp_path):
     import fastfair
 
     assert fastfair.NonFiniteError.__name__ == "NonFiniteError"
+
+
+def test_prompt_file_hash_inside_a_word(tmp_path):
+    from fastfair.audit.prompts import load_professions
+
+    f = tmp_path / "p.txt"
+    f.write_text("C# developer\nF# programmer  # functional\n#nurse\n")
+    assert load_professions(f"file:{f}") == ["C# developer", "F# programmer"]
+
+
+def test_half_precision_softmax_rows_are_renormalised():
+    """A bf16 softmax sums to 1 only within ~1e-2: accepted and renormalised (audits refused it), logits refused."""
+    import numpy as np
+
+    from fastfair.classify import ClassifierMismatchError, check_probabilities
+
+    p = check_probabilities("gender", [[0.59765625, 0.40039062], [float("nan")] * 2], 2, 2)
+    np.testing.assert_allclose(p[0], [0.59765625 / 0.99804687, 0.40039062 / 0.99804687], rtol=1e-6)
+    assert np.isnan(p[1]).all()
+    with pytest.raises(ClassifierMismatchError, match="softmax"):
+        check_probabilities("gender", [[5.0, -3.0]], 1, 2)

@@ -712,8 +712,9 @@ def test_cli_overwrite_and_conflicting_flags(tmp_path, capsys):
     assert main(base[:-2] + ["--out", str(tmp_path / "x"), "--target", "gender=0.75,0.25",
                              "--joint-target", "0.5,0.5"]) == 1
     assert "not both" in capsys.readouterr().err
-    assert main(base[:-2] + ["--out", str(tmp_path / "x"), "--soft-tokens", "3"]) == 1
-    assert "--trainable is text-lora" in capsys.readouterr().err
+    for flags in (["--soft-tokens", "3"], ["--soft-tokens", "4", "--token", "<fastfair>"]):  # explicit defaults too
+        assert main(base[:-2] + ["--out", str(tmp_path / "x")] + flags) == 1
+        assert "--trainable is text-lora" in capsys.readouterr().err
     assert main(base + ["--steps", "2", "--resume", "latest"]) == 0  # on from the step-1 checkpoint: fine
     capsys.readouterr()
     assert main(base + ["--steps", "1", "--resume", "latest"]) == 1  # back from step 2: refused

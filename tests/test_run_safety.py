@@ -191,6 +191,17 @@ def test_generate_to_dir_negative_prompt_per_prompt(tiny_sd, tmp_path):
     done = generate_to_dir(tiny_sd, prompts, tmp_path / "g", settings={}, **kw)
     ref = fastfair.generate(tiny_sd, prompts, **kw)
     np.testing.assert_allclose(done.latents.numpy(), ref.latents.numpy(), rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "g" / "generation.json").read_text())["negative_prompt"] == negs  # all, not the 1st
     with pytest.raises(ValueError, match="one string per prompt"):
         generate_to_dir(tiny_sd, prompts, tmp_path / "h", settings={}, **dict(kw, negative_prompt=["x"]))
     assert not (tmp_path / "h").exists()
+
+
+def test_audit_refuses_uncond_guidance_without_cfg_up_front(tiny_sd, tmp_path):
+    from fastfair.audit import AuditInputError
+
+    with pytest.raises(AuditInputError, match="branch='uncond'"):
+        fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", classifier="none", seeds=1,
+                       steps=2, guide="gender", guide_options={"branch": "uncond"}, guidance_scale=1.0, entanglement="open",
+                       progress=False, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()

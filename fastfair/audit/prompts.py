@@ -107,7 +107,8 @@ def load_professions(spec) -> list[str]:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise PromptSetError(f"cannot read prompt file {str(path)!r}: {e}") from e
-            items = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]  # '#' starts a comment
+            # '#' starts a comment at a line's start or after a space ("nurse  # note"), not inside a word ("C#")
+            items = [re.split(r"(?:^|\s)#", ln, maxsplit=1)[0].strip() for ln in text.splitlines()]
             source = f"prompt file {str(path)!r}"
     items = [p for p in items if p]
     if not items:

@@ -403,6 +403,12 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         height, width = height or size, width or size
         # recorded resolved: runs of one model with and without the flag are one run
         guidance_scale = guidance_scale_for(pipe, guidance_scale)
+        if guide is not None and guide_opts.get("branch") == "uncond" and (
+                guidance_scale is None or guidance_scale <= 1 or getattr(pipe, "unet", None) is None
+                and hasattr(net, "single_transformer_blocks")):
+            raise AuditInputError("guide_options branch='uncond' reads the unconditional half of classifier-free "
+                                  f"guidance, which this audit does not run (guidance_scale {guidance_scale}); use "
+                                  "branch='cond' or a guidance_scale > 1")
         if edit_guidance is not None:
             from ..sega import check_edit_guidance
 
