@@ -202,6 +202,6 @@ def test_audit_refuses_uncond_guidance_without_cfg_up_front(tiny_sd, tmp_path):
 
     with pytest.raises(AuditInputError, match="branch='uncond'"):
         fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", classifier="none", seeds=1,
-                       steps=2, guide="gender", guide_options={"branch": "uncond"}, guidance_scale=1.0, entanglement="open",
-                       progress=False, out=tmp_path / "a")
+                       steps=2, guide="gender", guide_options={"branch": "uncond"}, guidance_scale=1.0,
+                       entanglement="open", progress=False, out=tmp_path / "a")
     assert not (tmp_path / "a").exists()
