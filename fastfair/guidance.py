@@ -90,8 +90,8 @@ class EntanglementGuidance:
             steps = list(self.steps)
             bad = [x for x in steps if not isinstance(x, (int, np.integer)) or isinstance(x, bool) or x < 0]
             if bad or not steps:
-                raise ValueError(f"steps must be non-negative step indices (0 is the first denoising step); got "
-                                 f"{self.steps!r}")
+                raise ValueError(f"steps must be a non-empty collection of non-negative step indices (0 is the first "
+                                 f"denoising step); got {self.steps!r}")
             self.steps = frozenset(int(x) for x in steps)
         if self.branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond' or 'uncond' (the CFG half whose maps guide); got {self.branch!r}")
