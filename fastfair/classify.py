@@ -425,7 +425,8 @@ def _keywords_it_takes(fn):
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return fn
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+    params = list(params)
+    if any(p.kind in (p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params):  # positional-only: its own TypeError
         return fn
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
