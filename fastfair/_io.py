@@ -35,36 +35,48 @@ def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
         raise
 
 
+def try_flock(path: Path):
+    """An open handle holding an exclusive ``fcntl.flock`` on ``path`` (created with its folder), or None when another
+    process holds it. The lock dies with the process (SIGKILL included)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
+def release_flock(fh) -> None:
+    import fcntl
+
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fh.close()
+
+
 class FolderLock:
-    """An exclusive, non-blocking lock on ``folder`` for one process (``fcntl.flock`` on ``folder/name``): a second
+    """An exclusive, non-blocking lock on ``folder`` for one process (``try_flock`` on ``folder/name``): a second
     fastfair process writing the same outputs is refused instead of mixing its files with the first's. The lock
-    file is removed on release; the lock dies with the process (SIGKILL included)."""
+    file is removed on release."""
 
     def __init__(self, folder, what: str, name: str = ".fastfair.lock"):
         self.path, self.what, self.fh = Path(folder) / name, what, None
 
     def __enter__(self):
-        import fcntl
-
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise FileExistsError(f"{self.path.parent} is a file, not a folder; choose another output folder")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+        self.fh = try_flock(self.path)
+        if self.fh is None:
             raise RuntimeError(f"another fastfair {self.what} process is writing to {self.path.parent}; wait for it "
-                               "to finish, or use another output folder") from None
-        self.fh = fh
+                               "to finish, or use another output folder")
         return self
 
     def __exit__(self, *exc):
-        import fcntl
-
         if self.fh is not None:
             self.path.unlink(missing_ok=True)
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
-            self.fh.close()
+            release_flock(self.fh)
             self.fh = None
         return False

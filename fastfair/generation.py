@@ -203,14 +203,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_words(pipe, prompts, kwargs)  # every prompt's words, before the first batch
-    negs = kwargs.get("negative_prompt")  # one per prompt: each batch (one prompt) gets its own
-    if negs is not None and not isinstance(negs, str):
-        negs = list(negs)
-        if len(negs) != len(prompts) or not all(isinstance(n, str) for n in negs):
-            raise ValueError(f"negative_prompt must be one string, or one string per prompt ({len(prompts)}); got "
-                             f"{kwargs['negative_prompt']!r}")
-    else:
-        negs = None
+    # one per prompt: each batch (one prompt) gets its own; one string goes to every batch as it is
+    neg = kwargs.get("negative_prompt")
+    negs = None if neg is None or isinstance(neg, str) else _negative_prompts(neg, len(prompts))
     if kwargs.get("edit_guidance") is not None:  # and the edit's settings, before the folder is made
         from .sega import check_edit_guidance
 
@@ -491,10 +486,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         concepts.check_prompt(pipe, p)  # length check up front, before any work
     negs = None
     if negative_prompt is not None:
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negs) != len(prompts) or not all(isinstance(n, str) for n in negs):
-            raise ValueError(f"negative_prompt must be one string, or one string per prompt ({len(prompts)}); got "
-                             f"{negative_prompt!r}")
+        negs = _negative_prompts(negative_prompt, len(prompts))
         for n in set(negs):
             concepts.check_prompt(pipe, n)
     attr = None
@@ -718,6 +710,14 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
                       diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets,
                       environment=provenance(device), safety_blocked=blocked)
+
+
+def _negative_prompts(negative_prompt, n: int) -> list[str]:
+    """One negative prompt per prompt, from one string or a sequence of ``n`` strings."""
+    negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negs) != n or not all(isinstance(x, str) for x in negs):
+        raise ValueError(f"negative_prompt must be one string, or one string per prompt ({n}); got {negative_prompt!r}")
+    return negs
 
 
 TEXT_TO_IMAGE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")

@@ -26,7 +26,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .._io import atomic_write
+from .._io import atomic_write, release_flock, try_flock
 
 COMPACT_AT = 256  # batch part files of one rank merged into one compacted part
 
@@ -180,27 +180,17 @@ class RunStore:
 
     # ---------------------------------------------------------------- process lock
     def acquire(self) -> None:
-        import fcntl
-
         if self._lock_fh is not None:
             return
-        d = self.root / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        fh = open(d / f"rank{self.rank}.lock", "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+        fh = try_flock(self.root / "locks" / f"rank{self.rank}.lock")
+        if fh is None:
             raise RunDirError(f"another fastfair audit process (rank {self.rank}) is working in {self.root}; "
-                              "wait for it to finish, or use another --out") from None
+                              "wait for it to finish, or use another --out")
         self._lock_fh = fh
 
     def release(self) -> None:
         if self._lock_fh is not None:
-            import fcntl
-
-            fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
-            self._lock_fh.close()
+            release_flock(self._lock_fh)
             self._lock_fh = None
 
     # ---------------------------------------------------------------- rows
