@@ -459,7 +459,11 @@ def _audit(args) -> int:
     s = res.summary
     def est(o) -> str:  # mean [lo, hi]; "n/a" where undefined (no finite values) or not bootstrapped (--n-boot 0)
         f = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-        return f"{f(o['mean'])} [{f(o['lo'])}, {f(o['hi'])}]" if o["lo"] is not None else f(o["mean"])
+        if o["lo"] is None:
+            return f(o["mean"])
+        return (f"{f(o['mean'])} [{f(o['lo'])}, {f(o['hi'])}]"
+                + (" (the estimate lies outside its interval: small-sample bias; more seeds)" if o.get("outside")
+                   else ""))
 
     for w, blk in s.get("entanglement", {}).get("open", {}).items():
         print(f"mIoU(profession, {w}) = {est(blk['iou']['overall'])} (open vocabulary)")
@@ -478,9 +482,11 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write the self-contained HTML report of an audit run directory or a "
                                       "fastfair finetune dft folder")
     p.add_argument("run_dir", help="an audit run directory (fastfair audit --out) or a DFT folder (fastfair finetune dft --out)")
-    p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html)")
+    p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html; with --target, "
+                                                 "RUN_DIR/report-targets.html)")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
-                   help="override a target distribution, e.g. age=0.75,0.25")
+                   help="override a target distribution, e.g. age=0.75,0.25 (the page says so; the run's own "
+                        "report.html and summary.json keep its targets)")
 
 
 def _report(args) -> int:

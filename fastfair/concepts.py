@@ -5,11 +5,13 @@ A multi-vector textual-inversion token (DFT's soft tokens on SD 1.x/2.x and SDXL
 pipelines expand it (:func:`expand_multi_vector`), so the words after it sit k - 1 positions further on.
 A word made of several sub-word tokens ("janitor" = jan + itor, "African-American" = african - american)
 resolves to all of its positions; its map is the mean over them. A word that occurs more than once
-resolves to every occurrence (as DAAM does). Matching is on whole BPE tokens, so "a" never matches
-the inside of "and". Pipelines with two tokenizers (SDXL) must agree on the positions.
+resolves to every occurrence (as DAAM does). Matching is on whole words of the tokenization, so "a" never
+matches the inside of "and", nor "woman" the end of "policewoman". Pipelines with two tokenizers (SDXL) must
+agree on the positions.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -73,6 +75,14 @@ def _pretty(toks: list[str], tokenizer=None) -> str:
     return " ".join(f"{i + 1}:{text(t)}" for i, t in enumerate(toks))
 
 
+def _inside_hint(toks: list[str], wt: list[str], word: str) -> str:
+    """Where ``word``'s tokens occur only as the end of longer words ("woman" in "policewoman")."""
+    if any(toks[i:i + len(wt)] == wt for i in range(len(toks) - len(wt) + 1)):
+        return (f" {word!r} occurs only as the end of a longer word (e.g. 'woman' in 'policewoman'); map the whole "
+                "word instead.")
+    return ""
+
+
 def _spacing_hint(prompt: str, word: str) -> str:
     """CLIP splits words at spaces: a word inside a run of characters without spaces (CJK, Thai...) is
     tokenised differently from the word alone."""
@@ -89,15 +99,23 @@ def resolve_word(tokenizer, prompt: str, word: str) -> tuple[int, ...]:
         raise ConceptError(f"empty word {word!r}")
     hits: list[int] = []
     n = len(wt)
+    added = set(getattr(tokenizer, "added_tokens_encoder", None) or ())
     for i in range(len(toks) - n + 1):
-        if toks[i:i + n] == wt:
+        if toks[i:i + n] == wt and _word_starts(toks, i, added):
             hits.extend(range(i + 1, i + n + 1))  # +1: BOS is key position 0
     if not hits:
         raise ConceptError(f"word {word!r} (tokens {_pretty(wt, tokenizer)}) is not in the prompt "
                            f"{prompt!r}, whose tokens are [{_pretty(toks, tokenizer)}]. Use a word from the prompt, or "
                            f"pass attribution_prompt=... that contains it (open-vocabulary maps)."
-                           + _spacing_hint(prompt, word))
+                           + _inside_hint(toks, wt, word) + _spacing_hint(prompt, word))
     return tuple(hits)
+
+
+def _word_starts(toks: list[str], i: int, added: set) -> bool:
+    """Whether a match at BPE token ``i`` starts a word: CLIP ends every word's last token with "</w>", so a
+    token that follows one (or an added token, or the prompt's start) begins a word -- "woman" is not the end of
+    "policewoman" (police + woman</w>), nor "man" of "doorman"."""
+    return i == 0 or toks[i - 1].endswith("</w>") or toks[i - 1] in added
 
 
 SD3_T5_TOKENS = 256  # SD3's T5 sequence (max_sequence_length), after the 77 CLIP positions
@@ -120,13 +138,24 @@ def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: i
     if not word.strip() or not wt:
         raise ConceptError(f"empty word {word!r}")
     hits: list[int] = []
-    for i in range(len(toks) - len(wt) + 1):
-        if toks[i:i + len(wt)] == wt and _word_ends(toks, i + len(wt)):
-            hits.extend(range(offset + i, offset + i + len(wt)))
+    if getattr(tokenizer, "is_fast", False):  # by characters: as CLIP, any case, punctuation around it
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        spans = enc["offset_mapping"]
+        if len(spans) != len(toks):
+            raise ConceptError(f"the T5 tokenizer's offsets ({len(spans)}) do not match its tokens ({len(toks)}) "
+                               f"for {prompt!r}")
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+        for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
+            hits.extend(offset + i for i, (a, b) in enumerate(spans) if a < m.end() and b > m.start())
+    else:
+        for i in range(len(toks) - len(wt) + 1):
+            if toks[i:i + len(wt)] == wt and _word_ends(toks, i + len(wt)):
+                hits.extend(range(offset + i, offset + i + len(wt)))
     if not hits:
         raise ConceptError(f"word {word!r} (T5 tokens {' '.join(wt)}) is not in the prompt {prompt!r}, whose T5 tokens "
-                           f"are [{' '.join(toks)}]. Use a word from the prompt, written as a separate word")
-    return tuple(hits)
+                           f"are [{' '.join(toks)}]. Use a word from the prompt, written as a separate word (not "
+                           "the start or end of a longer one)")
+    return tuple(sorted(set(hits)))
 
 
 def _word_ends(toks: list[str], j: int) -> bool:
@@ -151,8 +180,9 @@ def check_prompt(pipe, prompt: str) -> None:
     SD3, T5 (512) for Flux, whose CLIP encoder only gives the pooled embedding."""
     if _is_flux(pipe):
         t5_positions(pipe.tokenizer_2, prompt, None, 0, FLUX_T5_TOKENS)
-    else:
-        prompt_tokens(pipeline_tokenizers(pipe)[0], prompt)
+    else:  # every CLIP tokenizer: SDXL's second counts runs of "!" (its pad token) differently from the first
+        for tok in pipeline_tokenizers(pipe):
+            prompt_tokens(tok, prompt)
 
 
 def resolve(pipe_or_tokenizers, prompt: str, word: str) -> Concept:
@@ -164,7 +194,10 @@ def resolve(pipe_or_tokenizers, prompt: str, word: str) -> Concept:
     toks = pipe_or_tokenizers if isinstance(pipe_or_tokenizers, (list, tuple)) else pipeline_tokenizers(pipe_or_tokenizers)
     positions = [resolve_word(t, prompt, word) for t in toks]
     if any(p != positions[0] for p in positions[1:]):
-        raise ConceptError(f"the pipeline's tokenizers disagree on {word!r} in {prompt!r}: {positions}")
+        raise ConceptError(f"the pipeline's tokenizers disagree on {word!r} in {prompt!r}: {positions}, so its two "
+                           "text encoders see it at different positions and no one map is right"
+                           + (" (SDXL's second tokenizer treats '!', its padding token, as a token of its own: "
+                              "remove or space out the '!' before the word)" if "!" in prompt else ""))
     pos = positions[0]
     t5 = getattr(pipe_or_tokenizers, "tokenizer_3", None)
     if t5 is not None and getattr(pipe_or_tokenizers, "text_encoder_3", None) is not None \

@@ -397,11 +397,24 @@ def _token_layout(pipe, texts: Sequence[str], words: Sequence[str]):
     return tok, wts
 
 
-def _parse_words(maps) -> list[str]:
+def _parse_words(maps, main: bool = True) -> list[str]:
+    """Words from "a,b" (empty pieces of a comma list are skipped) or a sequence of non-blank strings."""
     maps = () if maps is None else maps
-    words = [w.strip() for w in (maps.split(",") if isinstance(maps, str) else maps) if w.strip()]
+    if isinstance(maps, str):
+        if maps and not maps.replace(",", "").strip():
+            raise ValueError(f"maps={maps!r} names no word; give words of the prompt, e.g. maps='doctor,face'")
+        words = [w.strip() for w in maps.split(",") if w.strip()]
+    else:
+        maps = list(maps)
+        bad = [w for w in maps if not isinstance(w, str) or not w.strip()]
+        if bad:
+            raise ValueError(f"maps must be non-blank words; got {bad!r} in {maps!r}")
+        words = [w.strip() for w in maps]
     if len(set(words)) != len(words):
         raise ValueError(f"duplicate words in maps={words}")
+    if main and "latents" in words:  # maps.safetensors keeps the final latents under that key
+        raise ValueError("'latents' cannot be a map word: maps.safetensors stores the final latents under that name. "
+                         "Map it through an attribution prompt with another spelling, or rename it in the prompt")
     return words
 
 
@@ -414,8 +427,9 @@ def _parse_attributions(attributions, n_prompts: int) -> dict:
                         "{'gender': ('a photo of the face of a doctor and gender', ['doctor', 'gender'])}")
     out = {}
     for name, spec in attributions.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"attribution names must be non-empty strings; got {name!r}")
+        if not isinstance(name, str) or not name.strip() or "/" in name:
+            raise ValueError(f"attribution names must be non-empty strings without '/' (attribution_maps.safetensors "
+                             f"keys are NAME/word); got {name!r}")
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise ValueError(f"attributions[{name!r}] must be (attribution prompt, words); got {spec!r}")
         text, words = spec
@@ -423,7 +437,7 @@ def _parse_attributions(attributions, n_prompts: int) -> dict:
         if len(texts) != n_prompts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"attributions[{name!r}]: give one attribution prompt, or one per prompt "
                              f"({n_prompts}); got {text!r}")
-        words = _parse_words(words)
+        words = _parse_words(words, main=False)
         if not words:
             raise ValueError(f"attributions[{name!r}] has no words to map")
         out[name] = (texts, words)
@@ -538,7 +552,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     # resolve every word once per distinct text, before generating anything
     texts = attr if attr is not None else prompts
     layouts = {t: _token_layout(pipe, [t], words) for t in set(texts)} if words else {}
-    attr_states = {t: _encode_attribution(pipe, t, device) for t in set(attr)} if attr is not None else {}
+    # the keys the maps read: the attribution prompt's; on the unconditional CFG half (BiasMap's aggregation)
+    # the prompt's own encoding too -- that half's own keys are the negative prompt's, which hold no prompt word
+    state_texts = attr if attr is not None else (prompts if words and agg.branch == "uncond" else None)
+    attr_states = {t: _encode_attribution(pipe, t, device) for t in set(state_texts)} if state_texts else {}
     extra_layouts = {}
     for name, (etexts, ewords) in extra.items():
         extra_layouts[name] = {t: _token_layout(pipe, [t], ewords) for t in set(etexts)}
@@ -557,8 +574,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         gwords = guidance.words
         gtexts = [guidance.attribution_prompt] * len(prompts) if guidance.attribution_prompt else prompts
         glayouts = {t: _token_layout(pipe, [t], gwords) for t in set(gtexts)}
-        gstates = (_encode_attribution(pipe, guidance.attribution_prompt, device)
-                   if guidance.attribution_prompt else None)
+        # keys of the guidance maps: the attribution prompt's, or on the unconditional half the prompt's own
+        gstate_texts = gtexts if guidance.attribution_prompt or guidance.branch == "uncond" else None
+        for t in set(gstate_texts or ()) - set(attr_states):
+            attr_states[t] = _encode_attribution(pipe, t, device)
         gpairs = [(gwords.index(a), gwords.index(b)) for a, b in guidance.pairs]
 
     records = bool(words) or bool(extra)
@@ -574,9 +593,12 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     images, latents_out, map_chunks, diag_chunks, edit_targets, blocked = [], [], [], [], [], []
     extra_chunks = {name: [] for name in extra}
     bar = tqdm(total=len(items), disable=not progress, desc="fastfair generate", unit="img")
+    # a batch's attribution encodings (BOS..EOS, unpadded on UNet pipelines) must have one length: batches
+    # break where it changes (the seeds alone fix each image, so the grouping changes no output)
+    lengths = [_state_lengths(pi, attr_states, state_texts, extra,
+                              gstate_texts if guidance is not None else None) for pi, _ in items]
     try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        for chunk in _chunks(items, lengths, batch_size):
             # each image's own generator: its initial latents, then (stochastic schedulers whose step takes a
             # generator: DDPM, ancestral, DPM++ SDE variants) its noise at every step, as pipe(prompt,
             # generator=manual_seed(s)) draws them
@@ -589,7 +611,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                 if words:
                     tok, wts = _stack_layouts([layouts[texts[pi]] for pi, _ in chunk])
                     tok = tok.to(device)
-                    ms = torch.cat([attr_states[attr[pi]] for pi, _ in chunk]) if attr is not None else None
+                    ms = (torch.cat([attr_states[state_texts[pi]] for pi, _ in chunk]) if state_texts is not None
+                          else None)
                 rec = MapRecorder(tok, len(chunk), latent_hw, agg, map_states=ms, steps=msteps,
                                   daam_latent_hw=daam_hw)
                 extra_wts = {}
@@ -625,7 +648,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
 
                 gtok, gw = _stack_layouts([glayouts[gtexts[pi]] for pi, _ in chunk])
                 gtok = gtok.to(device)
-                ms = gstates.expand(len(chunk), -1, -1) if gstates is not None else None
+                ms = (torch.cat([attr_states[gstate_texts[pi]] for pi, _ in chunk]) if gstate_texts is not None
+                      else None)
                 guider = Guider(pipe, guidance, gtok, gpairs, latent_hw, ms, len(chunk))
                 guider.word_weights = gw
             eguider = None
@@ -710,6 +734,28 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
                       diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets,
                       environment=provenance(device), safety_blocked=blocked)
+
+
+def _state_lengths(pi: int, states: dict, state_texts, extra: dict, gstate_texts) -> tuple:
+    """Prompt ``pi``'s attribution-encoding lengths: the maps', each further attribution prompt's, the guidance's."""
+    out = [] if state_texts is None else [states[state_texts[pi]].shape[1]]
+    out += [states[etexts[pi]].shape[1] for etexts, _ in extra.values()]
+    if gstate_texts is not None:
+        out.append(states[gstate_texts[pi]].shape[1])
+    return tuple(out)
+
+
+def _chunks(items: list, keys: list, batch_size: int):
+    """``items`` in order, in batches of at most ``batch_size`` whose ``keys`` are equal."""
+    chunk, key = [], None
+    for item, k in zip(items, keys):
+        if chunk and (len(chunk) == batch_size or k != key):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+        key = k
+    if chunk:
+        yield chunk
 
 
 def _negative_prompts(negative_prompt, n: int) -> list[str]:

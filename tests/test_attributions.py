@@ -123,6 +123,22 @@ def test_per_prompt_attribution_prompts_and_batching(tiny_sd):
     assert gen.config["attributions"] == {"gender": {"prompt": attr["gender"][0], "words": ["gender"]}}
 
 
+def test_attribution_prompts_of_different_lengths_in_one_batch(tiny_sd):
+    """One attribution prompt per prompt, of different token lengths, batched together: their unpadded encodings
+    could not be stacked (a crash); batches now break where the length changes, with each image unchanged."""
+    prompts = [PROMPT, "a photo of a janitor"]
+    attr = [f"{PROMPT} and gender", "janitor gender"]
+    kw = dict(seeds=[0, 1], steps=2, progress=False, backend="reference")
+    gen = fastfair.generate(tiny_sd, prompts, maps=["gender"], attribution_prompt=attr, batch_size=4,
+                            attributions={"g": (attr, ["gender"])}, **kw)
+    for i, (p, a) in enumerate(zip(prompts, attr)):
+        one = fastfair.generate(tiny_sd, p, maps=["gender"], attribution_prompt=a, batch_size=1, **kw)
+        torch.testing.assert_close(gen.maps["gender"][2 * i:2 * i + 2], one.maps["gender"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(gen.attribution_maps["g"]["gender"][2 * i:2 * i + 2], one.maps["gender"],
+                                   rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(gen.latents[2 * i:2 * i + 2], one.latents, rtol=0, atol=1e-5)
+
+
 def test_native_backend_close_to_reference(tiny_sd):
     if "native" not in ops.available_backends("cpu"):
         pytest.skip("native extension not built")
@@ -177,6 +193,8 @@ def test_save_writes_attribution_maps(tiny_sd, tmp_path):
     ({"gender": ([f"{PROMPT} and gender"] * 2, ["gender"])}, ValueError, "one per prompt"),
     ({"gender": (f"{PROMPT} and gender", ["gender", "gender"])}, ValueError, "duplicate"),
     ({"": (f"{PROMPT} and gender", ["gender"])}, ValueError, "non-empty"),
+    ({"a/b": (f"{PROMPT} and gender", ["gender"])}, ValueError, "without '/'"),  # keys NAME/word stay unambiguous
+    ({"gender": (f"{PROMPT} and gender", ["gender", " "])}, ValueError, "non-blank"),
     ([("gender", ("x", ["x"]))], TypeError, "mapping"),
 ])
 def test_bad_attributions(tiny_sd, spec, err, match):
@@ -215,3 +233,12 @@ def test_sdxl_equal_to_separate_generations(tiny_sdxl):
         sep = fastfair.generate(tiny_sdxl, p, maps=ws, attribution_prompt=ap, **kw)
         for w in ws:
             torch.testing.assert_close(gen.attribution_maps[name][w], sep.maps[w], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("maps,match", [([" "], "non-blank"), (["doctor", ""], "non-blank"), (" , ", "names no word"),
+                                        (["latents", "doctor"], "final latents")])
+def test_bad_map_words(tiny_sd, maps, match):
+    """Blank words were dropped silently; a word named 'latents' was overwritten in maps.safetensors by the final
+    latents (a review)."""
+    with pytest.raises(ValueError, match=match):
+        fastfair.generate(tiny_sd, "a photo of latents and a doctor", seeds=[0], steps=1, progress=False, maps=maps)

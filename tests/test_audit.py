@@ -225,6 +225,12 @@ def test_bad_inputs_have_clear_errors(tiny_sd, tmp_path):
     with pytest.raises(AuditInputError, match=r"attribute word 'gender' missing from the attribution prompt "
                                               r"'a photo of the face of a doctor and identity'"):
         fastfair.audit("tiny-sd", "list:doctor", attribution_template="{prompt} and identity", **kw)
+    # an attribute word that is also part of the profession: its map averaged the profession's token (a review)
+    with pytest.raises(AuditInputError, match="'race' occurs more than once in 'a photo of the face of a race car "
+                                              "driver and race'"):
+        fastfair.audit("tiny-sd", "list:race car driver", **dict(kw, attributes="race"))
+    with pytest.raises(AuditInputError, match="'old' occurs more than once"):
+        fastfair.audit("tiny-sd", "list:old age nurse", **dict(kw, attributes="age", entanglement="inprompt"))
     with pytest.raises(AuditInputError, match="unknown attribute set 'ethnicity'"):
         fastfair.audit("tiny-sd", "list:doctor", **dict(kw, attributes="gender,ethnicity"))
     with pytest.raises(AuditInputError, match="must contain {} or {profession} exactly once"):

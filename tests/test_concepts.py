@@ -68,3 +68,49 @@ def test_t5_words_are_whole_words():
     assert concepts.t5_positions(tok, "a photo of a doctor.", "doctor", 0) == (4,)  # punctuation ends a word
     with pytest.raises(concepts.ConceptError, match="not in the prompt"):
         concepts.t5_positions(tok, "a photo of doctors", "doctor", 0)
+
+
+def test_clip_words_start_at_a_word_start():
+    """"woman" is the last BPE token of "policewoman" (police + woman</w>) and was mapped there (a review found 33
+    common compounds: businesswoman, doorman, stepmother, housekeeper -> keeper ...); now refused with the way out,
+    and the whole compound maps. A word after an added token (textual inversion) still starts a word."""
+    tok = clip_tokenizer()
+    prompt = "a policewoman next to a doorman"
+    assert tok.tokenize(prompt)[2] == "woman</w>"  # the vocabulary does split it: the test can fail
+    for word in ("woman", "man"):
+        with pytest.raises(concepts.ConceptError, match="end of a longer word"):
+            concepts.resolve([tok], prompt, word)
+    assert concepts.resolve([tok], prompt, "policewoman").positions == (2, 3)
+    assert concepts.resolve([tok], "a policewoman and a woman", "woman").positions == (6,)
+    tok2 = clip_tokenizer()
+    tok2.add_tokens(["<x>"])
+    assert concepts.resolve([tok2], "a<x>doctor", "doctor").positions == (3,)
+
+
+@pytest.mark.parametrize("prompt,word", [("a photo of a Doctor", "doctor"), ("a (doctor) here", "doctor"),
+                                         ('a doctor "nurse"', "nurse"), ("a doctor-patient talk", "patient"),
+                                         ("a Police  Officer at work", "police officer")])
+def test_t5_words_as_clip_reads_them(prompt, word):
+    """T5 (SD3 / Flux) resolves words as CLIP does: any case, punctuation or a hyphen around them (all were refused:
+    T5 pieces are case-sensitive and "(doctor)" is "( d o c t o r )"). The pieces found spell the word."""
+    from fastfair.pipelines import t5_tokenizer
+
+    tok = t5_tokenizer()
+    pieces = tok.tokenize(prompt)
+    pos = concepts.t5_positions(tok, prompt, word, 0)
+    assert "".join(pieces[i] for i in pos).replace("\u2581", "").lower() == word.replace(" ", "")
+    assert concepts.resolve([clip_tokenizer()], prompt, word)  # CLIP maps the same word
+    with pytest.raises(concepts.ConceptError, match="not the start or end of a longer one"):
+        concepts.t5_positions(tok, "a policewoman", "woman", 0)
+
+
+def test_sdxl_prompt_length_checked_by_both_tokenizers(tiny_sdxl):
+    """SDXL's second tokenizer counts runs of '!' (its pad token) one token each: a prompt within the first's limit
+    was silently truncated by the second encoder."""
+    prompt = "a photo of a doctor " + "!" * 70 + " and a nurse"
+    n1, n2 = (len(t.tokenize(prompt)) for t in (tiny_sdxl.tokenizer, tiny_sdxl.tokenizer_2))
+    assert n1 + 2 <= 77 < n2 + 2
+    with pytest.raises(concepts.ConceptError, match="limit of 77"):
+        concepts.check_prompt(tiny_sdxl, prompt)
+    with pytest.raises(concepts.ConceptError, match="'!', its padding token"):
+        concepts.resolve(tiny_sdxl, "wow!!! a doctor", "doctor")

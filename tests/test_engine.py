@@ -103,10 +103,15 @@ def test_maps_after_a_multi_vector_textual_inversion_token():
                                rtol=1e-4, atol=1e-6)
 
 
-def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd):
-    attr = "a photo of the face of a doctor and gender"
-    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[2], steps=2, maps=["gender"], attribution_prompt=attr,
-                            aggregation="biasmap", progress=False)
+@pytest.mark.parametrize("in_prompt", [False, True])
+def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd, in_prompt):
+    """BiasMap's maps: the unconditional half's queries against the attribution prompt's keys -- for words of the
+    prompt itself, the prompt's own keys (the unconditional half's own keys are the negative prompt's: those maps
+    were the same for every word at a position, a silent wrong answer)."""
+    attr = PROMPT if in_prompt else "a photo of the face of a doctor and gender"
+    word = "doctor" if in_prompt else "gender"
+    gen = fastfair.generate(tiny_sd, PROMPT, seeds=[2], steps=2, maps=[word],
+                            attribution_prompt=None if in_prompt else attr, aggregation="biasmap", progress=False)
     # independent: queries of the uncond branch against the attribution prompt's keys (no padding), summed
     n = len(tiny_sd.tokenizer.tokenize(attr)) + 2
     emb = tiny_sd.encode_prompt(attr, "cpu", 1, False)[0][:, :n]
@@ -127,7 +132,7 @@ def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd
             h.remove()
     H = tiny_sd.unet.config.sample_size
     total = 0
-    pos = n - 2  # "gender" is the last word
+    pos = n - 2  # the word is the last one
     for name, mod, hs in qs:
         if name.startswith("mid"):
             continue
@@ -137,7 +142,7 @@ def test_biasmap_preset_uses_attribution_prompt_tokens_and_uncond_branch(tiny_sd
         s = int(round((H * H / p.numel()) ** 0.5))
         total = total + F.interpolate(p.reshape(1, 1, H // s, H // s), size=(H, H), mode="bilinear",
                                       align_corners=False)[0, 0]
-    torch.testing.assert_close(gen.maps["gender"][0].double(), total, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gen.maps[word][0].double(), total, rtol=1e-4, atol=1e-5)
 
 
 def test_seed_determinism_across_batch_sizes(tiny_sd):

@@ -335,6 +335,23 @@ def test_uncond_branch_end_to_end(tiny_sd, tmp_path, capsys):
                  "--no-progress"]) == 0
 
 
+def test_uncond_branch_reads_the_prompts_own_keys(tiny_sd):
+    """branch='uncond' without an attribution prompt: the unconditional half's own keys are the negative prompt's,
+    which hold no prompt word, so (doctor, woman) in one prompt and (nurse, man) in another gave nearly the same
+    energy (a review). The words are read from the prompt's own keys, as with attribution_prompt=the prompt."""
+    kw = dict(seeds=[0], steps=2, progress=False)
+    p1, p2 = "a photo of a doctor and a woman", "a photo of a nurse and a man"
+    e = {}
+    for p, pair in ((p1, ("doctor", "woman")), (p2, ("nurse", "man"))):
+        own = fastfair.generate(tiny_sd, p, **kw, guidance=EntanglementGuidance(*pair, branch="uncond", steps=[0]))
+        attr = fastfair.generate(tiny_sd, p, **kw, guidance=EntanglementGuidance(*pair, branch="uncond", steps=[0],
+                                                                                 attribution_prompt=p))
+        torch.testing.assert_close(own.diagnostics["energy"], attr.diagnostics["energy"], rtol=0, atol=0)
+        assert torch.equal(own.latents, attr.latents)
+        e[p] = own.diagnostics["energy"][0, 0].item()
+    assert abs(e[p1] - e[p2]) > 1e-2  # the words matter (they differed by 2e-3 when pad keys were read)
+
+
 def test_guidance_options_that_would_do_nothing_are_refused(tiny_sd):
     """steps past the loop (or -1 for "the last") guided nothing, silently; an int crashed mid-sampling; top_k=None
     and branch='uncond' without CFG were a raw TypeError / silently the conditional maps (a helper's review)."""

@@ -205,3 +205,86 @@ def test_audit_refuses_uncond_guidance_without_cfg_up_front(tiny_sd, tmp_path):
                        steps=2, guide="gender", guide_options={"branch": "uncond"}, guidance_scale=1.0,
                        entanglement="open", progress=False, out=tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_report_pooled_row_and_intervals_that_exclude_their_estimate(finished_audit, tmp_path):
+    """The intersection table's 'all (pooled)' row showed the macro mean's DFT bias beside the pooled frequencies;
+    an estimate outside its own percentile interval was printed without a word (a review)."""
+    from fastfair.audit.page import _ci_text, write_report
+    from fastfair.audit.summary import _ci
+
+    config = json.loads((finished_audit.run_dir / "audit.json").read_text())
+    neutral = finished_audit.results[finished_audit.results["kind"] == "neutral"]
+    rows = []
+    for prof, preds in (("doctor", ["male"] * 4 + ["female"]), ("nurse", ["male"] + ["female"] * 4)):
+        base = neutral[neutral["profession"] == prof].iloc[0]
+        for i, lab in enumerate(preds):
+            r = base.copy()
+            r["seed"], r["work_id"], r["pred_gender"] = 100 + i, f"{prof}-{i}", lab
+            rows.append(r)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    s = summarize(df, config)
+    ov = s["distribution"]["gender"]["overall"]
+    assert ov["freq_pooled"] == [0.5, 0.5]
+    assert ov["pooled"]["dft_bias"] == pytest.approx(0.0, abs=1e-12)      # |0.5 - 0.5|
+    assert ov["dft_bias"]["mean"] == pytest.approx(0.6, abs=1e-12)        # mean of |0.8 - 0.2| and |0.2 - 0.8|
+    assert _ci((0.2, 0.25, 0.4)).get("outside") and not _ci((0.3, 0.25, 0.4)).get("outside")
+    assert "†" in _ci_text(_ci((0.2, 0.25, 0.4))) and "†" not in _ci_text(_ci((0.3, 0.25, 0.4)))
+    page = write_report(finished_audit.run_dir, df=df, config=config, summary=s, out=tmp_path / "r.html")
+    assert "mean over professions" in page.read_text()
+
+
+def test_report_targets_override_and_out_checks(finished_audit, tmp_path):
+    """--target rewrote the run's report.html under other targets, with no word on the page, while summary.json
+    kept the run's; --out a directory named a hidden temp file; --out another run's report.html overwrote it."""
+    import shutil
+
+    from fastfair.audit.page import write_report
+    from fastfair.audit.store import RunDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_audit.run_dir, run)
+    before = (run / "report.html").read_bytes()
+    page = write_report(run, targets="gender=0.9,0.1")
+    assert page.name == "report-targets.html" and (run / "report.html").read_bytes() == before
+    assert "Targets overridden for this page: gender = 90% / 10%" in page.read_text()
+    with pytest.raises(RunDirError, match="is a directory"):
+        write_report(run, out=tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(finished_audit.run_dir, other)
+    with pytest.raises(RunDirError, match="another audit run's report"):
+        write_report(run, out=other / "report.html")
+
+
+def test_resumed_audit_report_keeps_the_first_start_and_every_environment(finished_audit, tiny_sd, tmp_path):
+    """The report written at the end of a resumed run showed the resume time as 'created' and only this session's
+    environment (audit.json had both)."""
+    import shutil
+
+    from fastfair.audit.attributes import parse_attributes
+    from test_audit import tiny_clip_classifier
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_audit.run_dir, run)
+    cfg = json.loads((run / "audit.json").read_text())
+    cfg["created"] = "2020-01-01T00:00:00"
+    cfg["environments"] = [dict(cfg["environments"][0], torch="2.99.0-earlier")] + cfg["environments"]
+    (run / "audit.json").write_text(json.dumps(cfg))
+    clf = tiny_clip_classifier(parse_attributes("gender")[0])
+    fastfair.audit("tiny-sd", "list:doctor,nurse", pipeline=tiny_sd, attributes="gender", classifier=clf,
+                   entanglement="open,inprompt", seeds=1, steps=2, progress=False, n_boot=20, out=run, resume=True)
+    html = (run / "report.html").read_text()
+    assert "2020-01-01T00:00:00" in html and "2.99.0-earlier" in html
+    assert "made in 2 different environments" in html
+
+
+def test_results_parquet_says_which_run_it_is(finished_audit):
+    """Rows of concatenated runs could not be told apart (no run column, no settings in the file) (a review)."""
+    import pyarrow.parquet as pq
+
+    cfg = json.loads((finished_audit.run_dir / "audit.json").read_text())
+    t = pq.read_table(finished_audit.run_dir / "results.parquet")
+    assert set(t.column("run_id").to_pylist()) == {cfg["settings_hash"]}
+    assert json.loads(t.schema.metadata[b"fastfair"])["settings_hash"] == cfg["settings_hash"]

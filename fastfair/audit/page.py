@@ -34,7 +34,16 @@ def _fmt(x, nd=3) -> str:
 def _ci_text(d, nd=3) -> str:
     if not d or d.get("mean") is None:
         return "–"
-    return f"{_fmt(d['mean'], nd)} <span class=ci>[{_fmt(d['lo'], nd)}, {_fmt(d['hi'], nd)}]</span>"
+    mark = "<sup title='the estimate lies outside its bootstrap interval (small-sample bias)'>†</sup>" \
+        if d.get("outside") else ""
+    return f"{_fmt(d['mean'], nd)}{mark} <span class=ci>[{_fmt(d['lo'], nd)}, {_fmt(d['hi'], nd)}]</span>"
+
+
+def _any_outside(x) -> bool:
+    """Whether a summary holds an interval that excludes its estimate."""
+    if isinstance(x, dict):
+        return bool(x.get("outside")) or any(_any_outside(v) for v in x.values())
+    return isinstance(x, list) and any(_any_outside(v) for v in x)
 
 
 # ------------------------------------------------------------------------------------------ SVG plots
@@ -327,6 +336,16 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                     "images without a face are abstentions)"
                     if isinstance(st.get("classifier"), dict) and st["classifier"].get("face_crops") else "")
                  + "</p>")
+    if config.get("targets_override"):
+        parts.append("<p class=warn>Targets overridden for this page: "
+                     + E(", ".join(f"{k} = {' / '.join(f'{100 * x:g}%' for x in v)}"
+                                   for k, v in config["targets_override"].items()))
+                     + ". The run's summary.json and audit.json keep the targets it was run with.</p>")
+    envs = config.get("environments") or []
+    if len(envs) > 1:
+        parts.append(f"<p class=warn>This run's images were made in {len(envs)} different environments (library "
+                     "versions, device or fastfair revision: see Settings, environments) -- it was resumed "
+                     "elsewhere.</p>")
     planned = summary.get("n_planned")
     if planned and summary.get("n_images", 0) < planned:
         parts.append(f'<p class=warn>Partial run: {summary["n_images"]} of {planned} planned images are finished; '
@@ -440,8 +459,11 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                     cells.append((f'<span style="background:rgba(78,121,167,{a:.2f});padding:0 4px">'
                                   f'{100 * f:.0f}%</span>', f))
             rows.append([E(p), e["n"]] + cells + [(_ci_text(e["dft_bias"]), _sv(e["dft_bias"]))])
+        pooled = (ov.get("pooled") or {}).get("dft_bias")
         rows.append(["<b>all (pooled)</b>", ov["n"]] + [f"{100 * f:.0f}%" if f is not None else "–"
-                                                       for f in ov["freq_pooled"]] + [_ci_text(ov["dft_bias"])])
+                                                       for f in ov["freq_pooled"]]
+                    + [_fmt(pooled, 3) if pooled is not None else "–"])
+        rows.append(["<b>mean over professions</b>", ""] + [""] * len(labels) + [_ci_text(ov["dft_bias"])])
         parts.append(_table(head, rows))
     cs = summary.get("clip_score")
     if cs:
@@ -456,7 +478,11 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
     parts += _share_table(summary.get("steering", {}), "per_target", "Fair Diffusion steering (neutral images)",
                           "Share of neutral images whose predicted class is the group Fair Diffusion steered them to.",
                           ["attribute set", "on target", "images", "per group"])
-    parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2)) + "</pre>")
+    if _any_outside(summary):
+        parts.append("<p class=muted>† The estimate lies outside its 95% bootstrap interval: DFT bias, KL and gaps "
+                     "are built on |·| and logs, so with few images per profession their resamples sit above the "
+                     "estimate. More seeds per prompt narrow the bias and the interval.</p>")
+    parts.append("<h2>Settings</h2><pre>" + E(json.dumps(config, indent=2, ensure_ascii=False)) + "</pre>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content=\"width=device-width,initial-scale=1\">"
             f"<title>{E(title)}</title><style>{CSS}</style></head><body>"
@@ -486,9 +512,16 @@ def write_report(run_dir, out=None, *, df=None, config=None, summary=None, targe
 
             sets = [AttributeSet(n, tuple(a["labels"]), tuple(a["words"]), tuple(tuple(p) for p in a["prompts"]),
                                  a["open_word"]) for n, a in config["settings"]["attributes"].items()]
-            config = dict(config, summary=dict(config.get("summary", {}), targets=parse_targets(targets, sets)))
+            parsed = parse_targets(targets, sets)
+            config = dict(config, summary=dict(config.get("summary", {}), targets=parsed), targets_override=parsed)
         summary = summarize(df, config)
+    # other targets go to their own page unless --out says where: the run's report.html keeps the run's targets
+    path = Path(out) if out else root / (REPORT if targets is None else "report-targets.html")
+    if path.is_dir():
+        raise RunDirError(f"--out {path} is a directory; give a file name, e.g. {path / 'report.html'}")
+    if out is not None and path.name == REPORT and path.parent.resolve() != root.resolve() \
+            and (path.parent / "audit.json").is_file():
+        raise RunDirError(f"--out {path} is another audit run's report; write this run's report elsewhere")
     page = build_html(root, df, config, summary)
-    path = Path(out) if out else root / REPORT
     atomic_write(path, page.encode("utf-8"))
     return path

@@ -158,10 +158,18 @@ def _sha(obj, n: int) -> str:
 
 
 def _resolve_or_raise(pipe, text: str, word: str, what: str) -> None:
+    """Raise unless ``word`` occurs in ``text`` exactly once: a map averages every occurrence, so an attribute word
+    that is also part of the profession ("race" in "race car driver and race") would read the profession's token."""
     try:
-        concepts.resolve(pipe, text, word)
+        found = concepts.resolve(pipe, text, word).positions
+        once = concepts.resolve(pipe, word, word).positions
     except concepts.ConceptError as e:
         raise AuditInputError(f"{what}: {e}") from None
+    if len(found) > len(once):
+        raise AuditInputError(f"{what}: {word!r} occurs more than once in {text!r}, and its map would average every "
+                              "occurrence (e.g. an attribute word that is part of the profession). Rename the "
+                              "profession in the prompt list (e.g. 'racing driver' for 'race car driver') or change "
+                              "the template")
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -570,6 +578,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 raise RuntimeError(f"{missing} planned image(s) have no row after the run; --resume to redo them")
             from .summary import summarize
 
+            config = store.read_config() or config  # as recorded: a resumed run's first start and every environment
             summary = summarize(df, config)
             atomic_write(store.root / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
             abst = {n: b["overall"]["abstained"] for n, b in summary.get("distribution", {}).items()

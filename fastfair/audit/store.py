@@ -273,7 +273,9 @@ class RunStore:
         return df.drop_duplicates("work_id", keep="first").reset_index(drop=True)
 
     def merge(self, order: list[str] | None = None):
-        """Merge all parts into results.parquet (atomic). ``order``: work ids in plan order."""
+        """Merge all parts into results.parquet (atomic). ``order``: work ids in plan order. The file says which
+        run it is: a ``run_id`` column (the settings hash, constant: concatenated runs stay apart) and the run's
+        audit.json under the Parquet key-value metadata key ``fastfair``."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -282,8 +284,14 @@ class RunStore:
             rank = {w: i for i, w in enumerate(order)}
             df = df.assign(_o=df["work_id"].map(rank)).sort_values("_o", kind="stable").drop(columns="_o")
             df = df.reset_index(drop=True)
+        config = self.read_config() or {}
+        if config.get("settings_hash") and "run_id" not in df.columns:
+            df.insert(0, "run_id", pd_categorical(config["settings_hash"], len(df)))
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[b"fastfair"] = json.dumps(config, ensure_ascii=False).encode()
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        pq.write_table(table.replace_schema_metadata(meta), buf)
         atomic_write(self.results_path, buf.getvalue())
         return df
 
@@ -297,6 +305,13 @@ class RunStore:
             except OSError:
                 pass
         return n
+
+
+def pd_categorical(value: str, n: int):
+    """A constant string column of ``n`` rows (dictionary-encoded in Parquet)."""
+    import pandas as pd
+
+    return pd.Categorical([value] * n)
 
 
 def load_results(run_dir):

@@ -1,7 +1,8 @@
 """Summaries of an audit's rows: mIoU with bootstrap CIs, distribution metrics, prompt adherence.
 
 Every interval is a stratified percentile bootstrap (``fastfair.distribution.bootstrap_ci``):
-images are resampled within their profession, ``n_boot`` times, from a fixed seed. Overall values
+images are resampled within their profession, ``n_boot`` times, from a fixed seed. An estimate outside its own
+interval (small samples of the |.|- and log-based metrics) is marked ``"outside": true``. Overall values
 are macro averages over professions (each profession counts once, as in BiasMap's mIoU and DFT's
 bias averaged over prompts).
 """
@@ -15,8 +16,13 @@ from .prompts import fill
 
 
 def _ci(t) -> dict:
+    """{mean, lo, hi}; ``outside``: the estimate lies outside its percentile interval -- metrics built on |.| or
+    logs (DFT bias, KL, gaps) are biased upward in small samples, so their resamples can sit above the estimate."""
     m, lo, hi = t
-    return {"mean": _f(m), "lo": _f(lo), "hi": _f(hi)}
+    out = {"mean": _f(m), "lo": _f(lo), "hi": _f(hi)}
+    if None not in out.values() and not out["lo"] - 1e-12 <= out["mean"] <= out["hi"] + 1e-12:
+        out["outside"] = True
+    return out
 
 
 def _f(x):
@@ -103,8 +109,11 @@ def _distribution_block(df, professions, col, labels, target, n_boot, seed, leve
             entry[name] = _ci((vals[name][0][i], *_interval(vals[name][1][i], level)))
         per[p] = entry
     allc = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+    pooled = D.frequencies(allc, K)
     overall = {"n": int((allc >= 0).sum()), "abstained": int((allc < 0).sum()),
-               "freq_pooled": [_f(x) for x in D.frequencies(allc, K)]}
+               "freq_pooled": [_f(x) for x in pooled],
+               # the metrics of the pooled frequencies (all professions' images together): not the macro means
+               "pooled": {name: _f(_safe(fn, pooled[None])[0]) for name, fn in metrics.items()}}
     with np.errstate(invalid="ignore"), D._quiet_nanmean():
         for name in metrics:
             point = np.nanmean(np.asarray(vals[name][0], dtype=np.float64)) if codes else np.nan
