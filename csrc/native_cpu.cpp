@@ -593,8 +593,18 @@ XArgs make_args(int B, int H, int Nq, int Nk, int Nm, int D, int Dv, int T, doub
 
 }  // namespace
 
-PYBIND11_MODULE(_native, m) {
+// CMakeLists.txt builds this file as several modules (_native, _native_v3, _native_v4: one per instruction set,
+// fastfair/native.py picks one at import); the init function's name must match the module file's.
+#ifndef FASTFAIR_MODULE_NAME
+#define FASTFAIR_MODULE_NAME _native
+#endif
+#ifndef FASTFAIR_VARIANT
+#define FASTFAIR_VARIANT "portable"
+#endif
+
+PYBIND11_MODULE(FASTFAIR_MODULE_NAME, m) {
   m.doc() = "fastfair native CPU kernels (see csrc/xattn_row.h and fastfair/native.py)";
+  m.attr("variant") = FASTFAIR_VARIANT;  // the instruction set it was compiled for: portable, v3, v4 or native
   m.def(
       "xattn_fwd",
       [](bool f64, int B, int H, int Nq, int Nk, int Nm, int D, int Dv, int T, double scale, bool per_head,

@@ -68,9 +68,10 @@ def environment(device: torch.device) -> dict:
         env.update(cuda=torch.version.cuda, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                    memory_gb=p.total_memory / 1e9, l2_bytes=getattr(p, "L2_cache_size", None),
                    smem_per_block=getattr(p, "shared_memory_per_block_optin", None))
-    from . import ops
+    from . import native, ops
 
     env["auto_backend"] = ops.resolve_backend("auto", device)  # what backend="auto" runs here
+    env["native_cpu"] = native.cpu_variant()  # which CPU module build runs: portable, v3, v4, native (or None)
     with contextlib.suppress(OSError):
         env["loadavg"] = os.getloadavg()
     return env

@@ -10,7 +10,9 @@ same signatures and return conventions, plus ``usable(device)``:
   ``soft_iou_bwd(a, b, top_k, gamma, iters, eps, d) -> (da, db)`` (a, b: (N, n))
 
 CPU tensors run in ``fastfair._native`` (float32 / float64; fp16 / bf16 inputs are computed in
-float32 and cast back); CUDA tensors run in ``fastfair._native_cuda`` (fp16 / bf16 / fp32 read
+float32 and cast back), or in one of its instruction-set variants ``_native_v3`` (x86-64-v3: AVX2, FMA) /
+``_native_v4`` (x86-64-v4: AVX-512), the best one the running CPU supports (``cpu_variant()`` says which;
+the environment variable ``FASTFAIR_NATIVE_VARIANT=portable|v3|v4`` forces one); CUDA tensors run in ``fastfair._native_cuda`` (fp16 / bf16 / fp32 read
 natively with fp32 accumulation, fp64), which is imported only when CUDA tensors are used. Both
 receive raw data pointers, shapes, strides and (CUDA) the current stream; neither links torch.
 When the extension is not built this module still imports: ``usable`` answers False and
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import platform
 import warnings
 from typing import Optional
 
@@ -29,16 +33,71 @@ from torch import Tensor
 from .kernels import naive
 
 __all__ = ["cross_attention_fwd", "cross_attention_bwd", "soft_iou_fwd", "soft_iou_bwd", "usable",
-           "available", "warn_unbuilt", "BUILD_HINT"]
+           "available", "warn_unbuilt", "BUILD_HINT", "cpu_variant", "supported_variants"]
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (or `pip install .`) in the fastfair "
               "checkout; needs cmake>=3.18, a C++17 compiler, pybind11 and scikit-build-core (nvcc for CUDA)")
 
-try:  # the CPU module
-    from . import _native as _C  # type: ignore[attr-defined]
-    _C_ERR: Optional[BaseException] = None
-except ImportError as _e:  # pragma: no cover - depends on the build
-    _C, _C_ERR = None, _e
+# ---- the CPU module: one build per x86-64 micro-architecture level (CMakeLists.txt), picked at import ----------
+# A module compiled for an instruction set the CPU lacks dies with SIGILL (no Python error) as soon as it runs one
+# of its instructions, so the choice is made from the CPU's flags before importing, never by trying.
+VARIANT_MODULES = {"v4": "fastfair._native_v4", "v3": "fastfair._native_v3", "portable": "fastfair._native"}
+# the flags of the x86-64 psABI levels, as Linux's /proc/cpuinfo names them (pni = SSE3, abm = LZCNT)
+_X86_64_V2 = frozenset({"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"})
+_X86_64_V3 = _X86_64_V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_X86_64_V4 = _X86_64_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def supported_variants(flags, machine: str = "x86_64") -> list[str]:
+    """The CPU module variants a CPU with these /proc/cpuinfo ``flags`` can run, best first
+    (``["v4", "v3", "portable"]`` at most; just ``["portable"]`` off x86-64 or when the flags are unknown)."""
+    if flags is None or machine.lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    flags = set(flags)
+    out = [v for v, need in (("v4", _X86_64_V4), ("v3", _X86_64_V3)) if need <= flags]
+    return out + ["portable"]
+
+
+def _cpu_flags() -> Optional[set[str]]:
+    """The running CPU's flags from /proc/cpuinfo (Linux), or None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _load_cpu_module():
+    """(module, error): the best CPU module variant this CPU runs, or the one FASTFAIR_NATIVE_VARIANT names."""
+    supported = supported_variants(_cpu_flags(), platform.machine())
+    forced = os.environ.get("FASTFAIR_NATIVE_VARIANT", "").strip().lower()
+    if forced and forced not in VARIANT_MODULES:
+        warnings.warn(f"fastfair: FASTFAIR_NATIVE_VARIANT={forced!r} is none of {', '.join(VARIANT_MODULES)}; "
+                      "ignored", RuntimeWarning, stacklevel=2)
+    elif forced and forced not in supported:
+        warnings.warn(f"fastfair: FASTFAIR_NATIVE_VARIANT={forced}: this CPU lacks its instruction set "
+                      f"(it runs {', '.join(supported)}); ignored", RuntimeWarning, stacklevel=2)
+    elif forced:
+        supported = [forced]  # that one or nothing: a test that forces a variant must not run another
+    err: Optional[BaseException] = None
+    for v in supported:
+        try:
+            return importlib.import_module(VARIANT_MODULES[v]), None
+        except ImportError as e:  # not built (v3 / v4 off x86-64, or with FASTFAIR_NATIVE_ARCH=ON)
+            err = e  # the last one tried: the portable module's (or the forced one's)
+    return None, err
+
+
+_C, _C_ERR = _load_cpu_module()
+
+
+def cpu_variant() -> Optional[str]:
+    """Which CPU module runs: "portable", "v3", "v4" (x86-64 levels) or "native" (built with
+    FASTFAIR_NATIVE_ARCH=ON for the building machine); None when the extension is not built."""
+    return None if _C is None else getattr(_C, "variant", "portable")
 
 _CUDA = None
 _CUDA_ERR: Optional[BaseException] = None

@@ -1,0 +1,78 @@
+"""Packaging: the CMake options' environment variables."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# CMake configure (no build): FASTFAIR_* environment variables count on a first configure
+# ------------------------------------------------------------------------------------------------
+
+def _pybind11_dir():
+    try:
+        import pybind11
+    except ImportError:
+        return None
+    return pybind11.get_cmake_dir()
+
+
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None or _pybind11_dir() is None
+                                 or not (ROOT / "CMakeLists.txt").exists(),
+                                 reason="needs cmake, pybind11 and the source tree")
+
+
+def _configure(build: Path, env_vars: dict, path: str | None = None, *extra: str):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTFAIR_")}
+    env.update({k: v for k, v in env_vars.items() if v is not None})
+    for k in [k for k, v in env_vars.items() if v is None]:
+        env.pop(k, None)
+    if path is not None:
+        env["PATH"] = path
+    cmd = ["cmake", "-S", str(ROOT), "-B", str(build), f"-Dpybind11_DIR={_pybind11_dir()}",
+           f"-DPython_EXECUTABLE={sys.executable}", *extra]
+    if shutil.which("ninja", path=env.get("PATH")):
+        cmd += ["-G", "Ninja"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    cache = (build / "CMakeCache.txt").read_text() if (build / "CMakeCache.txt").exists() else ""
+    return r.returncode, r.stdout + r.stderr, cache
+
+
+@needs_cmake
+def test_cmake_options_from_the_environment_on_a_first_configure(tmp_path):
+    """Under CMP0126 OLD, creating the cache entry dropped the normal variable set from $ENV: FASTFAIR_CUDA=OFF
+    still built the CUDA module, FASTFAIR_CUDA_ARCHS was ignored. A changed variable counts on a reconfigure."""
+    rc, out, cache = _configure(tmp_path / "b", {"FASTFAIR_CUDA": "OFF", "FASTFAIR_CUDA_ARCHS": "86",
+                                                 "FASTFAIR_NATIVE_ARCH": "ON"})
+    assert rc == 0, out
+    assert "FASTFAIR_CUDA:STRING=OFF" in cache and "FASTFAIR_CUDA_ARCHS:STRING=86" in cache, out
+    assert "FASTFAIR_NATIVE_ARCH:BOOL=ON" in cache
+    assert "building the CUDA module" not in out and "Looking for a CUDA compiler" not in out
+    # reconfigure the same folder with a changed variable: it replaces the cached value
+    rc, out, cache = _configure(tmp_path / "b", {"FASTFAIR_CUDA": "OFF", "FASTFAIR_CUDA_ARCHS": "86",
+                                                 "FASTFAIR_NATIVE_ARCH": "OFF"})
+    assert rc == 0, out
+    assert "FASTFAIR_NATIVE_ARCH:BOOL=OFF" in cache and "FASTFAIR_CUDA:STRING=OFF" in cache
+    # -D on a first configure beats the environment
+    rc, out, cache = _configure(tmp_path / "c", {"FASTFAIR_CUDA": "ON"}, None, "-DFASTFAIR_CUDA=OFF")
+    assert rc == 0 and "FASTFAIR_CUDA:STRING=OFF" in cache, out
+
+
+@needs_cmake
+def test_cmake_cuda_on_without_nvcc_is_an_error(tmp_path):
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not os.path.exists(os.path.join(d, "nvcc")))
+    if shutil.which("cmake", path=path) is None or shutil.which("c++", path=path) is None:
+        pytest.skip("cmake or the C++ compiler lives beside nvcc")
+    env = {"FASTFAIR_CUDA": "ON", "CUDACXX": None, "CUDA_PATH": None, "CUDA_HOME": None, "CUDAToolkit_ROOT": None}
+    rc, out, _ = _configure(tmp_path / "b", env, path)
+    if "building the CUDA module" in out:
+        pytest.skip("CMake found a CUDA compiler outside PATH")
+    assert rc != 0 and "FASTFAIR_CUDA=ON but no CUDA compiler was found" in out, out
