@@ -9,9 +9,11 @@ At every guided step, for the batch of N images:
    whatever maps ``generate`` records; the pipeline gets the concatenated, detached output, so
    every row goes through the UNet once;
 2. E_i = sum over pairs of soft_iou(semantic_i, demographic_i) with BiasMap's Sinkhorn top-k masks;
-3. at the scheduler step, g_i = dE_i / dx_t from that graph, chained through the scheduler's
-   ``scale_model_input`` (identity for DDIM, 1/sqrt(sigma^2 + 1) for Euler) -- images are
-   independent in the UNet (GroupNorm is per sample), so the gradient of sum_i E_i gives exactly
+3. at the scheduler step, g_i = dE_i / dx_t from that graph, x_t being the UNet's input -- the
+   variance-preserving latent BiasMap's rule is stated for: DDIM's sample, Euler's sample / sqrt(sigma^2 + 1)
+   (``scale_model_input``), so one latent gets the same nudge under every scheduler (the gradient with respect
+   to Euler's own sample is sqrt(alpha_bar_t) times smaller: 15x weaker guidance at SDXL's first steps) --
+   images are independent in the UNet (GroupNorm is per sample), so the gradient of sum_i E_i gives exactly
    the N per-image gradients; the graph is freed there;
 4. if ||g_i|| < max_grad_norm: eps_i <- eps_i + scale * sqrt(1 - alpha_bar_t) * g_i (BiasMap's rule;
    it skips the update otherwise; ``on_large_grad="clip"`` rescales g_i to max_grad_norm instead);
@@ -400,22 +402,15 @@ class Guider(StepHooks):
             raise RuntimeError(f"the UNet's conditional input {tuple(leaf.shape)} does not match the latents "
                                f"{tuple(sample.shape)}; entanglement guidance needs a plain text-to-image UNet input")
         with torch.enable_grad(), _input_grads_only(self.net), _recording(self.pipe._fastfair, joint):
-            g_in = torch.autograd.grad(energy.sum(), leaf)[0]
-            # the UNet saw scale_model_input(sample): chain through it (identity for DDIM; SD3 has none)
-            s = sample.detach().requires_grad_(True)
-            scale_in = getattr(self.pipe.scheduler, "scale_model_input", None)
-            y = s if scale_in is None else scale_in(s, timestep)
-            if y is s:
-                grad = g_in
-            elif y.requires_grad:
-                grad = torch.autograd.grad(y, s, g_in.to(y.dtype))[0]
-            else:
-                raise RuntimeError(f"{type(self.pipe.scheduler).__name__}.scale_model_input is not differentiable")
+            # with respect to the UNet's input, the variance-preserving x_t of BiasMap's rule (not through
+            # scale_model_input: Euler's sample is x_t / sqrt(alpha_bar), its gradient sqrt(alpha_bar) times smaller)
+            grad = torch.autograd.grad(energy.sum(), leaf)[0]
         return energy.detach(), grad
 
     def energy_and_grad(self, latents: torch.Tensor, t, want_grad: bool = True):
-        """E (N,) and dE/dlatents for the conditioning of ``unet_call`` (a UNet call's (args, kwargs)
-        for N or 2N rows), through the same folded call a guided step makes."""
+        """E (N,) and dE/dx for the conditioning of ``unet_call`` (a UNet call's (args, kwargs) for N or 2N rows),
+        through the same folded call a guided step makes; x is the UNet's input ``scale_model_input(latents, t)``
+        (``latents`` itself for DDIM and flow matching)."""
         args, kwargs = self.unet_call
         ehs = kwargs.get("encoder_hidden_states", args[0] if args else None)
         x = torch.cat([latents] * 2) if ehs.shape[0] == 2 * self.n else latents
