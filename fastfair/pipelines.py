@@ -38,6 +38,33 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
 
+# The oldest diffusers each model family's code here runs on. pyproject's floor (0.28: Attention.norm_q) covers
+# SD 1.x / 2.x and SDXL; SD3's joint-attention processor reads Attention.norm_added_q (0.30); Flux's calls
+# transformer_flux._get_qkv_projections and apply_rotary_emb(sequence_dim=...) (both new in 0.35).
+DIFFUSERS_FOR = {"sd3": "0.30", "flux": "0.35"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def require_diffusers(family: str, what: str | None = None) -> None:
+    """Raise a one-line RuntimeError when the installed diffusers is older than ``DIFFUSERS_FOR[family]``
+    (instead of an ImportError / AttributeError from deep inside diffusers)."""
+    from importlib import metadata
+
+    need = DIFFUSERS_FOR[family]
+    try:
+        have = metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        raise RuntimeError(f"{what or family} needs diffusers>={need}: pip install 'diffusers>={need}'") from None
+    if _release(have) < _release(need):
+        raise RuntimeError(f"{what or family} needs diffusers>={need}; this one is {have}: "
+                           f"pip install -U 'diffusers>={need}'")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTFAIR_CACHE", Path.home() / ".cache" / "fastfair"))
 
@@ -192,6 +219,7 @@ def _build(name: str, seed: int):
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
             unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
     if name == "tiny-sd3":
+        require_diffusers("sd3", "the tiny-sd3 preset")
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
         torch.manual_seed(seed + 1)
@@ -205,6 +233,7 @@ def _build(name: str, seed: int):
             text_encoder_2=_text_encoder(32, seed + 4, projection=32), tokenizer_2=clip_tokenizer(pad_token="!"),
             text_encoder_3=_t5_encoder(seed + 5), tokenizer_3=t5_tokenizer())
     if name == "tiny-flux":
+        require_diffusers("flux", "the tiny-flux preset")
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
         torch.manual_seed(seed + 1)

@@ -438,6 +438,11 @@ def patch(pipe, *, backend: str = "auto", force: bool = False) -> PatchState:
         raise PatchError(f"cannot place attention layer {unknown[0]!r} in a UNet block (down / mid / up) or an MMDiT "
                          "block (transformer_blocks / single_transformer_blocks); fastfair supports the diffusers "
                          "layouts of SD 1.x/2.x, SDXL, SD3 and Flux")
+    if joint:  # the processors below use diffusers internals that older releases lack
+        from .pipelines import require_diffusers
+
+        flux = is_flux(unet)
+        require_diffusers("flux" if flux else "sd3", f"fastfair's {'Flux' if flux else 'SD3'} attention processor")
     state = PatchState({n: m.processor for n, m in mods.items()}, backend)
     cls = (FastFairFluxAttnProcessor if is_flux(unet) else FastFairJointAttnProcessor) if joint \
         else FastFairCrossAttnProcessor

@@ -101,3 +101,23 @@ def test_sd3_fused_qkv_is_accepted():
         tiny_sd3.transformer.unfuse_qkv_projections()
     torch.testing.assert_close(fused.latents, plain.latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.maps["doctor"], plain.maps["doctor"], rtol=1e-4, atol=1e-6)
+
+
+def test_old_diffusers_is_named_for_sd3_and_flux(monkeypatch):
+    """SD3 / Flux code reads diffusers internals newer than the package's floor: an older diffusers gets a one-line
+    error naming the release needed, not an ImportError from inside diffusers."""
+    from importlib import metadata
+
+    from fastfair import pipelines
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "0.34.0" if d == "diffusers" else real(d))
+    with pytest.raises(RuntimeError, match=r"the tiny-flux preset needs diffusers>=0\.35; this one is 0\.34\.0"):
+        pipelines._build("tiny-flux", 0)
+    pipelines.require_diffusers("sd3")  # 0.34 is enough there
+    monkeypatch.setattr(metadata, "version", lambda d: "0.29.2" if d == "diffusers" else real(d))
+    with pytest.raises(RuntimeError, match=r"needs diffusers>=0\.30"):
+        pipelines.require_diffusers("sd3", "SD3")
+    monkeypatch.setattr(metadata, "version", lambda d: "0.35.0.dev0" if d == "diffusers" else real(d))
+    pipelines.require_diffusers("flux")
+
