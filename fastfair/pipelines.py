@@ -15,7 +15,8 @@ Presets (random weights, deterministic from ``seed``, real CLIP BPE tokenizer, D
   pooled embedding and the same built-in T5.
 
 Presets are built once, saved with ``save_pretrained`` under the cache folder
-(``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``) with an atomic rename, and always loaded back
+(``$FASTFAIR_CACHE`` or ``~/.cache/fastfair``; one folder per diffusers / transformers release pair, whose random
+initialisation differs: ``preset_path``) with an atomic rename, and always loaded back
 through ``from_pretrained`` -- the same path a real model takes. Any other name goes unchanged to
 ``diffusers.DiffusionPipeline.from_pretrained`` (a hub id or a local folder).
 """
@@ -270,8 +271,35 @@ def _t5_encoder(seed: int):
                                    num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
 
 
+def _major_minor(dist: str) -> str:
+    """``dist``'s installed version as major.minor ("0.42"), "none" when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return ".".join(metadata.version(dist).split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
 def preset_path(name: str, seed: int = 0) -> Path:
-    return cache_dir() / "pipelines" / f"{name}-seed{seed}-{_PRESET_VERSION}"
+    """The preset's cache folder. Its name holds the diffusers and transformers releases (major.minor): the random
+    weights a seed gives depend on them (model constructors' initialisation), and a folder saved by one
+    transformers may not load in another (transformers 5 writes no slow-tokenizer files), so each pair of
+    releases builds and keeps its own."""
+    libs = f"diffusers{_major_minor('diffusers')}-transformers{_major_minor('transformers')}"
+    return cache_dir() / "pipelines" / f"{name}-seed{seed}-{_PRESET_VERSION}-{libs}"
+
+
+def _save_slow_tokenizer_files(pipe, folder: Path) -> None:
+    """Also write vocab.json / merges.txt beside each CLIP tokenizer's tokenizer.json (transformers 5 saves only
+    the latter; transformers 4's slow CLIPTokenizer needs the former). Small: ~2 MB per tokenizer."""
+    vocab, merges = tokenizer_files()
+    for cname, comp in pipe.components.items():
+        if type(comp).__name__ in ("CLIPTokenizer", "CLIPTokenizerFast") and (folder / cname).is_dir():
+            for src in (vocab, merges):
+                dst = folder / cname / Path(src).name
+                if not dst.exists():
+                    shutil.copyfile(src, dst)
 
 
 def build_preset(name: str, seed: int = 0) -> Path:
@@ -286,6 +314,7 @@ def build_preset(name: str, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _save_slow_tokenizer_files(pipe, tmp)
         try:
             os.replace(tmp, path)  # atomic; loses the race harmlessly if another process won
         except OSError:

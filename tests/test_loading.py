@@ -121,3 +121,31 @@ def test_old_diffusers_is_named_for_sd3_and_flux(monkeypatch):
     monkeypatch.setattr(metadata, "version", lambda d: "0.35.0.dev0" if d == "diffusers" else real(d))
     pipelines.require_diffusers("flux")
 
+
+def test_preset_cache_folder_names_the_library_releases(monkeypatch):
+    """The presets' random weights depend on the diffusers / transformers releases, and a folder saved by
+    transformers 5 failed to load in transformers 4: each release pair gets its own folder."""
+    from importlib import metadata
+
+    from fastfair import pipelines
+
+    real = metadata.version
+    here = pipelines.preset_path("tiny-sd")
+    mm = lambda d: ".".join(real(d).split(".")[:2])  # noqa: E731
+    assert here.name == f"tiny-sd-seed0-v1-diffusers{mm('diffusers')}-transformers{mm('transformers')}"
+    monkeypatch.setattr(metadata, "version", lambda d: "4.38.2" if d == "transformers" else real(d))
+    other = pipelines.preset_path("tiny-sd")
+    assert other != here and other.name.endswith("-transformers4.38") and other.parent == here.parent
+
+
+def test_preset_folder_has_slow_tokenizer_files(tiny_sd):
+    """vocab.json / merges.txt are saved beside tokenizer.json (what transformers 4's CLIPTokenizer reads)."""
+    from transformers import CLIPTokenizer
+
+    from fastfair import pipelines
+
+    tok = pipelines.preset_path("tiny-sd") / "tokenizer"
+    assert (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    slow = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
+    assert slow(PROMPT).input_ids == tiny_sd.tokenizer(PROMPT).input_ids
+
