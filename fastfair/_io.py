@@ -29,9 +29,11 @@ def atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:  # a full disk names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

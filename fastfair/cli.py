@@ -822,7 +822,39 @@ def _peer_failure(e: BaseException) -> str | None:
     return None
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (a batch scheduler's stop, ``kill``) raises KeyboardInterrupt, so a run stops as on Ctrl-C: finished
+    work kept, the message saying how to resume. Returns the restorer (``.fired``: whether it came), or None where
+    another handler is installed or this is not the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def on_term(signum, frame):
+        restore.fired = True
+        raise KeyboardInterrupt
+
+    def restore():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    restore.fired = False
+    signal.signal(signal.SIGTERM, on_term)
+    return restore
+
+
+# import name -> pip name, where they differ (a dependency missing from a partial install)
+_PIP_NAMES = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cv2": "opencv-python"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:  # without building the parser (bench's arguments import torch)
+        from . import __version__
+
+        print(__version__)
+        return 0
     parser = argparse.ArgumentParser(prog="fastfair", description="Find and reduce social bias in text-to-image "
                                      "diffusion models, with fused cross-attention map kernels.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -843,24 +875,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    kept = {"generate": "finished batches are kept: rerun with --resume",
+            "audit": "finished batches are kept: rerun with --resume",
+            "finetune": "the last checkpoint is kept: rerun with --resume latest",
+            "edit": "nothing was written (an edit is saved when its rounds finish): rerun the command",
+            "bench": "finished cases are in bench.partial.json"}.get(args.command, "")
+    restore = _sigterm_as_interrupt()
     try:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
         print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:  # a dependency missing (pip install --no-deps, a partial environment)
+        top = (e.name or "").split(".")[0]
+        if not top or top == "fastfair":
+            raise
+        pkg = _PIP_NAMES.get(top, top)
+        print(f"fastfair {args.command}: error: needs the Python package {pkg}, which is not installed: "
+              f"pip install {pkg}", file=sys.stderr)
+        return 1
     except OSError as e:  # a file or folder the command reads or writes (missing, a file where a folder goes...)
+        import errno
+
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"fastfair {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) and kept and args.command != "edit"
+        print(f"fastfair {args.command}: error: {e.strerror or e}{where}"
+              + (f"; free some space ({kept})" if full else ""),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = {"generate": "finished batches are kept: rerun with --resume",
-                "audit": "finished batches are kept: rerun with --resume",
-                "finetune": "the last checkpoint is kept: rerun with --resume latest",
-                "edit": "nothing was written (an edit is saved when its rounds finish): rerun the command",
-                "bench": "finished cases are in bench.partial.json"}.get(args.command, "")
-        print(f"fastfair {args.command}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
-        return 130
+        term = restore is not None and restore.fired
+        print(f"fastfair {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}"
+              + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -288,3 +288,42 @@ def test_results_parquet_says_which_run_it_is(finished_audit):
     t = pq.read_table(finished_audit.run_dir / "results.parquet")
     assert set(t.column("run_id").to_pylist()) == {cfg["settings_hash"]}
     assert json.loads(t.schema.metadata[b"fastfair"])["settings_hash"] == cfg["settings_hash"]
+
+
+def test_sigterm_stops_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) ended a run with rc 143 and no word; now as Ctrl-C: the resume hint."""
+    import os
+    import signal
+    import time
+
+    from fastfair import cli
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("this test process handles SIGTERM itself")
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, "_generate", killed)
+    assert cli.main(["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", "x"]) == 143
+    assert "terminated (SIGTERM); finished batches are kept: rerun with --resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_full_disk_names_the_file(tmp_path, monkeypatch):
+    """ENOSPC names no file; atomic_write says which one it was writing."""
+    import errno
+    import os
+
+    from fastfair._io import atomic_write
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        atomic_write(tmp_path / "a.bin", b"x")
+    assert e.value.filename == str(tmp_path / "a.bin") and e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
