@@ -325,6 +325,12 @@ def build_preset(name: str, seed: int = 0) -> Path:
     return path
 
 
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                   seed: int = 0, **kwargs):
     """A diffusers pipeline by preset name (offline, see module doc), hub id or local path."""
@@ -354,6 +360,10 @@ def load_pipeline(name: str, *, device: str | torch.device | None = None, dtype:
         variant = _only_variant(path)
         if variant is not None:
             kwargs["variant"] = variant
+    if "low_cpu_mem_usage" not in kwargs and "device_map" not in kwargs and not _has_accelerate():
+        # diffusers' default (True) needs accelerate; without it diffusers prints a "Cannot initialize model with
+        # low cpu memory usage because accelerate was not found" block on every load, then loads normally
+        kwargs["low_cpu_mem_usage"] = False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:

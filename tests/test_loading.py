@@ -103,25 +103,6 @@ def test_sd3_fused_qkv_is_accepted():
     torch.testing.assert_close(fused.maps["doctor"], plain.maps["doctor"], rtol=1e-4, atol=1e-6)
 
 
-def test_old_diffusers_is_named_for_sd3_and_flux(monkeypatch):
-    """SD3 / Flux code reads diffusers internals newer than the package's floor: an older diffusers gets a one-line
-    error naming the release needed, not an ImportError from inside diffusers."""
-    from importlib import metadata
-
-    from fastfair import pipelines
-
-    real = metadata.version
-    monkeypatch.setattr(metadata, "version", lambda d: "0.34.0" if d == "diffusers" else real(d))
-    with pytest.raises(RuntimeError, match=r"the tiny-flux preset needs diffusers>=0\.35; this one is 0\.34\.0"):
-        pipelines._build("tiny-flux", 0)
-    pipelines.require_diffusers("sd3")  # 0.34 is enough there
-    monkeypatch.setattr(metadata, "version", lambda d: "0.29.2" if d == "diffusers" else real(d))
-    with pytest.raises(RuntimeError, match=r"needs diffusers>=0\.30"):
-        pipelines.require_diffusers("sd3", "SD3")
-    monkeypatch.setattr(metadata, "version", lambda d: "0.35.0.dev0" if d == "diffusers" else real(d))
-    pipelines.require_diffusers("flux")
-
-
 def test_preset_cache_folder_names_the_library_releases(monkeypatch):
     """The presets' random weights depend on the diffusers / transformers releases, and a folder saved by
     transformers 5 failed to load in transformers 4: each release pair gets its own folder."""
@@ -149,3 +130,44 @@ def test_preset_folder_has_slow_tokenizer_files(tiny_sd):
     slow = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
     assert slow(PROMPT).input_ids == tiny_sd.tokenizer(PROMPT).input_ids
 
+
+def test_old_diffusers_is_named_for_sd3_and_flux(monkeypatch):
+    """SD3 / Flux code reads diffusers internals newer than the package's floor: an older diffusers gets a one-line
+    error naming the release needed, not an ImportError from inside diffusers."""
+    from importlib import metadata
+
+    from fastfair import pipelines
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "0.34.0" if d == "diffusers" else real(d))
+    with pytest.raises(RuntimeError, match=r"the tiny-flux preset needs diffusers>=0\.35; this one is 0\.34\.0"):
+        pipelines._build("tiny-flux", 0)
+    pipelines.require_diffusers("sd3")  # 0.34 is enough there
+    monkeypatch.setattr(metadata, "version", lambda d: "0.29.2" if d == "diffusers" else real(d))
+    with pytest.raises(RuntimeError, match=r"needs diffusers>=0\.30"):
+        pipelines.require_diffusers("sd3", "SD3")
+    monkeypatch.setattr(metadata, "version", lambda d: "0.35.0.dev0" if d == "diffusers" else real(d))
+    pipelines.require_diffusers("flux")
+
+
+def test_without_accelerate_loads_with_low_cpu_mem_usage_off(saved, monkeypatch):
+    """diffusers' default low_cpu_mem_usage=True printed an 'accelerate was not found' block on every command."""
+    from diffusers import DiffusionPipeline
+
+    from fastfair import pipelines
+
+    seen = {}
+    real = DiffusionPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(pipelines, "_has_accelerate", lambda: False)
+    assert load_pipeline(str(saved / "plain")).unet is not None
+    assert seen["low_cpu_mem_usage"] is False
+    monkeypatch.setattr(pipelines, "_has_accelerate", lambda: True)
+    load_pipeline(str(saved / "plain"))
+    assert "low_cpu_mem_usage" not in seen
