@@ -95,8 +95,18 @@ def _need_peft():
         import peft  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("LoRA finetuning needs peft: pip install 'fastfair[train]' (or pip install peft); "
-                          "soft tokens (trainable='soft-tokens') work without it") from e
+                          "soft tokens (trainable='soft-tokens') need no peft, only scipy as every DFT run") from e
     return peft
+
+
+def _need_scipy():
+    """Every DFT run needs scipy (the alignment targets' exact assignment, fastfair.alignment): say so before
+    the model is loaded and sampled from, not from inside the first training step."""
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") is None:
+        raise ImportError("DFT needs scipy (the alignment targets' exact assignment): pip install 'fastfair[train]' "
+                          "(or pip install scipy)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,6 +744,7 @@ class DFTTrainer:
                  labels=None, quality_encoder="clip", out_dir: str | os.PathLike | None = None,
                  resume: str | os.PathLike | None = None, overwrite: bool = False, face_detector=None,
                  face_embedder=None, face_bank=None, model_name: str | None = None):
+        _need_scipy()
         self.pipe = pipe
         name = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None)
         self.model_name = str(name) if name else None
@@ -2273,6 +2284,7 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
                     eval_steps=args.eval_steps,
                     mixed_precision=args.mixed_precision, seed=args.seed)
     try:
+        _need_scipy()
         _need_peft() if cfg.trainable != "soft-tokens" else None
     except ImportError as e:
         raise DFTError(str(e)) from e

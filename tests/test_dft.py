@@ -730,3 +730,35 @@ def test_cli_overwrite_and_conflicting_flags(tmp_path, capsys):
                        "--images-per-prompt", "4"]) == 0
     meta = json.loads((tmp_path / "y" / "dft.json").read_text())
     assert meta["config"]["attributes"] == ["gender", "race"]  # aligned jointly, as gender,race
+
+
+def test_missing_scipy_or_peft_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    """Every DFT run needs scipy: without it the CLI stops up front with one line (it loaded the model, sampled,
+    then died with a traceback from the alignment targets), and DFTTrainer refuses at once. Simulated by hiding
+    the module (sys.modules[name] = None makes importing it fail)."""
+    import sys
+
+    from fastfair import pipelines
+    from fastfair.cli import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the missing package was named")
+
+    monkeypatch.setattr(pipelines, "load_pipeline", no_loading)
+    common = ["finetune", "dft", "--model", "tiny-sd", "--prompt", PROMPT, "--attributes", "gender", "--target",
+              "gender=0.75,0.25", "--classifier", "python:clf.py:make", "--steps", "2", "--images-per-prompt", "2",
+              "--sampling-steps", "1-2", "--height", "32", "--width", "32", "--quality-encoder", "none",
+              "--no-checkpointing", "--uncertainty-threshold", "1", "--no-progress"]
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    rc = main([*common, "--trainable", "soft-tokens", "--soft-tokens", "2", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("fastfair finetune: error") and "DFT needs scipy" in err, err
+    assert "pip install" in err and "\n" not in err and "Traceback" not in err
+    with pytest.raises(ImportError, match="DFT needs scipy"):
+        DFTTrainer(None, PROMPT, None)
+    monkeypatch.delitem(sys.modules, "scipy")
+    monkeypatch.setitem(sys.modules, "peft", None)
+    rc = main([*common, "--out", str(tmp_path / "b")])  # LoRA (the default) without peft
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "LoRA finetuning needs peft" in err and "\n" not in err, err
+    assert "soft tokens (trainable='soft-tokens') need no peft, only scipy" in err
