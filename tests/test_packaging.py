@@ -1,4 +1,4 @@
-"""Packaging: the CMake options' environment variables."""
+"""Packaging: the CMake options' environment variables, the license files."""
 from __future__ import annotations
 
 import os
@@ -76,3 +76,20 @@ def test_cmake_cuda_on_without_nvcc_is_an_error(tmp_path):
     if "building the CUDA module" in out:
         pytest.skip("CMake found a CUDA compiler outside PATH")
     assert rc != 0 and "FASTFAIR_CUDA=ON but no CUDA compiler was found" in out, out
+
+
+# ------------------------------------------------------------------------------------------------
+# license
+# ------------------------------------------------------------------------------------------------
+
+def test_license_file_is_declared():
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("not in the source tree")
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    for pattern in project["license-files"]:
+        assert list(ROOT.glob(pattern)), pattern
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
