@@ -1,4 +1,4 @@
-"""Packaging: the CMake options' environment variables, the license files."""
+"""Packaging: the CMake options' environment variables, the license files, the CLI on partial installs."""
 from __future__ import annotations
 
 import os
@@ -93,3 +93,26 @@ def test_license_file_is_declared():
         assert list(ROOT.glob(pattern)), pattern
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI on partial installs
+# ------------------------------------------------------------------------------------------------
+
+def test_generate_without_diffusers_is_one_line(tmp_path, monkeypatch, capsys):
+    """pip install --no-deps: a raw ModuleNotFoundError traceback before."""
+    from fastfair.cli import main
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it (or a submodule) fails
+    rc = main(["generate", "--model", "tiny-sd", "--prompt", "a photo of a doctor", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == ("fastfair generate: error: needs the Python package diffusers, which is not "
+                               "installed: pip install diffusers"), err
+
+
+def test_version_needs_no_torch():
+    code = ("import sys; sys.modules['torch'] = None; from fastfair.cli import main; sys.exit(main(['--version']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    import fastfair
+
+    assert r.returncode == 0 and r.stdout.strip() == fastfair.__version__, r.stderr
