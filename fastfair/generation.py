@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -135,7 +135,8 @@ class Generation:
         """Per-item SoftIoU of two words' maps (see ``fastfair.metrics.soft_iou``)."""
         return metrics.soft_iou(self._map(a), self._map(b), **kwargs)
 
-    def save(self, out_dir: str | os.PathLike, overlays: bool = True, overwrite: bool = False, _keep=()) -> Path:
+    def save(self, out_dir: str | os.PathLike, overlays: bool = True, overwrite: bool = False, _keep=(),
+             _images: bool = True) -> Path:
         """Write images/, maps.safetensors, overlays/ and generation.json under ``out_dir``.
         Each file is written atomically (temporary file + rename). A folder that already holds a
         generation's outputs is refused (its images and maps would mix with these) unless
@@ -146,17 +147,15 @@ class Generation:
         if overwrite:
             _remove_outputs(out, keep=_keep)
         names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
-        for name, img in zip(names, self.images):
-            atomic_write(out / "images" / f"{name}.png", _png(img))
+        if _images:  # generate_to_dir wrote them (and their overlays) batch by batch
+            for name, img in zip(names, self.images):
+                atomic_write(out / "images" / f"{name}.png", _png(img))
         if self.maps:
             tensors = {w: m.contiguous() for w, m in self.maps.items()}
             tensors["latents"] = self.latents.float().contiguous()
             atomic_write(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
-            if overlays:
-                for k, (w, m) in enumerate(self.maps.items()):  # the word's index keeps names unique
-                    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
-                    for i, (name, img) in enumerate(zip(names, self.images)):
-                        atomic_write(out / "overlays" / f"{name}_w{k}_{safe}.png", _png(overlay(img, m[i])))
+            if overlays and _images:
+                _write_overlays(out, names, self.images, self.maps)
         if self.attribution_maps:
             tensors = {f"{name}/{w}": m.contiguous() for name, d in self.attribution_maps.items() for w, m in d.items()}
             atomic_write(out / "attribution_maps.safetensors",
@@ -176,6 +175,33 @@ class Generation:
         return out
 
 
+def _write_overlays(out: Path, names: list, images, maps: dict) -> None:
+    """overlays/{name}_w{k}_{word}.png of every image and word (the word's index keeps names unique)."""
+    for k, (w, m) in enumerate(maps.items()):
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
+        for i, (name, img) in enumerate(zip(names, images)):
+            atomic_write(out / "overlays" / f"{name}_w{k}_{safe}.png", _png(overlay(img, m[i])))
+
+
+class ImagesOnDisk(Sequence):
+    """A run's images as a list of PIL images read from their files when asked for (``generate_to_dir``: a
+    10,000-image run does not hold them all in memory)."""
+
+    def __init__(self, paths: list):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+
 OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json", ".parts")
 PARTS = ".parts"  # generate_to_dir's finished batches until the run is complete
 
@@ -193,7 +219,6 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     ``attributions={name: (text, words)}`` apply to every prompt."""
     import shutil
 
-    from PIL import Image
     from safetensors.torch import load_file, save as st_save
     from tqdm.auto import tqdm
 
@@ -245,21 +270,26 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
         done = 0
         config, diag_parts = None, []
-        images, latents, maps, amaps, targets, envs, blocked = [], [], {}, {}, [], [], []
+        latents, maps, amaps, targets, envs, blocked = [], {}, {}, [], [], []
         bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
         for b, batch in enumerate(batches):
             part = out / PARTS / f"batch-{b:05d}.safetensors"
             if part.exists():
                 t = load_file(str(part))
                 info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
-                imgs = [Image.open(out / "images" / f"{names[it]}.png").convert("RGB") for it in batch]
+                bnames = [names[it] for it in batch]
+                if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
+                    # a batch finished by a version that wrote overlays only at the end
+                    _write_overlays(out, bnames, ImagesOnDisk([out / "images" / f"{n}.png" for n in bnames]),
+                                    {w: t[f"maps/{w}"] for w in info["words"]})
             else:
                 kw = kwargs if negs is None else dict(kwargs, negative_prompt=negs[batch[0][0]])
                 g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
                              progress=False, **kw)
-                imgs = g.images
-                for it, img in zip(batch, imgs):
+                for it, img in zip(batch, g.images):
                     atomic_write(out / "images" / f"{names[it]}.png", _png(img))
+                if overlays and g.maps:  # now, not all at the end (a 10,000-image run: an hour more after the GPU)
+                    _write_overlays(out, [names[it] for it in batch], g.images, g.maps)
                 t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
                 t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
                 t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
@@ -276,7 +306,6 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             blocked += info.get("safety_blocked") or []
             if info.get("environment") and info["environment"] not in envs:
                 envs.append(info["environment"])
-            images += imgs
             latents.append(t["latents"])
             for w in info["words"]:
                 maps.setdefault(w, []).append(t[f"maps/{w}"])
@@ -289,6 +318,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         if diag_parts and diag_parts[0]:
             diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
                            else diag_parts[0][k] for k in diag_parts[0]}
+        images = ImagesOnDisk([out / "images" / f"{names[it]}.png" for it in items])
         gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
                          prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
                          diagnostics=diagnostics,
@@ -298,7 +328,8 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
         if negs is not None:  # each batch recorded its own prompt's negative prompt: the run used them all
             gen.config["negative_prompt"] = negs
-        gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images"))  # images: rewritten in place
+        # images and overlays are on disk already (batch by batch): the maps and generation.json remain
+        gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images", "overlays"), _images=False)
         shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
         return gen
 

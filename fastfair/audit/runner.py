@@ -567,7 +567,10 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                 ctx.run(batch)
                 bar.update(len(batch))
         finally:
-            bar.close()
+            try:
+                ctx.close()  # the last batch's files (also on Ctrl-C: a generated batch is kept)
+            finally:
+                bar.close()
 
         # ---- merge, summarise, report
         _barrier(world)
@@ -614,6 +617,11 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
+def _commit_batch(store, rows, schema, images: dict, maps, tag) -> None:
+    """The writer's job: encode the batch's images, then the store's commit (images, maps, part file last)."""
+    store.commit(rows, schema, {rel: _png(img) for rel, img in images.items()}, maps, tag)
+
+
 def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -647,6 +655,33 @@ class _BatchContext:
     guide_options: dict | None = None
     scorer: object = None  # CLIP score of every image against its prompt
     prompt_prefix: str | None = None  # not scored (DFT soft tokens: the model's, not the prompt's)
+    # one background writer: a batch's PNG encoding and fsynced files overlap the next batch's generation; at most
+    # one batch is in flight, and its part file (the commit record) is still written last
+    _writer: object = None
+    _pending: object = None
+
+    def _submit(self, *args) -> None:
+        """Commit a batch in the background, after the previous one has finished (its error raised here)."""
+        self.drain()
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastfair-audit-writer")
+        self._pending = self._writer.submit(_commit_batch, self.store, *args)
+
+    def drain(self) -> None:
+        """Wait for the batch being written; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None, edit=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
@@ -750,10 +785,10 @@ class _BatchContext:
         secs = (time.perf_counter() - t0) / len(batch)
         for i, it in enumerate(batch):
             rel = self.store.image_relpath(it.work_id)
-            pngs[rel] = _png(images[i])
+            pngs[rel] = images[i]  # encoded by the writer
             rows[i].update(work_id=it.work_id, kind=it.kind, profession=it.profession, prompt=it.prompt, seed=it.seed,
                            attribute=it.attribute, label=it.label, word=it.word, image=rel, maps=shard,
                            rank=self.rank, seconds=secs)
             if gen.edit_targets:
                 rows[i]["edit_target"] = gen.edit_targets[i]
-        self.store.commit(rows, self.schema, pngs, maps if self.save_maps else None, tag)
+        self._submit(rows, self.schema, pngs, maps if self.save_maps else None, tag)
