@@ -18,7 +18,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default="tiny-sd",
                    help="offline preset (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, sd15-shaped), a hub id or a local "
                         "pipeline folder")
-    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
+    p.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="prompts, one per line (blank lines and '#' comments skipped), after any --prompt")
     p.add_argument("--maps", default="", help="comma-separated words to map, e.g. doctor,face")
     p.add_argument("--attribution-prompt", default=None,
                    help='open-vocabulary maps: words are looked up in this prompt, e.g. "a photo of a doctor and gender"')
@@ -223,6 +225,26 @@ def _digest(path) -> str:
     return h.hexdigest()[:12]
 
 
+def _read_prompt_file(path) -> list[str]:
+    """Prompts of a text file, one per line; blank lines and '#' comments (at a line's start or after a space)
+    skipped."""
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--prompt-file {str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompt-file {str(p)!r}: {e}") from e
+    out = [re.split(r"(?:^|\s)#", ln, maxsplit=1)[0].strip() for ln in text.splitlines()]
+    out = [x for x in out if x]
+    if not out:
+        raise ValueError(f"--prompt-file {str(p)!r} has no prompts")
+    return out
+
+
 def _generate(args) -> int:
     from pathlib import Path
 
@@ -235,6 +257,9 @@ def _generate(args) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the generation in --out, --overwrite replaces it: give one")
+    args.prompt = list(args.prompt or []) + (_read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not args.prompt:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
     if not (args.resume and (Path(args.out) / PARTS).exists()):
         check_out_dir(args.out, args.overwrite, resuming=args.resume)  # before any work: a bad --out costs nothing
     parse_seeds(args.seeds)

@@ -146,7 +146,7 @@ class Generation:
         out = check_out_dir(out_dir, overwrite)
         if overwrite:
             _remove_outputs(out, keep=_keep)
-        names = [f"{i:04d}_seed{s}" for i, s in enumerate(self.seeds)]
+        names = image_names(self.seeds)
         if _images:  # generate_to_dir wrote them (and their overlays) batch by batch
             for name, img in zip(names, self.images):
                 atomic_write(out / "images" / f"{name}.png", _png(img))
@@ -202,8 +202,17 @@ class ImagesOnDisk(Sequence):
             return im.convert("RGB")
 
 
-OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json", ".parts")
+OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json", ".parts",
+           ".parts.done")
 PARTS = ".parts"  # generate_to_dir's finished batches until the run is complete
+DONE_PARTS = ".parts.done"  # .parts of a complete run, being deleted
+
+
+def image_names(seeds: list) -> list[str]:
+    """File stems of a run's images, item by item: "0007_seed3" (zero-padded to at least 4 digits, more for runs of
+    10,000 images and beyond, so that names sort in item order)."""
+    width = max(4, len(str(len(seeds) - 1)))
+    return [f"{i:0{width}d}_seed{s}" for i, s in enumerate(seeds)]
 
 
 def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLike, *, seeds, settings: dict,
@@ -267,7 +276,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         # each prompt's seeds in batches (generate crosses its prompts with its seeds: a batch has one prompt)
         batches = [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(len(prompts))
                    for i in range(0, len(seeds), batch_size)]
-        names = {it: f"{i:04d}_seed{it[1]}" for i, it in enumerate(items)}
+        names = dict(zip(items, image_names([s for _, s in items])))
         done = 0
         config, diag_parts = None, []
         latents, maps, amaps, targets, envs, blocked = [], {}, {}, [], [], []
@@ -330,7 +339,10 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             gen.config["negative_prompt"] = negs
         # images and overlays are on disk already (batch by batch): the maps and generation.json remain
         gen.save(out, overlays=overlays, overwrite=True, _keep=(PARTS, "images", "overlays"), _images=False)
-        shutil.rmtree(out / PARTS)  # the run is complete: its outputs are in Generation.save's layout
+        # the run is complete: its outputs are in Generation.save's layout. Renamed first, so that a kill while
+        # deleting leaves a finished folder, not a half-deleted .parts every command refuses
+        os.replace(out / PARTS, out / DONE_PARTS)
+        shutil.rmtree(out / DONE_PARTS)
         return gen
 
 

@@ -324,7 +324,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     res, _ = run
     page = (res.run_dir / "report.html").resolve()
     html = page.read_text()
-    assert "<svg" in html and "data:image/png;base64," in html and "gender×race" in html
+    assert "<svg" in html and "data:image/jpeg;base64," in html and "gender×race" in html
     assert not re.search(r"""(src|href)=["'](https?:)?//""", html)  # self-contained
     chrome = _chromium()
     base = [chrome, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]

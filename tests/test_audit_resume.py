@@ -135,3 +135,18 @@ def test_part_files_are_compacted_without_changing_the_rows(tiny_sd, tmp_path, m
     shutil.copy(src, tmp_path / "comp" / "parts" / src.name)
     again = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "comp", resume=True, **kw)
     assert len(again.results) == len(plain.results) and again.results["work_id"].is_unique
+
+
+def test_earlier_sessions_batch_parts_count_towards_compaction(tmp_path):
+    """The compaction count started at 0 in every session, so a run resumed again and again in sessions of fewer than
+    COMPACT_AT batches was never compacted (a review): it starts at this rank's batch parts on disk."""
+    from fastfair.audit.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    parts = store.parts_dir
+    parts.mkdir(parents=True)
+    for i in range(5):
+        (parts / f"part-r0-{i:020x}.parquet").write_bytes(b"")
+    (parts / f"part-r1-{9:020x}.parquet").write_bytes(b"")          # another rank's
+    (parts / "part-r0-compact-0123456789abcdef0123.parquet").write_bytes(b"")  # already compacted
+    assert store.count_batch_parts() == 5 and store._batch_parts == 5

@@ -231,3 +231,36 @@ def test_generate_to_dir_streams_images_and_overlays(tiny_sd, tmp_path, monkeypa
     for a, b in zip(gen.images, ref.images):  # the same pictures (PNG is lossless; batches differ: float rounding)
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     torch.testing.assert_close(gen.maps["face"], ref.maps["face"], rtol=1e-5, atol=1e-7)
+
+
+def test_image_names_sort_past_9999():
+    from fastfair.generation import image_names
+
+    assert image_names([7, 8]) == ["0000_seed7", "0001_seed8"]
+    names = image_names(list(range(10001)))
+    assert names[9999] == "09999_seed9999" and names[10000] == "10000_seed10000" and names == sorted(names)
+
+
+def test_generate_prompt_file_and_an_interrupted_cleanup(tmp_path, capsys):
+    """Thousands of prompts needed thousands of --prompt arguments: --prompt-file reads them ('#' comments, blank
+    lines); a finished run's .parts is renamed before it is deleted, and a leftover of that rename is a finished
+    folder (a kill while deleting .parts left one that every command refused)."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("# professions\na photo of a doctor\n\na photo of a nurse  # second\n")
+    out = tmp_path / "g"
+    assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(f), "--seeds", "0", "--steps", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    meta = json.loads((out / "generation.json").read_text())
+    assert meta["prompts"] == ["a photo of a doctor", "a photo of a nurse"]
+    assert not (out / ".parts").exists() and not (out / ".parts.done").exists()
+    (out / ".parts.done").mkdir()  # a kill while deleting the renamed parts
+    assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(f), "--seeds", "0", "--steps", "1",
+                 "--out", str(out), "--resume", "--no-progress"]) == 1
+    assert "finished generation" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(f), "--seeds", "0", "--steps", "1",
+                 "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert not (out / ".parts.done").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(empty), "--out", str(tmp_path / "e")]) == 1
+    assert "has no prompts" in capsys.readouterr().err

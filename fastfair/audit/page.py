@@ -129,9 +129,11 @@ def svg_stacked(rows, labels, target, title: str) -> str:
 # ------------------------------------------------------------------------------------------ images
 
 def _b64_png(img) -> str:
+    """A thumbnail as an embedded JPEG (quality 85): 5-10x smaller than PNG for photographs (a 12-image audit's page
+    was 1.4 MB, 99% PNG), so reports stay small enough to mail and host."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    img.convert("RGB").save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _thumb(img, size=160):
@@ -171,14 +173,16 @@ def _overlay_cells(root: Path, maps: _Maps, row, mode_key: str, words: tuple[str
     if not p.exists():
         return "<td>image missing</td>"
     img = Image.open(p).convert("RGB")
-    cells = [f'<figure><img src="{_b64_png(_thumb(img))}" alt="image"><figcaption>seed {int(row["seed"])}'
+    cells = [f'<figure><img src="{_b64_png(_thumb(img))}" alt="generated image: {E(str(row["profession"]))}, '
+             f'seed {int(row["seed"])}"><figcaption>seed {int(row["seed"])}'
              f'</figcaption></figure>']
     for role, word in zip(("profession", "attribute"), words):
         m = maps.get(row.get("maps"), f"{row['work_id']}:{mode_key}:{role}")
         if m is None:
             cells.append("<figure><figcaption>no map saved</figcaption></figure>")
             continue
-        cells.append(f'<figure><img src="{_b64_png(_thumb(overlay(img, m)))}" alt="{E(word)} map">'
+        cells.append(f'<figure><img src="{_b64_png(_thumb(overlay(img, m)))}" alt="attention map of “{E(word)}” '
+                     f'over the image of seed {int(row["seed"])}">'
                      f'<figcaption>“{E(word)}”</figcaption></figure>')
     return (f'<div class=ov><div class=ovh>{E(str(row["profession"]))} · IoU {value:.3f}</div>'
             + "".join(cells) + "</div>")
@@ -245,12 +249,16 @@ SCRIPT = """
     tables.forEach(function(tb){
       var ths=tb.tHead?tb.tHead.rows[0].cells:[];
       Array.prototype.forEach.call(ths,function(th,ci){
-        th.title='click to sort';
+        th.title='click (or Enter) to sort';
+        th.tabIndex=0;
+        th.addEventListener('keydown',function(e){ if(e.key==='Enter'||e.key===' '){ e.preventDefault(); th.click(); } });
         th.addEventListener('click',function(){
           var body=tb.tBodies[0], rows=Array.prototype.slice.call(body.rows);
           var asc=th.getAttribute('data-dir')!=='asc';
           Array.prototype.forEach.call(ths,function(h){h.removeAttribute('data-dir');});
           th.setAttribute('data-dir',asc?'asc':'desc');
+          Array.prototype.forEach.call(ths,function(h){h.removeAttribute('aria-sort');});
+          th.setAttribute('aria-sort',asc?'ascending':'descending');
           function key(r){ var c=r.cells[ci]; var v=c.getAttribute('data-v'); if(v===null) v=c.textContent;
             var n=parseFloat(v); return isNaN(n)?v.toLowerCase():n; }
           rows.sort(function(a,b){
@@ -267,7 +275,7 @@ SCRIPT = """
 
 
 def _table(head, rows, cls="sortable") -> str:
-    h = "".join(f"<th>{x}</th>" for x in head)
+    h = "".join(f"<th scope=col>{x}</th>" for x in head)
     body = []
     for r in rows:
         cells = []

@@ -543,6 +543,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             store.verify(config)
             store.acquire()
         done = store.done_ids()
+        store.count_batch_parts()  # earlier sessions' batch parts count towards the next compaction
         mine = [it for it in plan if it.index % world == rank and it.work_id not in done]
 
         # ---- work

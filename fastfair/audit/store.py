@@ -233,6 +233,12 @@ class RunStore:
             self.compact()
         return path
 
+    def count_batch_parts(self) -> int:
+        """Start the compaction count at the batch parts this rank's earlier sessions left (a run resumed again and
+        again in sessions of fewer than COMPACT_AT batches was never compacted)."""
+        self._batch_parts = len(self._my_batch_parts())
+        return self._batch_parts
+
     def _my_batch_parts(self) -> list[Path]:
         """This rank's batch part files: ``part-r{rank}-{work id}`` (20 hex digits). Compacted ones are
         ``part-r{rank}-compact-{id}`` (before: ``-c{id}``, which a batch whose work id starts with "c" also
