@@ -327,3 +327,15 @@ def test_full_disk_names_the_file(tmp_path, monkeypatch):
         atomic_write(tmp_path / "a.bin", b"x")
     assert e.value.filename == str(tmp_path / "a.bin") and e.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_names_metrics_and_counts_in_prompt_images(finished_audit):
+    """Column headers were code names (dft_bias, risk_difference) with RD's direction unsaid, and in-prompt
+    entanglement had no per-profession table (counts only in chart hover text) (a review)."""
+    import re
+
+    html = (finished_audit.run_dir / "report.html").read_text()
+    labels = json.loads((finished_audit.run_dir / "audit.json").read_text())["settings"]["attributes"]["gender"]["labels"]
+    assert f"RD ({labels[0]} − {labels[1]})" in html and "<th scope=col>DFT bias</th>" in html
+    assert ">dft_bias<" not in html
+    assert len(re.findall(r"<th scope=col>mSoftIoU</th>", html)) == 2  # open-vocabulary and in-prompt tables

@@ -402,6 +402,12 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                      + "</p>")
         items = [(p, v["mean"], v["lo"], v["hi"]) for p, v in blk["iou"]["per_profession"].items()]
         parts.append(svg_ci_bars(items, f"in-prompt mIoU(profession, {name} word) per profession"))
+        ip_prof = [p for p in profs if p in blk["iou"]["per_profession"]]
+        parts.append(_table(["profession", "mIoU", "mSoftIoU", "images"],
+                            [[E(p), (_ci_text(blk["iou"]["per_profession"][p]), _sv(blk["iou"]["per_profession"][p])),
+                              (_ci_text(blk["soft_iou"]["per_profession"][p]),
+                               _sv(blk["soft_iou"]["per_profession"][p])),
+                              blk["iou"]["per_profession"][p]["n"]] for p in ip_prof]))
         rows_ip = df[(df["kind"] == "inprompt") & (df["attribute"] == name)]
         if len(rows_ip):
             hi, lo = _extremes(rows_ip, "iou_inprompt", k_extremes)
@@ -434,11 +440,15 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
         parts.append(f"<h3>{E(name)}</h3>")
         ov = blk["overall"]
         metric_names = [m for m in ("dft_bias", "delta", "kl_uniform", "target_gap", "risk_difference") if m in ov]
-        parts.append(_table(["overall"] + [E(m) for m in metric_names],
+        def metric_title(m):  # the legend's names; the risk difference says which class minus which
+            return E({"dft_bias": "DFT bias", "delta": "Δ", "kl_uniform": "KL to uniform", "target_gap": "gap to target",
+                      "risk_difference": f"RD ({labels[0]} − {labels[1]})" if len(labels) == 2 else "RD"}[m])
+
+        parts.append(_table(["overall"] + [metric_title(m) for m in metric_names],
                             [["mean over professions"] + [_ci_text(ov[m]) for m in metric_names]], cls="plain"))
         rows_f = [(p, blk["per_profession"][p]["freq"]) for p in profs]
         parts.append(svg_stacked(rows_f, labels, blk["target"], f"{name}: class frequencies per profession"))
-        head = ["profession", "n"] + [E(lab) for lab in labels] + [E(m) for m in metric_names]
+        head = ["profession", "n"] + [E(lab) for lab in labels] + [metric_title(m) for m in metric_names]
         rows = []
         for p in profs:
             e = blk["per_profession"][p]
