@@ -396,6 +396,10 @@ def format_markdown(result: dict) -> str:
             lines.append(f"| {name} | {num(v['baseline'])} | {num(v['other'])} | {num(d['mean'])}{ci} | "
                          f"{v['n_pairs']} |")
         lines.append("")
+        if c["distribution"]:
+            lines.append("Distribution rows are measured on the image pairs both runs classified (pairs), so their "
+                         "baseline column can differ from the baseline's own report, which uses all its images.")
+            lines.append("")
         if c.get("image_similarity"):
             lines.append(f"| image similarity to the baseline's image (cosine of features) | mean [{lv}% CI] | pairs |")
             lines.append("|---|---|---|")
