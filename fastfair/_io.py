@@ -82,3 +82,20 @@ class FolderLock:
             release_flock(self.fh)
             self.fh = None
         return False
+
+
+def read_text_lines(path, what: str, inline_comments: bool = True) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped, without '#' comments: a line starting with '#', and with
+    ``inline_comments`` also '#' after a space ("nurse  # note"; not inside a word: "C#"). Raises ValueError naming
+    ``what`` and the file when it is missing or unreadable."""
+    import re
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} {str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {what} {str(p)!r}: {e}") from e
+    comment = r"(?:^|\s)#" if inline_comments else r"^\s*#"
+    return [x for x in (re.split(comment, ln, maxsplit=1)[0].strip() for ln in text.splitlines()) if x]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -226,22 +227,13 @@ def _digest(path) -> str:
 
 
 def _read_prompt_file(path) -> list[str]:
-    """Prompts of a text file, one per line; blank lines and '#' comments (at a line's start or after a space)
-    skipped."""
-    import re
-    from pathlib import Path
+    """Prompts of a text file, one per line; blank lines and lines starting with '#' skipped ('#' inside a prompt is
+    kept: "a doctor, #portrait")."""
+    from ._io import read_text_lines
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--prompt-file {str(p)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read --prompt-file {str(p)!r}: {e}") from e
-    out = [re.split(r"(?:^|\s)#", ln, maxsplit=1)[0].strip() for ln in text.splitlines()]
-    out = [x for x in out if x]
+    out = read_text_lines(path, "--prompt-file", inline_comments=False)
     if not out:
-        raise ValueError(f"--prompt-file {str(p)!r} has no prompts")
+        raise ValueError(f"--prompt-file {str(path)!r} has no prompts")
     return out
 
 
@@ -871,9 +863,14 @@ def _sigterm_as_interrupt():
 
 # import name -> pip name, where they differ (a dependency missing from a partial install)
 _PIP_NAMES = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cv2": "opencv-python"}
+# the packages fastfair's commands import (declared or optional)
+_DEPENDENCIES = {"diffusers", "transformers", "tokenizers", "safetensors", "PIL", "pandas", "pyarrow", "numpy", "tqdm",
+                 "scipy", "peft", "accelerate", "triton", "matplotlib", "insightface", "face_recognition", "onnxruntime",
+                 "daam", "xformers", "yaml", "sklearn", "cv2", "huggingface_hub", "open_clip"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:  # without building the parser (bench's arguments import torch)
         from . import __version__
@@ -905,7 +902,9 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": "the last checkpoint is kept: rerun with --resume latest",
             "edit": "nothing was written (an edit is saved when its rounds finish): rerun the command",
             "bench": "finished cases are in bench.partial.json"}.get(args.command, "")
-    restore = _sigterm_as_interrupt()
+    # the command line's own process only (a program calling main([...]) keeps its SIGTERM), and not under torchrun,
+    # whose launcher stops workers with SIGTERM and expects them gone at once (not after a blocking collective)
+    restore = _sigterm_as_interrupt() if argv_given is None and "LOCAL_RANK" not in os.environ else None
     try:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
@@ -913,8 +912,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or e}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:  # a dependency missing (pip install --no-deps, a partial environment)
+        import importlib.util
+
+        # only a known dependency that is absent as a whole; a missing submodule of an installed package (a version
+        # mismatch) or an unknown name (a bug) keeps its traceback
         top = (e.name or "").split(".")[0]
-        if not top or top == "fastfair":
+        if top not in _DEPENDENCIES or importlib.util.find_spec(top) is not None:
             raise
         pkg = _PIP_NAMES.get(top, top)
         print(f"fastfair {args.command}: error: needs the Python package {pkg}, which is not installed: "

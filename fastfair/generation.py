@@ -144,6 +144,11 @@ class Generation:
         from safetensors.torch import save as st_save
 
         out = check_out_dir(out_dir, overwrite)
+        if self.attribution_maps and any("/" in n for n in self.attribution_maps):
+            raise ValueError(f"attribution names {sorted(self.attribution_maps)}: one holds '/', and "
+                             "attribution_maps.safetensors keys are NAME/word; rename it")
+        if overwrite and _images and isinstance(self.images, ImagesOnDisk):
+            self.images = list(self.images)  # read before the folder they may live in is cleared
         if overwrite:
             _remove_outputs(out, keep=_keep)
         names = image_names(self.seeds)
@@ -200,6 +205,15 @@ class ImagesOnDisk(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         with Image.open(self.paths[i]) as im:
             return im.convert("RGB")
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __repr__(self) -> str:
+        return f"ImagesOnDisk({len(self)} images under {self.paths[0].parent if self.paths else '-'})"
 
 
 OUTPUTS = ("images", "overlays", "maps.safetensors", "attribution_maps.safetensors", "generation.json", ".parts",
@@ -355,7 +369,9 @@ def _check_words(pipe, prompts: list, kwargs: dict) -> None:
         concepts.check_prompt(pipe, p)
         if words:
             _token_layout(pipe, [attr if attr is not None else p], words)
-    for _, (texts, ws) in _parse_attributions(kwargs.get("attributions"), len(prompts)).items():
+    for name, (texts, ws) in _parse_attributions(kwargs.get("attributions"), len(prompts)).items():
+        if "/" in name:  # Generation.save's attribution_maps.safetensors keys are NAME/word
+            raise ValueError(f"attribution name {name!r} holds '/', which the saved keys NAME/word cannot; rename it")
         for t in set(texts):
             _token_layout(pipe, [t], ws)
     g = kwargs.get("guidance")
@@ -470,9 +486,8 @@ def _parse_attributions(attributions, n_prompts: int) -> dict:
                         "{'gender': ('a photo of the face of a doctor and gender', ['doctor', 'gender'])}")
     out = {}
     for name, spec in attributions.items():
-        if not isinstance(name, str) or not name.strip() or "/" in name:
-            raise ValueError(f"attribution names must be non-empty strings without '/' (attribution_maps.safetensors "
-                             f"keys are NAME/word); got {name!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"attribution names must be non-empty strings; got {name!r}")
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise ValueError(f"attributions[{name!r}] must be (attribution prompt, words); got {spec!r}")
         text, words = spec

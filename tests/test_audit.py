@@ -386,3 +386,14 @@ def test_every_classifier_output_is_checked(tiny_sd, tmp_path):
     res = fastfair.audit("tiny-sd", "list:doctor", classifier=Duck([0.25, 0.75]), out=tmp_path / "ok", **kw)
     assert (res.results["pred_gender"] == "female").all()
     assert json.loads((tmp_path / "ok" / "audit.json").read_text())["settings"]["classifier"]["type"].endswith("Duck")
+
+
+def test_occurrence_check_counts_words_not_tokens():
+    """An attribute or profession word must occur once; counting token positions refused a word T5 splits
+    differently in context ("doctor" after a '/' on Flux) as occurring twice (a review)."""
+    from fastfair.audit.runner import _resolve_or_raise
+
+    pipe = fastfair.load_pipeline("tiny-flux")
+    _resolve_or_raise(pipe, "a photo of the face of a nurse/doctor", "doctor", "profession")
+    with pytest.raises(AuditInputError, match="occurs more than once"):
+        _resolve_or_raise(pipe, "a photo of a doctor and a Doctor", "doctor", "profession")

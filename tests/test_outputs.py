@@ -231,6 +231,10 @@ def test_generate_to_dir_streams_images_and_overlays(tiny_sd, tmp_path, monkeypa
     for a, b in zip(gen.images, ref.images):  # the same pictures (PNG is lossless; batches differ: float rounding)
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     torch.testing.assert_close(gen.maps["face"], ref.maps["face"], rtol=1e-5, atol=1e-7)
+    # saving over its own folder reads the images before clearing it (they were deleted, then not found)
+    gen.save(tmp_path / "g", overwrite=True)
+    assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 6
+    assert len(gen.images + []) == 6
 
 
 def test_image_names_sort_past_9999():
@@ -246,12 +250,12 @@ def test_generate_prompt_file_and_an_interrupted_cleanup(tmp_path, capsys):
     lines); a finished run's .parts is renamed before it is deleted, and a leftover of that rename is a finished
     folder (a kill while deleting .parts left one that every command refused)."""
     f = tmp_path / "prompts.txt"
-    f.write_text("# professions\na photo of a doctor\n\na photo of a nurse  # second\n")
+    f.write_text("# professions\na photo of a doctor\n\n  # indented comment\na photo of a nurse, #portrait\n")
     out = tmp_path / "g"
     assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(f), "--seeds", "0", "--steps", "1",
                  "--out", str(out), "--no-progress"]) == 0
     meta = json.loads((out / "generation.json").read_text())
-    assert meta["prompts"] == ["a photo of a doctor", "a photo of a nurse"]
+    assert meta["prompts"] == ["a photo of a doctor", "a photo of a nurse, #portrait"]  # '#' in a prompt is kept
     assert not (out / ".parts").exists() and not (out / ".parts.done").exists()
     (out / ".parts.done").mkdir()  # a kill while deleting the renamed parts
     assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(f), "--seeds", "0", "--steps", "1",

@@ -116,3 +116,18 @@ def test_version_needs_no_torch():
     import fastfair
 
     assert r.returncode == 0 and r.stdout.strip() == fastfair.__version__, r.stderr
+
+
+def test_a_missing_submodule_or_unknown_module_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only a known dependency absent as a whole gets the one-line message: an installed package missing a submodule
+    (a version mismatch) said 'transformers is not installed', and a typo'd import said 'pip install numpyy'."""
+    from fastfair import cli
+
+    for exc in (ModuleNotFoundError("No module named 'transformers.foo'", name="transformers.foo"),
+                ModuleNotFoundError("No module named 'numpyy'", name="numpyy")):
+        def boom(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(cli, "_generate", boom)
+        with pytest.raises(ModuleNotFoundError):
+            cli.main(["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", str(tmp_path / "g")])

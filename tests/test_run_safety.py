@@ -256,6 +256,10 @@ def test_report_targets_override_and_out_checks(finished_audit, tmp_path):
     shutil.copytree(finished_audit.run_dir, other)
     with pytest.raises(RunDirError, match="another audit run's report"):
         write_report(run, out=other / "report.html")
+    before = (run / "audit.json").read_bytes()
+    with pytest.raises(RunDirError, match="not an .html file"):  # it overwrote the run's audit.json
+        write_report(run, out=run / "audit.json")
+    assert (run / "audit.json").read_bytes() == before
 
 
 def test_resumed_audit_report_keeps_the_first_start_and_every_environment(finished_audit, tiny_sd, tmp_path):
@@ -307,9 +311,16 @@ def test_sigterm_stops_like_ctrl_c(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(cli, "_generate", killed)
-    assert cli.main(["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", "x"]) == 143
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("sys.argv", ["fastfair", "generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", "x"])
+    assert cli.main() == 143  # the console script's call (no argv)
     assert "terminated (SIGTERM); finished batches are kept: rerun with --resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # a program calling main([...]) in-process keeps its own SIGTERM handling: no handler is installed
+    seen = []
+    monkeypatch.setattr(cli, "_generate", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert cli.main(["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", "x"]) == 0
+    assert seen == [signal.SIG_DFL]
 
 
 def test_full_disk_names_the_file(tmp_path, monkeypatch):

@@ -537,9 +537,12 @@ def write_report(run_dir, out=None, *, df=None, config=None, summary=None, targe
     path = Path(out) if out else root / (REPORT if targets is None else "report-targets.html")
     if path.is_dir():
         raise RunDirError(f"--out {path} is a directory; give a file name, e.g. {path / 'report.html'}")
-    if out is not None and path.name == REPORT and path.parent.resolve() != root.resolve() \
-            and (path.parent / "audit.json").is_file():
-        raise RunDirError(f"--out {path} is another audit run's report; write this run's report elsewhere")
+    if out is not None and (path.parent / "audit.json").is_file():  # inside a run folder: only its reports
+        if path.suffix.lower() not in (".html", ".htm"):
+            raise RunDirError(f"--out {path} is inside an audit run folder and is not an .html file: it would replace "
+                              "the run's own data; give a report file name (.html)")
+        if path.name == REPORT and path.parent.resolve() != root.resolve():
+            raise RunDirError(f"--out {path} is another audit run's report; write this run's report elsewhere")
     page = build_html(root, df, config, summary)
     atomic_write(path, page.encode("utf-8"))
     return path

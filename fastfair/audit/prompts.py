@@ -103,12 +103,12 @@ def load_professions(spec) -> list[str]:
                 hint = "" if spec.startswith("file:") or os.sep in spec or "." in spec else \
                     f"; built-in sets are {', '.join('builtin:' + n for n in PROMPT_SETS)}"
                 raise PromptSetError(f"prompt file {str(path)!r} does not exist{hint}")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise PromptSetError(f"cannot read prompt file {str(path)!r}: {e}") from e
-            # '#' starts a comment at a line's start or after a space ("nurse  # note"), not inside a word ("C#")
-            items = [re.split(r"(?:^|\s)#", ln, maxsplit=1)[0].strip() for ln in text.splitlines()]
+            from .._io import read_text_lines
+
+            try:  # '#' starts a comment at a line's start or after a space ("nurse  # note"), not inside a word ("C#")
+                items = read_text_lines(path, "prompt file")
+            except ValueError as e:
+                raise PromptSetError(str(e)) from e
             source = f"prompt file {str(path)!r}"
     items = [p for p in items if p]
     if not items:
