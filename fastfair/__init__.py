@@ -22,15 +22,16 @@ _LAZY = {
     "SemanticGuidance": "fastfair.sega",
     "FairDiffusion": "fastfair.sega",
     "JointFairDiffusion": "fastfair.sega",
-    "audit": "fastfair.audit",
     "MistEdit": "fastfair.mist",
     "finetune_dft": "fastfair.dft",
     "DFTConfig": "fastfair.dft",
     "DFTTrainer": "fastfair.dft",
 }
+# fastfair.audit is the package, callable as the function (fastfair.audit(...)), and its names
+# (fastfair.audit.compare, .ATTRIBUTE_SETS) from the first access on
 _SUBMODULES = {"classify", "distribution", "generation", "guidance", "ops", "metrics", "concepts", "maps",
                "processors", "pipelines", "kernels", "cli", "mist",
-               "dft", "alignment", "sega"}
+               "dft", "alignment", "sega", "audit", "native", "bench", "features", "faces"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -489,7 +489,7 @@ def _audit(args) -> int:
     for name, blk in s.get("distribution", {}).items():
         o = blk["overall"]["dft_bias"]
         if o["mean"] is not None:
-            print(f"DFT bias({name}) = {est(o)}")
+            print(f"DFT bias({name}) = {est(o)} (mean over professions)")
     print(f"wrote {len(res.results)} rows to {res.run_dir / 'results.parquet'}"
           + ("" if args.no_report else f" and the report to {res.run_dir / 'report.html'}"))
     return 0

@@ -131,3 +131,12 @@ def test_a_missing_submodule_or_unknown_module_keeps_its_traceback(tmp_path, mon
         monkeypatch.setattr(cli, "_generate", boom)
         with pytest.raises(ModuleNotFoundError):
             cli.main(["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", str(tmp_path / "g")])
+
+
+def test_subpackages_reachable_from_a_plain_import():
+    """fastfair.audit.compare failed on first access (fastfair.audit was the function until the package was imported);
+    fastfair.native / bench / features / faces were unreachable after `import fastfair` (a README walk-through)."""
+    code = ("import fastfair; assert callable(fastfair.audit); fastfair.audit.compare; fastfair.audit.ATTRIBUTE_SETS; "
+            "fastfair.native.cpu_variant; fastfair.bench.run; fastfair.features; fastfair.faces")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -37,7 +37,7 @@ CONFIG = "audit.json"
 RESULTS = "results.parquet"
 SUMMARY = "summary.json"
 REPORT = "report.html"
-_OURS = ("parts", "images", "maps", "locks", CONFIG, RESULTS, SUMMARY, REPORT)
+_OURS = ("parts", "images", "maps", "locks", CONFIG, RESULTS, SUMMARY, REPORT, "report-targets.html")
 
 
 class RunDirError(ValueError):
