@@ -268,13 +268,17 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         # the model as loaded (scheduler, adapters, safety checker, weights): a resume refuses a model changed under
         # the same name (a scheduler swapped in its folder, a LoRA added to the same pipeline object)
         # and the batch size: finished batches are files per batch index (a resume with another size misaligned them)
-        settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe)}
+        # batch_layout 2: prompts with fewer seeds than batch_size share batches (1: one prompt per batch, as runs
+        # started before the tenth session of 2026-11-26 lay out their batch files; they resume with it)
+        settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe), "batch_layout": 2}
         key = json.dumps(settings, sort_keys=True, default=str)
+        layout = 2
         if resume and run_file.exists():
             before, now = json.loads(run_file.read_text()), json.loads(key)
-            for later in ("batch_size", "model_state"):  # recorded since the ninth session of 2026-11-26
+            for later in ("batch_size", "model_state", "batch_layout"):  # recorded since 2026-11-26's 9th / 10th session
                 if later not in before:
                     now.pop(later, None)
+            layout = before.get("batch_layout", 1)
             if before != now:
                 diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
@@ -287,9 +291,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                 _remove_outputs(out)
             atomic_write(run_file, key.encode())
         items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
-        # each prompt's seeds in batches (generate crosses its prompts with its seeds: a batch has one prompt)
-        batches = [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(len(prompts))
-                   for i in range(0, len(seeds), batch_size)]
+        batches = _batches(len(prompts), seeds, batch_size, layout)
         names = dict(zip(items, image_names([s for _, s in items])))
         done = 0
         config, diag_parts = None, []
@@ -306,9 +308,10 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                     _write_overlays(out, bnames, ImagesOnDisk([out / "images" / f"{n}.png" for n in bnames]),
                                     {w: t[f"maps/{w}"] for w in info["words"]})
             else:
-                kw = kwargs if negs is None else dict(kwargs, negative_prompt=negs[batch[0][0]])
-                g = generate(pipe, prompts[batch[0][0]], seeds=[s for _, s in batch], batch_size=batch_size,
-                             progress=False, **kw)
+                bp = list(dict.fromkeys(pi for pi, _ in batch))  # the batch's prompts x its seeds, prompt-major
+                kw = kwargs if negs is None else dict(kwargs, negative_prompt=[negs[pi] for pi in bp])
+                g = generate(pipe, [prompts[pi] for pi in bp], seeds=list(dict.fromkeys(s for _, s in batch)),
+                             batch_size=batch_size, progress=False, **kw)
                 for it, img in zip(batch, g.images):
                     atomic_write(out / "images" / f"{names[it]}.png", _png(img))
                 if overlays and g.maps:  # now, not all at the end (a 10,000-image run: an hour more after the GPU)
@@ -358,6 +361,18 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         os.replace(out / PARTS, out / DONE_PARTS)
         shutil.rmtree(out / DONE_PARTS)
         return gen
+
+
+def _batches(n_prompts: int, seeds: list, batch_size: int, layout: int = 2) -> list[list[tuple]]:
+    """generate_to_dir's batches of (prompt index, seed), in item order (prompt-major). Each is a set of prompts
+    crossed with a set of seeds (what one ``generate`` call makes): a prompt's seeds in chunks of ``batch_size``; with
+    fewer seeds than that (layout 2), ``batch_size // len(seeds)`` whole prompts per batch, so a run of many prompts
+    and few seeds fills the GPU batch. Layout 1: one prompt per batch (runs started before layout 2)."""
+    per = batch_size // len(seeds) if layout >= 2 and len(seeds) < batch_size else 1
+    if per > 1:
+        return [[(pi, s) for pi in range(g, min(g + per, n_prompts)) for s in seeds] for g in range(0, n_prompts, per)]
+    return [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(n_prompts)
+            for i in range(0, len(seeds), batch_size)]
 
 
 def _check_words(pipe, prompts: list, kwargs: dict) -> None:

@@ -268,3 +268,40 @@ def test_generate_prompt_file_and_an_interrupted_cleanup(tmp_path, capsys):
     empty.write_text("# nothing\n")
     assert main(["generate", "--model", "tiny-sd", "--prompt-file", str(empty), "--out", str(tmp_path / "e")]) == 1
     assert "has no prompts" in capsys.readouterr().err
+
+
+def test_generate_to_dir_packs_prompts_with_few_seeds(tiny_sd, tmp_path, monkeypatch):
+    """Many prompts with fewer seeds than --batch-size ran one prompt per batch (a batch of 1 for one seed: the GPU
+    mostly idle, a review); whole prompts now share a batch. Images and maps equal one generate() call's; a run
+    started with the older layout (run.json without batch_layout) resumes with its own batches."""
+    from fastfair import generation
+    from fastfair.generation import generate_to_dir
+
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda pipe, p, **k: calls.append(p) or real(pipe, p, **k))
+    prompts = [f"a photo of the face of a {w}" for w in ("doctor", "nurse", "pilot", "chef", "judge")]
+    kw = dict(seeds=[3], settings={"t": 1}, batch_size=4, maps=["face"], steps=2, progress=False)
+    gen = generate_to_dir(tiny_sd, prompts, tmp_path / "g", negative_prompt=[f"blurry {i}" for i in range(5)], **kw)
+    assert [len(p) for p in calls] == [4, 1]  # two batches, not five
+    ref = real(tiny_sd, prompts, seeds=[3], maps=["face"], steps=2, progress=False,
+               negative_prompt=[f"blurry {i}" for i in range(5)])
+    torch.testing.assert_close(gen.maps["face"], ref.maps["face"], rtol=1e-4, atol=1e-6)  # batches differ: rounding
+    torch.testing.assert_close(gen.latents, ref.latents, rtol=0, atol=1e-4)
+    assert gen.prompts == prompts and gen.config["negative_prompt"] == [f"blurry {i}" for i in range(5)]
+    # an unfinished run of the older layout: its run.json has no batch_layout, its batches one prompt each
+    old = tmp_path / "old"
+    generate_to_dir(tiny_sd, prompts[:2], old, **kw)
+    run = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert "batch_layout" in run
+    import shutil
+
+    shutil.rmtree(old)
+    (old / ".parts").mkdir(parents=True)
+    from fastfair.pipelines import pipeline_fingerprint
+
+    (old / ".parts" / "run.json").write_text(json.dumps({"t": 1, "batch_size": 4,
+                                                         "model_state": pipeline_fingerprint(tiny_sd)}, default=str))
+    calls.clear()
+    generate_to_dir(tiny_sd, prompts[:2], old, resume=True, **kw)
+    assert [len(p) for p in calls] == [1, 1]
