@@ -154,6 +154,14 @@ def test_report_warns_about_abstentions(finished_audit, tmp_path):
     assert s["distribution"]["gender"]["overall"]["abstained"] > 0
     page = write_report(finished_audit.run_dir, df=df, config=config, summary=s, out=tmp_path / "r.html")
     assert "classifier abstained" in page.read_text()
+    # per profession too (n 0 could be "no images yet" or "all abstained")
+    import re
+
+    html = page.read_text()
+    assert "<th scope=col>abstained</th>" in html
+    per = s["distribution"]["gender"]["per_profession"]
+    for prof, e in per.items():
+        assert re.search(rf"<td>{prof}</td><td>{e['n']}</td><td>{e['abstained']}</td>", html), prof
     assert math.isfinite(s["distribution"]["gender"]["overall"]["n"])
 
 

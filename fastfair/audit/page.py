@@ -448,11 +448,13 @@ def build_html(root: Path, df, config: dict, summary: dict, k_extremes: int = 3)
                             [["mean over professions"] + [_ci_text(ov[m]) for m in metric_names]], cls="plain"))
         rows_f = [(p, blk["per_profession"][p]["freq"]) for p in profs]
         parts.append(svg_stacked(rows_f, labels, blk["target"], f"{name}: class frequencies per profession"))
-        head = ["profession", "n"] + [E(lab) for lab in labels] + [metric_title(m) for m in metric_names]
+        # n: classified images; abstained: images the classifier gave no class (no face, a blacked-out image)
+        head = ["profession", "n", "abstained"] + [E(lab) for lab in labels] + [metric_title(m) for m in metric_names]
         rows = []
         for p in profs:
             e = blk["per_profession"][p]
-            rows.append([E(p), e["n"]] + [(f"{100 * f:.1f}%", f) if f is not None else "–" for f in e["freq"]]
+            rows.append([E(p), e["n"], e.get("abstained", 0)]
+                        + [(f"{100 * f:.1f}%", f) if f is not None else "–" for f in e["freq"]]
                         + [(_ci_text(e[m]), _sv(e[m])) for m in metric_names])
         parts.append(_table(head, rows))
     inters = [(n, b) for n, b in dist.items() if "parts" in b]
