@@ -144,8 +144,7 @@ def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: i
         if len(spans) != len(toks):
             raise ConceptError(f"the T5 tokenizer's offsets ({len(spans)}) do not match its tokens ({len(toks)}) "
                                f"for {prompt!r}")
-        pattern = r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
-        for m in re.finditer(pattern, prompt, flags=re.IGNORECASE):
+        for m in re.finditer(whole_word(word), prompt, flags=re.IGNORECASE):
             hits.extend(offset + i for i, (a, b) in enumerate(spans) if a < m.end() and b > m.start())
     else:
         for i in range(len(toks) - len(wt) + 1):
@@ -156,6 +155,12 @@ def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: i
                            f"are [{' '.join(toks)}]. Use a word from the prompt, written as a separate word (not "
                            "the start or end of a longer one)")
     return tuple(sorted(set(hits)))
+
+
+def whole_word(word: str) -> str:
+    """A regular expression of ``word`` as a whole word (its parts separated by any whitespace), to search
+    case-insensitively: not inside a longer word ("man" in "mango", "woman" in "policewoman")."""
+    return r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
 
 
 def _word_ends(toks: list[str], j: int) -> bool:

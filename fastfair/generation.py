@@ -144,23 +144,22 @@ class Generation:
         from safetensors.torch import save as st_save
 
         out = check_out_dir(out_dir, overwrite)
-        if self.attribution_maps and any("/" in n for n in self.attribution_maps):
-            raise ValueError(f"attribution names {sorted(self.attribution_maps)}: one holds '/', and "
-                             "attribution_maps.safetensors keys are NAME/word; rename it")
-        if overwrite and _images and isinstance(self.images, ImagesOnDisk):
-            self.images = list(self.images)  # read before the folder they may live in is cleared
+        _check_attribution_names(self.attribution_maps)
+        images = self.images
+        if overwrite and _images and isinstance(images, ImagesOnDisk):
+            images = list(images)  # read before the folder they may live in is cleared
         if overwrite:
             _remove_outputs(out, keep=_keep)
         names = image_names(self.seeds)
         if _images:  # generate_to_dir wrote them (and their overlays) batch by batch
-            for name, img in zip(names, self.images):
+            for name, img in zip(names, images):
                 atomic_write(out / "images" / f"{name}.png", _png(img))
         if self.maps:
             tensors = {w: m.contiguous() for w, m in self.maps.items()}
             tensors["latents"] = self.latents.float().contiguous()
             atomic_write(out / "maps.safetensors", st_save(tensors, metadata={"words": json.dumps(list(self.maps))}))
             if overlays and _images:
-                _write_overlays(out, names, self.images, self.maps)
+                _write_overlays(out, names, images, self.maps)
         if self.attribution_maps:
             tensors = {f"{name}/{w}": m.contiguous() for name, d in self.attribution_maps.items() for w, m in d.items()}
             atomic_write(out / "attribution_maps.safetensors",
@@ -363,6 +362,14 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         return gen
 
 
+def _check_attribution_names(names) -> None:
+    """attribution_maps.safetensors keys are NAME/word: a name holding '/' cannot be saved."""
+    bad = sorted(n for n in names if "/" in n)
+    if bad:
+        raise ValueError(f"an attribution name holds '/' ({', '.join(map(repr, bad))}), which the saved keys NAME/word "
+                         "cannot; rename it")
+
+
 def _batches(n_prompts: int, seeds: list, batch_size: int, layout: int = 2) -> list[list[tuple]]:
     """generate_to_dir's batches of (prompt index, seed), in item order (prompt-major). Each is a set of prompts
     crossed with a set of seeds (what one ``generate`` call makes): a prompt's seeds in chunks of ``batch_size``; with
@@ -384,9 +391,9 @@ def _check_words(pipe, prompts: list, kwargs: dict) -> None:
         concepts.check_prompt(pipe, p)
         if words:
             _token_layout(pipe, [attr if attr is not None else p], words)
-    for name, (texts, ws) in _parse_attributions(kwargs.get("attributions"), len(prompts)).items():
-        if "/" in name:  # Generation.save's attribution_maps.safetensors keys are NAME/word
-            raise ValueError(f"attribution name {name!r} holds '/', which the saved keys NAME/word cannot; rename it")
+    attributions = _parse_attributions(kwargs.get("attributions"), len(prompts))
+    _check_attribution_names(attributions)
+    for texts, ws in attributions.values():
         for t in set(texts):
             _token_layout(pipe, [t], ws)
     g = kwargs.get("guidance")

@@ -390,8 +390,9 @@ class Guider(StepHooks):
             out = torch.cat([out_other, eps_c.detach()] if gb == "cond" else [eps_c.detach(), out_other])
         return _as_output(out, self._by_keyword, return_dict)
 
-    def _finish(self, sample: torch.Tensor, timestep, want_grad: bool = True):
-        """E (N,) and dE/d``sample`` from the pending guided call's graph, which is freed here."""
+    def _finish(self, sample: torch.Tensor, want_grad: bool = True):
+        """E (N,) and dE/dx from the pending guided call's graph, which is freed here: x is the UNet's input (of the
+        shape of the scheduler's ``sample``)."""
         if self._pending is None:
             raise RuntimeError("guided scheduler step without a guided UNet call before it")
         energy, leaf, joint = self._pending
@@ -419,7 +420,7 @@ class Guider(StepHooks):
         with torch.no_grad():
             x_in = x if scale_in is None else scale_in(x, t)
         self._guided_call(forward, x_in, t, args, kwargs, want_grad=want_grad)
-        return self._finish(latents, t, want_grad)
+        return self._finish(latents, want_grad)
 
     def _unet_forward(self, *args, **kwargs):
         if not self._guided(self.step_idx):
@@ -436,7 +437,7 @@ class Guider(StepHooks):
         self.step_idx += 1
         if not self._guided(i):
             return orig_step(model_output, timestep, sample, *args, **kwargs)
-        E, grad = self._finish(sample, timestep)
+        E, grad = self._finish(sample)
         n = grad.flatten(1).norm(dim=1)
         finite = torch.isfinite(grad.flatten(1)).all(1) & torch.isfinite(n)
         if g.on_large_grad == "skip":

@@ -54,13 +54,12 @@ def _release(version: str) -> tuple[int, ...]:
 def require_diffusers(family: str, what: str | None = None) -> None:
     """Raise a one-line RuntimeError when the installed diffusers is older than ``DIFFUSERS_FOR[family]``
     (instead of an ImportError / AttributeError from deep inside diffusers)."""
-    from importlib import metadata
+    from ._env import _version
 
     need = DIFFUSERS_FOR[family]
-    try:
-        have = metadata.version("diffusers")
-    except metadata.PackageNotFoundError:
-        raise RuntimeError(f"{what or family} needs diffusers>={need}: pip install 'diffusers>={need}'") from None
+    have = _version("diffusers")
+    if have is None:
+        raise RuntimeError(f"{what or family} needs diffusers>={need}: pip install 'diffusers>={need}'")
     if _release(have) < _release(need):
         raise RuntimeError(f"{what or family} needs diffusers>={need}; this one is {have}: "
                            f"pip install -U 'diffusers>={need}'")
@@ -273,12 +272,10 @@ def _t5_encoder(seed: int):
 
 def _major_minor(dist: str) -> str:
     """``dist``'s installed version as major.minor ("0.42"), "none" when it is not installed."""
-    from importlib import metadata
+    from ._env import _version
 
-    try:
-        return ".".join(metadata.version(dist).split(".")[:2])
-    except metadata.PackageNotFoundError:
-        return "none"
+    v = _version(dist)
+    return ".".join(v.split(".")[:2]) if v else "none"
 
 
 def preset_path(name: str, seed: int = 0) -> Path:

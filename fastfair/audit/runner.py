@@ -167,8 +167,7 @@ def _resolve_or_raise(pipe, text: str, word: str, what: str) -> None:
         raise AuditInputError(f"{what}: {e}") from None
     # occurrences as whole words, as the tokenizers match them (counting token positions would count a word that
     # one tokenizer splits differently in context, e.g. T5 after a '/', as two)
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(p) for p in word.split()) + r"(?!\w)"
-    if len(re.findall(pattern, text, flags=re.IGNORECASE)) > 1:
+    if len(re.findall(concepts.whole_word(word), text, flags=re.IGNORECASE)) > 1:
         raise AuditInputError(f"{what}: {word!r} occurs more than once in {text!r}, and its map would average every "
                               "occurrence (e.g. an attribute word that is part of the profession). Rename the "
                               "profession in the prompt list (e.g. 'racing driver' for 'race car driver') or change "
@@ -579,13 +578,13 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         # ---- merge, summarise, report
         _barrier(world)
         if rank == 0:
-            df = store.merge([it.work_id for it in plan])
+            config = store.read_config() or config  # as recorded: a resumed run's first start and every environment
+            df = store.merge([it.work_id for it in plan], config)
             missing = len(plan) - len(df)
             if missing:
                 raise RuntimeError(f"{missing} planned image(s) have no row after the run; --resume to redo them")
             from .summary import summarize
 
-            config = store.read_config() or config  # as recorded: a resumed run's first start and every environment
             summary = summarize(df, config)
             atomic_write(store.root / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode())
             abst = {n: b["overall"]["abstained"] for n, b in summary.get("distribution", {}).items()

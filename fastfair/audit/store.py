@@ -278,10 +278,10 @@ class RunStore:
         df = pa.concat_tables(tables, promote_options="default").to_pandas()
         return df.drop_duplicates("work_id", keep="first").reset_index(drop=True)
 
-    def merge(self, order: list[str] | None = None):
+    def merge(self, order: list[str] | None = None, config: dict | None = None):
         """Merge all parts into results.parquet (atomic). ``order``: work ids in plan order. The file says which
         run it is: a ``run_id`` column (the settings hash, constant: concatenated runs stay apart) and the run's
-        audit.json under the Parquet key-value metadata key ``fastfair``."""
+        audit.json (``config``, else read) under the Parquet key-value metadata key ``fastfair``."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -290,9 +290,11 @@ class RunStore:
             rank = {w: i for i, w in enumerate(order)}
             df = df.assign(_o=df["work_id"].map(rank)).sort_values("_o", kind="stable").drop(columns="_o")
             df = df.reset_index(drop=True)
-        config = self.read_config() or {}
-        if config.get("settings_hash") and "run_id" not in df.columns:
-            df.insert(0, "run_id", pd_categorical(config["settings_hash"], len(df)))
+        import pandas as pd
+
+        config = config or self.read_config() or {}
+        if config.get("settings_hash") and "run_id" not in df.columns:  # dictionary-encoded in Parquet
+            df.insert(0, "run_id", pd.Categorical([config["settings_hash"]] * len(df)))
         table = pa.Table.from_pandas(df, preserve_index=False)
         meta = dict(table.schema.metadata or {})
         meta[b"fastfair"] = json.dumps(config, ensure_ascii=False).encode()
@@ -311,13 +313,6 @@ class RunStore:
             except OSError:
                 pass
         return n
-
-
-def pd_categorical(value: str, n: int):
-    """A constant string column of ``n`` rows (dictionary-encoded in Parquet)."""
-    import pandas as pd
-
-    return pd.Categorical([value] * n)
 
 
 def load_results(run_dir):
