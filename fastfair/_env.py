@@ -67,7 +67,11 @@ def environment(device: torch.device) -> dict:
         p = torch.cuda.get_device_properties(device)
         env.update(cuda=torch.version.cuda, sm=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                    memory_gb=p.total_memory / 1e9, l2_bytes=getattr(p, "L2_cache_size", None),
-                   smem_per_block=getattr(p, "shared_memory_per_block_optin", None))
+                   smem_per_block=getattr(p, "shared_memory_per_block_optin", None),
+                   # TF32 (10-bit mantissa) fp32 matmuls / convolutions: fp32 runs are only comparable with the same
+                   # settings (cuDNN's default is on; tests/test_triton_engine.py explains what it changes)
+                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+                   tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
     from . import native, ops
 
     env["auto_backend"] = ops.resolve_backend("auto", device)  # what backend="auto" runs here

@@ -678,8 +678,24 @@ def _e2e_subprocess(spec: dict, timeout: float | None) -> dict:
     cmd = [sys.executable, "-m", "fastfair.bench", "--child", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
-        raise RuntimeError(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}")
+        raise RuntimeError(_child_error(p.stderr) or f"exit {p.returncode}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _child_error(stderr: str) -> str:
+    """The failed case's exception: from the last traceback's exception line on (a CUDA error's cause is its
+    first line, "CUDA error: an illegal memory access ..."; its last is the generic TORCH_USE_CUDA_DSA hint),
+    else the last line of stderr."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")), default=None)
+    if tb is not None:
+        for i in range(len(lines) - 1, tb, -1):  # the exception line: the first unindented line after the frames
+            if not lines[i].startswith((" ", "\t")) and (i == tb + 1 or lines[i - 1].startswith(" ")):
+                frame = next((ln.strip() for ln in reversed(lines[tb:i]) if ln.lstrip().startswith("File ")), None)
+                return " | ".join(lines[i:]) + (f" (raised at {frame})" if frame else "")
+    return lines[-1]
 
 
 def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None = None, images: int | None = None,
@@ -725,7 +741,7 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
                         log(f"# e2e: {m} {mode}: {row['images_per_s']:.4f} images/s, {row['peak_mb']:.0f} MB "
                             f"({time.perf_counter() - t0:.0f} s)")
                     except Exception as e:
-                        row.update(available=True, error=f"{type(e).__name__}: {e}"[:500])
+                        row.update(available=True, error=f"{type(e).__name__}: {e}"[:800])
                         log(f"# e2e: {m} {mode}: {row['error']}")
                 rows.append(row)
                 if on_progress:

@@ -147,3 +147,27 @@ def test_e2e_counts_must_be_positive():
     for kw in (dict(images=0), dict(steps=0)):
         with pytest.raises(ValueError, match="whole number >= 1"):
             e2e_suite(torch.device("cpu"), "fp32", True, model="tiny-sd", **kw)
+
+
+def test_failed_e2e_case_keeps_the_cause(monkeypatch):
+    """A case process that dies of a CUDA error reports the error's first line (its cause) and where it was
+    raised -- not only the last line of stderr, which for CUDA errors is the generic TORCH_USE_CUDA_DSA hint (the
+    H200 run of 2026-11-27 recorded only that for the DFT case)."""
+    import subprocess
+
+    from fastfair import bench
+
+    stderr = ("/x/warnings.py:1: UserWarning: w\n  warn()\nTraceback (most recent call last):\n"
+              '  File "/r/fastfair/dft.py", line 1564, in step\n    loss.backward()\n'
+              "RuntimeError: CUDA error: an illegal memory access was encountered\n"
+              "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+              "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", stderr))
+    with pytest.raises(RuntimeError) as e:
+        bench._e2e_subprocess({"mode": "dft-fastfair"}, None)
+    msg = str(e.value)
+    assert msg.startswith("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert 'dft.py", line 1564, in step' in msg and "TORCH_USE_CUDA_DSA" in msg
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3, "", ""))
+    with pytest.raises(RuntimeError, match="exit 3"):
+        bench._e2e_subprocess({"mode": "gen-plain"}, None)

@@ -27,11 +27,27 @@ def _step(name, dtype="fp32", **kw):
 @needs_peft
 @pytest.mark.parametrize("mp", ["fp16", "bf16"])
 def test_autocast_step_is_finite_and_close_to_fp32(mp):
+    """The first step's loss matches fp32's. bf16 updates at once; fp16's GradScaler starts at a scale of 2**16, and
+    gradients that overflow fp16 at it skip the update and halve the scale (the H200 run of 2026-11-27 saw the
+    first fp16 step skipped), so fp16 must update within a few steps, with a lower scale, and stay finite."""
     ref, _ = _step("tiny-sd", trainable="text+unet-lora")
-    rec, tr = _step("tiny-sd", trainable="text+unet-lora", mixed_precision=mp)
-    assert not rec["skipped"] and rec["grad_norm"] > 0 and math.isfinite(rec["loss"])
+    torch.manual_seed(0)
+    pipe = fastfair.load_pipeline("tiny-sd", device="cuda")
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+unet-lora", mixed_precision=mp),
+                    quality_encoder=None)
+    recs = [tr.step()]
+    assert math.isfinite(recs[0]["loss"])
+    assert abs(recs[0]["loss"] - ref["loss"]) <= 0.05 * abs(ref["loss"]) + 1e-3, (recs[0]["loss"], ref["loss"])
+    if mp == "bf16":
+        assert tr.scaler is None and not recs[0]["skipped"]
+    while recs[-1]["skipped"] and len(recs) < 12:
+        recs.append(tr.step())
+    tr.close()
+    assert not recs[-1]["skipped"] and recs[-1]["grad_norm"] > 0, [r["skipped"] for r in recs]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    if len(recs) > 1:  # skipped steps lowered the scale
+        assert tr.scaler.get_scale() < 2.0 ** 16
     assert all(bool(torch.isfinite(p).all()) for p in tr.params)
-    assert abs(rec["loss"] - ref["loss"]) <= 0.05 * abs(ref["loss"]) + 1e-3, (rec["loss"], ref["loss"])
 
 
 @needs_peft
