@@ -1,0 +1,111 @@
+"""GPU repro of the DFT crash seen on the H200 on 2026-11-27 (bench/RESULTS.md): the e2e case `dft-fastfair`
+(random-sd15, fp32, 8 images, 20 steps) died of a CUDA error, while the same case at 2 images / 4 steps ran.
+
+    python bench/repro_dft_fault.py [--budget SECONDS]
+
+Every case runs in a process of its own (a CUDA fault loses the context) and prints one line: ``ok`` with the
+largest error against the fp32 / float64 reference, or the error's cause. In order, until the budget is spent:
+
+1. kernels: fp32 (DFT's dtype) forward + full backward (dq, dk, dv; with and without 4 map tokens) at every SD1.5
+   cross-attention shape in the diffusers layout, batch 4 and 16 (8 images with CFG);
+2. the bench's DFT case at 8 images / 20 steps: as run, with ``FASTFAIR_TRITON_DIRECT=0`` (Triton's own launch
+   path), with ``FASTFAIR_BACKEND=native`` and ``=reference`` (which attention is at fault), and under
+   ``CUDA_LAUNCH_BLOCKING=1`` (the failing call's own traceback);
+3. ``compute-sanitizer`` on the first failing kernel case of step 1, when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+DEV = os.environ.get("REPRO_DEVICE", "cuda")  # cpu: a dry run under TRITON_INTERPRET=1
+SHAPES = [(4096, 8, 40), (1024, 8, 80), (256, 8, 160), (64, 8, 160)]  # (Nq, H, D) of SD1.5 at 512 px
+
+
+def kernel_case(B: int, Nq: int, H: int, D: int, maps: bool) -> str:
+    import torch
+
+    from fastfair import ops
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def x(n):  # the processors' layout: (B, N, H*D) viewed as (B, H, N, D)
+        return torch.randn(B, n, H * D, device=DEV, generator=g).view(B, n, H, D).transpose(1, 2)
+
+    q, k, v = x(Nq), x(77), x(77)
+    tok = torch.tensor([2, 5, 8, 11], device=DEV) if maps else None
+    res = {}
+    for be in ("triton", "reference"):
+        qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out, m = ops.cross_attention(qs, ks, vs, map_tokens=tok, backend=be)
+        loss = out.square().mean() + (m.square().mean() if maps else 0)
+        loss.backward()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        res[be] = [t.detach() for t in [out, qs.grad, ks.grad, vs.grad] + ([m] if maps else [])]
+    errs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(res["triton"], res["reference"])]
+    return "ok max rel err " + " ".join(f"{e:.1e}" for e in errs)
+
+
+def run(cmd: list[str], env: dict | None, timeout: float) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    except subprocess.TimeoutExpired:
+        return f"timeout after {timeout:.0f} s"
+    if p.returncode == 0:
+        return p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "ok"
+    from fastfair.bench import _child_error
+
+    return f"FAILED (exit {p.returncode}): " + (_child_error(p.stderr) or "no stderr")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=400)
+    ap.add_argument("--kernel", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.kernel:
+        print(kernel_case(**json.loads(a.kernel)))
+        return
+    t0 = time.time()
+    left = lambda: a.budget - (time.time() - t0)  # noqa: E731
+    first_bad = None
+    print("## 1. fp32 kernels, forward + full backward (triton vs reference)", flush=True)
+    for B in (4, 16):
+        for Nq, H, D in SHAPES:
+            for maps in (False, True):
+                if left() < 20:
+                    print("budget spent"); return
+                spec = dict(B=B, Nq=Nq, H=H, D=D, maps=maps)
+                line = run([sys.executable, __file__, "--kernel", json.dumps(spec)], None, min(120, left()))
+                print(f"B={B} Nq={Nq} H={H} D={D} maps={maps}: {line}", flush=True)
+                if first_bad is None and not line.startswith("ok"):
+                    first_bad = spec
+    print("## 2. the bench's DFT case (random-sd15, fp32, 8 images, 20 steps)", flush=True)
+    spec = dict(model="random-sd15", mode="dft-fastfair", device=DEV, images=8, steps=20, batch=8, dtype="fp32")
+    for label, env in (("as run", None), ("FASTFAIR_TRITON_DIRECT=0", {"FASTFAIR_TRITON_DIRECT": "0"}),
+                       ("FASTFAIR_BACKEND=native", {"FASTFAIR_BACKEND": "native"}),
+                       ("FASTFAIR_BACKEND=reference", {"FASTFAIR_BACKEND": "reference"}),
+                       ("CUDA_LAUNCH_BLOCKING=1", {"CUDA_LAUNCH_BLOCKING": "1"})):
+        if left() < 40:
+            print("budget spent"); return
+        line = run([sys.executable, "-m", "fastfair.bench", "--child", json.dumps(spec)], env, min(150, left()))
+        if line.startswith("{"):
+            r = json.loads(line)
+            line = f"ok {r['images_per_s']:.3f} images/s, {r['peak_mb']:.0f} MB"
+        print(f"{label}: {line}", flush=True)
+    san = shutil.which("compute-sanitizer")
+    if first_bad is not None and san and left() > 60:
+        print("## 3. compute-sanitizer on", first_bad, flush=True)
+        p = subprocess.run([san, "--print-limit", "5", sys.executable, __file__, "--kernel", json.dumps(first_bad)],
+                           capture_output=True, text=True, timeout=left() - 10)
+        print("\n".join((p.stdout + p.stderr).strip().splitlines()[-40:]))
+
+
+if __name__ == "__main__":
+    main()
