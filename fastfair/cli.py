@@ -778,8 +778,8 @@ def _add_finetune(sub) -> None:
     d.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in --out")
     d.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
     d.add_argument("--attention", default=None, choices=("fastfair", "diffusers"),
-                   help="cross-attention through fastfair.ops (fused backward; the default on UNets) or diffusers' "
-                        "processors (the default on SD3 / Flux, whose joint attention is SDPA)")
+                   help="cross-attention through fastfair.ops (fused backward; the default on UNets on the CPU) or "
+                        "diffusers' processors (SDPA: the default on CUDA and on SD3 / Flux)")
     d.add_argument("--backend", default="auto", help="auto, reference, triton or native")
     d.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast on CUDA")
     d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

@@ -27,9 +27,10 @@ Trainables: LoRA (peft) on the text encoder (default) and/or the UNet, or k soft
 and/or the transformer, or k soft tokens added to every tokenizer that reads the prompt (CLIPs and T5; loaded with
 :func:`load_soft_tokens`); the sampler is the pipeline's flow-matching Euler loop, each step's velocity gradient
 scaled by 1 / (sigma_i - sigma_(i+1)) (:func:`flow_grad_coefficients`), the analogue of the c_t above. On UNets
-cross-attention runs through ``fastfair.ops`` by default (``attention="fastfair"``): fastfair's patched
-processor, whose backward recomputes the attention probabilities instead of keeping them; on SD3 / Flux the
-default is diffusers' SDPA (``attention="diffusers"``). The model-dependent defaults (scheduler, guidance scale,
+on the CPU cross-attention runs through ``fastfair.ops`` by default (``attention="fastfair"``): fastfair's
+patched processor, whose backward recomputes the attention probabilities instead of keeping them (SDPA's CPU path
+keeps them); on CUDA and on SD3 / Flux the default is diffusers' SDPA (``attention="diffusers"``), whose CUDA
+kernels keep none either and ran faster than fastfair's on an H200 (see ``_resolve_defaults``). The model-dependent defaults (scheduler, guidance scale,
 attention) are resolved into the trainer's copy of the config (``trainer.cfg``).
 
 Classifier protocol (``classifier=`` of :class:`DFTTrainer`): anything :func:`as_differentiable`
@@ -560,15 +561,21 @@ def _model_kind(pipe) -> str:
 
 
 def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
-    """The settings left to the model (None): DPM-Solver++, the paper's 7.5 and fastfair's attention on UNets;
-    the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux."""
+    """The settings left to the model (None): DPM-Solver++, the paper's 7.5 and fastfair's attention on UNets (SDPA
+    on CUDA); the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux."""
     mmdit = kind in ("sd3", "flux")
     if cfg.scheduler is None:
         cfg.scheduler = "pipeline" if mmdit else "dpm++"
     # None on a Flux transformer without a guidance embedding (FLUX.1-schnell: no guidance input, any value unused)
     cfg.guidance_scale = guidance_scale_for(pipe, cfg.guidance_scale)
     if cfg.attention is None:
-        cfg.attention = "diffusers" if mmdit else "fastfair"
+        # UNets on CUDA: diffusers' SDPA too. Its CUDA kernels (flash / memory-efficient) keep no probabilities for
+        # the backward either, and on an H200 (bench/RESULTS.md, 2026-11-27) fastfair's Triton forward + backward
+        # took 0.95-2.6x SDPA's time at SD1.5's shapes, and a DFT step at SD1.5 size with 8 images through them died
+        # of a CUDA error (not understood yet). On the CPU SDPA's math path keeps every probability for the
+        # backward; fastfair's does not.
+        on_cuda = getattr(getattr(pipe, "device", None), "type", None) == "cuda"
+        cfg.attention = "diffusers" if (mmdit or on_cuda) else "fastfair"
 
 
 def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:

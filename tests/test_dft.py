@@ -762,3 +762,25 @@ def test_missing_scipy_or_peft_is_one_line_before_loading(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "LoRA finetuning needs peft" in err and "\n" not in err, err
     assert "soft tokens (trainable='soft-tokens') need no peft, only scipy" in err
+
+
+def test_default_attention_follows_the_device():
+    """UNets: fastfair's attention on the CPU, diffusers' SDPA on CUDA (faster there and no probabilities kept; the
+    H200 run of 2026-11-27 saw fastfair's attention crash a DFT step at SD1.5 size); SD3 / Flux: SDPA. An explicit
+    choice is kept."""
+    from types import SimpleNamespace
+
+    from fastfair.dft import DFTConfig, _resolve_defaults
+
+    unet = torch.nn.Linear(1, 1)
+    for dev, want in (("cpu", "fastfair"), ("cuda", "diffusers")):
+        cfg = DFTConfig()
+        _resolve_defaults(cfg, "sd", SimpleNamespace(unet=unet, device=torch.device(dev)))
+        assert cfg.attention == want, (dev, cfg.attention)
+    cfg = DFTConfig(attention="fastfair")
+    _resolve_defaults(cfg, "sdxl", SimpleNamespace(unet=unet, device=torch.device("cuda")))
+    assert cfg.attention == "fastfair"
+    pipe = fastfair.load_pipeline("tiny-sd3")
+    cfg = DFTConfig()
+    _resolve_defaults(cfg, "sd3", pipe)
+    assert cfg.attention == "diffusers"

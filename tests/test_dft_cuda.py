@@ -25,16 +25,17 @@ def _step(name, dtype="fp32", **kw):
 
 
 @needs_peft
+@pytest.mark.parametrize("attention", ["fastfair", "diffusers"])  # diffusers: SDPA, the default on CUDA
 @pytest.mark.parametrize("mp", ["fp16", "bf16"])
-def test_autocast_step_is_finite_and_close_to_fp32(mp):
+def test_autocast_step_is_finite_and_close_to_fp32(mp, attention):
     """The first step's loss matches fp32's. bf16 updates at once; fp16's GradScaler starts at a scale of 2**16, and
     gradients that overflow fp16 at it skip the update and halve the scale (the H200 run of 2026-11-27 saw the
     first fp16 step skipped), so fp16 must update within a few steps, with a lower scale, and stay finite."""
-    ref, _ = _step("tiny-sd", trainable="text+unet-lora")
+    ref, _ = _step("tiny-sd", trainable="text+unet-lora", attention=attention)
     torch.manual_seed(0)
     pipe = fastfair.load_pipeline("tiny-sd", device="cuda")
-    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), small(trainable="text+unet-lora", mixed_precision=mp),
-                    quality_encoder=None)
+    cfg = small(trainable="text+unet-lora", mixed_precision=mp, attention=attention)
+    tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), cfg, quality_encoder=None)
     recs = [tr.step()]
     assert math.isfinite(recs[0]["loss"])
     assert abs(recs[0]["loss"] - ref["loss"]) <= 0.05 * abs(ref["loss"]) + 1e-3, (recs[0]["loss"], ref["loss"])
