@@ -151,14 +151,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "reference"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)} or 'auto'")
-    if backend == "native" and device.type in ("cpu", "cuda") and not _native_usable(device):
-        _native_unbuilt_warning(device)  # extension not built: fall back to the reference
-        return "reference"
     if not _BACKENDS[backend].usable(device):
-        hint = {
-            "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)",
-            "native": "build the extension: pip install --no-build-isolation -e . (needs cmake and a C++ compiler)",
-        }.get(backend, "")
+        # a backend asked for by name (argument or FASTFAIR_BACKEND) runs or says why: never another one silently
+        # (an explicit 'native' used to fall back to the reference with a warning, recording a run as native's)
+        if backend == "native":
+            what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
+            try:
+                mod = importlib.import_module("fastfair.native")
+                err = str(getattr(mod, "_CUDA_ERR" if device.type == "cuda" else "_C_ERR", "") or "").strip()
+                build = mod.BUILD_HINT
+            except ImportError as e:  # pragma: no cover
+                err, build = str(e), "reinstall fastfair"
+            why = err.splitlines()[0] if err else ("no CUDA device" if device.type == "cuda" else "not found")
+            hint = f"{what} is not built or cannot run here ({why}); {build}; or use backend='auto' / 'reference'"
+        else:
+            hint = {"triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)"}.get(backend, "")
         raise RuntimeError(f"backend {backend!r} is not usable on {device.type} tensors: {hint}")
     return backend
 

@@ -450,6 +450,9 @@ def test_auto_picks_native_on_cpu(monkeypatch):
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    """Without the extension auto runs the reference with one warning; native asked for by name (argument or
+    FASTFAIR_BACKEND) raises with the cause and the way out -- it used to run the reference silently but for a
+    warning, while the run recorded the backend asked for."""
     monkeypatch.delenv("FASTFAIR_BACKEND", raising=False)
     monkeypatch.setattr(native, "_C", None)
     monkeypatch.setattr(native, "_C_ERR", ImportError("simulated"))
@@ -458,14 +461,21 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert not native.usable(cpu)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert ops.resolve_backend("native", cpu) == "reference"
         assert ops.resolve_backend("auto", cpu) == "reference"
         assert ops.resolve_backend("reference", cpu) == "reference"
         out, maps = ops.cross_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
-                                        map_tokens=[1], backend="native")
+                                        map_tokens=[1])
     msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
     assert len(msgs) == 1 and "pip install" in msgs[0] and "\n" not in msgs[0]
     assert maps.shape == (1, 1, 3)
+    for ask in (lambda: ops.resolve_backend("native", cpu),
+                lambda: ops.cross_attention(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4),
+                                            map_tokens=[1], backend="native")):
+        with pytest.raises(RuntimeError, match=r"'native' is not usable.*simulated.*pip install.*'reference'"):
+            ask()
+    monkeypatch.setenv("FASTFAIR_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="not usable"):
+        ops.resolve_backend("auto", cpu)
 
 
 def test_package_imports_without_extension(monkeypatch):
