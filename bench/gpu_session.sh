@@ -19,7 +19,6 @@ left() { echo $(( ${BUDGET:-540} - ($(date +%s) - T0) )); }
 cap() { local t=$(( $(left) - $2 )); [ $t -gt $1 ] && t=$1; [ $t -lt 10 ] && t=10; echo $t; }  # cap MAX RESERVE
 finish() {
   log done
-  cp "$RES"/bench_*/bench.partial.json "$RES"/ 2>/dev/null
   tar czf "$OUT/results.tgz" -C "$RES" .
   cat "$RES"/*.txt "$RES"/bench_*/bench.md > "$OUT/summary.md" 2>/dev/null
 }
@@ -31,7 +30,7 @@ fi
 if [ "$PART" = 1 ]; then
   { log device; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; } | tee "$RES/setup.txt"
   ( FASTFAIR_NATIVE_ARCH=ON FASTFAIR_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=12 \
-      python3 -m pip install -q --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; echo "build rc=$?" >> "$RES/build.log" ) &
+      timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; echo "build rc=$?" >> "$RES/build.log" ) &
   BUILD=$!
   log "triton + DFT CUDA tests (8 workers, native build alongside)"
   FASTFAIR_TRITON_AUTOTUNE=0 timeout $(cap 170 330) python3 -m pytest -q -p no:cacheprovider --noconftest -n 8 \

@@ -8,7 +8,8 @@ largest error against the fp32 / float64 reference, or the error's cause. In ord
 
 1. kernels: fp32 (DFT's dtype) forward + full backward (dq, dk, dv; with and without 4 map tokens) at every SD1.5
    cross-attention shape in the diffusers layout, batch 4 and 16 (8 images with CFG);
-2. the bench's DFT case at 8 images / 20 steps: as run, with ``FASTFAIR_TRITON_DIRECT=0`` (Triton's own launch
+2. the bench's DFT case at 8 images / 20 steps: as run (autotuning on), with ``FASTFAIR_TRITON_AUTOTUNE=0``
+   (the heuristic tiles every passing GPU test used), with ``FASTFAIR_TRITON_DIRECT=0`` (Triton's own launch
    path), with ``FASTFAIR_BACKEND=native`` and ``=reference`` (which attention is at fault), and under
    ``CUDA_LAUNCH_BLOCKING=1`` (the failing call's own traceback);
 3. ``compute-sanitizer`` on the first failing kernel case of step 1, when it is installed.
@@ -88,7 +89,10 @@ def main() -> None:
                     first_bad = spec
     print("## 2. the bench's DFT case (random-sd15, fp32, 8 images, 20 steps)", flush=True)
     spec = dict(model="random-sd15", mode="dft-fastfair", device=DEV, images=8, steps=20, batch=8, dtype="fp32")
-    for label, env in (("as run", None), ("FASTFAIR_TRITON_DIRECT=0", {"FASTFAIR_TRITON_DIRECT": "0"}),
+    for label, env in (("as run (autotuning on)", None),
+                       ("FASTFAIR_TRITON_AUTOTUNE=0 (heuristic tiles, as every GPU test)",
+                        {"FASTFAIR_TRITON_AUTOTUNE": "0"}),
+                       ("FASTFAIR_TRITON_DIRECT=0", {"FASTFAIR_TRITON_DIRECT": "0"}),
                        ("FASTFAIR_BACKEND=native", {"FASTFAIR_BACKEND": "native"}),
                        ("FASTFAIR_BACKEND=reference", {"FASTFAIR_BACKEND": "reference"}),
                        ("CUDA_LAUNCH_BLOCKING=1", {"CUDA_LAUNCH_BLOCKING": "1"})):
@@ -102,9 +106,12 @@ def main() -> None:
     san = shutil.which("compute-sanitizer")
     if first_bad is not None and san and left() > 60:
         print("## 3. compute-sanitizer on", first_bad, flush=True)
-        p = subprocess.run([san, "--print-limit", "5", sys.executable, __file__, "--kernel", json.dumps(first_bad)],
-                           capture_output=True, text=True, timeout=left() - 10)
-        print("\n".join((p.stdout + p.stderr).strip().splitlines()[-40:]))
+        try:
+            p = subprocess.run([san, "--print-limit", "5", sys.executable, __file__, "--kernel",
+                                json.dumps(first_bad)], capture_output=True, text=True, timeout=left() - 10)
+            print("\n".join((p.stdout + p.stderr).strip().splitlines()[-40:]))
+        except subprocess.TimeoutExpired:
+            print("compute-sanitizer: out of time")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,25 @@ def device_name(device: torch.device, threads: bool = True) -> str:
     return f"{name} ({os.cpu_count()} logical CPUs" + (f", torch threads {torch.get_num_threads()})" if threads else ")")
 
 
+def tf32_enabled(kind: str) -> bool | None:
+    """Whether fp32 ``matmul`` / ``cudnn`` convolutions run in TF32, read through PyTorch's ``fp32_precision`` API
+    where it exists (torch >= 2.9: "tf32" / "ieee", "none" = the global setting) and the legacy ``allow_tf32``
+    flags otherwise -- reading a legacy flag raises once the new API was used (transformers' enable_tf32 does);
+    None when neither can be read."""
+    try:
+        if kind == "matmul":
+            p = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+        else:
+            p = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+        if p == "none":
+            p = getattr(torch.backends, "fp32_precision", None)
+        if p in ("tf32", "ieee"):
+            return p == "tf32"
+        return bool(torch.backends.cuda.matmul.allow_tf32 if kind == "matmul" else torch.backends.cudnn.allow_tf32)
+    except Exception:  # noqa: BLE001 -- a record field must never fail the run
+        return None
+
+
 def environment(device: torch.device) -> dict:
     env = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
            "triton": _version("triton"), "diffusers": _version("diffusers"), "transformers": _version("transformers"),
@@ -70,15 +89,30 @@ def environment(device: torch.device) -> dict:
                    smem_per_block=getattr(p, "shared_memory_per_block_optin", None),
                    # TF32 (10-bit mantissa) fp32 matmuls / convolutions: fp32 runs are only comparable with the same
                    # settings (cuDNN's default is on; tests/test_triton_engine.py explains what it changes)
-                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
-                   tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
+                   tf32_matmul=tf32_enabled("matmul"), tf32_cudnn=tf32_enabled("cudnn"))
     from . import native, ops
 
-    env["auto_backend"] = ops.resolve_backend("auto", device)  # what backend="auto" runs here
+    try:  # what backend="auto" runs here (FASTFAIR_BACKEND naming an unusable backend: recorded, not raised)
+        env["auto_backend"] = ops.resolve_backend("auto", device)
+    except (RuntimeError, ValueError) as e:
+        env["auto_backend"] = f"error: {str(e).splitlines()[0][:200]}"
     env["native_cpu"] = native.cpu_variant()  # which CPU module build runs: portable, v3, v4, native (or None)
     with contextlib.suppress(OSError):
         env["loadavg"] = os.getloadavg()
     return env
+
+
+def same_environment(a: dict, b: dict) -> bool:
+    """Two recorded environments agree on every field both record. A field only one of them has (added to the
+    record by a later fastfair, e.g. the TF32 settings) is unknown for the other, not a difference: a run resumed
+    after an upgrade is not reported as made in two environments for it."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def add_environment(envs: list, env: dict) -> None:
+    """Append ``env`` to the run's list unless one already recorded is the same (``same_environment``)."""
+    if env and not any(same_environment(e, env) for e in envs):
+        envs.append(env)
 
 
 def provenance(device) -> dict:

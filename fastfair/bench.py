@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -674,28 +675,71 @@ def e2e_case(model: str, mode: str, device: str, dtype: str, images: int, steps:
     return out
 
 
+class CaseFailed(RuntimeError):
+    """An e2e case's process failed; the message is its exception (type included) and where it was raised."""
+
+
 def _e2e_subprocess(spec: dict, timeout: float | None) -> dict:
     cmd = [sys.executable, "-m", "fastfair.bench", "--child", json.dumps(spec)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
-        raise RuntimeError(_child_error(p.stderr) or f"exit {p.returncode}")
+        why = _child_error(p.stderr)
+        if not why:
+            why = f"exit {p.returncode}"
+            if p.returncode < 0:
+                import signal
+
+                with contextlib.suppress(ValueError):
+                    why = f"killed by {signal.Signals(-p.returncode).name}"
+        raise CaseFailed(why)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+_WARNING_LINE = re.compile(r"^(\S+:\d+: \w*Warning: |\[W\d* )")  # warnings.warn's / torch's C++ warnings
+_NOT_MESSAGE = ("Traceback (most recent call last)", "During handling of the above exception",
+                "The above exception was the direct cause", "terminate called", "Exception raised from ")
+
+
+def _exception_at(lines: list[str], tb: int) -> tuple[list[str], str | None]:
+    """The exception of the traceback starting at ``lines[tb]``: its message lines (the first unindented line
+    after the frames, then its continuation lines up to a blank line or what Python / C++ print next) and the
+    innermost frame ("File ..., line N, in f")."""
+    i, frame = tb + 1, None
+    while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
+        if lines[i].lstrip().startswith("File "):
+            frame = lines[i].strip()
+        i += 1
+    msg = []
+    for ln in lines[i:i + 8]:
+        if not ln.strip() or ln.startswith(_NOT_MESSAGE) or _WARNING_LINE.match(ln):
+            break
+        msg.append(ln.strip())
+    return msg, frame
+
+
 def _child_error(stderr: str) -> str:
-    """The failed case's exception: from the last traceback's exception line on (a CUDA error's cause is its
-    first line, "CUDA error: an illegal memory access ..."; its last is the generic TORCH_USE_CUDA_DSA hint),
-    else the last line of stderr."""
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    if not lines:
+    """The failed case's exception: the last traceback's exception line with its continuation lines and the frame
+    that raised it (a CUDA error's cause is its first line, "CUDA error: an illegal memory access ..."; its last is
+    the generic TORCH_USE_CUDA_DSA hint; C++ abort output may follow), its direct cause when chained; with no
+    Python traceback a C++ ``what():`` / CUDA error line; else stderr's last line. ``; ``-joined, one line."""
+    lines = stderr.rstrip().splitlines()
+    if not any(ln.strip() for ln in lines):
         return ""
-    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")), default=None)
-    if tb is not None:
-        for i in range(len(lines) - 1, tb, -1):  # the exception line: the first unindented line after the frames
-            if not lines[i].startswith((" ", "\t")) and (i == tb + 1 or lines[i - 1].startswith(" ")):
-                frame = next((ln.strip() for ln in reversed(lines[tb:i]) if ln.lstrip().startswith("File ")), None)
-                return " | ".join(lines[i:]) + (f" (raised at {frame})" if frame else "")
-    return lines[-1]
+    tbs = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if tbs:
+        msg, frame = _exception_at(lines, tbs[-1])
+        if msg:
+            out = "; ".join(msg)[:500] + (f" (raised at {frame})" if frame else "")
+            if len(tbs) > 1 and any(ln.startswith("The above exception was the direct cause")
+                                    for ln in lines[tbs[-2]:tbs[-1]]):
+                cause, _ = _exception_at(lines, tbs[-2])
+                if cause:
+                    out += f"; caused by {cause[0][:200]}"
+            return out
+    for ln in lines:
+        if "what():" in ln or "CUDA error" in ln:
+            return ln.strip()[:500]
+    return next(ln.strip() for ln in reversed(lines) if ln.strip())[:500]
 
 
 def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None = None, images: int | None = None,
@@ -741,7 +785,8 @@ def e2e_suite(device: torch.device, dtype: str, quick: bool, model: str | None =
                         log(f"# e2e: {m} {mode}: {row['images_per_s']:.4f} images/s, {row['peak_mb']:.0f} MB "
                             f"({time.perf_counter() - t0:.0f} s)")
                     except Exception as e:
-                        row.update(available=True, error=f"{type(e).__name__}: {e}"[:800])
+                        msg = str(e) if isinstance(e, CaseFailed) else f"{type(e).__name__}: {e}"
+                        row.update(available=True, error=msg[:800])
                         log(f"# e2e: {m} {mode}: {row['error']}")
                 rows.append(row)
                 if on_progress:
@@ -774,6 +819,11 @@ def _f(x, fmt):
     return "" if x is None else fmt.format(x)
 
 
+def _cell(text) -> str:
+    """Text for one markdown table cell: one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def to_markdown(res: dict) -> str:
     env, ceil = res["environment"], res.get("ceilings", {})
     L = [f"# fastfair bench: {env['device_name']}", "",
@@ -800,7 +850,7 @@ def to_markdown(res: dict) -> str:
                  if r["method"] == "sdpa" and "graph_ms" in r}
         for r in res["kernels"]:
             if "error" in r:
-                L.append(f"| {r['shape']} | {r['B']} | {r['pass_']} | {r['method']} | error: {r['error']} "
+                L.append(f"| {r['shape']} | {r['B']} | {r['pass_']} | {r['method']} | error: {_cell(r['error'])} "
                          "|  |  |  |  |  |  |  |  |  |  |")
                 continue
             base = sdpa.get((r["shape"], r["B"], r["pass_"]))
@@ -822,7 +872,7 @@ def to_markdown(res: dict) -> str:
                          f"{r['images_per_s']:.4f} | {r['peak_mb']:.0f} | {r['peak_mb_per_image']:.0f} |")
             else:
                 L.append(f"| {r['model']} | {r['group']} | {r['mode']} | | | "
-                         f"{r.get('error') or 'unavailable: ' + str(r.get('reason'))} | | |")
+                         f"{_cell(r.get('error') or 'unavailable: ' + str(r.get('reason')))} | | |")
         if res.get("e2e_ratios"):
             L += ["", "| model | workload | fastfair / alternative | throughput ratio | peak memory ratio | "
                       "per image in flight |", "|---|---|---|---|---|---|"]

@@ -376,7 +376,8 @@ class DFTConfig:
     width: int | None = None
     gradient_checkpointing: bool = True
     attention: str | None = None                   # fastfair (patched processor, fastfair.ops) | diffusers; None:
-                                                   # fastfair on UNets, diffusers (SDPA) on SD3 / Flux
+                                                   # fastfair on UNets on the CPU, diffusers (SDPA) on CUDA and on
+                                                   # SD3 / Flux; fastfair whenever a backend is named
     backend: str = "auto"
     lr: float = 5e-5
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -562,7 +563,8 @@ def _model_kind(pipe) -> str:
 
 def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
     """The settings left to the model (None): DPM-Solver++, the paper's 7.5 and fastfair's attention on UNets (SDPA
-    on CUDA); the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux."""
+    on CUDA); the pipeline's flow-matching Euler, the pipeline's guidance scale and SDPA on SD3 / Flux. A named
+    ``backend`` takes fastfair's attention (the only one that runs it)."""
     mmdit = kind in ("sd3", "flux")
     if cfg.scheduler is None:
         cfg.scheduler = "pipeline" if mmdit else "dpm++"
@@ -571,11 +573,13 @@ def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
     if cfg.attention is None:
         # UNets on CUDA: diffusers' SDPA too. Its CUDA kernels (flash / memory-efficient) keep no probabilities for
         # the backward either, and on an H200 (bench/RESULTS.md, 2026-11-27) fastfair's Triton forward + backward
-        # took 0.95-2.6x SDPA's time at SD1.5's shapes, and a DFT step at SD1.5 size with 8 images through them died
-        # of a CUDA error (not understood yet). On the CPU SDPA's math path keeps every probability for the
+        # took 0.95-2.6x SDPA's time at SD1.5's shapes (fp16; fp32 unmeasured), and a DFT step at SD1.5 size with 8
+        # images through them died of a CUDA error (not understood yet). On the CPU SDPA's math path keeps every probability for the
         # backward; fastfair's does not.
+        # A fastfair backend named (backend="triton" / "native" / "reference"): fastfair's attention, which runs it.
         on_cuda = getattr(getattr(pipe, "device", None), "type", None) == "cuda"
-        cfg.attention = "diffusers" if (mmdit or on_cuda) else "fastfair"
+        named = (cfg.backend or "auto") != "auto"
+        cfg.attention = "fastfair" if named else ("diffusers" if (mmdit or on_cuda) else "fastfair")
 
 
 def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:

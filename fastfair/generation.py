@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import concepts, metrics
-from ._env import provenance
+from ._env import add_environment, provenance
 from ._io import FolderLock, atomic_write
 from .maps import Aggregation, MapRecorder
 from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
@@ -329,8 +329,8 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             config = config or info["config"]
             targets += info.get("edit_targets") or []
             blocked += info.get("safety_blocked") or []
-            if info.get("environment") and info["environment"] not in envs:
-                envs.append(info["environment"])
+            if info.get("environment"):
+                add_environment(envs, info["environment"])
             latents.append(t["latents"])
             for w in info["words"]:
                 maps.setdefault(w, []).append(t[f"maps/{w}"])

@@ -80,7 +80,8 @@ def _native_usable(device: torch.device) -> bool:
 
 
 def _native_unbuilt_warning(device: torch.device) -> None:
-    """Warn once that the native extension is missing (it was asked for, or auto would use it)."""
+    """Warn once that the native extension is missing and auto runs the reference instead (a backend named
+    explicitly raises: resolve_backend)."""
     try:
         importlib.import_module("fastfair.native").warn_unbuilt(device)
     except ImportError:  # pragma: no cover
@@ -154,7 +155,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not _BACKENDS[backend].usable(device):
         # a backend asked for by name (argument or FASTFAIR_BACKEND) runs or says why: never another one silently
         # (an explicit 'native' used to fall back to the reference with a warning, recording a run as native's)
-        if backend == "native":
+        if backend == "native" and device.type not in ("cpu", "cuda"):
+            hint = "the native backend runs on CPU and CUDA tensors; use backend='auto' or 'reference'"
+        elif backend == "native":
             what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
             try:
                 mod = importlib.import_module("fastfair.native")

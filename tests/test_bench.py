@@ -171,3 +171,42 @@ def test_failed_e2e_case_keeps_the_cause(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3, "", ""))
     with pytest.raises(RuntimeError, match="exit 3"):
         bench._e2e_subprocess({"mode": "gen-plain"}, None)
+
+
+@pytest.mark.parametrize("stderr,want", [
+    # a CUDA error, then the C++ abort at exit: the Python exception, not the abort's frames
+    ("Traceback (most recent call last):\n  File \"d.py\", line 9, in step\n    f()\nRuntimeError: CUDA error: an "
+     "illegal memory access was encountered\nCompile with `TORCH_USE_CUDA_DSA`.\n\nterminate called after throwing\n"
+     "  what():  CUDA error: x\nException raised from check at c.cpp:4\nframe #0: c10::Error\n",
+     "RuntimeError: CUDA error: an illegal memory access was encountered; Compile with `TORCH_USE_CUDA_DSA`. "
+     "(raised at File \"d.py\", line 9, in step)"),
+    # no Python traceback: the C++ what() line
+    ("terminate called after throwing\n  what():  CUDA error: misaligned address\nframe #1: <unknown> + 0x12\n",
+     "what():  CUDA error: misaligned address"),
+    # warnings printed after the traceback are not part of the message
+    ("Traceback (most recent call last):\n  File \"a.py\", line 3, in f\nValueError: boom\n"
+     "/lib/resource_tracker.py:254: UserWarning: leaked semaphore\n", "ValueError: boom (raised at File \"a.py\", "
+     "line 3, in f)"),
+    # a chained exception names its direct cause
+    ("Traceback (most recent call last):\n  File \"a.py\", line 3, in f\nKeyError: 'x'\n\nThe above exception was "
+     "the direct cause of the following exception:\n\nTraceback (most recent call last):\n  File \"b.py\", line 9, "
+     "in g\nValueError: bad config\n", "ValueError: bad config (raised at File \"b.py\", line 9, in g); caused by "
+     "KeyError: 'x'"),
+])
+def test_child_error_finds_the_exception(stderr, want):
+    from fastfair.bench import _child_error
+
+    assert _child_error(stderr) == want
+
+
+def test_failed_case_row_keeps_the_markdown_table(tmp_path, monkeypatch):
+    """An error text with pipes and newlines stays one cell: the e2e table keeps its 8 columns."""
+    from fastfair import bench
+
+    res = {"suite": "e2e", "dtype": "fp32", "quick": True, "backends": {},
+           "environment": {"device_name": "cpu", "date": "d", "torch": "t", "triton": None, "diffusers": "x",
+                           "git_revision": None},
+           "e2e": [{"model": "m", "group": "g", "mode": "dft-fastfair", "available": True,
+                    "error": "RuntimeError: a | b\nc"}], "e2e_ratios": []}
+    rows = [ln for ln in bench.to_markdown(res).splitlines() if ln.startswith("| m |")]
+    assert len(rows) == 1 and rows[0].replace("\\|", "").count("|") == 9, rows

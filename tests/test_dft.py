@@ -780,7 +780,17 @@ def test_default_attention_follows_the_device():
     cfg = DFTConfig(attention="fastfair")
     _resolve_defaults(cfg, "sdxl", SimpleNamespace(unet=unet, device=torch.device("cuda")))
     assert cfg.attention == "fastfair"
+    for backend in ("triton", "native", "reference"):  # a named backend runs: fastfair's attention, on CUDA too
+        cfg = DFTConfig(backend=backend)
+        _resolve_defaults(cfg, "sd", SimpleNamespace(unet=unet, device=torch.device("cuda")))
+        assert cfg.attention == "fastfair", backend
     pipe = fastfair.load_pipeline("tiny-sd3")
     cfg = DFTConfig()
     _resolve_defaults(cfg, "sd3", pipe)
     assert cfg.attention == "diffusers"
+    cfg = DFTConfig(backend="reference")
+    _resolve_defaults(cfg, "sd3", pipe)
+    assert cfg.attention == "fastfair"
+    if HAVE_PEFT:  # a real CPU pipeline through the trainer
+        tr = DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(), quality_encoder=None)
+        assert tr.cfg.attention == "fastfair"

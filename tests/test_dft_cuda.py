@@ -1,6 +1,6 @@
 """DFT on a GPU: the paths the CPU machine cannot run (CUDA autocast in fp16 / bf16 with the GradScaler, SD3 in
 bf16 on CUDA; the Triton backward inside DFT's sampler is tests/test_triton_engine.py's, CPU and GPU). Skipped
-without CUDA; the GPU session runs them (bench/gpu_next.sh A)."""
+without CUDA; the GPU session runs them (bench/gpu_session.sh 1)."""
 import math
 
 import pytest
@@ -32,8 +32,8 @@ def test_autocast_step_is_finite_and_close_to_fp32(mp, attention):
     gradients that overflow fp16 at it skip the update and halve the scale (the H200 run of 2026-11-27 saw the
     first fp16 step skipped), so fp16 must update within a few steps, with a lower scale, and stay finite."""
     ref, _ = _step("tiny-sd", trainable="text+unet-lora", attention=attention)
-    torch.manual_seed(0)
     pipe = fastfair.load_pipeline("tiny-sd", device="cuda")
+    torch.manual_seed(0)  # as _step
     cfg = small(trainable="text+unet-lora", mixed_precision=mp, attention=attention)
     tr = DFTTrainer(pipe, [PROMPT], RedClassifier(), cfg, quality_encoder=None)
     recs = [tr.step()]

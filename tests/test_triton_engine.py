@@ -24,9 +24,10 @@ def _no_tf32():
     """fp32 convolutions and matmuls in full fp32, as on the CPU. On a GPU cuDNN runs fp32 convolutions in TF32 by
     default (torch.backends.cudnn.allow_tf32): each rounds its inputs to 10 mantissa bits, so two runs whose
     attention outputs differ by 1e-7 (kernel vs reference) round some conv inputs differently and drift apart.
-    On the H200 (2026-11-27) that put tiny-sd's maps 1.4e-4 apart and its guided latents 1.8%; SD3 / Flux (no
-    convolutions after their first attention) matched to 1e-5. Reproduced on the CPU by emulating TF32
-    convolutions in the interpreter (maps 2.3e-4, guided latents 1.4%), and gone with them off."""
+    On the H200 (2026-11-27) that put tiny-sd's maps 1.4e-4 apart and its guided latents 1.8%, and SD3's guided
+    latents 2% over their tolerance; SD3 / Flux maps (no convolutions after their first attention) matched to
+    1e-5. Reproduced on the CPU by emulating TF32 convolutions in the interpreter (bench/tf32_emulation.py: maps
+    2.3e-4, guided latents 1.4%, SD3 guided 5.75e-4 over 5.11e-4), and gone with them off."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield

@@ -178,9 +178,9 @@ def _env_diff(a: _Run, b: _Run) -> dict:
         return {"recorded": [[str(bool(ea))], [str(bool(eb))]]} if ea or eb else {}
     out = {}
     for k in sorted({k for e in ea + eb for k in e}):
-        va = sorted({str(e.get(k)) for e in ea})
-        vb = sorted({str(e.get(k)) for e in eb})
-        if va != vb:
+        va = sorted({str(e[k]) for e in ea if k in e})
+        vb = sorted({str(e[k]) for e in eb if k in e})
+        if va and vb and va != vb:  # a field one run never recorded (an older fastfair) is unknown, not different
             out[k] = [va, vb]
     return out
 

@@ -26,6 +26,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .._env import add_environment
 from .._io import atomic_write, release_flock, try_flock
 
 COMPACT_AT = 256  # batch part files of one rank merged into one compacted part
@@ -154,7 +155,9 @@ class RunStore:
             config = dict(config, created=existing["created"])
         if existing is not None and mode != "overwrite" and existing.get("environments"):
             envs = list(existing["environments"])  # every distinct environment that added rows to the run
-            config = dict(config, environments=envs + [e for e in config.get("environments", []) if e not in envs])
+            for e in config.get("environments", []):
+                add_environment(envs, e)
+            config = dict(config, environments=envs)
         atomic_write(self.config_path, json.dumps(config, indent=2).encode())  # keeps the listed order
         return mode
 
