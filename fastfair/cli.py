@@ -839,6 +839,25 @@ def _peer_failure(e: BaseException) -> str | None:
     return None
 
 
+def _gpu_failure(e: BaseException, args, kept: str) -> str | None:
+    """Out of GPU memory, or a CUDA error (a kernel fault: the process's CUDA context is lost): the error's first
+    line and the ways out, instead of torch's multi-line text."""
+    import torch
+
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    resume = f" ({kept})" if kept else ""
+    batch = " lower --batch-size" if any(a == "batch_size" for a in vars(args)) else ""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in first.lower():
+        return f"{first[:300]} -- out of GPU memory:{batch or ' use smaller inputs'}{resume}"
+    if isinstance(e, getattr(torch, "AcceleratorError", ())) or first.startswith("CUDA error"):
+        attn = ("; --attention diffusers keeps fastfair's kernels out of DFT" if args.command == "finetune" else "")
+        return (f"{first[:300]} -- a GPU fault{resume}. To rule out fastfair's kernels rerun with "
+                f"FASTFAIR_BACKEND=reference (or native){attn}; CUDA_LAUNCH_BLOCKING=1 names the failing call "
+                "(please report it with that traceback)")
+    return None
+
+
 def _sigterm_as_interrupt():
     """SIGTERM (a batch scheduler's stop, ``kill``) raises KeyboardInterrupt, so a run stops as on Ctrl-C: finished
     work kept, the message saying how to resume. Returns the restorer (``.fired``: whether it came), or None where
@@ -909,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
-        print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or e}", file=sys.stderr)
+        print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or _gpu_failure(e, args, kept) or e}",
+              file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:  # a dependency missing (pip install --no-deps, a partial environment)
         import importlib.util

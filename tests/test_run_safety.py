@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import fastfair
 from fastfair._io import FolderLock
@@ -358,3 +359,31 @@ def test_report_names_metrics_and_counts_in_prompt_images(finished_audit):
     assert f"RD ({labels[0]} − {labels[1]})" in html and "<th scope=col>DFT bias</th>" in html
     assert ">dft_bias<" not in html
     assert len(re.findall(r"<th scope=col>mSoftIoU</th>", html)) == 2  # open-vocabulary and in-prompt tables
+
+
+@pytest.mark.parametrize("command,err,want", [
+    ("generate", RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                              "asynchronously reported\nCompile with `TORCH_USE_CUDA_DSA`"),
+     ["CUDA error: an illegal memory access was encountered -- a GPU fault (finished batches are kept: rerun with "
+      "--resume)", "FASTFAIR_BACKEND=reference", "CUDA_LAUNCH_BLOCKING=1"]),
+    ("finetune", RuntimeError("CUDA error: misaligned address\nCompile with `TORCH_USE_CUDA_DSA`"),
+     ["--attention diffusers", "rerun with --resume latest"]),
+    ("audit", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..."),
+     ["out of GPU memory: lower --batch-size (finished batches are kept: rerun with --resume)"]),
+])
+def test_gpu_failures_name_the_way_out(monkeypatch, capsys, command, err, want):
+    """A CUDA fault or running out of GPU memory prints the error's first line and what to do (not torch's
+    multi-line text ending in the TORCH_USE_CUDA_DSA hint)."""
+    from fastfair import cli
+
+    def boom(args):
+        raise err
+    monkeypatch.setattr(cli, f"_{command}", boom)
+    argv = {"generate": ["generate", "--model", "tiny-sd", "--prompt", "a doctor", "--out", "x"],
+            "finetune": ["finetune", "dft", "--model", "tiny-sd", "--out", "x"],
+            "audit": ["audit", "--model", "tiny-sd", "--out", "x"]}[command]
+    assert main(argv) == 1
+    msg = capsys.readouterr().err
+    assert msg.count("\n") == 1 and "TORCH_USE_CUDA_DSA" not in msg, msg
+    for w in want:
+        assert w in msg, (w, msg)
