@@ -75,6 +75,14 @@ PASSES = ("fwd", "bwd_full", "bwd_maps_dq", "soft_iou")
 # environment
 # ------------------------------------------------------------------------------------------------
 
+def _select(status: dict, methods) -> dict:
+    """``status`` with the methods not in ``methods`` (None: all) marked unavailable: not selected."""
+    if methods is None:
+        return status
+    return {m: (s if m in methods else {"available": False, "reason": "not selected (--methods)"})
+            for m, s in status.items()}
+
+
 def backend_status(device: torch.device) -> dict:
     """{method: {"available": bool, "reason": str | None}} for every method of the kernel suite."""
     import importlib.util
@@ -974,8 +982,9 @@ def write_png(res: dict, path: Path) -> str:
 
 def run(suite: str = "all", device: str = "cpu", dtype: str | None = None, quick: bool = False,
         out: str | os.PathLike = "bench-out", model: str | None = None, images: int | None = None,
-        steps: int | None = None, log=None) -> dict:
-    """Run the benchmark; write ``out/bench.json``, ``out/bench.md``, ``out/bench.png``; return the results."""
+        steps: int | None = None, log=None, methods=None) -> dict:
+    """Run the benchmark; write ``out/bench.json``, ``out/bench.md``, ``out/bench.png``; return the results.
+    ``methods``: the kernel suite's methods to time (names of METHOD_ORDER, a list or comma-separated; None: all)."""
     if suite not in ("kernels", "e2e", "all"):
         raise ValueError(f"suite must be kernels, e2e or all; got {suite!r}")
     dev = torch.device(device)
@@ -985,11 +994,18 @@ def run(suite: str = "all", device: str = "cpu", dtype: str | None = None, quick
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if methods is not None:
+        unknown = sorted(set(methods) - set(METHOD_ORDER))
+        if unknown or not methods:
+            raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(METHOD_ORDER)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = {"suite": suite, "device": str(dev), "dtype": dtype, "quick": quick, "environment": environment(dev),
-           "backends": backend_status(dev), "timing": "CPU: torch.utils.benchmark; CUDA: triton.testing.do_bench "
+           "backends": _select(backend_status(dev), methods), "timing": "CPU: torch.utils.benchmark; CUDA: triton.testing.do_bench "
                                                      "(else CUDA events), rotating inputs > 2x L2"}
     from ._io import atomic_write
 
@@ -1029,12 +1045,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="e2e model: a preset, random-sd15, random-sdxl, a hub id or folder")
     p.add_argument("--images", type=int, default=None, help="e2e images per case")
     p.add_argument("--steps", type=int, default=None, help="e2e sampling steps")
+    p.add_argument("--methods", default=None,
+                   help="kernel suite: a comma-separated subset of " + ", ".join(METHOD_ORDER) + " (default: every "
+                        "available one; the others are listed as not selected)")
 
 
 def cli_main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = run(args.suite, device, args.dtype, args.quick, args.out, model=args.model, images=args.images,
-              steps=args.steps)
+              steps=args.steps, methods=args.methods)
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {', '.join(res['outputs'].values())} ({res['wall_s']:.0f} s)")
     return 0

@@ -210,3 +210,15 @@ def test_failed_case_row_keeps_the_markdown_table(tmp_path, monkeypatch):
                     "error": "RuntimeError: a | b\nc"}], "e2e_ratios": []}
     rows = [ln for ln in bench.to_markdown(res).splitlines() if ln.startswith("| m |")]
     assert len(rows) == 1 and rows[0].replace("\\|", "").count("|") == 9, rows
+
+
+def test_methods_subset(tmp_path):
+    """--methods times only the methods named; the others are listed as not selected; unknown names are refused."""
+    from fastfair import bench
+
+    res = bench.run("kernels", "cpu", quick=True, out=tmp_path, methods="fastfair-reference, sdpa", log=lambda s: None)
+    assert {r["method"] for r in res["kernels"]} == {"fastfair-reference", "sdpa"}
+    assert res["backends"]["explicit"] == {"available": False, "reason": "not selected (--methods)"}
+    assert "unavailable: not selected (--methods)" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ValueError, match="unknown flash.*choose from fastfair-triton"):
+        bench.run("kernels", "cpu", quick=True, out=tmp_path, methods="flash")
