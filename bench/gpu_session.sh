@@ -42,6 +42,8 @@ if [ "$PART" = 1 ]; then
   python3 -c "import torch, triton, fastfair.ops as o; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), o.available_backends('cuda'), 'auto ->', o.resolve_backend('auto', torch.device('cuda')))" | tee -a "$RES/setup.txt"
   log "call overhead"
   for be in triton native; do timeout 40 python3 bench/bench_call_overhead.py --device cuda --backend $be 2>&1 | tail -7; done | tee "$RES/overhead.txt"
+  # where Triton's ~75 us per call over SDPA goes: compiles / JIT runs / launches / ATen ops per call on the real driver
+  timeout $(cap 60 300) python3 bench/triton_host_overhead.py --device cuda --calls 200 2>&1 | tail -8 | tee -a "$RES/overhead.txt"
   log "DFT fault repro"
   timeout $(cap 200 120) python3 bench/repro_dft_fault.py --budget $(cap 190 130) 2>&1 | tee "$RES/repro_dft.txt"
   if [ "${KERNELS:-0}" = 1 ]; then
