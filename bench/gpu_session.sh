@@ -7,6 +7,8 @@
 #                                 KERNELS=1: `fastfair bench --suite kernels` before the e2e suite (the kernels have
 #                                 not changed since the 2026-11-27 table unless the git log says so)
 #   bash bench/gpu_session.sh 2   (on the same warm machine, within 30 s) e2e on random-sdxl
+#   bash bench/gpu_session.sh 3   (instead of 2) bench/triton_sweep.py: head groups, row tiles, query splits, key
+#                                 tile split, DIV_D, stages -- what the kernel time (1.5-3.1x SDPA) is made of
 # BUDGET (seconds) bounds the whole call; $OUT gets results.tgz and summary.md. Every bench leaves
 # bench.partial.json behind if it is cut, so a timeout loses only the case in flight.
 set -u
@@ -56,6 +58,9 @@ if [ "$PART" = 1 ]; then
   log "fastfair bench e2e random-sd15"
   timeout $(cap 400 5) python3 -m fastfair bench --suite e2e --model random-sd15 --device cuda --dtype fp16 \
     --out "$RES/bench_e2e_sd15" > "$RES/bench_e2e_sd15.log" 2>&1; echo "rc=$?"; grep "^# e2e" "$RES/bench_e2e_sd15.log"
+elif [ "$PART" = 3 ]; then
+  log "triton tile / split sweep (CUDA graphs)"
+  timeout $(cap 400 10) python3 bench/triton_sweep.py > "$RES/sweep.txt" 2>&1; echo "rc=$?"; tail -40 "$RES/sweep.txt"
 else
   log "fastfair bench e2e random-sdxl"
   timeout $(cap 400 5) python3 -m fastfair bench --suite e2e --model random-sdxl --device cuda --dtype fp16 \
