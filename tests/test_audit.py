@@ -397,3 +397,19 @@ def test_occurrence_check_counts_words_not_tokens():
     _resolve_or_raise(pipe, "a photo of the face of a nurse/doctor", "doctor", "profession")
     with pytest.raises(AuditInputError, match="occurs more than once"):
         _resolve_or_raise(pipe, "a photo of a doctor and a Doctor", "doctor", "profession")
+
+
+def test_batch_size_over_the_seed_count_is_said(tmp_path):
+    """An audit's GPU batch holds one prompt's seeds: a --batch-size above the seed count says so (a user raising it
+    for throughput would otherwise get batches of the seed count without a word); at or under it, nothing."""
+    import warnings
+
+    from fastfair.audit import AuditInputError
+
+    with pytest.warns(UserWarning, match=r"batch_size 16 > 4 seed\(s\).*at most 4 image"), \
+            pytest.raises(AuditInputError, match="steps"):
+        fastfair.audit("tiny-sd", "list:doctor", seeds=4, batch_size=16, steps=0, out=tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(AuditInputError, match="steps"):
+            fastfair.audit("tiny-sd", "list:doctor", seeds=4, batch_size=4, steps=0, out=tmp_path / "b")

@@ -328,6 +328,12 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         targets_v = parse_targets(targets, sets)
         if batch_size < 1:
             raise AuditInputError(f"batch_size must be >= 1; got {batch_size}")
+        if batch_size > len(seeds):
+            import warnings
+
+            warnings.warn(f"batch_size {batch_size} > {len(seeds)} seed(s): an audit's GPU batch holds one prompt's "
+                          f"seeds (a profession, or a profession with one class word), so at most {len(seeds)} "
+                          "image(s); more seeds per profession fill larger batches", UserWarning, stacklevel=2)
         if not 0 <= percentile < 100:  # at 100 no pixel is strictly above the threshold: every IoU undefined
             raise AuditInputError(f"percentile must be in [0, 100); got {percentile} (BiasMap uses 70)")
         if steps < 1:
