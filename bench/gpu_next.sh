@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# First choice for a 15-minute lease: bench/gpu_session.sh (its order follows the 2026-11-27 H200 run). This script
+# keeps the longer runs it does not do: guided sampling, MMDiT attribution and Fair Diffusion benches (B), the MMDiT
+# sweep and the torch.compile check (C).
 # The GPU checks still owed (issues 3, 4, 9), in device calls of <= 9 minutes each (A and B first; C if time is left):
 #   bash bench/gpu_next.sh A   setup, per-call cost (triton, native; Triton launch counts), Triton + native
 #                              CUDA tests (xdist, incl. the direct-launch path now on by default; DFT's CUDA
