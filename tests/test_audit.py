@@ -136,6 +136,10 @@ def test_summary_matches_the_rows(run):
                                                          "female|White", "female|African-American"]
     ip = df[(df["kind"] == "inprompt") & (df["attribute"] == "gender")]
     assert s["adherence"]["gender"]["overall"] == pytest.approx((ip["pred_gender"] == ip["label"]).mean())
+    for lab in ("male", "female"):  # each word's share and the count it is of
+        rows = ip[ip["label"] == lab]
+        assert s["adherence"]["gender"]["per_label_n"][lab] == len(rows)
+        assert s["adherence"]["gender"]["per_label"][lab] == pytest.approx((rows["pred_gender"] == lab).mean())
 
 
 def _toy_config(profs, labels=("male", "female"), targets=None):

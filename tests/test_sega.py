@@ -448,8 +448,10 @@ def test_audit_reports_fair_diffusion_steering(tiny_sd, tmp_path):
                          progress=False, n_boot=0, classifier=AlwaysFemale(), entanglement="none",
                          edit_guidance=FairDiffusion.preset("gender", warmup=0), out=tmp_path / "s")
     st = res.summary["steering"]["gender"]
-    assert st == {"overall": 0.5, "n": 4, "per_target": {"female": 1.0, "male": 0.0}}
-    assert "Fair Diffusion steering" in (res.run_dir / "report.html").read_text()
+    assert st == {"overall": 0.5, "n": 4, "per_target": {"female": 1.0, "male": 0.0},
+                  "per_target_n": {"female": 2, "male": 2}}
+    page = (res.run_dir / "report.html").read_text()
+    assert "Fair Diffusion steering" in page and "female 100% of 2" in page and "male 0% of 2" in page
 
 
 def test_edit_rows_ride_on_the_pipeline_call(sd64):
@@ -534,4 +536,6 @@ def test_audit_steering_of_joint_fair_diffusion(tiny_sd, tmp_path):
         st = res.summary["steering"]
         assert st["gender"]["overall"] == 0.5 and st["race"]["overall"] == 0.5
         assert st["gender×race"] == {"overall": 0.25, "n": 4, "per_target": {
-            "male|White": 0.0, "male|African-American": 0.0, "female|White": 1.0, "female|African-American": 0.0}}
+            "male|White": 0.0, "male|African-American": 0.0, "female|White": 1.0, "female|African-American": 0.0},
+            "per_target_n": {"male|White": 1, "male|African-American": 1, "female|White": 1,
+                             "female|African-American": 1}}

@@ -297,8 +297,12 @@ def _share_table(blocks: dict, per: str, title: str, blurb: str, head: list) -> 
     """A section of per-set shares ({set: {"overall", "n", per: {class: share}}}), or nothing."""
     if not blocks:
         return []
+    def word(a, k, v):  # the share and, in runs that record it, how many images it is of
+        n = (a.get(per + "_n") or {}).get(k)
+        return f"{E(k)} {100 * v:.0f}%" + (f" of {n}" if n is not None else "")
+
     rows = [[E(n), f"{100 * a['overall']:.1f}%" if a["overall"] is not None else "–", a["n"]]
-            + [", ".join(f"{E(k)} {100 * v:.0f}%" for k, v in a[per].items() if v is not None)]
+            + [", ".join(word(a, k, v) for k, v in a[per].items() if v is not None)]
             for n, a in blocks.items()]
     return [f"<h2>{E(title)}</h2><p>{E(blurb)}</p>", _table(head, rows)]
 

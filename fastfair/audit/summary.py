@@ -214,7 +214,9 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                 hit = (pred[ok] == rows.loc[ok, "label"])
                 adh[name] = {"overall": _f(hit.mean()), "n": int(ok.sum()),
                              "per_label": {lab: _f(hit[rows.loc[ok, "label"] == lab].mean())
-                                           for lab in attrs[name]["labels"]}}
+                                           for lab in attrs[name]["labels"]},
+                             "per_label_n": {lab: int((rows.loc[ok, "label"] == lab).sum())
+                                             for lab in attrs[name]["labels"]}}
             out["adherence"] = adh
         if "edit_target" in neutral.columns and neutral["edit_target"].notna().any():
             # Fair Diffusion: how often the classifier sees the group each neutral image was steered to, for
@@ -232,7 +234,9 @@ def summarize(df, config: dict, targets: dict | None = None, n_boot: int | None 
                 hit = pred[ok] == want[ok]
                 return {"overall": _f(hit.mean()), "n": int(ok.sum()),
                         "per_target": {lab: _f(hit[want[ok] == lab].mean()) for lab in labels
-                                       if (want[ok] == lab).any()}}
+                                       if (want[ok] == lab).any()},
+                        "per_target_n": {lab: int((want[ok] == lab).sum()) for lab in labels
+                                         if (want[ok] == lab).any()}}
 
             part_of = {}  # attribute set -> the joint target's component that names its groups
             for name, a in attrs.items():
