@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -124,7 +126,8 @@ def test_part_files_are_compacted_without_changing_the_rows(tiny_sd, tmp_path, m
     comp = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "comp", **kw)
     parts = _parts(tmp_path / "comp")
     assert sum(p.name.startswith("part-r0-compact-") for p in parts) == n_batches // 3 and len(parts) < n_batches
-    cols = [c for c in plain.results.columns if c not in ("seconds",)]
+    cols = [c for c in plain.results.columns if c not in ("seconds", "maps")]  # maps: compacted shards' names
+    assert all((tmp_path / "comp" / m).exists() for m in comp.results["maps"] if isinstance(m, str))
     a = plain.results[cols].sort_values("work_id").reset_index(drop=True)
     b = comp.results[cols].sort_values("work_id").reset_index(drop=True)
     import pandas as pd
@@ -150,3 +153,61 @@ def test_earlier_sessions_batch_parts_count_towards_compaction(tmp_path):
     (parts / f"part-r1-{9:020x}.parquet").write_bytes(b"")          # another rank's
     (parts / "part-r0-compact-0123456789abcdef0123.parquet").write_bytes(b"")  # already compacted
     assert store.count_batch_parts() == 5 and store._batch_parts == 5
+
+
+def test_map_shards_are_compacted_with_their_parts(tiny_sd, tmp_path, monkeypatch):
+    """Compaction also merges the batches' map shards (a run of 100,000 images kept 12,500 shard files): every
+    row's `maps` names a shard that exists and holds its maps, equal to an uncompacted run's; the report reads
+    them; a kill after the compacted part is written (sources not yet deleted) loses nothing, and the next
+    compaction (other sources, so other shard names) never overwrites a shard a surviving part names."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from fastfair.audit import store as S
+
+    kw = dict(ARGS, pipeline=tiny_sd, entanglement="open,inprompt")
+    plain = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "plain", **kw)
+    monkeypatch.setattr(S, "COMPACT_AT", 3)
+    comp = fastfair.audit("tiny-sd", "list:doctor,nurse", out=tmp_path / "comp", **dict(kw, report=True))
+    shards = sorted((tmp_path / "comp" / "maps").glob("*.safetensors"))
+    n_plain = len(list((tmp_path / "plain" / "maps").glob("*.safetensors")))
+    assert any("compact-" in p.name for p in shards) and len(shards) < n_plain
+
+    def maps_of(res, root):
+        out = {}
+        for r in res.results.itertuples():
+            t = load_file(str(root / r.maps))
+            keys = sorted(k for k in t if k.startswith(r.work_id + ":"))
+            assert keys, (r.work_id, r.maps)
+            out[r.work_id] = {k: t[k] for k in keys}
+        return out
+    a, b = maps_of(plain, tmp_path / "plain"), maps_of(comp, tmp_path / "comp")
+    assert a.keys() == b.keys()
+    for w in a:
+        assert a[w].keys() == b[w].keys() and all(torch.equal(a[w][k], b[w][k]) for k in a[w])
+    assert "<img" in (tmp_path / "comp" / "report.html").read_text()  # overlays read from the compacted shards
+
+    # a kill right after the compacted part is written: the batch parts and their shards stay
+    run = tmp_path / "kill"
+    real_unlink = Path.unlink
+
+    class Killed(Exception):
+        pass
+
+    def dying_unlink(self, *a, **k):
+        if self.suffix in (".parquet", ".safetensors") and ("/parts/" in str(self) or "/maps/" in str(self)):
+            raise Killed
+        return real_unlink(self, *a, **k)
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(Killed):
+        fastfair.audit("tiny-sd", "list:doctor,nurse", out=run, **kw)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    rows = S.RunStore(run).read_rows()
+    assert all((run / m).exists() for m in rows["maps"])
+    again = fastfair.audit("tiny-sd", "list:doctor,nurse", out=run, resume=True, **kw)
+    assert len(again.results) == N_ROWS and again.results["work_id"].is_unique
+    b2 = maps_of(again, run)
+    assert all(torch.equal(a[w][k], b2[w][k]) for w in a for k in a[w])
+    cols = [c for c in plain.results.columns if c not in ("seconds", "maps")]
+    pd.testing.assert_frame_equal(plain.results[cols].sort_values("work_id").reset_index(drop=True),
+                                  again.results[cols].sort_values("work_id").reset_index(drop=True))

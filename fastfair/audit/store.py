@@ -6,6 +6,8 @@ Layout::
     RUN/parts/part-r{rank}-{id}.parquet  committed rows, one file per finished batch
     RUN/images/{id[:2]}/{work_id}.png
     RUN/maps/maps-r{rank}-{id}.safetensors  the batch's maps (float16), keys "{work_id}:{mode}:{word}:{role}"
+                                       (compacted: maps-r{rank}-compact-{hash}.safetensors; a row's ``maps``
+                                       column names its shard)
     RUN/results.parquet                merged rows (written at the end, by rank 0)
     RUN/summary.json, RUN/report.html
     RUN/locks/rank{r}.lock             held (flock) while a process works on the directory
@@ -15,12 +17,15 @@ goes through a temporary file and an atomic rename, so a process killed at any i
 either a complete part file or none. Every ``COMPACT_AT`` batch part files of a rank are merged into
 one ``part-r{rank}-compact-{first}.parquet`` (written atomically before its sources are deleted, so a kill in
 between leaves duplicate rows of the same work ids, which readers drop): a run of 100,000 images in
-batches of 8 keeps ~50 part files instead of 12,500, and resuming reads them in seconds. Rows whose part file exists are done; ``--resume`` skips
+batches of 8 keeps ~50 part files instead of 12,500, and resuming reads them in seconds. Their map shards are
+merged likewise (into shards of at most ``SHARD_BYTES``, written before the part that names them; the old shards
+are deleted after the parts). Rows whose part file exists are done; ``--resume`` skips
 them, and a batch cut short is simply redone (its images and shard are rewritten under the same
 names). Stale temporary files (``.*.tmp``) are ignored and removed at the end.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -30,6 +35,7 @@ from .._env import add_environment
 from .._io import atomic_write, release_flock, try_flock
 
 COMPACT_AT = 256  # batch part files of one rank merged into one compacted part
+SHARD_BYTES = 128 * 2 ** 20  # a compacted map shard holds at most this much (a compaction's memory for maps)
 
 
 def _is_work_id(s: str) -> bool:
@@ -250,7 +256,10 @@ class RunStore:
         return [p for p in self.part_files() if p.name.startswith(pre) and _is_work_id(p.stem[len(pre):])]
 
     def compact(self) -> Path | None:
-        """Merge this rank's batch part files into one compacted part (atomic), then delete them."""
+        """Merge this rank's batch part files into one compacted part, and their map shards into a few compacted
+        shards (each written atomically, shards first, the part's ``maps`` column pointing at them), then delete
+        the sources: parts first, then the shards no part names any more. A kill at any point leaves every row
+        pointing at a shard that exists (at worst duplicate rows, which readers drop, or unreferenced shards)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -259,14 +268,60 @@ class RunStore:
         if len(parts) < 2:
             return None
         table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+        first = parts[0].stem.split("-", 2)[2]
+        old_shards: list[str] = []
+        if "maps" in table.column_names:
+            moved = self._compact_shards(table.column("maps").to_pylist())
+            if moved:
+                old_shards = list(moved)
+                col = pa.array([moved.get(m, m) if m is not None else None for m in table.column("maps").to_pylist()],
+                               type=table.schema.field("maps").type)
+                table = table.set_column(table.column_names.index("maps"), table.schema.field("maps"), col)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        out = self.parts_dir / f"part-r{self.rank}-compact-{parts[0].stem.split('-', 2)[2]}.parquet"
+        out = self.parts_dir / f"part-r{self.rank}-compact-{first}.parquet"
         atomic_write(out, buf.getvalue())
         for p in parts:
             if p != out:
                 p.unlink(missing_ok=True)
+        for rel in old_shards:
+            (self.root / rel).unlink(missing_ok=True)
         return out
+
+    def _compact_shards(self, refs: list) -> dict[str, str]:
+        """Merge this rank's per-batch map shards named in ``refs`` into compacted shards of at most
+        ``SHARD_BYTES`` each (so a compaction holds at most that much in memory); {old relpath: new relpath}.
+        Already-compacted shards and missing ones are left as they are."""
+        from safetensors.torch import load_file
+        from safetensors.torch import save as st_save
+
+        pre = f"maps/maps-r{self.rank}-"
+        todo = [r for r in dict.fromkeys(refs) if r and r.startswith(pre) and _is_work_id(r[len(pre):-12])
+                and r.endswith(".safetensors") and (self.root / r).exists()]
+        if len(todo) < 2:
+            return {}
+        moved: dict[str, str] = {}
+        groups, cur, size = [], [], 0
+        for r in todo:
+            n = (self.root / r).stat().st_size
+            if cur and size + n > SHARD_BYTES:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(r)
+            size += n
+        groups.append(cur)
+        for g in groups:
+            if len(g) < 2:
+                continue
+            tensors: dict = {}
+            for r in g:
+                tensors.update(load_file(str(self.root / r)))
+            # named by its sources: a compaction redone after a kill with other sources never overwrites a shard
+            # that a surviving compacted part still names
+            new = f"{pre}compact-{hashlib.sha256(chr(10).join(g).encode()).hexdigest()[:20]}.safetensors"
+            atomic_write(self.root / new, st_save(tensors))
+            moved.update({r: new for r in g})
+        return moved
 
     def read_rows(self):
         """All committed rows (pandas), duplicates of a work id dropped (the first file in name order wins)."""
