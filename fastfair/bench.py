@@ -1001,6 +1001,9 @@ def run(suite: str = "all", device: str = "cpu", dtype: str | None = None, quick
         if unknown or not methods:
             raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                              f"{', '.join(METHOD_ORDER)}")
+        if suite == "e2e":
+            raise ValueError("--methods selects the kernel suite's methods; --suite e2e runs none of them "
+                             "(use --suite kernels or all)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

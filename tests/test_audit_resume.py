@@ -211,3 +211,66 @@ def test_map_shards_are_compacted_with_their_parts(tiny_sd, tmp_path, monkeypatc
     cols = [c for c in plain.results.columns if c not in ("seconds", "maps")]
     pd.testing.assert_frame_equal(plain.results[cols].sort_values("work_id").reset_index(drop=True),
                                   again.results[cols].sort_values("work_id").reset_index(drop=True))
+
+
+def test_compaction_never_deletes_a_shard_a_surviving_part_names(tmp_path, monkeypatch):
+    """A kill while a compaction deletes its batch parts, then the next compaction: a shard the surviving older
+    compacted part still names (a group of one is left unmerged) must stay (a review reproduced rows naming deleted
+    shards); at the end, remove_unnamed_shards deletes only shards no part names."""
+    import random
+
+    import pyarrow as pa
+    from safetensors.torch import load_file
+
+    from fastfair.audit import store as S
+
+    rng = random.Random(0)
+    schema = pa.schema([("work_id", pa.string()), ("maps", pa.string())])
+    root = tmp_path / "run"
+
+    made = []
+
+    def batch(st):
+        ids = sorted("%020x" % rng.getrandbits(80) for _ in range(2))
+        made.extend(ids)
+        maps = {f"{w}:open:x:profession": torch.full((64, 64), float(i)).half() for i, w in enumerate(ids)}
+        st.commit([{"work_id": w, "maps": f"maps/maps-r0-{ids[0]}.safetensors"} for w in ids], schema, {}, maps,
+                  ids[0])
+
+    monkeypatch.setattr(S, "COMPACT_AT", 5)
+    st = S.RunStore(root)
+    batch(st)
+    monkeypatch.setattr(S, "SHARD_BYTES", 4 * next((root / "maps").glob("*")).stat().st_size)  # groups of 4 + 1
+    for _ in range(3):
+        batch(st)
+
+    class Killed(Exception):
+        pass
+    real, n = Path.unlink, [0]
+
+    def dying(self, *a, **k):
+        if "/parts/" in str(self):
+            n[0] += 1
+            if n[0] > 2:
+                raise Killed
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "unlink", dying)
+    with pytest.raises(Killed):
+        batch(st)  # the 5th batch compacts; killed after deleting 2 of its 5 batch parts
+    monkeypatch.setattr(Path, "unlink", real)
+    monkeypatch.setattr(S, "COMPACT_AT", 4)
+    st = S.RunStore(root)
+    st.count_batch_parts()
+    while True:  # resumed: batches until the next compaction ran
+        batch(st)
+        if st._batch_parts == 0:
+            break
+    (root / "maps" / "maps-r0-compact-00000000000000000000.safetensors").write_bytes(b"orphan")
+    for _ in range(2):
+        rows = st.read_rows()
+        for r in rows.itertuples():  # every kept row names a shard that exists and holds its map
+            assert f"{r.work_id}:open:x:profession" in load_file(str(root / r.maps)), r
+        if _ == 0:
+            assert st.remove_unnamed_shards() >= 1
+            assert not (root / "maps" / "maps-r0-compact-00000000000000000000.safetensors").exists()
+    assert sorted(rows["work_id"]) == sorted(made)

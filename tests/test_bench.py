@@ -222,3 +222,5 @@ def test_methods_subset(tmp_path):
     assert "unavailable: not selected (--methods)" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ValueError, match="unknown flash.*choose from fastfair-triton"):
         bench.run("kernels", "cpu", quick=True, out=tmp_path, methods="flash")
+    with pytest.raises(ValueError, match="--suite e2e runs none"):
+        bench.run("e2e", "cpu", quick=True, out=tmp_path, methods="sdpa")

@@ -370,6 +370,12 @@ def test_report_names_metrics_and_counts_in_prompt_images(finished_audit):
      ["--attention diffusers", "rerun with --resume latest"]),
     ("audit", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..."),
      ["out of GPU memory: lower --batch-size (finished batches are kept: rerun with --resume)"]),
+    ("generate", RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
+     ["Triton Error [CUDA]: an illegal memory access was encountered -- a GPU fault", "FASTFAIR_BACKEND=reference"]),
+    # not a GPU failure: the plain message
+    ("generate", RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: "
+                              "you tried to allocate 123 bytes. Error code 12 (Cannot allocate memory)"),
+     ["DefaultCPUAllocator: can't allocate memory"]),
 ])
 def test_gpu_failures_name_the_way_out(monkeypatch, capsys, command, err, want):
     """A CUDA fault or running out of GPU memory prints the error's first line and what to do (not torch's
@@ -385,5 +391,6 @@ def test_gpu_failures_name_the_way_out(monkeypatch, capsys, command, err, want):
     assert main(argv) == 1
     msg = capsys.readouterr().err
     assert msg.count("\n") == 1 and "TORCH_USE_CUDA_DSA" not in msg, msg
+    assert ("GPU" in msg) == ("DefaultCPUAllocator" not in msg), msg
     for w in want:
         assert w in msg, (w, msg)

@@ -328,12 +328,15 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         targets_v = parse_targets(targets, sets)
         if batch_size < 1:
             raise AuditInputError(f"batch_size must be >= 1; got {batch_size}")
-        if batch_size > len(seeds):
+        per_rank = -(-len(seeds) // world)  # a prompt's seeds are dealt round-robin over the ranks
+        if batch_size > per_rank and rank == 0:
             import warnings
 
-            warnings.warn(f"batch_size {batch_size} > {len(seeds)} seed(s): an audit's GPU batch holds one prompt's "
-                          f"seeds (a profession, or a profession with one class word), so at most {len(seeds)} "
-                          "image(s); more seeds per profession fill larger batches", UserWarning, stacklevel=2)
+            on = f" on each of {world} processes" if world > 1 else ""
+            warnings.warn(f"batch_size {batch_size} > {per_rank} seed(s){on}: an audit's GPU batch holds one "
+                          f"prompt's seeds (a profession, or a profession with one class word), so at most "
+                          f"{per_rank} image(s); more seeds per profession fill larger batches", UserWarning,
+                          stacklevel=2)
         if not 0 <= percentile < 100:  # at 100 no pixel is strictly above the threshold: every IoU undefined
             raise AuditInputError(f"percentile must be in [0, 100); got {percentile} (BiasMap uses 70)")
         if steps < 1:
@@ -606,6 +609,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
 
                 write_report(store.root, df=df, config=config, summary=summary)
             store.cleanup_temps()
+            store.remove_unnamed_shards()  # every rank has finished (barrier above): orphans of killed compactions
         _barrier(world)
         if rank != 0:
             import pandas as pd

@@ -35,7 +35,7 @@ from .._env import add_environment
 from .._io import atomic_write, release_flock, try_flock
 
 COMPACT_AT = 256  # batch part files of one rank merged into one compacted part
-SHARD_BYTES = 128 * 2 ** 20  # a compacted map shard holds at most this much (a compaction's memory for maps)
+SHARD_BYTES = 128 * 2 ** 20  # a compacted map shard holds about this much (a compaction's memory: about twice it)
 
 
 def _is_work_id(s: str) -> bool:
@@ -284,14 +284,41 @@ class RunStore:
         for p in parts:
             if p != out:
                 p.unlink(missing_ok=True)
-        for rel in old_shards:
-            (self.root / rel).unlink(missing_ok=True)
+        if old_shards:  # only shards no surviving part names (an earlier compaction's part may still name one)
+            named = self.named_shards()
+            for rel in old_shards:
+                if rel not in named:
+                    (self.root / rel).unlink(missing_ok=True)
         return out
 
+    def named_shards(self) -> set[str]:
+        """The map shards the part files on disk name (their ``maps`` column)."""
+        import pyarrow.parquet as pq
+
+        named: set[str] = set()
+        for p in self.part_files():
+            try:
+                if "maps" in pq.read_schema(p).names:
+                    named.update(m for m in pq.read_table(p, columns=["maps"]).column("maps").to_pylist() if m)
+            except Exception:  # noqa: BLE001 -- unreadable: keep every shard (done_ids reports the file)
+                return {str(q.relative_to(self.root)) for q in (self.root / "maps").glob("*.safetensors")}
+        return named
+
+    def remove_unnamed_shards(self) -> int:
+        """Delete map shards that no part file names (left by a kill inside a compaction). Only call when no process
+        is writing: a batch in flight writes its shard before its part."""
+        named = self.named_shards()
+        n = 0
+        for q in (self.root / "maps").glob("maps-*.safetensors"):
+            if str(q.relative_to(self.root)) not in named:
+                q.unlink(missing_ok=True)
+                n += 1
+        return n
+
     def _compact_shards(self, refs: list) -> dict[str, str]:
-        """Merge this rank's per-batch map shards named in ``refs`` into compacted shards of at most
-        ``SHARD_BYTES`` each (so a compaction holds at most that much in memory); {old relpath: new relpath}.
-        Already-compacted shards and missing ones are left as they are."""
+        """Merge this rank's per-batch map shards named in ``refs`` into compacted shards of about ``SHARD_BYTES``
+        each (a compaction holds about twice that in memory: the tensors and their serialised bytes);
+        {old relpath: new relpath}. Already-compacted shards, missing ones and a group of one are left as they are."""
         from safetensors.torch import load_file
         from safetensors.torch import save as st_save
 
