@@ -274,3 +274,32 @@ def test_compaction_never_deletes_a_shard_a_surviving_part_names(tmp_path, monke
             assert st.remove_unnamed_shards() >= 1
             assert not (root / "maps" / "maps-r0-compact-00000000000000000000.safetensors").exists()
     assert sorted(rows["work_id"]) == sorted(made)
+
+
+def test_a_resumed_run_drops_its_stale_results_file(tiny_sd, tmp_path, monkeypatch):
+    """A finished run resumed to redo work (a lost part file) and killed before it merges again: results.parquet
+    would describe the earlier state (and could name shards a compaction deleted). It is removed when the resumed
+    run starts adding rows, so load_results reads the committed parts; the finished resume writes it again."""
+    from fastfair import generation
+    from fastfair.audit import load_results
+
+    kw = dict(ARGS, pipeline=tiny_sd, entanglement="open")
+    out = tmp_path / "run"
+    first = fastfair.audit("tiny-sd", "list:doctor,nurse", out=out, **kw)
+    lost = _parts(out)[0]
+    lost.unlink()
+    real = generation.generate
+
+    class Killed(Exception):
+        pass
+
+    def dying(*a, **k):
+        raise Killed
+    monkeypatch.setattr(generation, "generate", dying)
+    with pytest.raises(Killed):
+        fastfair.audit("tiny-sd", "list:doctor,nurse", out=out, resume=True, **kw)
+    assert not (out / "results.parquet").exists()
+    assert len(load_results(out)) == len(first.results) - 2  # the lost batch's rows: not in the parts
+    monkeypatch.setattr(generation, "generate", real)
+    again = fastfair.audit("tiny-sd", "list:doctor,nurse", out=out, resume=True, **kw)
+    assert (out / "results.parquet").exists() and len(load_results(out)) == len(first.results) == len(again.results)

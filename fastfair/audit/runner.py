@@ -556,6 +556,10 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         done = store.done_ids()
         store.count_batch_parts()  # earlier sessions' batch parts count towards the next compaction
         mine = [it for it in plan if it.index % world == rank and it.work_id not in done]
+        if rank == 0 and len(done) < len(plan):
+            # a resumed run adds rows (and may compact shards away): an earlier results.parquet would be stale
+            # until this run merges again; load_results reads the parts meanwhile (and after a kill)
+            store.results_path.unlink(missing_ok=True)
 
         # ---- work
         ctx = _BatchContext(pipe=pipe, generate=generate, clf=clf, scorer=scorer, prompt_prefix=prompt_prefix,
