@@ -394,3 +394,23 @@ def test_gpu_failures_name_the_way_out(monkeypatch, capsys, command, err, want):
     assert ("GPU" in msg) == ("DefaultCPUAllocator" not in msg), msg
     for w in want:
         assert w in msg, (w, msg)
+
+
+def test_report_says_whether_a_map_was_never_saved_or_is_missing(finished_audit, tmp_path):
+    """An overlay without a map says why: the run saved none ("no map saved") or the row names a shard that is not
+    there ("map file missing": a moved or deleted file) -- both used to read "no map saved"."""
+    import shutil
+
+    from fastfair.audit.page import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_audit.run_dir, run)
+    for f in (run / "maps").glob("*.safetensors"):
+        f.unlink()
+    df = pd.read_parquet(run / "results.parquet")
+    config = json.loads((run / "audit.json").read_text())
+    page = write_report(run, df=df, config=config, summary=summarize(df, config), out=tmp_path / "r.html").read_text()
+    assert "map file missing" in page and "no map saved" not in page
+    page = write_report(run, df=df.assign(maps=None), config=config, summary=summarize(df, config),
+                        out=tmp_path / "r2.html").read_text()
+    assert "no map saved" in page and "map file missing" not in page

@@ -151,17 +151,19 @@ class _Maps:
         self._open: dict = {}
 
     def get(self, shard, key):
-        if not shard:
-            return None
+        """The map, or why there is none: "no map saved" (the run saved none for this image) or "map file
+        missing" (the row names a shard or key that is not there: a moved, deleted or still-written run)."""
+        if not isinstance(shard, str) or not shard:
+            return "no map saved"
         from safetensors import safe_open
 
         if shard not in self._open:
             p = self.root / shard
             if not p.exists():
-                return None
+                return "map file missing"
             self._open[shard] = safe_open(str(p), framework="pt")
         f = self._open[shard]
-        return f.get_tensor(key).float() if key in f.keys() else None
+        return f.get_tensor(key).float() if key in f.keys() else "map file missing"
 
 
 def _overlay_cells(root: Path, maps: _Maps, row, mode_key: str, words: tuple[str, str], value: float) -> str:
@@ -178,8 +180,8 @@ def _overlay_cells(root: Path, maps: _Maps, row, mode_key: str, words: tuple[str
              f'</figcaption></figure>']
     for role, word in zip(("profession", "attribute"), words):
         m = maps.get(row.get("maps"), f"{row['work_id']}:{mode_key}:{role}")
-        if m is None:
-            cells.append("<figure><figcaption>no map saved</figcaption></figure>")
+        if isinstance(m, str):  # why there is no map
+            cells.append(f"<figure><figcaption>{m}</figcaption></figure>")
             continue
         cells.append(f'<figure><img src="{_b64_png(_thumb(overlay(img, m)))}" alt="attention map of “{E(word)}” '
                      f'over the image of seed {int(row["seed"])}">'
