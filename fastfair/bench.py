@@ -350,7 +350,7 @@ def kernel_suite(device: torch.device, dtype: torch.dtype, quick: bool, ceil: di
                                capture_output=True, text=True)
             rows += [json.loads(ln[4:]) for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
             if p.returncode:
-                tail = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+                tail = _child_error(p.stderr) or f"exit {p.returncode}"
                 rows.append(_row(shape=shape, model=model, B=B, Nq=Nq, H=H, D=D, Nk=NK, pass_="all",
                                  method="all", error=f"case process died: {tail}"[:300]))
         else:
@@ -1008,8 +1008,9 @@ def run(suite: str = "all", device: str = "cpu", dtype: str | None = None, quick
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = {"suite": suite, "device": str(dev), "dtype": dtype, "quick": quick, "environment": environment(dev),
-           "backends": _select(backend_status(dev), methods), "timing": "CPU: torch.utils.benchmark; CUDA: triton.testing.do_bench "
-                                                     "(else CUDA events), rotating inputs > 2x L2"}
+           "backends": _select(backend_status(dev), methods),
+           "timing": "CPU: torch.utils.benchmark; CUDA: triton.testing.do_bench (else CUDA events), rotating inputs "
+                     "> 2x L2"}
     from ._io import atomic_write
 
     partial = out / "bench.partial.json"

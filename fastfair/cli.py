@@ -847,13 +847,14 @@ def _gpu_failure(e: BaseException, args, kept: str) -> str | None:
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     resume = f" ({kept})" if kept else ""
-    batch = " lower --batch-size" if any(a == "batch_size" for a in vars(args)) else ""
+    batch = " lower --batch-size" if "batch_size" in vars(args) else ""
     low = first.lower()
     if isinstance(e, getattr(torch, "OutOfMemoryError", ())) or ("out of memory" in low and
                                                                    ("cuda" in low or "gpu" in low)):
         return f"{first[:300]} -- out of GPU memory:{batch or ' use smaller inputs'}{resume}"
-    if (isinstance(e, getattr(torch, "AcceleratorError", ())) or first.startswith("CUDA error")
-            or "Error [CUDA]" in first or first.startswith("cuDNN error")):  # Triton's launch errors: "Triton Error [CUDA]"
+    # Triton's launch errors read "Triton Error [CUDA]: ..."
+    if (isinstance(e, getattr(torch, "AcceleratorError", ())) or first.startswith(("CUDA error", "cuDNN error"))
+            or "Error [CUDA]" in first):
         attn = ("; --attention diffusers keeps fastfair's kernels out of DFT" if args.command == "finetune" else "")
         return (f"{first[:300]} -- a GPU fault{resume}. To rule out fastfair's kernels rerun with "
                 f"FASTFAIR_BACKEND=reference (or native){attn}; CUDA_LAUNCH_BLOCKING=1 names the failing call "

@@ -30,8 +30,9 @@ scaled by 1 / (sigma_i - sigma_(i+1)) (:func:`flow_grad_coefficients`), the anal
 on the CPU cross-attention runs through ``fastfair.ops`` by default (``attention="fastfair"``): fastfair's
 patched processor, whose backward recomputes the attention probabilities instead of keeping them (SDPA's CPU path
 keeps them); on CUDA and on SD3 / Flux the default is diffusers' SDPA (``attention="diffusers"``), whose CUDA
-kernels keep none either and ran faster than fastfair's on an H200 (see ``_resolve_defaults``). The model-dependent defaults (scheduler, guidance scale,
-attention) are resolved into the trainer's copy of the config (``trainer.cfg``).
+kernels keep none either and ran faster than fastfair's on an H200 (see ``_resolve_defaults``). The
+model-dependent defaults (scheduler, guidance scale, attention) are resolved into the trainer's copy of the config
+(``trainer.cfg``).
 
 Classifier protocol (``classifier=`` of :class:`DFTTrainer`): anything :func:`as_differentiable`
 accepts -- a ``torch.nn.Module`` or callable mapping images as a float tensor (N, 3, H, W) in [0, 1]
@@ -574,12 +575,12 @@ def _resolve_defaults(cfg: DFTConfig, kind: str, pipe) -> None:
         # UNets on CUDA: diffusers' SDPA too. Its CUDA kernels (flash / memory-efficient) keep no probabilities for
         # the backward either, and on an H200 (bench/RESULTS.md, 2026-11-27) fastfair's Triton forward + backward
         # took 0.95-2.6x SDPA's time at SD1.5's shapes (fp16; fp32 unmeasured), and a DFT step at SD1.5 size with 8
-        # images through them died of a CUDA error (not understood yet). On the CPU SDPA's math path keeps every probability for the
-        # backward; fastfair's does not.
-        # A fastfair backend named (backend="triton" / "native" / "reference"): fastfair's attention, which runs it.
+        # images through them died of a CUDA error (not understood yet). On the CPU SDPA's math path keeps every
+        # probability for the backward; fastfair's does not. A named backend (triton / native / reference) runs only
+        # through fastfair's attention.
         on_cuda = getattr(getattr(pipe, "device", None), "type", None) == "cuda"
         named = (cfg.backend or "auto") != "auto"
-        cfg.attention = "fastfair" if named else ("diffusers" if (mmdit or on_cuda) else "fastfair")
+        cfg.attention = "diffusers" if (mmdit or on_cuda) and not named else "fastfair"
 
 
 def _check_for_model(cfg: DFTConfig, kind: str, pipe) -> None:

@@ -329,8 +329,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
             config = config or info["config"]
             targets += info.get("edit_targets") or []
             blocked += info.get("safety_blocked") or []
-            if info.get("environment"):
-                add_environment(envs, info["environment"])
+            add_environment(envs, info.get("environment"))
             latents.append(t["latents"])
             for w in info["words"]:
                 maps.setdefault(w, []).append(t[f"maps/{w}"])

@@ -133,16 +133,24 @@ def usable(device: torch.device | str) -> bool:
     return available(device)
 
 
+def unbuilt(device: torch.device | str = "cpu") -> tuple[str, str]:
+    """(the module this device type needs, why it cannot run): its import error's first line, else "no CUDA
+    device" / "not found"."""
+    device = torch.device(device)
+    what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
+    err = _CUDA_ERR if device.type == "cuda" else _C_ERR
+    err = str(err).strip() if err is not None else ""
+    return what, err.splitlines()[0] if err else ("no CUDA device" if device.type == "cuda" else "not found")
+
+
 def warn_unbuilt(device: torch.device | str = "cpu") -> None:
     """One warning per process that the native extension is missing (used by ops.resolve_backend)."""
     global _WARNED
     if _WARNED:
         return
     _WARNED = True
-    device = torch.device(device)
-    what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
-    err = str(_CUDA_ERR if device.type == "cuda" else _C_ERR).strip().splitlines() or ["not found"]
-    warnings.warn(f"fastfair: native extension {what} is not built ({err[0]}); using the reference backend -- "
+    what, why = unbuilt(device)
+    warnings.warn(f"fastfair: native extension {what} is not built ({why}); using the reference backend -- "
                   f"{BUILD_HINT}", RuntimeWarning, stacklevel=3)
 
 

@@ -158,14 +158,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend == "native" and device.type not in ("cpu", "cuda"):
             hint = "the native backend runs on CPU and CUDA tensors; use backend='auto' or 'reference'"
         elif backend == "native":
-            what = "fastfair._native_cuda" if device.type == "cuda" else "fastfair._native"
-            try:
-                mod = importlib.import_module("fastfair.native")
-                err = str(getattr(mod, "_CUDA_ERR" if device.type == "cuda" else "_C_ERR", "") or "").strip()
-                build = mod.BUILD_HINT
-            except ImportError as e:  # pragma: no cover
-                err, build = str(e), "reinstall fastfair"
-            why = err.splitlines()[0] if err else ("no CUDA device" if device.type == "cuda" else "not found")
+            mod = _native_module()
+            what, why = mod.unbuilt(device) if mod is not None else ("fastfair.native", "it does not import")
+            build = mod.BUILD_HINT if mod is not None else "reinstall fastfair"
             hint = f"{what} is not built or cannot run here ({why}); {build}; or use backend='auto' / 'reference'"
         else:
             hint = {"triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)"}.get(backend, "")

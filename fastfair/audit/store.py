@@ -271,11 +271,11 @@ class RunStore:
         first = parts[0].stem.split("-", 2)[2]
         old_shards: list[str] = []
         if "maps" in table.column_names:
-            moved = self._compact_shards(table.column("maps").to_pylist())
+            refs = table.column("maps").to_pylist()
+            moved = self._compact_shards(refs)
             if moved:
                 old_shards = list(moved)
-                col = pa.array([moved.get(m, m) if m is not None else None for m in table.column("maps").to_pylist()],
-                               type=table.schema.field("maps").type)
+                col = pa.array([moved.get(m, m) for m in refs], type=table.schema.field("maps").type)
                 table = table.set_column(table.column_names.index("maps"), table.schema.field("maps"), col)
         buf = io.BytesIO()
         pq.write_table(table, buf)
