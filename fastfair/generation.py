@@ -265,19 +265,23 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         from .pipelines import pipeline_fingerprint
 
         # the model as loaded (scheduler, adapters, safety checker, weights): a resume refuses a model changed under
-        # the same name (a scheduler swapped in its folder, a LoRA added to the same pipeline object)
-        # and the batch size: finished batches are files per batch index (a resume with another size misaligned them)
-        # batch_layout 2: prompts with fewer seeds than batch_size share batches (1: one prompt per batch, as runs
-        # started before the tenth session of 2026-11-26 lay out their batch files; they resume with it)
+        # the same name (a scheduler swapped in its folder, a LoRA added to the same pipeline object). The batch size
+        # is recorded, not compared: each finished part names the images it holds, so a resume may take another size
+        # (a lower one after the GPU ran out of memory). batch_layout 2: prompts with fewer seeds than batch_size share
+        # batches (1: one prompt per batch, as runs started before the tenth session of 2026-11-26 lay out their batch
+        # files; they resume with it)
         settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe), "batch_layout": 2}
         key = json.dumps(settings, sort_keys=True, default=str)
-        layout = 2
+        layout, first_size = 2, batch_size
         if resume and run_file.exists():
             before, now = json.loads(run_file.read_text()), json.loads(key)
-            for later in ("batch_size", "model_state", "batch_layout"):  # recorded since 2026-11-26's 9th / 10th session
+            for later in ("model_state", "batch_layout"):  # recorded since 2026-11-26's 9th / 10th session
                 if later not in before:
                     now.pop(later, None)
             layout = before.get("batch_layout", 1)
+            first_size = before.get("batch_size", batch_size)
+            before.pop("batch_size", None)
+            now.pop("batch_size", None)
             if before != now:
                 diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ValueError(f"{str(out)!r} holds an unfinished generation made with other settings ({', '.join(diff)}); "
@@ -290,17 +294,17 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                 _remove_outputs(out)
             atomic_write(run_file, key.encode())
         items = [(pi, s) for pi in range(len(prompts)) for s in seeds]
-        batches = _batches(len(prompts), seeds, batch_size, layout)
         names = dict(zip(items, image_names([s for _, s in items])))
-        done = 0
-        config, diag_parts = None, []
+        pos = {it: i for i, it in enumerate(items)}
+        finished = _finished_parts(out / PARTS, items, _batches(len(prompts), seeds, first_size, layout), first_size)
+        todo = _batches(len(prompts), seeds, batch_size, layout, done={it for _, its, _ in finished for it in its})
+        config, order, diag_parts, sizes = None, [], [], []
         latents, maps, amaps, targets, envs, blocked = [], {}, {}, [], [], []
         bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
-        for b, batch in enumerate(batches):
-            part = out / PARTS / f"batch-{b:05d}.safetensors"
-            if part.exists():
-                t = load_file(str(part))
-                info = json.loads((out / PARTS / f"batch-{b:05d}.json").read_text())
+        for stem, batch, size in finished + [(None, b, batch_size) for b in todo]:
+            if stem is not None:
+                t = load_file(str(out / PARTS / f"{stem}.safetensors"))
+                info = json.loads((out / PARTS / f"{stem}.json").read_text())
                 bnames = [names[it] for it in batch]
                 if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
                     # a batch finished by a version that wrote overlays only at the end
@@ -321,11 +325,13 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                 t["latents"] = g.latents.float().contiguous()
                 info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
                             diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment,
-                            safety_blocked=g.safety_blocked)
-                atomic_write(out / PARTS / f"batch-{b:05d}.json", json.dumps(info, default=str).encode())
-                atomic_write(part, st_save(t))  # last: a batch counts as done once its maps are on disk
-                done += 1
+                            safety_blocked=g.safety_blocked, items=[list(it) for it in batch], batch_size=batch_size)
+                stem = f"part-{names[batch[0]]}"  # its first image: parts never share an image
+                atomic_write(out / PARTS / f"{stem}.json", json.dumps(info, default=str).encode())
+                atomic_write(out / PARTS / f"{stem}.safetensors", st_save(t))  # last: a part is done once it is on disk
             bar.update(len(batch))
+            order += [pos[it] for it in batch]
+            sizes.append(size)
             config = config or info["config"]
             targets += info.get("edit_targets") or []
             blocked += info.get("safety_blocked") or []
@@ -338,18 +344,27 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                     amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
             diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
         bar.close()
+        if sorted(order) != list(range(len(items))):  # _finished_parts and _batches cover every image exactly once
+            raise RuntimeError(f"{str(out)!r}: the finished parts and the batches made do not cover each image once")
+        # parts in item order: a resume with another batch size finishes images in another order than one run
+        perm = torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+        cat = lambda ts, dim=0: torch.cat(ts, dim).index_select(dim, perm)  # noqa: E731
+        per_image = lambda xs: [xs[i] for i in perm.tolist()] if len(xs) == len(items) else []  # noqa: E731
         diagnostics = {}
         if diag_parts and diag_parts[0]:
-            diagnostics = {k: torch.cat([d[k] for d in diag_parts], dim=1) if diag_parts[0][k].dim() == 2
+            diagnostics = {k: cat([d[k] for d in diag_parts], 1) if diag_parts[0][k].dim() == 2
                            else diag_parts[0][k] for k in diag_parts[0]}
         images = ImagesOnDisk([out / "images" / f"{names[it]}.png" for it in items])
-        gen = Generation(images=images, latents=torch.cat(latents), maps={w: torch.cat(v) for w, v in maps.items()},
+        gen = Generation(images=images, latents=cat(latents), maps={w: cat(v) for w, v in maps.items()},
                          prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=dict(config),
                          diagnostics=diagnostics,
-                         attribution_maps={n: {w: torch.cat(v) for w, v in d.items()} for n, d in amaps.items()},
-                         edit_targets=targets, environment=envs[-1] if envs else {}, environments=envs,
-                         safety_blocked=blocked if len(blocked) == len(items) else [])
-        gen.config = {**settings, **gen.config, "resumed_batches": len(batches) - done}  # generate's values win
+                         attribution_maps={n: {w: cat(v) for w, v in d.items()} for n, d in amaps.items()},
+                         edit_targets=per_image(targets) or targets, environment=envs[-1] if envs else {}, environments=envs,
+                         safety_blocked=per_image(blocked))
+        gen.config = {**settings, **gen.config, "batch_size": batch_size,  # generate's values win, but this run's size
+                      "resumed_batches": len(finished)}
+        if len(set(sizes)) > 1:  # resumed with another batch size: every size its images were made with
+            gen.config["batch_sizes"] = sorted(set(sizes))
         if negs is not None:  # each batch recorded its own prompt's negative prompt: the run used them all
             gen.config["negative_prompt"] = negs
         # images and overlays are on disk already (batch by batch): the maps and generation.json remain
@@ -369,16 +384,51 @@ def _check_attribution_names(names) -> None:
                          "cannot; rename it")
 
 
-def _batches(n_prompts: int, seeds: list, batch_size: int, layout: int = 2) -> list[list[tuple]]:
-    """generate_to_dir's batches of (prompt index, seed), in item order (prompt-major). Each is a set of prompts
-    crossed with a set of seeds (what one ``generate`` call makes): a prompt's seeds in chunks of ``batch_size``; with
-    fewer seeds than that (layout 2), ``batch_size // len(seeds)`` whole prompts per batch, so a run of many prompts
-    and few seeds fills the GPU batch. Layout 1: one prompt per batch (runs started before layout 2)."""
-    per = batch_size // len(seeds) if layout >= 2 and len(seeds) < batch_size else 1
-    if per > 1:
-        return [[(pi, s) for pi in range(g, min(g + per, n_prompts)) for s in seeds] for g in range(0, n_prompts, per)]
-    return [[(pi, s) for s in seeds[i:i + batch_size]] for pi in range(n_prompts)
-            for i in range(0, len(seeds), batch_size)]
+def _batches(n_prompts: int, seeds: list, batch_size: int, layout: int = 2, done=frozenset()) -> list[list[tuple]]:
+    """generate_to_dir's batches of (prompt index, seed), in item order (prompt-major), of the items not in ``done``
+    (a resume's finished images). Each is a set of prompts crossed with a set of seeds (what one ``generate`` call
+    makes): a prompt's remaining seeds in chunks of ``batch_size``; with fewer than that (layout 2), up to
+    ``batch_size // len(seeds)`` consecutive prompts with the same remaining seeds per batch, so a run of many
+    prompts and few seeds fills the GPU batch. Layout 1: one prompt per batch (runs started before layout 2)."""
+    left = [(pi, [s for s in seeds if (pi, s) not in done]) for pi in range(n_prompts)]
+    left = [(pi, ss) for pi, ss in left if ss]
+    out, i = [], 0
+    while i < len(left):
+        pi, ss = left[i]
+        per = batch_size // len(ss) if layout >= 2 and len(ss) < batch_size else 1
+        if per > 1:
+            group = left[i:i + per]
+            group = group[:next((j for j, (_, s2) in enumerate(group) if s2 != ss), len(group))]
+            out.append([(p, s) for p, _ in group for s in ss])
+            i += len(group)
+        else:
+            out += [[(pi, s) for s in ss[j:j + batch_size]] for j in range(0, len(ss), batch_size)]
+            i += 1
+    return out
+
+
+def _finished_parts(parts: Path, items: list, first: list[list[tuple]], first_size: int) -> list[tuple]:
+    """A resumed generate_to_dir's finished parts: (file stem, its (prompt index, seed) items, its batch size), in
+    item order. Parts written since 2026-11-27 ("part-*") list their items; older ones ("batch-NNNNN") are batch
+    NNNNN of the run's first layout ``first``, made at ``first_size``. A part counts once its .safetensors is there
+    (written last). Raises if two parts hold the same image, or a part holds an image the run does not plan."""
+    known, out = set(items), []
+    for f in sorted(parts.glob("*.safetensors")) if parts.is_dir() else []:
+        stem = f.name[:-len(".safetensors")]
+        if stem.startswith("batch-") and stem[6:].isdigit() and int(stem[6:]) < len(first):
+            its, size = first[int(stem[6:])], first_size
+        elif stem.startswith("part-"):
+            info = json.loads((parts / f"{stem}.json").read_text())
+            its, size = [tuple(it) for it in info["items"]], info["batch_size"]
+        else:
+            raise ValueError(f"{str(f)!r} is not a part of this generation; remove it, or start over with --overwrite")
+        out.append((stem, its, size))
+    seen = [it for _, its, _ in out for it in its]
+    if len(set(seen)) != len(seen) or not set(seen) <= known:
+        raise ValueError(f"{str(parts)!r} holds parts that overlap or name images this generation does not make; "
+                         "start over with --overwrite")
+    order = {it: i for i, it in enumerate(items)}
+    return sorted(out, key=lambda p: order[p[1][0]])
 
 
 def _check_words(pipe, prompts: list, kwargs: dict) -> None:

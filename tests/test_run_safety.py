@@ -1,6 +1,6 @@
 """Runs that are interrupted, resumed, or shared: what a helper's review found mixing or failing, each refused or
-handled (generate's batch size and folder lock, partial audits in reports and comparisons, audit backends, the
-MIST command's output checks, NaN inputs, an unfinished DFT folder)."""
+handled (generate's batch size -- now accepted on resume -- and folder lock, partial audits in reports and
+comparisons, audit backends, the MIST command's output checks, NaN inputs, an unfinished DFT folder)."""
 import json
 import math
 
@@ -43,17 +43,64 @@ def _interrupted(pipe, out, batch_size, after=1):
         generation.generate = real
 
 
-def test_generate_resume_with_another_batch_size_is_refused(tiny_sd, tmp_path):
-    """Finished batches are files per batch index: a resume with another size took seed 1's map for seed 2."""
-    _interrupted(tiny_sd, tmp_path / "g", batch_size=2)
-    with pytest.raises(ValueError, match="batch_size"):
-        generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=1, resume=True,
-                        **GEN)
-    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True,
-                           **GEN)
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 3), (2, 4)])
+def test_generate_resumes_with_another_batch_size(tiny_sd, tmp_path, first, then):
+    """The CLI's out-of-memory hint says to lower --batch-size and --resume: that resume was refused (finished
+    batches were files per batch index; reading them at another size took seed 1's map for seed 2). Each part now
+    names its images; a resume at another size makes only the missing ones and the result equals one generate call,
+    item by item."""
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=first)
+    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=then,
+                           resume=True, **GEN)
     ref = fastfair.generate(tiny_sd, PROMPT, batch_size=1, **GEN)
     assert done.seeds == ref.seeds == [0, 1, 2]
     np.testing.assert_allclose(done.maps["doctor"].numpy(), ref.maps["doctor"].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(done.latents.numpy(), ref.latents.numpy(), rtol=0, atol=1e-4)
+    for a, b in zip(done.images, ref.images):  # image files in item order
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert done.config["resumed_batches"] == 1
+    assert done.config["batch_size"] == then and done.config["batch_sizes"] == sorted({first, then})
+    saved = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert saved["batch_sizes"] == sorted({first, then}) and saved["batch_size"] == then
+
+
+def test_generate_resume_reads_batches_of_the_older_layout(tiny_sd, tmp_path):
+    """Runs started before parts named their images ("batch-NNNNN" files of the first batch size) resume, also at
+    another size: their batches are read from the first layout."""
+    import os
+
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=2)
+    parts = tmp_path / "g" / ".parts"
+    (stem,) = [f.name[:-len(".safetensors")] for f in parts.glob("part-*.safetensors")]
+    info = json.loads((parts / f"{stem}.json").read_text())
+    assert info["items"] == [[0, 0], [0, 1]]
+    del info["items"], info["batch_size"]
+    (parts / "batch-00000.json").write_text(json.dumps(info))
+    os.replace(parts / f"{stem}.safetensors", parts / "batch-00000.safetensors")
+    (parts / f"{stem}.json").unlink()
+    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=1, resume=True,
+                           **GEN)
+    ref = fastfair.generate(tiny_sd, PROMPT, batch_size=1, **GEN)
+    np.testing.assert_allclose(done.maps["doctor"].numpy(), ref.maps["doctor"].numpy(), rtol=1e-4, atol=1e-6)
+    assert done.config["resumed_batches"] == 1 and done.config["batch_sizes"] == [1, 2]
+
+
+def test_generate_resume_refuses_foreign_or_overlapping_parts(tiny_sd, tmp_path):
+    import shutil
+
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=1, after=2)
+    parts = tmp_path / "g" / ".parts"
+    a, b = sorted(f.name[:-len(".safetensors")] for f in parts.glob("part-*.safetensors"))
+    info = json.loads((parts / f"{a}.json").read_text())
+    info["items"] = [[0, 1]]  # claims b's image
+    (parts / f"{a}.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="overlap"):
+        generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=1, resume=True,
+                        **GEN)
+    shutil.copy(parts / f"{b}.safetensors", parts / "stray.safetensors")
+    with pytest.raises(ValueError, match="stray.safetensors.* not a part"):
+        generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=1, resume=True,
+                        **GEN)
 
 
 def test_a_second_generate_into_the_same_folder_is_refused(tiny_sd, tmp_path):
