@@ -738,7 +738,10 @@ def _add_finetune(sub) -> None:
                    help="histograms sampled from the target per step; 0: the exact expectation over every histogram "
                         "(the paper's closed form for one binary attribute; up to 20000 histograms)")
     d.add_argument("--quality-weight", type=float, default=8.0)
-    d.add_argument("--quality-relax", type=float, default=0.2)
+    d.add_argument("--quality-relax", default="0.2",
+                   help="quality-loss weight of images whose target changes an attribute: one number, or one per "
+                        "attribute (gender=0.2,race=0.6,age=0.6: the smallest of the changed ones, as the paper's "
+                        "intersectional runs)")
     d.add_argument("--quality-encoder", default="clip",
                    help="clip (ViT-L/14), clip:MODEL_ID, dinov2, dinov2:MODEL_ID, several joined by '+', paper "
                         "(CLIP ViT-H/14 + DINOv2 ViT-B/14 on 224-pixel images, as Shen et al.) or none")
@@ -755,8 +758,9 @@ def _add_finetune(sub) -> None:
                    help=".pt / .npy (M, D) embeddings of real faces: the face-realism target where the frozen "
                         "image's face is not kept")
     d.add_argument("--face-weight", type=float, default=1.0, help="face-realism loss weight")
-    d.add_argument("--face-relax", type=float, default=0.2,
-                   help="quality-loss gradient factor inside the face region when the target changes the face")
+    d.add_argument("--face-relax", default="0.2",
+                   help="quality-loss gradient factor inside the face region when the target changes the face: one "
+                        "number, or one per attribute (gender=0.2,race=0.3,age=0.3: the paper's intersectional runs)")
     d.add_argument("--face-confidence", type=float, default=0.9,
                    help="frozen image's class confidence needed to keep its face as the face-realism target")
     d.add_argument("--face-expand", type=float, default=0.5, help="face box growth before the square crop")

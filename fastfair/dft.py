@@ -53,6 +53,7 @@ import re
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -139,8 +140,8 @@ class ScaleGrad(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradient by ``scale`` in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = float(scale)
+    def forward(ctx, x, scale):
+        ctx.scale = scale.detach() if torch.is_tensor(scale) else float(scale)  # a tensor: broadcast (per image)
         return x.view_as(x)
 
     @staticmethod
@@ -345,9 +346,54 @@ def parse_targets(specs) -> dict[str, list[float]]:
     return out
 
 
+def parse_relax(value, what: str = "relax"):
+    """A relaxation factor: one number for every attribute, or one per attribute ({"gender": 0.2, "race": 0.6} or
+    "gender=0.2,race=0.6", as the paper's intersectional runs: factor1 / factor2 per attribute)."""
+    if isinstance(value, str):
+        v = value.strip()
+        if "=" not in v:
+            try:
+                value = float(v)
+            except ValueError:
+                raise DFTError(f"{what} {value!r} must be a number or attribute=number pairs "
+                               "(e.g. gender=0.2,race=0.6)") from None
+        else:
+            value = {}
+            for part in (x for x in v.split(",") if x.strip()):
+                name, _, num = part.partition("=")
+                try:
+                    value[name.strip()] = float(num)
+                except ValueError:
+                    raise DFTError(f"{what} {part!r}: the factor must be a number (e.g. race=0.6)") from None
+    if isinstance(value, Mapping):
+        value = {str(k): float(x) for k, x in value.items()}
+        bad = [k for k, x in value.items() if not (math.isfinite(x) and x >= 0) or not k]
+        if bad or not value:
+            raise DFTError(f"{what} must give each attribute a finite factor >= 0; got {value}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise DFTError(f"{what} must be a finite number >= 0 or per-attribute factors; got {value!r}")
+    return float(value)
+
+
+def relax_factors(changed: Mapping[str, torch.Tensor], factors) -> torch.Tensor:
+    """Per image, the relaxation of the quality loss (or of its gradient in the face region): 1 where no attribute's
+    target changes the frozen image's class (``changed[a]``: (N,) bool, the target dropped or another class),
+    else the smallest factor among the attributes that change -- the rule of the paper's intersectional code (one
+    number: that number wherever anything changes)."""
+    names = list(changed)
+    out = torch.ones(len(changed[names[0]]), dtype=torch.float32, device=changed[names[0]].device)
+    for a in names:
+        f = factors[a] if isinstance(factors, Mapping) else factors
+        out = torch.where(changed[a], torch.clamp(out, max=f), out)
+    return out
+
+
 @dataclass
 class DFTConfig:
-    """Settings of a DFT run; defaults follow the paper's code where it has one (its N is 8 images per GPU)."""
+    """Settings of a DFT run; defaults follow the paper's code where it has one. N (``images_per_prompt``) is 8, the
+    reference's per-GPU default; its runs align N = 24 (gender: 2 GPUs x 12), 32 (gender x race) and 40 (gender x
+    race x age) images, which need the memory of several GPUs (``torchrun``)."""
 
     attributes: Sequence[str] | None = None        # classifier heads to align (default: all of them)
     target: Mapping[str, Sequence[float]] | None = None   # per attribute, in label order; default uniform
@@ -390,11 +436,11 @@ class DFTConfig:
     ot_samples: int = 100                          # 0: exact expectation over every histogram (the paper's
                                                    # closed form for one binary attribute)
     quality_weight: float = 8.0
-    quality_relax: float = 0.2
+    quality_relax: float | Mapping[str, float] = 0.2   # per attribute: the smallest factor of the changed ones
     # faces (with a face detector): crops for the classifier, the face-realism loss, the face-region relaxation
     face_crop_size: int = 224                      # classifier crop of the expanded face box
     face_expand: float = 0.5                       # the detected box grows by this fraction, to a square
-    face_relax: float = 0.2                        # quality-loss gradient factor inside the face region of images
+    face_relax: float | Mapping[str, float] = 0.2  # quality-loss gradient factor inside the face region of images
                                                    # whose target changes the face (the paper's factor2)
     face_weight: float = 1.0                       # face-realism loss (with a face embedder)
     face_confidence: float = 0.9                   # frozen image's class confidence to use its face as the target
@@ -448,8 +494,10 @@ class DFTConfig:
             self.eval_prompts = [self.eval_prompts]
         if self.ot_samples < 0:
             raise DFTError(f"ot_samples must be >= 1, or 0 for the exact expectation; got {self.ot_samples}")
-        if self.face_crop_size < 1 or self.face_expand < 0 or self.face_relax < 0 or self.face_weight < 0:
-            raise DFTError("face_crop_size must be >= 1, face_expand, face_relax and face_weight >= 0")
+        self.quality_relax = parse_relax(self.quality_relax, "quality_relax")
+        self.face_relax = parse_relax(self.face_relax, "face_relax")
+        if self.face_crop_size < 1 or self.face_expand < 0 or self.face_weight < 0:
+            raise DFTError("face_crop_size must be >= 1, face_expand and face_weight >= 0")
         if not 0 <= self.face_confidence <= 1:
             raise DFTError(f"face_confidence must be in [0, 1]; got {self.face_confidence}")
         if isinstance(self.target, (str, list, tuple)):
@@ -815,15 +863,25 @@ class DFTTrainer:
                                      f"({self.classifier.name} classifies {sorted(have)}); align only those, or give a "
                                      "classifier with these attributes")
         self.attributes = attrs
+        for what in ("quality_relax", "face_relax"):  # per-attribute factors: exactly the aligned attributes
+            f = getattr(cfg, what)
+            if isinstance(f, Mapping) and set(f) != set(attrs):
+                raise DFTError(f"{what} gives factors for {sorted(f)} but the aligned attributes are {attrs}; give one "
+                               "factor per aligned attribute, or one number")
         self.labels = {a: have[a] for a in attrs}
         self.joint_target = self._joint_target()
         K = len(self.joint_target)
         if cfg.ot_samples == 0:   # the exact expectation: its histogram count is known now, not at the first step
             alignment.check_exact(self.joint_target, cfg.images_per_prompt)
+        if cfg.images_per_prompt < 2:
+            raise TargetError(f"images_per_prompt={cfg.images_per_prompt}: the distribution is aligned over the N "
+                              "images of a prompt, so use images_per_prompt >= 2 (the paper's runs: 24-40)")
         if cfg.images_per_prompt < K:
-            raise TargetError(f"images_per_prompt={cfg.images_per_prompt} is smaller than the {K} "
-                              f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}; the distribution "
-                              f"is aligned over the N images of a prompt, so use images_per_prompt >= {K}")
+            warnings.warn(f"images_per_prompt={cfg.images_per_prompt} is smaller than the {K} "
+                          f"{'joint ' if len(attrs) > 1 else ''}classes of {' x '.join(attrs)}: each step's targets "
+                          "fill at most that many classes and the uncertainty threshold drops most images (the "
+                          f"paper's runs aligned N = 40 images over 16 classes); consider images_per_prompt >= {K}",
+                          UserWarning, stacklevel=2)
 
         # faces ------------------------------------------------------------------------------------
         self.faces = self.face_embedder = self.face_bank = None
@@ -1328,12 +1386,12 @@ class DFTTrainer:
         return out, faces.found
 
     def _targets(self, probs, counted: torch.Tensor) -> alignment.AlignmentTargets:
-        """Alignment targets over the counted images (all, or those with a face); the others are dropped. Fewer
-        counted images than classes: every image dropped this step."""
+        """Alignment targets over the counted images (all, or those with a face, however few: as the paper's code);
+        the others are dropped (every image when none counts)."""
         idx = counted.nonzero().flatten()
         N, K = len(counted), len(self.joint_target)
         sub = None
-        if len(idx) >= K:
+        if len(idx):
             sub = alignment.alignment_targets({a: p[idx.to(p.device)] for a, p in probs.items()}, self.joint_target,
                                               samples=self.cfg.ot_samples, threshold=self.cfg.uncertainty_threshold,
                                               rng=self.np_rng)
@@ -1362,12 +1420,17 @@ class DFTTrainer:
                 e = e + self.face_embedder(torch.flip(aligned, dims=[-1])).float()
         return F.normalize(e.flatten(1), dim=-1)
 
-    def _relax_face_region(self, images, faces, ref_faces, which: torch.Tensor) -> torch.Tensor:
-        """``images`` with the gradient scaled by ``face_relax`` inside the expanded (crop) face box (intersected
-        with the frozen image's crop box where it has one) of the images ``which``."""
+    def _relax_face_region(self, images, faces, ref_faces, factors) -> torch.Tensor:
+        """``images`` with the gradient scaled by ``factors`` (N,) (see relax_factors; a bool mask: by ``face_relax``
+        where True) inside the expanded (crop) face box (intersected with the frozen image's crop box where it has
+        one); images whose factor is 1 are untouched."""
+        if factors.dtype == torch.bool:
+            f = self.cfg.face_relax
+            factors = torch.where(factors, min(f.values()) if isinstance(f, Mapping) else f, 1.0)
+        factors = factors.to(images.device, torch.float32)
         H, W = images.shape[-2:]
         mask = torch.zeros((len(images), 1, H, W), dtype=torch.bool, device=images.device)
-        for i in which.nonzero().flatten().tolist():
+        for i in (factors != 1.0).nonzero().flatten().tolist():
             box = faces.crop_boxes[i]
             if box is None:
                 continue
@@ -1379,7 +1442,7 @@ class DFTTrainer:
                 mask[i, :, y0:y1, x0:x1] = True
         if not bool(mask.any()):
             return images
-        return torch.where(mask, scale_grad(images, self.cfg.face_relax), images)
+        return torch.where(mask, scale_grad(images, factors.view(-1, 1, 1, 1).to(images.dtype)), images)
 
     @torch.no_grad()
     def measure(self, prompts: Sequence[str] | str | None = None, seeds: Sequence[int] = range(16),
@@ -1547,20 +1610,19 @@ class DFTTrainer:
                 if faces is not None:  # a face must be found in this pass too (as the paper's code re-detects)
                     sub.keep = {a: k & counted for a, k in sub.keep.items()}
                 l_align = alignment.alignment_loss(probs, sub, reduction="none")
-                # "same": every attribute's target kept and equal to the frozen image's class
-                same = torch.ones(len(images), dtype=torch.bool, device=dev)
-                for a in self.attributes:
-                    same &= sub.keep[a].to(dev)
-                    if ref_pred is not None:
-                        same &= sub.labels[a].to(dev) == ref_pred[a][idx]
+                # "changed": an attribute's target dropped or another class than the frozen image's; "same": none
+                changed = {a: ~sub.keep[a].to(dev) | ((sub.labels[a].to(dev) != ref_pred[a][idx]) if ref_pred
+                                                      is not None else False) for a in self.attributes}
+                same = ~torch.stack(list(changed.values())).any(0)
                 l_quality = torch.zeros_like(l_align)
                 if self.quality:
-                    w = torch.where(same, torch.ones_like(l_quality), torch.full_like(l_quality, cfg.quality_relax))
+                    w = relax_factors(changed, cfg.quality_relax).to(l_quality.dtype)
                     x = images
                     if faces is not None:
                         w = torch.where(counted.to(dev), w, torch.ones_like(w))   # no face: the full weight
-                        if cfg.face_relax != 1.0:
-                            x = self._relax_face_region(images, faces, _sub_faces(ref_faces, idx), ~same)
+                        fr = relax_factors(changed, cfg.face_relax)
+                        if bool((fr != 1.0).any()):
+                            x = self._relax_face_region(images, faces, _sub_faces(ref_faces, idx), fr)
                     dist = 0.0
                     for enc, rf in zip(self.quality, ref_feats):
                         feat = F.normalize(enc(x).float().flatten(1), dim=-1)
@@ -2304,7 +2366,7 @@ def _cli_run(args, rank: int, world: int, local: int, device: str) -> int:
         raise DFTError("--face-embedder / --face-bank need --face-detector (the face-realism loss works on faces)")
     if args.face_bank and not args.face_embedder:
         raise DFTError("--face-bank is used by the face-realism loss: give --face-embedder too")
-    face_flags = {"--face-weight": (args.face_weight, 1.0), "--face-relax": (args.face_relax, 0.2),
+    face_flags = {"--face-weight": (args.face_weight, 1.0), "--face-relax": (parse_relax(args.face_relax), 0.2),
                   "--face-confidence": (args.face_confidence, 0.9), "--face-expand": (args.face_expand, 0.5),
                   "--face-crop-size": (args.face_crop_size, 224)}
     if not args.face_detector and any(v != d for v, d in face_flags.values()):

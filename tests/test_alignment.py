@@ -155,8 +155,22 @@ def test_errors():
         alignment.alignment_targets(p, [0.5, 0.25, 0.25])
     with pytest.raises(TargetError, match="non-negative"):
         alignment.alignment_targets(p, [1.5, -0.5])
-    with pytest.raises(TargetError, match="3 images per batch is fewer than the 4 classes"):
-        alignment.alignment_targets({"g": p, "a": p}, [0.25] * 4)
+    with pytest.raises(TargetError, match="no images"):
+        alignment.alignment_targets(p[:0], [0.5, 0.5])
+
+
+def test_fewer_images_than_classes_follow_the_target_in_expectation():
+    """N = 3 images, 2 x 2 = 4 joint classes (the paper's code aligns whatever faces a step found, fewer than its 16
+    classes too): each plan puts unit mass on each image, and the plans' column sums average to N t -- exactly for
+    the exact expectation (a multinomial's mean), within sampling error for 4000 sampled histograms."""
+    rng = np.random.default_rng(0)
+    g, a = rng.dirichlet([1, 1], size=3), rng.dirichlet([1, 1], size=3)
+    t = np.array([0.4, 0.3, 0.2, 0.1])
+    exact = alignment.alignment_targets({"g": g, "a": a}, t, samples=0)
+    np.testing.assert_allclose(exact.joint_q.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(exact.joint_q.sum(0), 3 * t, atol=1e-12)
+    sampled = alignment.alignment_targets({"g": g, "a": a}, t, samples=4000, rng=1)
+    np.testing.assert_allclose(sampled.joint_q.sum(0), 3 * t, atol=0.05)  # sd of a count mean: <= 0.014
 
 
 def test_exact_expectation_is_the_papers_binary_closed_form():

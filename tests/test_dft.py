@@ -431,6 +431,76 @@ def test_sdxl_soft_tokens_train_and_load_as_textual_inversion(tmp_path):
 # errors
 # --------------------------------------------------------------------------------------------
 
+def test_relax_factors_follow_the_papers_intersectional_rule():
+    """The reference's gender x race weights (exp-3's gen_dynamic_weights, written out as its if / elif chain):
+    1 when neither target changes the frozen class, the changed attribute's factor when one does, the smaller one
+    when both do; a dropped target counts as changed. One number: that number wherever anything changes."""
+    fg, fr = 0.2, 0.6
+    rng = np.random.default_rng(0)
+    g, r = rng.random(64) < 0.5, rng.random(64) < 0.5
+
+    def reference(cg, cr):
+        if not cg and not cr:
+            return 1.0
+        if not cg and cr:
+            return fr
+        if cg and not cr:
+            return fg
+        return min(fg, fr)
+
+    got = dft.relax_factors({"gender": torch.tensor(g), "race": torch.tensor(r)}, {"gender": fg, "race": fr})
+    np.testing.assert_allclose(got.numpy(), [reference(a, b) for a, b in zip(g, r)], rtol=1e-7)
+    one = dft.relax_factors({"gender": torch.tensor(g), "race": torch.tensor(r)}, 0.2)
+    np.testing.assert_allclose(one.numpy(), np.where(g | r, 0.2, 1.0), rtol=1e-7)
+
+
+def test_relax_options_parse_and_check():
+    assert dft.parse_relax("0.3") == 0.3 and dft.parse_relax(0.3) == 0.3
+    assert dft.parse_relax("gender=0.2, race=0.6") == {"gender": 0.2, "race": 0.6}
+    assert small(quality_relax="gender=0.2,race=0.6").quality_relax == {"gender": 0.2, "race": 0.6}
+    for bad in ("x", "gender=a", "gender=-1", -0.5, float("nan"), {}):
+        with pytest.raises(dft.DFTError, match="relax"):
+            small(quality_relax=bad)
+    with pytest.raises(dft.DFTError, match=r"face_relax gives factors for \['race'\] but the aligned attributes are"):
+        DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(face_relax={"race": 0.3}), quality_encoder=None)
+
+
+@needs_peft
+def test_per_attribute_relax_with_equal_factors_is_the_single_number():
+    """{"gender": 0.5} for the one aligned attribute is exactly quality_relax=0.5 (loss and update)."""
+    out = []
+    for relax in (0.5, {"gender": 0.5}):
+        tr = DFTTrainer(fresh(), [PROMPT], RedClassifier(), small(quality_weight=1.0, quality_relax=relax,
+                                                                  images_per_prompt=4),
+                        quality_encoder=tiny_encoder())
+        tr.step()
+        rec = tr.step()  # the first step's images are the frozen model's (LoRA starts at zero): no quality loss
+        tr.close()
+        out.append((rec, [p.detach().clone() for p in tr.params]))
+    (r1, p1), (r2, p2) = out
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5) and r1["loss_quality"] > 0
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _TwoHeads(torch.nn.Module):
+    labels = {"gender": ("male", "female"), "race": ("a", "b", "c")}
+
+    def forward(self, x):
+        g = RedClassifier()(x)["gender"]
+        return {"gender": g, "race": torch.cat([g, torch.zeros_like(g[:, :1])], 1) * 0.9 + 0.1 / 3}
+
+
+@needs_peft
+def test_fewer_images_than_joint_classes_warn(tiny_sd):
+    """As the paper's code, N < K aligns (each step's targets fill at most N classes): a warning, not a refusal."""
+    with pytest.warns(UserWarning, match="images_per_prompt=4 is smaller than the 6 joint classes of gender x race"):
+        tr = DFTTrainer(fresh(), [PROMPT], _TwoHeads(), small(images_per_prompt=4), quality_encoder=None)
+    rec = tr.step()
+    tr.close()
+    assert rec["kept"]["gender"] > 0
+
+
 def test_clear_errors(tiny_sd):
     pipe = tiny_sd  # every error below is raised before the pipeline is touched
     clf = RedClassifier()
@@ -442,7 +512,7 @@ def test_clear_errors(tiny_sd):
         DFTTrainer(pipe, [PROMPT], clf, small(attributes=["gender", "race"]), quality_encoder=None)
     with pytest.raises(ClassifierMismatch, match="target is given for \\['age'\\]"):
         DFTTrainer(pipe, [PROMPT], clf, small(target={"age": [0.75, 0.25]}), quality_encoder=None)
-    with pytest.raises(TargetError, match="images_per_prompt=1 is smaller than the 2"):
+    with pytest.raises(TargetError, match="images_per_prompt=1: .* use images_per_prompt >= 2"):
         DFTTrainer(pipe, [PROMPT], clf, small(images_per_prompt=1), quality_encoder=None)
     with pytest.raises(ClassifierMismatch, match="no labels"):
         DFTTrainer(pipe, [PROMPT], lambda x: x, small(), quality_encoder=None)

@@ -338,6 +338,30 @@ def test_images_without_a_face_are_not_aligned():
 
 
 @needs_peft
+def test_fewer_faces_than_classes_are_still_aligned():
+    """One face in 4 images, 2 classes: the paper's code aligns whatever faces a step found (its gender x race x age
+    runs: 16 classes); fastfair dropped the whole step when fewer faces than classes were found. The one face's
+    target is its own alignment target (same random stream)."""
+    tr = DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(),
+                    small(images_per_prompt=4, face_expand=0.0, face_crop_size=32),
+                    quality_encoder=None, face_detector=Scripted([False, True, False, False]))
+    seen = []
+    sample = tr.sample
+    tr.sample = lambda *a, **k: seen.append(sample(*a, **k)) or seen[-1]
+    rng_state = json.dumps(tr.np_rng.bit_generator.state)
+    rec = tr.step()
+    tr.close()
+    assert rec["faces"] == 1
+    probs = RedClassifier()(seen[-1].detach())["gender"]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(rng_state)
+    t = alignment.alignment_targets({"gender": probs[[1]]}, [0.5, 0.5], samples=100, threshold=1.0, rng=rng)
+    expected = -math.log(float(probs[1, t.labels["gender"][0]])) / 4
+    assert rec["loss_align"] == pytest.approx(expected, rel=1e-5) and rec["loss_align"] > 0
+    assert rec["kept"]["gender"] == 0.25
+
+
+@needs_peft
 def test_no_face_anywhere_means_no_alignment_gradient():
     tr = DFTTrainer(fastfair.load_pipeline("tiny-sd"), [PROMPT], RedClassifier(), small(images_per_prompt=2),
                     quality_encoder=None, face_detector=lambda im: [])
@@ -361,6 +385,19 @@ def test_face_region_relaxation_scales_only_that_gradient():
     y.sum().backward()
     expect = torch.ones_like(x)
     expect[0, :, 2:6, 4:8] = 0.2                                         # rows 2..5, columns 4..7
+    torch.testing.assert_close(x.grad, expect)
+
+
+def test_face_region_relaxation_per_image_factors():
+    """Per-attribute face_relax gives each image its own factor (relax_factors): 0.3 and 1 here."""
+    tr = object.__new__(DFTTrainer)
+    tr.cfg = DFTConfig(face_relax={"gender": 0.2, "race": 0.3})
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64, requires_grad=True)
+    cur = faces.FaceBatch(torch.tensor([True, True]), [None, None], [(2, 2, 8, 8), (0, 0, 5, 5)], [None, None])
+    y = tr._relax_face_region(x, cur, None, torch.tensor([0.3, 1.0]))
+    y.sum().backward()
+    expect = torch.ones_like(x)
+    expect[0, :, 2:8, 2:8] = 0.3
     torch.testing.assert_close(x.grad, expect)
 
 
