@@ -610,7 +610,8 @@ def _add_edit(sub) -> None:
     m.add_argument("--negative-prompt", default=None)
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    m.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
+    m.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: fp16 on CUDA, fp32 on CPU; fp32 with --protocol reference")
     m.add_argument("--out", required=True, help="output .safetensors (metadata also in OUT.json)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing edit at --out")
     m.add_argument("--no-progress", action="store_true")
@@ -623,7 +624,8 @@ MIST_PROTOCOLS = {
                      reseed=False),
     "reference": dict(template="a person of {concept}", measure_template="a headshot of a person of {concept}",
                       images=100, rounds=150, reseed=True, clip_model="openai/clip-vit-base-patch32",
-                      negative_prompt="black and white, drawing, painting, unrealistic, low quality"),
+                      negative_prompt="black and white, drawing, painting, unrealistic, low quality",
+                      dtype="fp32"),  # the authors edit and measure an fp32 pipeline
 }
 
 

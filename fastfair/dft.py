@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _dist, alignment
+from . import _dist, alignment, distribution
 from .features import (PAPER_CLIP, PAPER_DINO, ClipFeatures, DinoFeatures, FeatureError,  # noqa: F401
                        Resized, encoder_name, load_encoders)
 from .alignment import TargetError
@@ -1493,7 +1493,8 @@ class DFTTrainer:
         seeds 0..eval_seeds-1, for the current weights and (once the EMA has been updated) the EMA weights: per
         prompt and attribute
         the frequencies, and per attribute the mean over prompts of the target gap mean_c |f_c - t_c| (0 = on
-        target) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints). Under
+        target; the paper's age gap), of the paper's bias mean_{i<j} |f_i - f_j| (its gender and race metric, for
+        uniform targets: twice the target gap for two classes) and of the largest class's share. Recorded in ``evaluations`` (dft.json, checkpoints). Under
         several processes every process must call it (the seeds are shared out and the counts summed)."""
         cfg = self.cfg
         prompts = list(cfg.eval_prompts) if cfg.eval_prompts else self.prompts
@@ -1510,6 +1511,7 @@ class DFTTrainer:
             for a in self.attributes:
                 fs = [np.array(per[p][a]) for p in prompts if per[p][a] is not None]
                 summary[a] = (dict(target_gap=float(np.mean([np.abs(f - targets[a]).mean() for f in fs])),
+                                   bias=float(np.mean([distribution.dft_bias(f) for f in fs])),
                                    max_share=float(np.mean([f.max() for f in fs])),
                                    freq=np.mean(fs, 0).tolist()) if fs else None)
             return dict(per_prompt=per, summary=summary, counted=counted, images=len(prompts) * cfg.eval_seeds)

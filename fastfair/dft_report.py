@@ -91,7 +91,11 @@ def build_dft_html(meta: dict, name: str = "") -> str:
         for which in ("model", "ema"):
             for a, s in (last_ev.get(which) or {}).get("summary", {}).items():
                 if s:
-                    cards.append((f"{a} target gap ({which}, step {last_ev['step']})", f"{s['target_gap']:.3f}"))
+                    # the paper's metric: bias (mean pairwise |f_i - f_j|) for uniform targets (gender, race), the
+                    # target gap for others (age 75/25); runs recorded before the bias have only the gap
+                    uniform = all(abs(t - 1.0 / len(targets[a])) < 1e-9 for t in targets[a])
+                    key, name = ("bias", "bias") if uniform and "bias" in s else ("target_gap", "target gap")
+                    cards.append((f"{a} {name} ({which}, step {last_ev['step']})", f"{s[key]:.3f}"))
     parts = [f"<h1>{E(title)}</h1>",
              "<p class=muted>Adjusted direct finetuning with the distributional alignment loss (Shen et al., ICLR "
              f"2024). Classifier {E(str(meta.get('classifier')))}; targets "

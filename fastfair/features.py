@@ -89,7 +89,8 @@ class DinoFeatures(torch.nn.Module):
 
 class Resized(torch.nn.Module):
     """``encoder`` applied to the images resized to ``size`` x ``size`` (bilinear, antialiased: torchvision's
-    ``Resize`` on tensors), as the paper's code feeds CLIP and DINOv2 224-pixel images."""
+    ``Resize`` on tensors since 0.17), as the paper's code feeds CLIP and DINOv2 224-pixel images (its pinned
+    torchvision 0.16 did not antialias tensors: the features differ slightly, README "Differences")."""
 
     def __init__(self, encoder: torch.nn.Module, size: int = 224):
         super().__init__()

@@ -661,6 +661,7 @@ def test_evaluation_during_training(tmp_path):
     np.testing.assert_allclose(got, f)
     s0 = ev[0]["model"]["summary"]["gender"]
     assert s0["target_gap"] == pytest.approx(abs(f[0] - 0.5)) and s0["max_share"] == pytest.approx(f.max())
+    assert s0["bias"] == pytest.approx(abs(f[0] - f[1]))  # the paper's gender bias |f_male - f_female|
     assert ev[0]["model"]["counted"] == ev[0]["model"]["images"] == 3
     meta = json.loads((tmp_path / "a" / "dft.json").read_text())
     assert meta["evaluations"] == json.loads(json.dumps(ev))
@@ -698,6 +699,7 @@ def test_report_of_a_training_run(tmp_path, capsys):
     assert res.report == tmp_path / "run" / "report.html"
     assert page.count("<polyline") >= 3 + 3 and "gender: batch class frequencies" in page
     assert "per prompt (EMA weights)" in page and PROMPT in page and "target gap" in page
+    assert "gender bias (model, step 3)" in page  # the paper's metric for a uniform target
     (tmp_path / "run" / "report.html").unlink()
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.html").read_text() == page

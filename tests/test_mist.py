@@ -526,6 +526,18 @@ def test_cli_reference_protocol(monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["--seeds", "0-3", "--reseed"]) == 1
     assert "--reseed" in capsys.readouterr().err
+    # the authors edit and measure in fp32: the reference protocol loads fp32 where fastfair's default is fp16 (CUDA)
+    from fastfair import pipelines
+
+    def loader(model, device=None, dtype=None):
+        seen.update(device=device, dtype=dtype)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines, "load_pipeline", loader)
+    for extra, want in (([], "fp16"), (["--protocol", "reference"], "fp32"),
+                        (["--protocol", "reference", "--dtype", "bf16"], "bf16")):
+        assert main(base + ["--device", "cuda"] + extra) != 0
+        assert (seen["device"], seen["dtype"]) == ("cuda", want)
 
 
 def test_face_crops_in_the_measurement():
