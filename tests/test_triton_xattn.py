@@ -462,3 +462,21 @@ def test_interpreter_refuses_bf16():
         T_OPS.cross_attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, tok, 0.25, False)
     with pytest.raises(TypeError, match="bfloat16"):
         T_OPS.soft_iou_fwd(torch.rand(2, 64).bfloat16(), torch.rand(2, 64).bfloat16(), 0.3, 0.01, 5, 1e-8)
+
+
+def test_forced_config_is_the_one_launched():
+    """``_OVERRIDE["FORCE"]`` (bench/repro_dft_fault.py runs every autotune candidate with it): the forward launches
+    with exactly the forced tile -- a 16-row tile gives the same result as the default, an impossible 24-row one
+    (not a power of two) fails in the kernel, so the forced config is what ran."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, device=DEV) for n in (40, 7, 7))
+    tok = torch.tensor([[1, 3]], device=DEV)
+    base = T_OPS.cross_attention_fwd(q, k, v, None, tok, 0.25, False)
+    T_OPS._OVERRIDE["FORCE"] = (("fwd", (("BLOCK_M", 16), ("num_stages", 1), ("num_warps", 4))),)
+    forced = T_OPS.cross_attention_fwd(q, k, v, None, tok, 0.25, False)
+    for a, b in zip(base, forced):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    T_OPS._OVERRIDE["FORCE"] = (("fwd", (("BLOCK_M", 24), ("num_stages", 1), ("num_warps", 4))),)
+    with pytest.raises(Exception, match="power of 2|power-of-two|arange"):
+        T_OPS.cross_attention_fwd(q, k, v, None, tok, 0.25, False)

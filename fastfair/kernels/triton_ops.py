@@ -38,8 +38,18 @@ LONG_BLOCK_N = 128
 MAX_BLOCK_T = 64
 
 # Tunables (tests override them to exercise every path on small shapes). GPU_CONFIG=True makes the
-# interpreter choose the tiles a GPU would (tests run the GPU's exact configs on CPU).
+# interpreter choose the tiles a GPU would (tests run the GPU's exact configs on CPU). FORCE: a tuple of
+# (kernel name, tuple of (key, value) items) -- that kernel launches with exactly that config (launch options and
+# tuned constexprs, as a dry run records its candidates), autotuning skipped (bench/repro_dft_fault.py runs every
+# autotune candidate on the GPU this way).
 _OVERRIDE: dict = {}
+
+
+def _forced(name: str) -> dict | None:
+    for n, items in _OVERRIDE.get("FORCE", ()):
+        if n == name:
+            return dict(items)
+    return None
 
 # Dry run: while this is a list, the launchers append (kernel name, args, constexprs, options) for
 # every config a launch could run (the heuristic one and each autotune config left after pruning)
@@ -391,7 +401,10 @@ def _launch(name: str, grid, args, consts: dict, cfg: dict, tune: bool = True):
                 seen.append((cx, opts))
                 _RECORD.append((fn.fn.__name__, tuple(args), cx, opts))
         return
-    if tune and _autotune_on():
+    forced = _forced(name)
+    if forced is not None:
+        fn[grid(forced)](*args, **consts, **forced)
+    elif tune and _autotune_on():
         tuned[grid](*args, **consts)
     else:
         fn[grid(cfg)](*args, **consts, **cfg)
@@ -528,14 +541,18 @@ class _Site:
         if self.state == 2 and self._direct(args):
             return
         if self.kw is None:
-            if self.tune:
+            forced = _forced(self.name)
+            if forced is not None:
+                self._resolve(forced)
+            elif self.tune:
                 ret = self.tuned[self.grid_fn](*args, **self.consts)
                 best = getattr(self.tuned, "best_config", None)
                 if best is not None and getattr(best, "pre_hook", None) is None:
                     self._resolve(best.all_kwargs())
                     self._adopt(ret, args)
                 return
-            self._resolve(dict(self.cfg))
+            else:
+                self._resolve(dict(self.cfg))
         if self.state == 1:
             self._check(args)
             return
