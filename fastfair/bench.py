@@ -848,7 +848,9 @@ def to_markdown(res: dict) -> str:
         L += ["", "## Kernels", "",
               "Median times; % roofline = max(bytes / copy BW, FLOPs / matmul rate) / time. "
               "x SDPA: time over SDPA's (no maps) in the same pass. On CUDA, graph ms: the same calls replayed "
-              "from a CUDA graph (kernel time without the host's per-call cost) and its % of copy bandwidth.", "",
+              "from a CUDA graph (kernel time without the host's per-call cost) and its % of copy bandwidth."
+              + ("" if (res["backends"].get("sdpa") or {}).get("available", True) else
+                 f" The x SDPA columns are empty: SDPA {res['backends']['sdpa']['reason']}."), "",
               "| shape | B | pass | backend | ms | MB | GFLOP | GB/s | % BW | TFLOP/s | % roofline | x SDPA "
               "| graph ms | graph % BW | graph x SDPA |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

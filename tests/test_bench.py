@@ -220,6 +220,9 @@ def test_methods_subset(tmp_path):
     assert {r["method"] for r in res["kernels"]} == {"fastfair-reference", "sdpa"}
     assert res["backends"]["explicit"] == {"available": False, "reason": "not selected (--methods)"}
     assert "unavailable: not selected (--methods)" in (tmp_path / "bench.md").read_text()
+    assert "x SDPA columns are empty" not in (tmp_path / "bench.md").read_text()
+    no_sdpa = dict(res, backends=dict(res["backends"], sdpa={"available": False, "reason": "not selected (--methods)"}))
+    assert "The x SDPA columns are empty: SDPA not selected (--methods)." in bench.to_markdown(no_sdpa)
     with pytest.raises(ValueError, match="unknown flash.*choose from fastfair-triton"):
         bench.run("kernels", "cpu", quick=True, out=tmp_path, methods="flash")
     with pytest.raises(ValueError, match="--suite e2e runs none"):
