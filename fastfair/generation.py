@@ -1,7 +1,6 @@
 """``fastfair.generate``: batched generation over prompts x seeds with per-word attention maps."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 from . import concepts, metrics
 from ._env import add_environment, provenance
-from ._io import FolderLock, atomic_write
+from ._io import BackgroundWriter, FolderLock, atomic_write, encode_pngs, png_bytes
 from .maps import Aggregation, MapRecorder
 from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
                          unpatch)
@@ -69,10 +68,7 @@ def parse_seeds(seeds) -> list[int]:
     return seeds
 
 
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+_png = png_bytes
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
@@ -152,8 +148,8 @@ class Generation:
             _remove_outputs(out, keep=_keep)
         names = image_names(self.seeds)
         if _images:  # generate_to_dir wrote them (and their overlays) batch by batch
-            for name, img in zip(names, images):
-                atomic_write(out / "images" / f"{name}.png", _png(img))
+            for name, data in zip(names, encode_pngs(images)):
+                atomic_write(out / "images" / f"{name}.png", data)
         if self.maps:
             tensors = {w: m.contiguous() for w, m in self.maps.items()}
             tensors["latents"] = self.latents.float().contiguous()
@@ -179,12 +175,26 @@ class Generation:
         return out
 
 
+def _write_part(out: Path, stem: str, names: list, images, maps: dict, info: dict, tensors: dict) -> None:
+    """generate_to_dir's background job for one batch: its images, overlays, then the part's record and tensors --
+    the .safetensors last: a part counts as done once it is on disk."""
+    from safetensors.torch import save as st_save
+
+    for name, data in zip(names, encode_pngs(images)):
+        atomic_write(out / "images" / f"{name}.png", data)
+    if maps:  # per batch, not all at the end (a 10,000-image run: an hour more after the GPU)
+        _write_overlays(out, names, images, maps)
+    atomic_write(out / PARTS / f"{stem}.json", json.dumps(info, default=str).encode())
+    atomic_write(out / PARTS / f"{stem}.safetensors", st_save(tensors))
+
+
 def _write_overlays(out: Path, names: list, images, maps: dict) -> None:
     """overlays/{name}_w{k}_{word}.png of every image and word (the word's index keeps names unique)."""
     for k, (w, m) in enumerate(maps.items()):
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in w)
-        for i, (name, img) in enumerate(zip(names, images)):
-            atomic_write(out / "overlays" / f"{name}_w{k}_{safe}.png", _png(overlay(img, m[i])))
+        pngs = encode_pngs(overlay(img, m[i]) for i, img in enumerate(images))
+        for name, data in zip(names, pngs):
+            atomic_write(out / "overlays" / f"{name}_w{k}_{safe}.png", data)
 
 
 class ImagesOnDisk(Sequence):
@@ -241,7 +251,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     ``attributions={name: (text, words)}`` apply to every prompt."""
     import shutil
 
-    from safetensors.torch import load_file, save as st_save
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     check_text_to_image(pipe)
@@ -301,48 +311,48 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         config, order, diag_parts, sizes = None, [], [], []
         latents, maps, amaps, targets, envs, blocked = [], {}, {}, [], [], []
         bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
-        for stem, batch, size in finished + [(None, b, batch_size) for b in todo]:
-            if stem is not None:
-                t = load_file(str(out / PARTS / f"{stem}.safetensors"))
-                info = json.loads((out / PARTS / f"{stem}.json").read_text())
-                bnames = [names[it] for it in batch]
-                if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
-                    # a batch finished by a version that wrote overlays only at the end
-                    _write_overlays(out, bnames, ImagesOnDisk([out / "images" / f"{n}.png" for n in bnames]),
-                                    {w: t[f"maps/{w}"] for w in info["words"]})
-            else:
-                bp = list(dict.fromkeys(pi for pi, _ in batch))  # the batch's prompts x its seeds, prompt-major
-                kw = kwargs if negs is None else dict(kwargs, negative_prompt=[negs[pi] for pi in bp])
-                g = generate(pipe, [prompts[pi] for pi in bp], seeds=list(dict.fromkeys(s for _, s in batch)),
-                             batch_size=batch_size, progress=False, **kw)
-                for it, img in zip(batch, g.images):
-                    atomic_write(out / "images" / f"{names[it]}.png", _png(img))
-                if overlays and g.maps:  # now, not all at the end (a 10,000-image run: an hour more after the GPU)
-                    _write_overlays(out, [names[it] for it in batch], g.images, g.maps)
-                t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
-                t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
-                t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
-                t["latents"] = g.latents.float().contiguous()
-                info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
-                            diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment,
-                            safety_blocked=g.safety_blocked, items=[list(it) for it in batch], batch_size=batch_size)
-                stem = f"part-{names[batch[0]]}"  # its first image: parts never share an image
-                atomic_write(out / PARTS / f"{stem}.json", json.dumps(info, default=str).encode())
-                atomic_write(out / PARTS / f"{stem}.safetensors", st_save(t))  # last: a part is done once it is on disk
-            bar.update(len(batch))
-            order += [pos[it] for it in batch]
-            sizes.append(size)
-            config = config or info["config"]
-            targets += info.get("edit_targets") or []
-            blocked += info.get("safety_blocked") or []
-            add_environment(envs, info.get("environment"))
-            latents.append(t["latents"])
-            for w in info["words"]:
-                maps.setdefault(w, []).append(t[f"maps/{w}"])
-            for n, ws in info["attributions"].items():
-                for w in ws:
-                    amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
-            diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+        writer = BackgroundWriter("fastfair-generate-writer")
+        try:
+            for stem, batch, size in finished + [(None, b, batch_size) for b in todo]:
+                if stem is not None:
+                    t = load_file(str(out / PARTS / f"{stem}.safetensors"))
+                    info = json.loads((out / PARTS / f"{stem}.json").read_text())
+                    bnames = [names[it] for it in batch]
+                    if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
+                        # a batch finished by a version that wrote overlays only at the end
+                        _write_overlays(out, bnames, ImagesOnDisk([out / "images" / f"{n}.png" for n in bnames]),
+                                        {w: t[f"maps/{w}"] for w in info["words"]})
+                else:
+                    bp = list(dict.fromkeys(pi for pi, _ in batch))  # the batch's prompts x its seeds, prompt-major
+                    kw = kwargs if negs is None else dict(kwargs, negative_prompt=[negs[pi] for pi in bp])
+                    g = generate(pipe, [prompts[pi] for pi in bp], seeds=list(dict.fromkeys(s for _, s in batch)),
+                                 batch_size=batch_size, progress=False, **kw)
+                    t = {f"maps/{w}": m.contiguous() for w, m in g.maps.items()}
+                    t.update({f"attr/{n}/{w}": m.contiguous() for n, d in g.attribution_maps.items() for w, m in d.items()})
+                    t.update({f"diag/{k}": v.contiguous() for k, v in g.diagnostics.items()})
+                    t["latents"] = g.latents.float().contiguous()
+                    info = dict(config=g.config, words=list(g.maps), attributions={n: list(d) for n, d in g.attribution_maps.items()},
+                                diagnostics=list(g.diagnostics), edit_targets=g.edit_targets, environment=g.environment,
+                                safety_blocked=g.safety_blocked, items=[list(it) for it in batch], batch_size=batch_size)
+                    # written in the background while the next batch generates (images, overlays, the part last)
+                    writer.submit(_write_part, out, f"part-{names[batch[0]]}", [names[it] for it in batch], g.images,
+                                  g.maps if overlays else {}, info, t)
+                bar.update(len(batch))
+                order += [pos[it] for it in batch]
+                sizes.append(size)
+                config = config or info["config"]
+                targets += info.get("edit_targets") or []
+                blocked += info.get("safety_blocked") or []
+                add_environment(envs, info.get("environment"))
+                latents.append(t["latents"])
+                for w in info["words"]:
+                    maps.setdefault(w, []).append(t[f"maps/{w}"])
+                for n, ws in info["attributions"].items():
+                    for w in ws:
+                        amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
+                diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+        finally:
+            writer.close()  # the batch being written is kept (Ctrl-C, errors); a write error is raised here
         bar.close()
         if sorted(order) != list(range(len(items))):  # _finished_parts and _batches cover every image exactly once
             raise RuntimeError(f"{str(out)!r}: the finished parts and the batches made do not cover each image once")

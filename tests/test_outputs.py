@@ -215,12 +215,13 @@ def test_generate_to_dir_streams_images_and_overlays(tiny_sd, tmp_path, monkeypa
     the returned images are read from their files."""
     import numpy as np
 
-    from fastfair import generation
     from fastfair.generation import ImagesOnDisk, generate_to_dir
 
+    from fastfair import _io
+
     encoded = []
-    real = generation._png
-    monkeypatch.setattr(generation, "_png", lambda img: encoded.append(1) or real(img))
+    real = _io.png_bytes
+    monkeypatch.setattr(_io, "png_bytes", lambda img: encoded.append(1) or real(img))
     prompts = ["a photo of the face of a doctor", "a photo of the face of a nurse"]
     gen = generate_to_dir(tiny_sd, prompts, tmp_path / "g", seeds=[0, 1, 2], settings={"t": 1}, batch_size=2,
                           maps=["face", "photo"], steps=2, progress=False)

@@ -24,11 +24,10 @@ neutral image is generated once and every attribution prompt's maps come from th
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -42,7 +41,7 @@ from .._env import provenance
 from ..classify import AttributeClassifier, ClassifierMismatchError, check_labels, check_probabilities, load_classifier
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
-from .._io import atomic_write
+from .._io import BackgroundWriter, atomic_write, encode_pngs
 from ..pipelines import pipeline_fingerprint
 from .store import RunDirError, RunStore
 
@@ -636,13 +635,7 @@ def _json_default(o):
 
 def _commit_batch(store, rows, schema, images: dict, maps, tag) -> None:
     """The writer's job: encode the batch's images, then the store's commit (images, maps, part file last)."""
-    store.commit(rows, schema, {rel: _png(img) for rel, img in images.items()}, maps, tag)
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    store.commit(rows, schema, dict(zip(images, encode_pngs(images.values()))), maps, tag)
 
 
 @dataclass
@@ -674,31 +667,18 @@ class _BatchContext:
     prompt_prefix: str | None = None  # not scored (DFT soft tokens: the model's, not the prompt's)
     # one background writer: a batch's PNG encoding and fsynced files overlap the next batch's generation; at most
     # one batch is in flight, and its part file (the commit record) is still written last
-    _writer: object = None
-    _pending: object = None
+    _writer: BackgroundWriter = field(default_factory=lambda: BackgroundWriter("fastfair-audit-writer"))
 
     def _submit(self, *args) -> None:
         """Commit a batch in the background, after the previous one has finished (its error raised here)."""
-        self.drain()
-        if self._writer is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastfair-audit-writer")
-        self._pending = self._writer.submit(_commit_batch, self.store, *args)
+        self._writer.submit(_commit_batch, self.store, *args)
 
     def drain(self) -> None:
         """Wait for the batch being written; raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        self._writer.drain()
 
     def close(self) -> None:
-        try:
-            self.drain()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+        self._writer.close()
 
     def _gen(self, prompt, seeds, words=(), attributions=None, guidance=None, edit=None):
         return self.generate(self.pipe, prompt, seeds=seeds, maps=list(words), attributions=attributions,
