@@ -437,6 +437,31 @@ def _keywords_it_takes(fn):
     return call
 
 
+def classifier_digest(clf) -> str | None:
+    """A digest of what decides a classifier's outputs, so that a resumed audit refuses one changed under the same
+    name (a retrained checkpoint at the same path, a CLIP folder updated in place): the weights of its torch modules
+    (``pipelines.module_digest``) and, for a ``python:FILE.py`` spec, the file's bytes. None when there is nothing
+    to read (a plain callable)."""
+    from .pipelines import module_digest
+
+    parts = []
+    inner = getattr(clf, "inner", None)  # FaceCrops: the classifier it wraps
+    if inner is not None:
+        parts.append(classifier_digest(inner) or "")
+    seen = []
+    for m in (clf, getattr(clf, "module", None), getattr(clf, "model", None), getattr(clf, "zs", None)):
+        if isinstance(m, torch.nn.Module) and not any(m is x for x in seen):
+            seen.append(m)
+            parts.append(module_digest(m))
+        elif m is not None and m is not clf and getattr(m, "model", None) is not None:  # ClipScore's zero-shot
+            parts.append(classifier_digest(m) or "")
+    if getattr(clf, "source_digest", None):
+        parts.append(clf.source_digest)
+    if not any(parts):
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = DEFAULT_CLIP):
     """``"clip"`` / ``"clip:MODEL_ID"`` (zero-shot CLIP), ``"none"``, ``"python:FILE.py:FUNC"``
     (``FUNC(attribute_sets=..., device=...)`` returns a classifier or module), or an object (classifier or
@@ -455,6 +480,12 @@ def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = D
         clf = as_classifier(obj)
         if isinstance(clf, ModuleClassifier) and clf.name.startswith("fastfair_user_classifier_"):
             clf.name = ref  # a file-loaded module's class path is a random module name: use the spec
+        src = Path(ref.rsplit(":", 1)[0])
+        if src.suffix == ".py" and src.is_file():  # what the file hard-codes (thresholds, a weights path) counts too
+            try:
+                clf.source_digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+            except AttributeError:  # an object that takes no attributes: its weights alone
+                pass
         return clf
     raise ValueError(f"unknown classifier {spec!r}; use clip, clip:MODEL_ID, none or python:FILE.py:FUNCTION")
 

@@ -272,7 +272,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     out = Path(out_dir)
     with FolderLock(out, "generate"):  # a second process writing here would mix its batches with these
         run_file = out / PARTS / "run.json"
-        from .pipelines import pipeline_fingerprint
+        from .pipelines import as_recorded_model_state, pipeline_fingerprint
 
         # the model as loaded (scheduler, adapters, safety checker, weights): a resume refuses a model changed under
         # the same name (a scheduler swapped in its folder, a LoRA added to the same pipeline object). The batch size
@@ -280,14 +280,19 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         # (a lower one after the GPU ran out of memory). batch_layout 2: prompts with fewer seeds than batch_size share
         # batches (1: one prompt per batch, as runs started before the tenth session of 2026-11-26 lay out their batch
         # files; they resume with it)
-        settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe), "batch_layout": 2}
+        # "call": generate's own arguments, whatever the caller's settings name (a Python caller's may not)
+        settings = {**settings, "batch_size": batch_size, "model_state": pipeline_fingerprint(pipe), "batch_layout": 2,
+                    "call": _call_settings(pipe, kwargs)}
         key = json.dumps(settings, sort_keys=True, default=str)
         layout, first_size = 2, batch_size
         if resume and run_file.exists():
             before, now = json.loads(run_file.read_text()), json.loads(key)
-            for later in ("model_state", "batch_layout"):  # recorded since 2026-11-26's 9th / 10th session
+            for later in ("model_state", "batch_layout", "call"):  # recorded since 2026-11-26's 9th / 10th session,
+                # 2026-11-27 (call)
                 if later not in before:
                     now.pop(later, None)
+            if "model_state" in now:
+                now["model_state"] = as_recorded_model_state(before.get("model_state"), now["model_state"])
             layout = before.get("batch_layout", 1)
             first_size = before.get("batch_size", batch_size)
             before.pop("batch_size", None)
@@ -862,17 +867,44 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                   attributions={n: dict(prompt=t[0] if len(set(t)) == 1 else t, words=w) for n, (t, w) in extra.items()}
                   or None,
                   negative_prompt=negative_prompt, pipeline=type(pipe).__name__,
-                  guidance=None if guidance is None else dict(pairs=guidance.pairs, scale=guidance.scale,
-                                                              max_grad_norm=guidance.max_grad_norm,
-                                                              on_large_grad=guidance.on_large_grad,
-                                                              attribution_prompt=guidance.attribution_prompt,
-                                                              steps=None if guidance.steps is None else sorted(guidance.steps),
-                                                              top_k=guidance.top_k, branch=guidance.branch),
+                  guidance=_describe_guidance(guidance),
                   edit_guidance=None if edit_guidance is None else edit_guidance.describe())
     return Generation(images=images, latents=torch.cat(latents_out), maps=word_maps,
                       prompts=[prompts[pi] for pi, _ in items], seeds=[s for _, s in items], config=config,
                       diagnostics=diagnostics, attribution_maps=attribution_maps, edit_targets=edit_targets,
                       environment=provenance(device), safety_blocked=blocked)
+
+
+_GENERATE = generate  # its signature's defaults (tests replace the module attribute with wrappers)
+
+
+def _describe_guidance(guidance) -> dict | None:
+    """An EntanglementGuidance's settings as generate records them."""
+    if guidance is None:
+        return None
+    return dict(pairs=guidance.pairs, scale=guidance.scale, max_grad_norm=guidance.max_grad_norm,
+                on_large_grad=guidance.on_large_grad, attribution_prompt=guidance.attribution_prompt,
+                steps=None if guidance.steps is None else sorted(guidance.steps), top_k=guidance.top_k,
+                branch=guidance.branch)
+
+
+def _call_settings(pipe, kwargs: dict) -> dict:
+    """generate_to_dir's own record of the ``generate`` arguments its images depend on (every keyword, defaults
+    filled in, the guidance scale resolved, guidance objects described), so that a resume with other ones is refused
+    whatever the caller's ``settings`` name (the CLI names them; a Python caller may not)."""
+    import inspect
+
+    skip = {"pipe", "prompt", "seeds", "batch_size", "progress"}
+    out = {k: p.default for k, p in inspect.signature(_GENERATE).parameters.items()
+           if k not in skip and p.default is not inspect.Parameter.empty}
+    out.update({k: v for k, v in kwargs.items() if k not in skip})
+    out["maps"] = _parse_words(out["maps"])
+    out["guidance_scale"] = guidance_scale_for(pipe, out["guidance_scale"])
+    out["guidance"] = _describe_guidance(out["guidance"])
+    out["edit_guidance"] = None if out["edit_guidance"] is None else out["edit_guidance"].describe()
+    if isinstance(out["aggregation"], Aggregation):
+        out["aggregation"] = out["aggregation"].name
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
 def _state_lengths(pi: int, states: dict, state_texts, extra: dict, gstate_texts) -> tuple:

@@ -436,7 +436,24 @@ def pipeline_fingerprint(pipe) -> dict:
     if getattr(pipe, "safety_checker", None) is not None:
         out["safety_checker"] = True
     out["weights"] = h.hexdigest()[:16]
+    # the decoder too (a VAE swapped under the same model name changes every image); recorded since 2026-11-27:
+    # records without it are compared without it (LATER_MODEL_KEYS)
+    vae = getattr(pipe, "vae", None)
+    if isinstance(vae, torch.nn.Module):
+        out["vae_weights"] = module_digest(vae)
     return out
+
+
+# model_state keys recorded since a later release: a run recorded without one is compared without it
+LATER_MODEL_KEYS = ("vae_weights",)
+
+
+def as_recorded_model_state(old: dict | None, new: dict | None):
+    """``new`` without the LATER_MODEL_KEYS that ``old`` does not record (a run made before they were recorded
+    resumes; one that records them is compared on them)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    return {k: v for k, v in new.items() if k in old or k not in LATER_MODEL_KEYS}
 
 
 def check_device(device) -> torch.device:

@@ -198,6 +198,15 @@ def test_resume_skips_everything_and_settings_lock(run, tiny_sd):
         fastfair.audit("tiny-sd", "list:doctor,nurse", resume=True, **dict(kw, steps=3))
     with pytest.raises(RunDirError, match=r"work\.professions"):
         fastfair.audit("tiny-sd", "list:doctor,pilot", resume=True, **kw)
+    # the same classifier with other weights (a retrained checkpoint under the same name): refused, not mixed
+    import copy
+
+    clf2 = copy.deepcopy(clf)
+    with torch.no_grad():
+        next(clf2.model.parameters()).add_(0.01)
+    assert clf2.describe() == clf.describe()
+    with pytest.raises(RunDirError, match=r"classifier_weights"):
+        fastfair.audit("tiny-sd", "list:doctor,nurse", resume=True, **dict(kw, classifier=clf2))
 
 
 def test_overwrite_and_foreign_directories(tiny_sd, tmp_path):

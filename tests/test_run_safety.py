@@ -64,6 +64,40 @@ def test_generate_resumes_with_another_batch_size(tiny_sd, tmp_path, first, then
     assert saved["batch_sizes"] == sorted({first, then}) and saved["batch_size"] == then
 
 
+def test_generate_to_dir_resume_refuses_other_generate_arguments(tiny_sd, tmp_path):
+    """The resume key was only the caller's settings: a Python caller resuming with other steps or guidance scale
+    was accepted and generation.json then gave the first session's values for every image (a review: images 151-211
+    pixel levels off). generate's own arguments are now part of it."""
+    _interrupted(tiny_sd, tmp_path / "g", batch_size=2)
+    for other in (dict(steps=3), dict(guidance_scale=1.0), dict(maps=["face"]), dict(negative_prompt="blurry")):
+        with pytest.raises(ValueError, match=r"other settings \(call\)"):
+            generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2,
+                            resume=True, **dict(GEN, **other))
+    # the same call spelled otherwise is the same call: the default guidance scale given explicitly, maps as a string
+    done = generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True,
+                           **dict(GEN, guidance_scale=7.5, maps="doctor"))
+    assert done.config["resumed_batches"] == 1 and done.config["call"]["steps"] == 2
+
+
+def test_generate_resume_refuses_another_vae(tmp_path):
+    """The VAE was not part of model_state: a resume after it changed mixed two decoders' images (a review: 255
+    pixel levels). It is digested now; a run recorded before that resumes as it did."""
+    pipe = fastfair.load_pipeline("tiny-sd")
+    _interrupted(pipe, tmp_path / "g", batch_size=2)
+    run = tmp_path / "g" / ".parts" / "run.json"
+    key = json.loads(run.read_text())
+    assert key["model_state"]["vae_weights"]
+    with torch.no_grad():
+        next(pipe.vae.decoder.parameters()).mul_(1.5)
+    with pytest.raises(ValueError, match="model_state"):
+        generate_to_dir(pipe, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True, **GEN)
+    del key["model_state"]["vae_weights"]  # as recorded before the VAE was digested
+    run.write_text(json.dumps(key, sort_keys=True))
+    done = generate_to_dir(pipe, PROMPT, tmp_path / "g", settings={"model": "tiny-sd"}, batch_size=2, resume=True,
+                           **GEN)
+    assert done.config["resumed_batches"] == 1
+
+
 def test_generate_resume_reads_batches_of_the_older_layout(tiny_sd, tmp_path):
     """Runs started before parts named their images ("batch-NNNNN" files of the first batch size) resume, also at
     another size: their batches are read from the first layout."""

@@ -251,6 +251,11 @@ def compare(baseline, *others, n_boot: int = 1000, seed: int = 0, level: float =
             if other_clf:
                 raise CompareError(f"{base.root} and {run.root} classified {other_clf} with different classifiers; "
                                    "their distributions are not comparable (audit both with the same --classifier)")
+            wa, wb = base.settings.get("classifier_weights"), run.settings.get("classifier_weights")
+            if wa and wb and wa != wb and shared:
+                raise CompareError(f"{base.root} and {run.root} classified with a classifier of the same name but "
+                                   f"different weights ({wa} vs {wb}); their distributions are not comparable "
+                                   "(audit both with the same classifier)")
 
             def target_of(n):
                 return base.targets.get(n) or [1.0 / len(attrs[n]["labels"])] * len(attrs[n]["labels"])

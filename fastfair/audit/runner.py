@@ -38,7 +38,8 @@ import torch
 from .. import concepts
 from .._dist import barrier as _barrier, broadcast as _broadcast, setup as _dist_setup, teardown as _dist_teardown
 from .._env import provenance
-from ..classify import AttributeClassifier, ClassifierMismatchError, check_labels, check_probabilities, load_classifier
+from ..classify import (AttributeClassifier, ClassifierMismatchError, check_labels, check_probabilities,
+                        classifier_digest, load_classifier)
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
 from .._io import BackgroundWriter, atomic_write, encode_pngs
@@ -148,7 +149,7 @@ def _describe_classifier(clf) -> dict:
 
 
 def _id_settings(settings: dict) -> dict:
-    out = {k: v for k, v in settings.items() if k != "model_state"}
+    out = {k: v for k, v in settings.items() if k not in ("model_state", "classifier_weights", "clip_score_weights")}
     out["generation"] = {k: v for k, v in settings["generation"].items() if k != "backend"}
     return out
 
@@ -517,6 +518,11 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             # the model as loaded: a resume refuses one changed under the same name (scheduler, adapters, weights)
             # (rank 0's: ranks on other GPUs could round a weight sum differently and refuse each other)
             "model_state": _broadcast(pipeline_fingerprint(pipe) if rank == 0 else None, world),
+            # the classifier's and CLIP scorer's weights (and python: source), not just their names: a resume with a
+            # retrained classifier at the same path would label half the rows with each
+            "classifier_weights": _broadcast(classifier_digest(clf) if (rank == 0 and clf is not None) else None, world),
+            **({"clip_score_weights": _broadcast(classifier_digest(scorer) if rank == 0 else None, world)}
+               if scorer is not None else {}),
         }
         # work ids from the measurement settings: the later-recorded model state and backend stay out, so the rows of
         # a run directory made before they were recorded keep their ids (the lock still compares them when recorded)

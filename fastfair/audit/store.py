@@ -69,7 +69,7 @@ def _diff(old, new, prefix="") -> list[str]:
 
 # settings recorded since the ninth session of 2026-11-26: a run directory made before them lacks them, and is
 # compared without them (its rows were made with whatever they were; resuming it should still work)
-LATER_KEYS = (("model_state",), ("generation", "backend"))
+LATER_KEYS = (("model_state",), ("generation", "backend"), ("classifier_weights",), ("clip_score_weights",))
 
 
 def _as_recorded(old_settings: dict | None, new_settings: dict) -> dict:
@@ -83,6 +83,10 @@ def _as_recorded(old_settings: dict | None, new_settings: dict) -> dict:
             o, n = (o or {}).get(k), (n or {}).get(k)
         if isinstance(n, dict) and isinstance(o, dict) and path[-1] not in o:
             n.pop(path[-1], None)
+    if isinstance(out.get("model_state"), dict):
+        from ..pipelines import as_recorded_model_state
+
+        out["model_state"] = as_recorded_model_state(old_settings.get("model_state"), out["model_state"])
     return out
 
 
