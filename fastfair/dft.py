@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -941,6 +942,22 @@ class DFTTrainer:
                   getattr(pipe, "text_encoder_3", None)):
             if m is not None:
                 m.requires_grad_(False)
+        # the frozen models' identity (weights digests), before adapters are added: a checkpoint resumes only on the
+        # same base model, quality encoders and face embedder / bank (a same-shaped SD 1.4 under a 1.5 run, or a
+        # swapped encoder, would continue one training on another model)
+        from .pipelines import module_digest, pipeline_fingerprint
+
+        base = pipeline_fingerprint(pipe)
+        self._identity = dict(base={k: base.get(k) for k in ("weights", "vae_weights", "adapters")},
+                              quality=[module_digest(e) if isinstance(e, torch.nn.Module) else type(e).__name__
+                                       for e in self.quality])
+        if self.face_embedder is not None:
+            self._identity["face_embedder"] = (module_digest(self.face_embedder)
+                                               if isinstance(self.face_embedder, torch.nn.Module) else None)
+            self._identity["face_bank"] = (hashlib.sha256(self.face_bank.detach().float().cpu().numpy().tobytes())
+                                           .hexdigest()[:16] if self.face_bank is not None else None)
+        # rank 0's: processes on other GPUs could round a weight sum differently and refuse each other's checkpoints
+        self._identity = _dist.broadcast(self._identity if self.rank == 0 else None, self.world)
         torch.manual_seed(cfg.seed)  # adapter / token initialisation
         self.named_params = self._add_trainables()
         self.params = [p for _, p in self.named_params]
@@ -1826,7 +1843,9 @@ class DFTTrainer:
                     **({} if cfg.prompt_padding == "max_length" else {"prompt_padding": cfg.prompt_padding}),
                     # what is optimised and how: a resume with other values would mix two trainings in one run
                     # (the total step count may grow: continuing a run further is a resume)
-                    training=self._training_fingerprint())
+                    training=self._training_fingerprint(),
+                    # the frozen models' weights digests (recorded since 2026-11-27)
+                    identity=self._identity)
 
     def _training_fingerprint(self) -> dict:
         import hashlib
@@ -1914,7 +1933,7 @@ class DFTTrainer:
         except Exception as e:
             raise ResumeError(f"cannot read checkpoint {str(path)!r}: {e}") from e
         mine, theirs = self.fingerprint(), sd.get("fingerprint", {})
-        for key in ("sampling", "training"):
+        for key in ("sampling", "training", "identity"):
             if key not in theirs:   # checkpoints from before it was recorded
                 mine.pop(key)
         if mine != theirs:

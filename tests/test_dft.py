@@ -220,6 +220,29 @@ def test_resume_reproduces_next_step_loss(tmp_path):
                         "steps": cfg.steps + 5}), quality_encoder=tiny_encoder(), resume=ck)  # more steps: a resume
     assert longer.step_idx == 1
     longer.close()
+    # the frozen models' weights (a review: a same-shaped other base model, or another quality encoder, resumed and
+    # continued one training on another model): refused, naming what differs
+    other = fresh()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.05)
+    with pytest.raises(ResumeError, match=r"identity\.base"):
+        DFTTrainer(other, [PROMPT, "a photo of a nurse"], RedClassifier(), cfg, quality_encoder=tiny_encoder(),
+                   resume=ck)
+    enc = tiny_encoder()
+    with torch.no_grad():
+        next(enc.parameters()).mul_(2.0)
+    with pytest.raises(ResumeError, match=r"identity\.quality"):
+        DFTTrainer(fresh(), [PROMPT, "a photo of a nurse"], RedClassifier(), cfg, quality_encoder=enc, resume=ck)
+    # a checkpoint written before the identity was recorded resumes as before
+    sd = torch.load(ck / "state.pt", weights_only=True)
+    del sd["fingerprint"]["identity"]
+    torch.save(sd, ck / "state.pt")
+    other = fresh()
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.05)
+    old = DFTTrainer(other, [PROMPT, "a photo of a nurse"], RedClassifier(), cfg, quality_encoder=enc, resume=ck)
+    assert old.step_idx == 1
+    old.close()
 
 
 # --------------------------------------------------------------------------------------------
