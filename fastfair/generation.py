@@ -741,6 +741,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     # break where it changes (the seeds alone fix each image, so the grouping changes no output)
     lengths = [_state_lengths(pi, attr_states, state_texts, extra,
                               gstate_texts if guidance is not None else None) for pi, _ in items]
+    sde_seed = (pipe.scheduler.noise_sampler_seed if type(pipe.scheduler).__name__ == "DPMSolverSDEScheduler"
+                else _NO_SDE)
     try:
         for chunk in _chunks(items, lengths, batch_size):
             # each image's own generator: its initial latents, then (stochastic schedulers whose step takes a
@@ -781,6 +783,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                     _rec.set_step(i + 1)
                 return {}
 
+            if sde_seed is not _NO_SDE:  # DPMSolverSDEScheduler draws its step noise from a Brownian tree, not from the
+                # generators: one tree per image, seeded by the image's seed (else the global RNG seeds one tree for
+                # the whole batch: images depend on the batch and are not reproducible)
+                pipe.scheduler.noise_sampler_seed = [s % (2**63 - 1) for _, s in chunk]
             kwargs = dict(prompt=[prompts[pi] for pi, _ in chunk], latents=lat, generator=gens, num_inference_steps=steps,
                           guidance_scale=guidance_scale, height=height, width=width, output_type="pt",
                           callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
@@ -845,6 +851,8 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
             bar.update(len(chunk))
     finally:
         bar.close()
+        if sde_seed is not _NO_SDE:
+            pipe.scheduler.noise_sampler_seed = sde_seed
         if needs_patch:
             pipe._fastfair.recorder = None
         if we_patched:
@@ -862,7 +870,15 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     if diag_chunks and diag_chunks[0]:
         diagnostics = {k: (torch.cat([d[k] for d in diag_chunks], dim=1) if diag_chunks[0][k].dim() == 2
                            else diag_chunks[0][k]) for k in diag_chunks[0]}
+    from . import ops
+
+    # what else the images depend on: the scheduler, the denoiser's dtype, the batch size (float rounding), and which
+    # attention ran (fastfair's backend only when maps or guidance patched the pipeline; else diffusers' own)
     config = dict(steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                  scheduler=type(pipe.scheduler).__name__, dtype=str(next(net.parameters()).dtype).replace("torch.", ""),
+                  batch_size=batch_size, backend=backend,
+                  attention=(f"fastfair ({ops.resolve_backend(backend, device)})" if needs_patch
+                             else "diffusers (no maps, no guidance)"),
                   aggregation=agg.name, attribution_prompt=attribution_prompt, map_steps=map_steps,
                   attributions={n: dict(prompt=t[0] if len(set(t)) == 1 else t, words=w) for n, (t, w) in extra.items()}
                   or None,
@@ -875,6 +891,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                       environment=provenance(device), safety_blocked=blocked)
 
 
+_NO_SDE = object()  # generate: the scheduler is not DPMSolverSDEScheduler
 _GENERATE = generate  # its signature's defaults (tests replace the module attribute with wrappers)
 
 

@@ -79,6 +79,8 @@ def test_sigkill_mid_run_then_resume(tiny_sd, tmp_path):
     assert len(all_ids) == N_ROWS and len(set(all_ids)) == N_ROWS  # no duplicates, none lost
     df = res.results
     assert len(df) == N_ROWS and df["work_id"].is_unique and set(df["work_id"]) == set(all_ids)
+    envs = json.loads((out / "audit.json").read_text())["environments"]  # each session's batch size and processes
+    assert {(e["batch_size"], e["processes"]) for e in envs} == {(2, 1)}
     assert not list(out.rglob(".*.tmp"))  # temporary files of the killed process are gone
     for rel in df["image"]:
         assert (out / rel).stat().st_size > 0

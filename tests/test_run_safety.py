@@ -495,3 +495,41 @@ def test_report_says_whether_a_map_was_never_saved_or_is_missing(finished_audit,
     page = write_report(run, df=df.assign(maps=None), config=config, summary=summarize(df, config),
                         out=tmp_path / "r2.html").read_text()
     assert "no map saved" in page and "map file missing" not in page
+
+
+def test_generation_records_scheduler_dtype_batch_and_attention(tiny_sd, tmp_path):
+    """generation.json of the Python API recorded none of them (a review: a DDIM and an Euler-ancestral run wrote
+    identical records, and a reference-backend run's environment named 'auto_backend: native', which had not run)."""
+    g = fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, maps=["doctor"], backend="reference", batch_size=3,
+                          progress=False)
+    c = g.config
+    assert (c["scheduler"], c["dtype"], c["batch_size"], c["backend"], c["attention"]) == (
+        type(tiny_sd.scheduler).__name__, "float32", 3, "reference", "fastfair (reference)")
+    plain = fastfair.generate(tiny_sd, PROMPT, seeds=[0], steps=1, progress=False)
+    assert plain.config["attention"] == "diffusers (no maps, no guidance)"
+    g.save(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "generation.json").read_text())["attention"] == "fastfair (reference)"
+
+
+def test_dpm_sde_scheduler_noise_follows_the_seeds(tiny_sd):
+    """DPMSolverSDEScheduler draws its step noise from a Brownian tree the per-image generators never reach: its seed
+    came from the global RNG and one tree served the whole batch (a review: images depended on the batch and on
+    torch's global state). generate now gives each image its own tree, seeded by its seed."""
+    pytest.importorskip("torchsde")
+    import copy
+
+    import diffusers
+
+    pipe = copy.copy(tiny_sd)
+    pipe.scheduler = diffusers.DPMSolverSDEScheduler.from_config(tiny_sd.scheduler.config)
+    pipe.unet, pipe.text_encoder, pipe.vae = tiny_sd.unet, tiny_sd.text_encoder, tiny_sd.vae
+    kw = dict(seeds=[0, 1, 2], steps=3, progress=False)
+    torch.manual_seed(1)
+    a = fastfair.generate(pipe, PROMPT, batch_size=3, **kw).latents
+    torch.manual_seed(2)
+    b = fastfair.generate(pipe, PROMPT, batch_size=1, **kw).latents
+    alone = fastfair.generate(pipe, PROMPT, seeds=[2], steps=3, progress=False).latents
+    assert (a - b).abs().max() < 1e-4 and (a[2:] - alone).abs().max() < 1e-4
+    other = fastfair.generate(pipe, PROMPT, seeds=[3], steps=3, progress=False).latents
+    assert (other - alone).abs().max() > 1e-2
+    assert pipe.scheduler.noise_sampler_seed is None  # the user's setting is restored

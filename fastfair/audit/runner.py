@@ -533,7 +533,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "prompts_spec": prompts if isinstance(prompts, str) else "list",
             "summary": {"targets": targets_v, "n_boot": n_boot, "boot_seed": boot_seed, "level": 0.95},
             "fastfair_version": __import__("fastfair").__version__,
-            "environments": [provenance(dev)],  # the store keeps every distinct one a resumed run was made under
+            # the store keeps every distinct one a resumed run was made under; with the batch size and process count
+            # (batch composition moves results by float rounding; both may change on resume)
+            "environments": [dict(provenance(dev), batch_size=batch_size, processes=world)],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         plan = build_plan(professions, seeds, template, sets, modes, inprompt_template, model_name, settings_hash)
