@@ -840,7 +840,10 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
         "measurement": None if classifier is None else dict(
             template=measure_template, prompts=m_prompts, images=len(seeds), seeds=seeds, reseed=reseed,
             steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-            negative_prompt=negative_prompt, classifier=clf.describe),
+            negative_prompt=negative_prompt, classifier=clf.describe,
+            # what else the measured images depend on (a DDIM- and an Euler-ancestral-measured edit differ)
+            scheduler=type(pipe.scheduler).__name__, dtype=str(next(pipe.unet.parameters()).dtype).replace(
+                "torch.", ""), batch_size=batch_size),
         "preserve": list(preserve), "rounds": [],
     }
 

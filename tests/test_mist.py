@@ -367,6 +367,8 @@ def test_concept_at_target_joins_the_preserve_set(tiny_sd):
         assert r0["weights"]["doctor"] == [0.0, 0.0] and r0["weights"]["nurse"] == pytest.approx([-0.04, 0.04])
         assert r0["preserve"] == ["", "a doctor"]
         assert edit.meta["edit_rounds"] == 1 and edit.meta["converged"]["doctor"]
+        m = edit.meta["measurement"]  # what the measured images depend on besides the prompts and seeds
+        assert (m["scheduler"], m["dtype"]) == (type(tiny_sd.scheduler).__name__, "float32") and m["batch_size"] >= 1
     finally:
         edit.revert(tiny_sd)
 
