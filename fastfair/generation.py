@@ -684,8 +684,17 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
     sample_size = default_sample_size(pipe)
     height = height or sample_size * vsf
     width = width or sample_size * vsf
-    if height % vsf or width % vsf:
-        raise ValueError(f"height and width must be multiples of the VAE scale factor {vsf}; got {height}x{width}")
+    # the latent grid's unit: the VAE's scale factor, times the patch size of an MMDiT (Flux packs 2x2 latents,
+    # SD3 patchifies by patch_size; diffusers' Flux pipeline rounds other sizes down with a warning, SD3 refuses)
+    psize = 2 if is_flux(net) else (getattr(getattr(net, "config", None), "patch_size", None) or 1)
+    unit = vsf * psize
+    if height % unit or width % unit:
+        def near(x):
+            lo = x // unit * unit
+            return f"{lo} or {lo + unit}" if lo >= unit else f"{lo + unit}"
+        raise ValueError(f"height and width must be multiples of {unit} on {type(pipe).__name__} (the VAE's scale "
+                         f"factor {vsf}" + (f" x patch size {psize}" if psize > 1 else "") + f"); got {height}x{width}: "
+                         f"use height {near(height)} and width {near(width)}")
     latent_hw = (height // vsf, width // vsf)
     if agg.name == "daam":
         daam_hw = 4096 if sample_size * vsf in (512, 1024) else 9216

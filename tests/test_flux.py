@@ -188,3 +188,17 @@ def test_negative_prompt_refused(flux):
     maps would count too): refused with the reason."""
     with pytest.raises(ValueError, match="guidance-distilled"):
         fastfair.generate(flux, PROMPT, seeds=[0], steps=1, progress=False, negative_prompt="blurry", **SIZE)
+
+
+def test_sizes_off_the_packed_grid_are_refused_with_the_nearest(flux, tiny_sd):
+    """Flux packs 2x2 latents: 136 px (a multiple of the VAE's 8, not of 16) crashed inside the packing with a
+    reshape error, maps on or off (a review); now refused up front naming the sizes that work. UNets keep 8."""
+    unit = flux.vae_scale_factor * 2
+    bad = unit * 8 + flux.vae_scale_factor
+    with pytest.raises(ValueError, match=rf"multiples of {unit} on FluxPipeline .*patch size 2.*use height "
+                                         rf"{unit * 8} or {unit * 9}"):
+        fastfair.generate(flux, "a photo of a doctor", seeds=[0], steps=1, height=bad, width=unit * 8, progress=False)
+    vsf = tiny_sd.vae_scale_factor
+    g = fastfair.generate(tiny_sd, "a photo of a doctor", seeds=[0], steps=1, height=vsf * 9, width=vsf * 8,
+                          progress=False)
+    assert g.latents.shape[-2:] == (9, 8)
