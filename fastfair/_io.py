@@ -91,10 +91,12 @@ def read_text_lines(path, what: str, inline_comments: bool = True) -> list[str]:
     import re
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder; give a text file")
     if not p.is_file():
         raise ValueError(f"{what} {str(p)!r} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) is not text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {what} {str(p)!r}: {e}") from e
     comment = r"(?:^|\s)#" if inline_comments else r"^\s*#"
@@ -159,3 +161,22 @@ class BackgroundWriter:
             if self._ex is not None:
                 self._ex.shutdown(wait=True)
                 self._ex = None
+
+
+# the record file each command leaves in its run folder
+RUN_RECORDS = {"audit.json": "an audit run", "dft.json": "a DFT finetuning run", "generation.json": "a generation",
+               "bench.json": "a bench run"}
+
+
+def check_not_foreign(out, mine: str, command: str) -> None:
+    """Refuse ``out`` when it holds (or lies inside) another command's run folder -- whatever --overwrite says: an
+    overwrite deleted an audit's images under a generation's name, and two commands' reports fought over one file.
+    ``mine``: this command's record file name."""
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if not folder.is_dir():
+            continue
+        for name, what in RUN_RECORDS.items():
+            if name != mine and (folder / name).is_file():
+                where = "is" if folder == out else f"lies inside {str(folder)!r}, which is"
+                raise ValueError(f"{command}: {str(out)!r} {where} {what} ({name}); choose another folder")

@@ -392,7 +392,8 @@ def as_classifier(obj, labels: Mapping[str, Sequence[str]] | None = None) -> Att
         return ModuleClassifier(obj, labels)
     if hasattr(obj, "predict") and hasattr(obj, "labels"):
         return obj  # duck-typed classifier
-    raise TypeError(f"expected an AttributeClassifier or a torch.nn.Module, got {type(obj).__name__}")
+    raise ClassifierMismatchError(f"expected an AttributeClassifier (labels + predict) or a torch.nn.Module with "
+                                  f"`labels`, got {type(obj).__name__}")
 
 
 def _import_factory(ref: str, what: str = "classifier"):
@@ -407,12 +408,29 @@ def _import_factory(ref: str, what: str = "classifier"):
         name = "fastfair_user_classifier_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:  # the user's file: one line naming it, not a traceback through fastfair
+            raise ValueError(f"python {what} {ref!r}: importing {mod_ref} failed: {_where(e, path)}") from e
     else:
-        mod = importlib.import_module(mod_ref)
+        try:
+            mod = importlib.import_module(mod_ref)
+        except ImportError as e:
+            raise ValueError(f"python {what} {ref!r}: cannot import {mod_ref!r} ({e})") from e
     if not hasattr(mod, func):
         raise ValueError(f"{mod_ref!r} has no function {func!r}")
     return _keywords_it_takes(getattr(mod, func))
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """``e`` as one line, with the line of the user's file it came from."""
+    import traceback
+
+    line = next((f"{path.name}:{fs.lineno}" for fs in reversed(traceback.extract_tb(e.__traceback__))
+                 if Path(fs.filename).resolve() == path.resolve()), None)
+    if line is None and isinstance(e, SyntaxError) and e.lineno:
+        line = f"{path.name}:{e.lineno}"
+    return f"{type(e).__name__}: {e}" + (f" (at {line})" if line else "")
 
 
 def _keywords_it_takes(fn):
@@ -476,8 +494,16 @@ def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = D
         return ClipZeroShot.from_pretrained(model_id, attribute_sets, device=device)
     if spec.startswith("python:"):
         ref = spec[len("python:"):]
-        obj = _import_factory(ref)(attribute_sets=list(attribute_sets), device=device)
-        clf = as_classifier(obj)
+        factory = _import_factory(ref)
+        try:
+            obj = factory(attribute_sets=list(attribute_sets), device=device)
+        except Exception as e:  # the user's factory failed: say whose
+            src = Path(ref.rsplit(":", 1)[0])
+            raise ValueError(f"--classifier python:{ref}: the factory raised {_where(e, src)}") from e
+        try:
+            clf = as_classifier(obj)
+        except ClassifierMismatchError as e:
+            raise ClassifierMismatchError(f"--classifier python:{ref} returned {type(obj).__name__}: {e}") from None
         if isinstance(clf, ModuleClassifier) and clf.name.startswith("fastfair_user_classifier_"):
             clf.name = ref  # a file-loaded module's class path is a random module name: use the spec
         src = Path(ref.rsplit(":", 1)[0])

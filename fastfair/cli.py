@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -193,6 +194,19 @@ def _apply_finetuned(pipe, args, model: str, verbose: bool = False) -> tuple[str
     if args.lora:
         from diffusers.utils import logging as dlog
 
+        rec = Path(args.lora).parent / "dft.json"
+        if rec.is_file():  # a DFT run's LoRA: the model it was trained on (an SD 1.5 text LoRA loads into SDXL's
+            try:           # first encoder without a word)
+                trained = json.loads(rec.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                trained = {}
+            kind = trained.get("pipeline")
+            if kind and kind != type(pipe).__name__:
+                raise ValueError(f"--lora {args.lora!r} was trained on {trained.get('model')!r} ({kind}, {rec}); this "
+                                 f"run loads {model!r} ({type(pipe).__name__}): use a model of that kind")
+            if trained.get("model") and trained["model"] != model:
+                print(f"fastfair: note: --lora {args.lora!r} was trained on {trained['model']!r}; this run loads "
+                      f"{model!r}", file=sys.stderr)
         level = dlog.get_verbosity()
         dlog.set_verbosity_error()   # "no LoRA keys associated to the UNet" for a text-encoder LoRA: expected
         try:
@@ -257,6 +271,8 @@ def _generate(args) -> int:
     parse_seeds(args.seeds)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.percentile < 100:  # printed IoUs only, but checked before the run (was after every image)
+        raise ValueError(f"--percentile must be in [0, 100), got {args.percentile} (BiasMap uses 70)")
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
@@ -641,7 +657,11 @@ def _edit(args) -> int:
     measured = None
     if args.measured:
         with open(args.measured, encoding="utf-8") as fh:
-            measured = json.load(fh)
+            try:
+                measured = json.load(fh)
+            except ValueError as e:
+                raise ValueError(f"--measured {args.measured!r} is not valid JSON ({e}); expected "
+                                 '{"doctor": [p1, p2, ...], ...}') from None
     target = " ".join(args.target) if args.target else "uniform"
     if args.measured and args.face_detector:
         raise ValueError("--face-detector crops faces for the classifier, and --measured replaces the classifier's "
@@ -938,8 +958,11 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)
     except (ValueError, KeyError, RuntimeError, FloatingPointError) as e:
-        print(f"fastfair {args.command}: error{_process()}: {_peer_failure(e) or _gpu_failure(e, args, kept) or e}",
-              file=sys.stderr)
+        # a bare KeyError prints only the key ("error: 'settings'"): say it is a field missing from a file it read
+        msg = (f"a field {e.args[0]!r} is missing from a record it read (a damaged file, or one that is not "
+               "fastfair's)" if type(e) is KeyError and e.args else None)
+        print(f"fastfair {args.command}: error{_process()}: "
+              f"{_peer_failure(e) or _gpu_failure(e, args, kept) or msg or e}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:  # a dependency missing (pip install --no-deps, a partial environment)
         import importlib.util

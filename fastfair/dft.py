@@ -480,6 +480,8 @@ class DFTConfig:
                 raise DFTError(f"{k} must be a positive number of pixels (or None: the model's default); got {v!r}")
         if self.images_per_prompt < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise DFTError("images_per_prompt and batch_size must be >= 1")
+        if self.steps < 1:  # 0 wrote an untrained LoRA and reported success
+            raise DFTError(f"steps (--steps) must be >= 1 optimisation steps; got {self.steps}")
         if self.rank < 1 or self.soft_tokens < 1:
             raise DFTError("rank and soft_tokens must be >= 1")
         if not isinstance(self.token, str) or not self.token.strip("<>") or any(c.isspace() or c in "{}"
@@ -2071,7 +2073,8 @@ class DFTTrainer:
         from ._env import provenance
         from ._io import atomic_write
 
-        meta = dict(model=self.model_name, config=self.cfg.to_dict(), steps=self.step_idx, processes=self.world,
+        meta = dict(model=self.model_name, pipeline=type(self.pipe).__name__, config=self.cfg.to_dict(),
+                    steps=self.step_idx, processes=self.world,
                     attributes={a: list(self.labels[a]) for a in self.attributes},
                     joint_target=self.joint_target.tolist(), classifier=self.classifier.name, prompts=self.prompts,
                     quality_encoders=[encoder_name(e) for e in self.quality],
@@ -2218,6 +2221,12 @@ def _check_run_dir(out: Path, resuming: bool, overwrite: bool, remove: bool = Tr
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise DFTError(f"out_dir {str(out)!r}: {str(p)!r} is a file; give a folder (it is created if missing)")
+    from ._io import check_not_foreign
+
+    try:
+        check_not_foreign(out, "dft.json", "finetune dft")
+    except ValueError as e:
+        raise DFTError(str(e)) from None
     found = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
     if not found or resuming:
         return

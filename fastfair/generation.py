@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import concepts, metrics
 from ._env import add_environment, provenance
-from ._io import BackgroundWriter, FolderLock, atomic_write, encode_pngs, png_bytes
+from ._io import BackgroundWriter, FolderLock, atomic_write, check_not_foreign, encode_pngs, png_bytes
 from .maps import Aggregation, MapRecorder
 from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
                          unpatch)
@@ -251,7 +251,6 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
     ``attributions={name: (text, words)}`` apply to every prompt."""
     import shutil
 
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     check_text_to_image(pipe)
@@ -285,8 +284,11 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                     "call": _call_settings(pipe, kwargs)}
         key = json.dumps(settings, sort_keys=True, default=str)
         layout, first_size = 2, batch_size
+        if _no_finished_part(out):  # under the lock: no other process is writing here. Any image there is of a batch
+            _remove_outputs(out)     # that never finished (its part is written last)
         if resume and run_file.exists():
-            before, now = json.loads(run_file.read_text()), json.loads(key)
+            before = _read_json(run_file, "the run's settings", "start over with --overwrite")
+            now = json.loads(key)
             for later in ("model_state", "batch_layout", "call"):  # recorded since 2026-11-26's 9th / 10th session,
                 # 2026-11-27 (call)
                 if later not in before:
@@ -320,8 +322,7 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         try:
             for stem, batch, size in finished + [(None, b, batch_size) for b in todo]:
                 if stem is not None:
-                    t = load_file(str(out / PARTS / f"{stem}.safetensors"))
-                    info = json.loads((out / PARTS / f"{stem}.json").read_text())
+                    t, info = _read_part(out / PARTS, stem)
                     bnames = [names[it] for it in batch]
                     if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
                         # a batch finished by a version that wrote overlays only at the end
@@ -422,6 +423,28 @@ def _batches(n_prompts: int, seeds: list, batch_size: int, layout: int = 2, done
     return out
 
 
+_REDO = "delete {stem}.safetensors and {stem}.json there and rerun with --resume to redo its images"
+
+
+def _read_json(path: Path, what: str, way_out: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {str(path)!r} is unreadable ({e}); {way_out}") from None
+
+
+def _read_part(parts: Path, stem: str) -> tuple[dict, dict]:
+    """A finished batch's tensors and record, or an error naming the damaged file and the way out."""
+    from safetensors.torch import load_file
+
+    info = _read_json(parts / f"{stem}.json", "a finished batch's record", _REDO.format(stem=stem))
+    try:
+        return load_file(str(parts / f"{stem}.safetensors")), info
+    except Exception as e:  # safetensors' own error type is not a ValueError
+        raise ValueError(f"a finished batch's file {str(parts / (stem + '.safetensors'))!r} is unreadable "
+                         f"({str(e).splitlines()[0][:200]}); {_REDO.format(stem=stem)}") from None
+
+
 def _finished_parts(parts: Path, items: list, first: list[list[tuple]], first_size: int) -> list[tuple]:
     """A resumed generate_to_dir's finished parts: (file stem, its (prompt index, seed) items, its batch size), in
     item order. Parts written since 2026-11-27 ("part-*") list their items; older ones ("batch-NNNNN") are batch
@@ -433,7 +456,7 @@ def _finished_parts(parts: Path, items: list, first: list[list[tuple]], first_si
         if stem.startswith("batch-") and stem[6:].isdigit() and int(stem[6:]) < len(first):
             its, size = first[int(stem[6:])], first_size
         elif stem.startswith("part-"):
-            info = json.loads((parts / f"{stem}.json").read_text())
+            info = _read_json(parts / f"{stem}.json", "a finished batch's record", _REDO.format(stem=stem))
             its, size = [tuple(it) for it in info["items"]], info["batch_size"]
         else:
             raise ValueError(f"{str(f)!r} is not a part of this generation; remove it, or start over with --overwrite")
@@ -476,6 +499,13 @@ def _remove_outputs(out: Path, keep=()) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def _no_finished_part(out: Path) -> bool:
+    """``out/.parts`` holds no finished batch: a run that failed before its first one (a bad size, backend, ...)
+    left only its settings -- nothing to keep or resume; the corrected command starts afresh."""
+    parts = out / PARTS
+    return parts.is_dir() and not any(parts.glob("*.safetensors"))
+
+
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> Path:
     """The output folder of ``Generation.save``, checked before any work: not a file, and not holding an
     earlier generation's outputs unless ``overwrite``."""
@@ -485,9 +515,11 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, resuming:
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"output folder {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    check_not_foreign(out, "generation.json", "generate")
     if out.is_dir() and not overwrite:
-        found = [n for n in OUTPUTS if (out / n).exists()]
-        if (out / PARTS).exists():
+        stale = _no_finished_part(out)
+        found = [n for n in OUTPUTS if (out / n).exists() and not (n == PARTS and stale)]
+        if (out / PARTS).exists() and not stale:
             raise ValueError(f"output folder {str(out)!r} holds an unfinished generation: continue it with --resume "
                              "(the same settings), or start over with --overwrite")
         if found and resuming:
@@ -671,8 +703,13 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
                          f"(indices 0..{steps - 1}): no step would be guided")
     if guidance is not None and guidance.branch == "uncond" and (guidance_scale is None or guidance_scale <= 1
                                                                   or is_flux(net)):
-        raise ValueError("branch='uncond' reads the unconditional half of classifier-free guidance, which this call "
-                         f"does not run (guidance_scale {guidance_scale}); use branch='cond' or a guidance_scale > 1")
+        if is_flux(net):
+            raise ValueError("branch='uncond' (--guide-branch uncond) reads the unconditional half of classifier-free "
+                             "guidance; FLUX.1 is guidance-distilled and runs none at any guidance scale: use "
+                             "branch='cond'")
+        raise ValueError("branch='uncond' (--guide-branch uncond) reads the unconditional half of classifier-free "
+                         f"guidance, which this call does not run (guidance_scale {guidance_scale}); use branch='cond' "
+                         "or a guidance_scale > 1")
     if getattr(pipe, "unet", None) is None:  # SD3 / Flux (MMDiT): maps from the joint attention over the text tokens
         if negative_prompt is not None and is_flux(net):
             raise ValueError("FLUX.1 is guidance-distilled: its pipeline uses a negative prompt only with true CFG "
@@ -681,6 +718,10 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         if agg.name != "fastfair":
             raise ValueError(f"aggregation {agg.name!r} reads UNet blocks; {type(pipe).__name__} has none. "
                              "Use aggregation='fastfair'")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name} (--{name}) must be a positive number of pixels (or None: the model's default); "
+                             f"got {v!r}")
     sample_size = default_sample_size(pipe)
     height = height or sample_size * vsf
     width = width or sample_size * vsf
@@ -930,6 +971,8 @@ def _call_settings(pipe, kwargs: dict) -> dict:
     out["edit_guidance"] = None if out["edit_guidance"] is None else out["edit_guidance"].describe()
     if isinstance(out["aggregation"], Aggregation):
         out["aggregation"] = out["aggregation"].name
+    # FASTFAIR_BACKEND overrides backend="auto": a resume under another value would mix backends (the flag is compared)
+    out["backend_env"] = os.environ.get("FASTFAIR_BACKEND", "").strip() or None
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 

@@ -249,8 +249,9 @@ def closed_form(W: torch.Tensor, K_e: torch.Tensor, V_e: torch.Tensor, K_p: torc
     ``W' = B A^-1`` with ``B = lam W + eta_e V_e^T K_e + eta_p W K_p^T K_p``, ``A`` as in
     ``normal_matrix``, solved as ``A W'^T = B^T`` (A is symmetric), never by inverting ``A``.
     """
-    if lam <= 0 or eta_e < 0 or eta_p < 0:
-        raise MistError(f"need lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
+    if not (math.isfinite(lam) and lam > 0 and math.isfinite(eta_e) and eta_e >= 0 and math.isfinite(eta_p)
+            and eta_p >= 0):  # NaN / inf passed the comparisons and wrote an all-NaN edit
+        raise MistError(f"need finite lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
     W, K_e, V_e = W.double(), K_e.double(), V_e.double()
     Bt = lam * W.mT + eta_e * (K_e.mT @ V_e)                       # (..., d, out)
     if K_p is not None and K_p.shape[-2] and eta_p:
@@ -445,6 +446,10 @@ class MistEdit:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
+        bad = [k for k, v in self.deltas.items() if not bool(torch.isfinite(v).all())]
+        if bad:  # overflow with extreme lam / eta: writing it would fail later as "non-finite latents"
+            raise MistError(f"the solved edit is not finite in {len(bad)} projection(s) (e.g. {bad[0]}): overflow with "
+                            "these lam / eta_e / eta_p; nothing written")
         meta_json = json.dumps(self.meta, indent=1, default=str)
         data = st_save({k: v.detach().float().contiguous().cpu() for k, v in self.deltas.items()},
                        metadata={"format": FORMAT, "fastfair_mist": meta_json})
@@ -773,8 +778,9 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     for name, v in (("step", step), ("tol", tol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise MistError(f"{name} must be a positive number, got {v!r}")
-    if lam <= 0 or eta_e < 0 or eta_p < 0:
-        raise MistError(f"need lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
+    if not (math.isfinite(lam) and lam > 0 and math.isfinite(eta_e) and eta_e >= 0 and math.isfinite(eta_p)
+            and eta_p >= 0):  # NaN / inf passed the comparisons and wrote an all-NaN edit
+        raise MistError(f"need finite lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
     if classifier is None and measured is None:
         raise MistError("MIST needs the attribute distribution: pass classifier=... (a callable images -> (N, K) "
                         "probabilities with .labels) or measured={concept: distribution} from an audit")

@@ -129,8 +129,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` (or the FASTFAIR_BACKEND override) to a concrete, usable backend name."""
+    env = ""
     if backend == "auto":
-        backend = os.environ.get("FASTFAIR_BACKEND", "auto") or "auto"
+        backend = os.environ.get("FASTFAIR_BACKEND", "auto").strip() or "auto"
+        env = "" if backend == "auto" else f" (from the environment variable FASTFAIR_BACKEND={backend}: unset it, or set auto)"
     if backend == "auto":
         if device.type == "cuda":
             # Triton first: on an H200 (bench/RESULTS.md) it was the fastest fastfair backend at every
@@ -151,7 +153,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             _native_unbuilt_warning(device)
         return "reference"
     if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(_BACKENDS)} or 'auto'")
+        raise ValueError(f"unknown backend {backend!r}{env}; choose one of {sorted(_BACKENDS)} or 'auto'")
     if not _BACKENDS[backend].usable(device):
         # a backend asked for by name (argument or FASTFAIR_BACKEND) runs or says why: never another one silently
         # (an explicit 'native' used to fall back to the reference with a warning, recording a run as native's)
@@ -164,7 +166,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             hint = f"{what} is not built or cannot run here ({why}); {build}; or use backend='auto' / 'reference'"
         else:
             hint = {"triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 on CPU)"}.get(backend, "")
-        raise RuntimeError(f"backend {backend!r} is not usable on {device.type} tensors: {hint}")
+        raise RuntimeError(f"backend {backend!r}{env} is not usable on {device.type} tensors: {hint}")
     return backend
 
 

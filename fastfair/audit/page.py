@@ -161,9 +161,17 @@ class _Maps:
             p = self.root / shard
             if not p.exists():
                 return "map file missing"
-            self._open[shard] = safe_open(str(p), framework="pt")
+            try:
+                self._open[shard] = safe_open(str(p), framework="pt")
+            except Exception:  # a damaged shard (safetensors' error is no OSError): the cell says so, the page is made
+                self._open[shard] = None
         f = self._open[shard]
-        return f.get_tensor(key).float() if key in f.keys() else "map file missing"
+        if f is None:
+            return "map file unreadable"
+        try:
+            return f.get_tensor(key).float() if key in f.keys() else "map file missing"
+        except Exception:
+            return "map file unreadable"
 
 
 def _overlay_cells(root: Path, maps: _Maps, row, mode_key: str, words: tuple[str, str], value: float) -> str:
@@ -174,7 +182,10 @@ def _overlay_cells(root: Path, maps: _Maps, row, mode_key: str, words: tuple[str
     p = root / row["image"]
     if not p.exists():
         return "<td>image missing</td>"
-    img = Image.open(p).convert("RGB")
+    try:
+        img = Image.open(p).convert("RGB")
+    except OSError:  # damaged (a missing one was tolerated; a damaged one aborted the whole report)
+        return "<td>image unreadable</td>"
     cells = [f'<figure><img src="{_b64_png(_thumb(img))}" alt="generated image: {E(str(row["profession"]))}, '
              f'seed {int(row["seed"])}"><figcaption>seed {int(row["seed"])}'
              f'</figcaption></figure>']

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ def _describe_classifier(clf) -> dict:
 
 def _id_settings(settings: dict) -> dict:
     out = {k: v for k, v in settings.items() if k not in ("model_state", "classifier_weights", "clip_score_weights")}
-    out["generation"] = {k: v for k, v in settings["generation"].items() if k != "backend"}
+    out["generation"] = {k: v for k, v in settings["generation"].items() if k not in ("backend", "backend_env")}
     return out
 
 
@@ -328,6 +329,9 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         targets_v = parse_targets(targets, sets)
         if batch_size < 1:
             raise AuditInputError(f"batch_size must be >= 1; got {batch_size}")
+        if resume and overwrite:  # overwrite won silently: the run the user asked to continue was deleted
+            raise AuditInputError("resume=True (--resume) continues the run in --out, overwrite=True (--overwrite) "
+                                  "deletes it: give one")
         per_rank = -(-len(seeds) // world)  # a prompt's seeds are dealt round-robin over the ranks
         if batch_size > per_rank and rank == 0:
             import warnings
@@ -506,6 +510,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "attributes": {s.name: s.as_dict() for s in sets}, "intersections": [i.name for i in inters],
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                            "negative_prompt": negative_prompt, "aggregation": aggregation, "backend": backend,
+                           # FASTFAIR_BACKEND overrides "auto": a resume under another value would mix backends
+                           "backend_env": os.environ.get("FASTFAIR_BACKEND", "").strip() or None,
                            **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()}),
                            **({} if guide is None else {"guide": dict(attribute=guide, **{
                                k: (sorted(v) if k == "steps" and v is not None else v)

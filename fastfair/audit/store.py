@@ -69,7 +69,8 @@ def _diff(old, new, prefix="") -> list[str]:
 
 # settings recorded since the ninth session of 2026-11-26: a run directory made before them lacks them, and is
 # compared without them (its rows were made with whatever they were; resuming it should still work)
-LATER_KEYS = (("model_state",), ("generation", "backend"), ("classifier_weights",), ("clip_score_weights",))
+LATER_KEYS = (("model_state",), ("generation", "backend"), ("classifier_weights",), ("clip_score_weights",),
+              ("generation", "backend_env"))
 
 
 def _as_recorded(old_settings: dict | None, new_settings: dict) -> dict:
@@ -123,16 +124,28 @@ class RunStore:
         if not self.config_path.exists():
             return None
         try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
+            cfg = json.loads(self.config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{self.config_path} is unreadable ({e}); start fresh with another --out, "
-                              "or delete the directory") from e
+            cfg, why = None, str(e)
+        else:
+            missing = [k for k in ("settings", "work") if not isinstance(cfg, dict) or not isinstance(cfg.get(k), dict)]
+            why = f"it has no {' or '.join(map(repr, missing))}" if missing else None
+        if why:  # its images, maps and rows may be intact: do not advise deleting them
+            raise RunDirError(f"{self.config_path} is damaged or not an audit record ({why}); restore it from a backup "
+                              "copy to keep the run, or start fresh with another --out")
+        return cfg
 
     def prepare(self, config: dict, *, resume: bool, overwrite: bool) -> str:
         """Check or create the settings lock (rank 0), holding this rank's process lock from here on.
         Returns "new", "resume" or "overwrite"."""
         locked = {"settings": config["settings"], "work": config["work"]}
         existing = self.read_config()
+        from .._io import check_not_foreign
+
+        try:  # another command's run folder, or one inside it (an --overwrite would have deleted its files)
+            check_not_foreign(self.root, "audit.json", "audit")
+        except ValueError as e:
+            raise RunDirError(str(e)) from None
         if self.root.exists() and existing is None:
             foreign = [p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.name not in _OURS]
             if foreign:
