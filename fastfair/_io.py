@@ -169,14 +169,12 @@ RUN_RECORDS = {"audit.json": "an audit run", "dft.json": "a DFT finetuning run",
 
 
 def check_not_foreign(out, mine: str, command: str) -> None:
-    """Refuse ``out`` when it holds (or lies inside) another command's run folder -- whatever --overwrite says: an
-    overwrite deleted an audit's images under a generation's name, and two commands' reports fought over one file.
-    ``mine``: this command's record file name."""
+    """Refuse ``out`` when it is another command's run folder -- whatever --overwrite says: an overwrite deleted an
+    audit's images under a generation's name, and two commands' reports fought over one file. (A folder inside a
+    run, e.g. an audit of a DFT run's LoRA under runs/dft/, shares no file with it and is fine.) ``mine``: this
+    command's record file name."""
     out = Path(out)
-    for folder in (out, *out.parents):
-        if not folder.is_dir():
-            continue
+    if out.is_dir():
         for name, what in RUN_RECORDS.items():
-            if name != mine and (folder / name).is_file():
-                where = "is" if folder == out else f"lies inside {str(folder)!r}, which is"
-                raise ValueError(f"{command}: {str(out)!r} {where} {what} ({name}); choose another folder")
+            if name != mine and (out / name).is_file():
+                raise ValueError(f"{command}: {str(out)!r} is {what} ({name}); choose another folder")

@@ -28,9 +28,8 @@ def test_no_command_writes_into_another_commands_run(tiny_sd, tmp_path, capsys):
     (run / "images").mkdir(parents=True)
     (run / "images" / "x.png").write_bytes(b"keep")
     (run / "audit.json").write_text("{}")
-    for out in (run, run / "sub"):
-        assert main(GEN + ["--out", str(out), "--overwrite"]) == 1
-        assert "is an audit run (audit.json); choose another folder" in capsys.readouterr().err
+    assert main(GEN + ["--out", str(run), "--overwrite"]) == 1
+    assert "is an audit run (audit.json); choose another folder" in capsys.readouterr().err
     assert (run / "images" / "x.png").read_bytes() == b"keep"
     from fastfair.dft import DFTError, _check_run_dir
 
@@ -38,9 +37,9 @@ def test_no_command_writes_into_another_commands_run(tiny_sd, tmp_path, capsys):
         _check_run_dir(run, resuming=False, overwrite=True)
     (tmp_path / "gen").mkdir()
     (tmp_path / "gen" / "generation.json").write_text("{}")
-    with pytest.raises(fastfair.audit.RunDirError, match="lies inside .* a generation"):
+    with pytest.raises(fastfair.audit.RunDirError, match="is a generation"):
         fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", classifier="none",
-                       seeds=1, steps=1, out=tmp_path / "gen" / "a", progress=False)
+                       seeds=1, steps=1, out=tmp_path / "gen", progress=False)
 
 
 def test_a_generation_that_failed_before_its_first_batch_leaves_nothing_to_resume(tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_unusable_backend_override_is_recorded_not_raised(monkeypatch):
     monkeypatch.setattr(native, "_C_ERR", ImportError("simulated"))
     monkeypatch.setenv("FASTFAIR_BACKEND", "native")
     env = _env.provenance("cpu")
-    assert env["auto_backend"].startswith("error: backend 'native' is not usable"), env["auto_backend"]
+    assert env["auto_backend"].startswith("error: backend 'native' (from the environment variable FASTFAIR_BACKEND=native"), env["auto_backend"]
     assert "FASTFAIR_BACKEND" in os.environ
 
 

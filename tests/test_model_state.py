@@ -75,10 +75,22 @@ def test_resume_refuses_a_model_changed_in_place(tiny_sd, tmp_path):
     before = pipeline_fingerprint(pipe)
     assert pipeline_fingerprint(fastfair.load_pipeline("tiny-sd")) == before  # a fresh load is the same model
     kw = dict(seeds=[0, 1], steps=2, maps=["doctor"], batch_size=1, progress=False)
-    out = tmp_path / "h"  # an unfinished run's lock, as generate_to_dir writes it, made with the model as loaded
-    (out / ".parts").mkdir(parents=True)
-    key = {"model": "tiny-sd", "model_state": before}
-    (out / ".parts" / "run.json").write_text(json.dumps(key, sort_keys=True))
+    out = tmp_path / "h"  # an unfinished run (one finished batch), made with the model as loaded
+    real = fastfair.generation.generate
+    calls = []
+
+    def stop_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    fastfair.generation.generate = stop_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fastfair.generation.generate_to_dir(pipe, PROMPT, out, settings={"model": "tiny-sd"}, **kw)
+    finally:
+        fastfair.generation.generate = real
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="model_state"):
         fastfair.generation.generate_to_dir(pipe, PROMPT, out, settings={"model": "tiny-sd"}, resume=True, **kw)

@@ -290,19 +290,35 @@ def test_generate_to_dir_packs_prompts_with_few_seeds(tiny_sd, tmp_path, monkeyp
     torch.testing.assert_close(gen.maps["face"], ref.maps["face"], rtol=1e-4, atol=1e-6)  # batches differ: rounding
     torch.testing.assert_close(gen.latents, ref.latents, rtol=0, atol=1e-4)
     assert gen.prompts == prompts and gen.config["negative_prompt"] == [f"blurry {i}" for i in range(5)]
-    # an unfinished run of the older layout: its run.json has no batch_layout, its batches one prompt each
-    old = tmp_path / "old"
-    generate_to_dir(tiny_sd, prompts[:2], old, **kw)
+    # an unfinished run of the older layout: its run.json has no batch_layout, its batches one prompt each, its
+    # finished batch files "batch-NNNNN" without the images they hold
     run = json.loads((tmp_path / "g" / "generation.json").read_text())
     assert "batch_layout" in run
     import shutil
 
-    shutil.rmtree(old)
-    (old / ".parts").mkdir(parents=True)
     from fastfair.pipelines import pipeline_fingerprint
 
+    one = tmp_path / "one"  # batch 0 of the older layout: the first prompt alone
+    generate_to_dir(tiny_sd, prompts[:1], one, **dict(kw, seeds=[3]))
+    old = tmp_path / "old"
+    (old / ".parts").mkdir(parents=True)
+    shutil.copytree(one / "images", old / "images")
+    calls.clear()
+    real_write = generation._write_part
+
+    def keep_part(out, stem, *a):  # the first prompt's finished batch, kept as an older run would have it
+        real_write(out, stem, *a)
+        info = json.loads((out / ".parts" / f"{stem}.json").read_text())
+        del info["items"], info["batch_size"]
+        (old / ".parts" / "batch-00000.json").write_text(json.dumps(info))
+        shutil.copy(out / ".parts" / f"{stem}.safetensors", old / ".parts" / "batch-00000.safetensors")
+
+    monkeypatch.setattr(generation, "_write_part", keep_part)
+    shutil.rmtree(one)
+    generate_to_dir(tiny_sd, prompts[:1], one, **dict(kw, seeds=[3]))
+    monkeypatch.setattr(generation, "_write_part", real_write)
     (old / ".parts" / "run.json").write_text(json.dumps({"t": 1, "batch_size": 4,
                                                          "model_state": pipeline_fingerprint(tiny_sd)}, default=str))
     calls.clear()
-    generate_to_dir(tiny_sd, prompts[:2], old, resume=True, **kw)
-    assert [len(p) for p in calls] == [1, 1]
+    done = generate_to_dir(tiny_sd, prompts[:2], old, resume=True, **kw)
+    assert [len(p) for p in calls] == [1] and done.config["resumed_batches"] == 1  # the second prompt alone
