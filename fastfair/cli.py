@@ -54,7 +54,7 @@ def _add_generate(sub) -> None:
     _add_finetuned_args(p, "generating")
     _add_sega_args(p)
     p.add_argument("--negative-prompt", default=None, help="negative prompt (classifier-free guidance's other branch)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=_path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier generation's outputs in --out (otherwise such a folder is refused)")
     p.add_argument("--resume", action="store_true",
@@ -419,7 +419,7 @@ def _add_audit(sub) -> None:
     p.add_argument("--backend", default="auto", help="auto, reference, triton or native")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", type=_path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished images")
     p.add_argument("--overwrite", action="store_true", help="delete the results in --out and start again")
     p.add_argument("--no-save-maps", action="store_true", help="do not keep the maps (safetensors shards)")
@@ -515,7 +515,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write the self-contained HTML report of an audit run directory or a "
                                       "fastfair finetune dft folder")
     p.add_argument("run_dir", help="an audit run directory (fastfair audit --out) or a DFT folder (fastfair finetune dft --out)")
-    p.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/report.html; with --target, "
+    p.add_argument("--out", type=_path, default=None, help="output HTML file (default RUN_DIR/report.html; with --target, "
                                                  "RUN_DIR/report-targets.html)")
     p.add_argument("--target", action="append", default=None, metavar="SET=P1,P2,...",
                    help="override a target distribution, e.g. age=0.75,0.25 (the page says so; the run's own "
@@ -628,7 +628,7 @@ def _add_edit(sub) -> None:
     m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     m.add_argument("--dtype", default=None, choices=DTYPES,
                    help="default: fp16 on CUDA, fp32 on CPU; fp32 with --protocol reference")
-    m.add_argument("--out", required=True, help="output .safetensors (metadata also in OUT.json)")
+    m.add_argument("--out", type=_path, required=True, help="output .safetensors (metadata also in OUT.json)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing edit at --out")
     m.add_argument("--no-progress", action="store_true")
 
@@ -812,7 +812,7 @@ def _add_finetune(sub) -> None:
     d.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="frozen weights' dtype (LoRA / tokens stay fp32)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--out", type=_path, required=True, help="output folder")
     d.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a DFT run (removes its outputs and checkpoints); "
                         "otherwise such a folder is refused unless --resume")
@@ -863,6 +863,13 @@ def _peer_failure(e: BaseException) -> str | None:
     if isinstance(e, dist_error) or "Connection closed by peer" in text or "Connection reset by peer" in text:
         return "another process failed (its error is printed above or below); this one stopped with it"
     return None
+
+
+def _path(value: str) -> str:
+    """A path argument: not empty ("" was the current folder: a run's files landed beside the user's)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give a path")
+    return value
 
 
 def _gpu_failure(e: BaseException, args, kept: str) -> str | None:
@@ -954,6 +961,11 @@ def main(argv: list[str] | None = None) -> int:
     # the command line's own process only (a program calling main([...]) keeps its SIGTERM), and not under torchrun,
     # whose launcher stops workers with SIGTERM and expects them gone at once (not after a blocking collective)
     restore = _sigterm_as_interrupt() if argv_given is None and "LOCAL_RANK" not in os.environ else None
+    if argv_given is None:  # the command line: warnings as one line each, not Python's file:line and source line
+        import warnings
+
+        warnings.formatwarning = (lambda message, category, filename, lineno, line=None:
+                                  f"fastfair {args.command}: warning: {message}\n")
     try:
         return {"generate": _generate, "audit": _audit, "report": _report, "compare": _compare, "edit": _edit,
                 "finetune": _finetune, "bench": _bench}[args.command](args)

@@ -159,8 +159,11 @@ def t5_positions(tokenizer, prompt: str, word: str | None, offset: int, limit: i
 
 def whole_word(word: str) -> str:
     """A regular expression of ``word`` as a whole word (its parts separated by any whitespace), to search
-    case-insensitively: not inside a longer word ("man" in "mango", "woman" in "policewoman")."""
-    return r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+    case-insensitively: not inside a longer word ("man" in "mango", "woman" in "policewoman"). Word boundaries are
+    letters' boundaries, as CLIP's pre-tokenizer draws them (digits and '_' split words there: "doctor2" holds the
+    word "doctor"), so that a prompt resolves the same way on its CLIP and T5 sides."""
+    letter = r"[^\W\d_]"
+    return rf"(?<!{letter})" + r"\s+".join(re.escape(part) for part in word.split()) + rf"(?!{letter})"
 
 
 def _word_ends(toks: list[str], j: int) -> bool:

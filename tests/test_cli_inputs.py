@@ -8,7 +8,7 @@ import torch
 
 import fastfair
 from fastfair.cli import main
-from test_run_safety import finished_audit  # noqa: F401  (a finished tiny audit, module-scoped)
+from test_run_safety import finished_audit  # noqa: F401,F811  (a finished tiny audit, module-scoped)
 
 PROMPT = "a photo of the face of a doctor"
 GEN = ["generate", "--model", "tiny-sd", "--prompt", PROMPT, "--steps", "1", "--seeds", "0-1", "--no-progress"]

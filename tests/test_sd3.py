@@ -205,3 +205,16 @@ def test_clear_errors(sd3):
         fastfair.generate(sd3, PROMPT, seeds=[0], steps=1, progress=False, maps=["doctor"], aggregation="daam")
     with pytest.raises(ValueError, match="not in the prompt"):
         fastfair.generate(sd3, PROMPT, seeds=[0], steps=1, progress=False, maps=["nurse"])
+
+
+def test_clip_and_t5_draw_word_boundaries_alike(sd3):
+    """CLIP's pre-tokenizer splits words at digits and '_' ("doctor2" holds "doctor"), T5's side required a
+    non-word character: the same prompt resolved on SDXL and was refused on SD3 (a review). Letters' boundaries on
+    both sides now; a longer word is still refused."""
+    from fastfair import concepts
+
+    for prompt in ("a photo of a doctor2", "a photo of a doctor_nurse"):
+        c = concepts.resolve(sd3, prompt, "doctor")
+        assert len([p for p in c.positions if p < 77]) == 1 and len([p for p in c.positions if p >= 77]) == 1
+    with pytest.raises(concepts.ConceptError):
+        concepts.resolve(sd3, "a photo of two doctors", "doctor")

@@ -332,6 +332,8 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         if resume and overwrite:  # overwrite won silently: the run the user asked to continue was deleted
             raise AuditInputError("resume=True (--resume) continues the run in --out, overwrite=True (--overwrite) "
                                   "deletes it: give one")
+        if not 0 <= percentile < 100:  # at 100 no pixel is strictly above the threshold: every IoU undefined
+            raise AuditInputError(f"percentile must be in [0, 100); got {percentile} (BiasMap uses 70)")
         per_rank = -(-len(seeds) // world)  # a prompt's seeds are dealt round-robin over the ranks
         if batch_size > per_rank and rank == 0:
             import warnings
@@ -341,8 +343,6 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
                           f"prompt's seeds (a profession, or a profession with one class word), so at most "
                           f"{per_rank} image(s); more seeds per profession fill larger batches", UserWarning,
                           stacklevel=2)
-        if not 0 <= percentile < 100:  # at 100 no pixel is strictly above the threshold: every IoU undefined
-            raise AuditInputError(f"percentile must be in [0, 100); got {percentile} (BiasMap uses 70)")
         if steps < 1:
             raise AuditInputError(f"steps must be >= 1; got {steps}")
         if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 0:
