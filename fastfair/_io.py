@@ -113,6 +113,7 @@ def png_bytes(img) -> bytes:
 
 
 _ENCODERS = None
+_ENCODERS_LOCK = __import__("threading").Lock()
 
 
 def encode_pngs(images) -> list[bytes]:
@@ -122,11 +123,12 @@ def encode_pngs(images) -> list[bytes]:
     images = list(images)
     if len(images) < 2:
         return [png_bytes(im) for im in images]
-    if _ENCODERS is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _ENCODERS_LOCK:  # the audit writer and a caller's thread may ask at once
+        if _ENCODERS is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _ENCODERS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                       thread_name_prefix="fastfair-png")
+            _ENCODERS = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                           thread_name_prefix="fastfair-png")
     return list(_ENCODERS.map(png_bytes, images))
 
 
@@ -178,3 +180,5 @@ def check_not_foreign(out, mine: str, command: str) -> None:
         for name, what in RUN_RECORDS.items():
             if name != mine and (out / name).is_file():
                 raise ValueError(f"{command}: {str(out)!r} is {what} ({name}); choose another folder")
+        if mine != "generation.json" and (out / ".parts" / "run.json").is_file():
+            raise ValueError(f"{command}: {str(out)!r} holds an unfinished generation (.parts); choose another folder")

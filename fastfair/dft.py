@@ -383,11 +383,11 @@ def relax_factors(changed: Mapping[str, torch.Tensor], factors) -> torch.Tensor:
     else the smallest factor among the attributes that change -- the rule of the paper's intersectional code (one
     number: that number wherever anything changes)."""
     names = list(changed)
-    out = torch.ones(len(changed[names[0]]), dtype=torch.float32, device=changed[names[0]].device)
+    out = torch.full((len(changed[names[0]]),), float("inf"), device=changed[names[0]].device)
     for a in names:
         f = factors[a] if isinstance(factors, Mapping) else factors
         out = torch.where(changed[a], torch.clamp(out, max=f), out)
-    return out
+    return torch.where(torch.isinf(out), torch.ones_like(out), out)  # nothing changed: 1 (a factor > 1 is kept)
 
 
 @dataclass
@@ -949,17 +949,19 @@ class DFTTrainer:
         # swapped encoder, would continue one training on another model)
         from .pipelines import module_digest, pipeline_fingerprint
 
-        base = pipeline_fingerprint(pipe)
-        self._identity = dict(base={k: base.get(k) for k in ("weights", "vae_weights", "adapters")},
-                              quality=[module_digest(e) if isinstance(e, torch.nn.Module) else type(e).__name__
-                                       for e in self.quality])
-        if self.face_embedder is not None:
+        self._identity = None
+        if self.rank == 0:  # one pass over the weights, on rank 0 only (broadcast below)
+            base = pipeline_fingerprint(pipe)
+            self._identity = dict(base={k: base.get(k) for k in ("weights", "vae_weights", "adapters")},
+                                  quality=[module_digest(e) if isinstance(e, torch.nn.Module) else type(e).__name__
+                                           for e in self.quality])
+        if self.rank == 0 and self.face_embedder is not None:
             self._identity["face_embedder"] = (module_digest(self.face_embedder)
                                                if isinstance(self.face_embedder, torch.nn.Module) else None)
             self._identity["face_bank"] = (hashlib.sha256(self.face_bank.detach().float().cpu().numpy().tobytes())
                                            .hexdigest()[:16] if self.face_bank is not None else None)
         # rank 0's: processes on other GPUs could round a weight sum differently and refuse each other's checkpoints
-        self._identity = _dist.broadcast(self._identity if self.rank == 0 else None, self.world)
+        self._identity = _dist.broadcast(self._identity, self.world)
         torch.manual_seed(cfg.seed)  # adapter / token initialisation
         self.named_params = self._add_trainables()
         self.params = [p for _, p in self.named_params]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
@@ -284,8 +286,9 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                     "call": _call_settings(pipe, kwargs)}
         key = json.dumps(settings, sort_keys=True, default=str)
         layout, first_size = 2, batch_size
-        if _no_finished_part(out):  # under the lock: no other process is writing here. Any image there is of a batch
-            _remove_outputs(out)     # that never finished (its part is written last)
+        check_not_foreign(out, "generation.json", "generate")  # before anything here is removed
+        if _stale_run(out):  # under the lock: no other process is writing here; every file left is of a batch that
+            _remove_outputs(out)  # never finished (its part is written last)
         if resume and run_file.exists():
             before = _read_json(run_file, "the run's settings", "start over with --overwrite")
             now = json.loads(key)
@@ -319,10 +322,15 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
         latents, maps, amaps, targets, envs, blocked = [], {}, {}, [], [], []
         bar = tqdm(total=len(items), disable=not kwargs.pop("progress", True), desc="fastfair generate", unit="img")
         writer = BackgroundWriter("fastfair-generate-writer")
+        failed = True
         try:
             for stem, batch, size in finished + [(None, b, batch_size) for b in todo]:
                 if stem is not None:
                     t, info = _read_part(out / PARTS, stem)
+                    if t["latents"].shape[0] != len(batch):  # an older run (no batch size recorded) resumed at another
+                        raise ValueError(f"{str(out)!r} was started before fastfair recorded its batch size, with "
+                                         f"another one than {batch_size}: resume it with the --batch-size it was "
+                                         "started with, or start over with --overwrite")
                     bnames = [names[it] for it in batch]
                     if overlays and info["words"] and not any((out / "overlays").glob(f"{bnames[0]}_w0_*.png")):
                         # a batch finished by a version that wrote overlays only at the end
@@ -357,8 +365,15 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                     for w in ws:
                         amaps.setdefault(n, {}).setdefault(w, []).append(t[f"attr/{n}/{w}"])
                 diag_parts.append({k: t[f"diag/{k}"] for k in info["diagnostics"]})
+            failed = False
         finally:
-            writer.close()  # the batch being written is kept (Ctrl-C, errors); a write error is raised here
+            if failed:  # the batch being written is kept (Ctrl-C, errors); its own failure must not hide this one
+                try:
+                    writer.close()
+                except Exception as w:
+                    print(f"fastfair: also, writing the last batch failed: {w}", file=sys.stderr)
+            else:
+                writer.close()  # a write error is raised here
         bar.close()
         if sorted(order) != list(range(len(items))):  # _finished_parts and _batches cover every image exactly once
             raise RuntimeError(f"{str(out)!r}: the finished parts and the batches made do not cover each image once")
@@ -377,10 +392,11 @@ def generate_to_dir(pipe, prompts: str | Sequence[str], out_dir: str | os.PathLi
                          attribution_maps={n: {w: cat(v) for w, v in d.items()} for n, d in amaps.items()},
                          edit_targets=per_image(targets) or targets, environment=envs[-1] if envs else {}, environments=envs,
                          safety_blocked=per_image(blocked))
-        gen.config = {**settings, **gen.config, "batch_size": batch_size,  # generate's values win, but this run's size
-                      "resumed_batches": len(finished)}
-        if len(set(sizes)) > 1:  # resumed with another batch size: every size its images were made with
-            gen.config["batch_sizes"] = sorted(set(sizes))
+        used = sorted(set(sizes))  # the sizes the images were made with (a resume may make none at its own)
+        gen.config = {**settings, **gen.config, "batch_size": used[0] if len(used) == 1 else batch_size,
+                      "resumed_batches": len(finished)}  # generate's values win
+        if len(used) > 1:  # resumed with another batch size: every size its images were made with
+            gen.config["batch_sizes"] = used
         if negs is not None:  # each batch recorded its own prompt's negative prompt: the run used them all
             gen.config["negative_prompt"] = negs
         # images and overlays are on disk already (batch by batch): the maps and generation.json remain
@@ -499,11 +515,20 @@ def _remove_outputs(out: Path, keep=()) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _no_finished_part(out: Path) -> bool:
-    """``out/.parts`` holds no finished batch: a run that failed before its first one (a bad size, backend, ...)
-    left only its settings -- nothing to keep or resume; the corrected command starts afresh."""
+_OUR_FILE = re.compile(r"\d{4,}_seed\d+(_w\d+_[-\w]*)?\.png")
+
+
+def _stale_run(out: Path) -> bool:
+    """``out`` holds a generation that failed before its first batch finished (a bad size, backend, ...; or a kill
+    while its images were written): ``.parts`` without a finished part, and only this run's own image / overlay files
+    besides -- nothing to keep or resume; the corrected command starts afresh."""
     parts = out / PARTS
-    return parts.is_dir() and not any(parts.glob("*.safetensors"))
+    if not parts.is_dir() or any(parts.glob("*.safetensors")):
+        return False
+    if any((out / n).exists() for n in OUTPUTS if n not in (PARTS, "images", "overlays")):
+        return False
+    return all(_OUR_FILE.fullmatch(f.name) for d in ("images", "overlays") if (out / d).is_dir()
+               for f in (out / d).iterdir())
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> Path:
@@ -517,8 +542,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False, resuming:
             raise ValueError(f"output folder {str(out)!r} cannot be created: {str(parent)!r} is a file")
     check_not_foreign(out, "generation.json", "generate")
     if out.is_dir() and not overwrite:
-        stale = _no_finished_part(out)
-        found = [n for n in OUTPUTS if (out / n).exists() and not (n == PARTS and stale)]
+        stale = _stale_run(out)
+        found = [n for n in OUTPUTS if (out / n).exists() and not stale]
         if (out / PARTS).exists() and not stale:
             raise ValueError(f"output folder {str(out)!r} holds an unfinished generation: continue it with --resume "
                              "(the same settings), or start over with --overwrite")

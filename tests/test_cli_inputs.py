@@ -149,3 +149,77 @@ def test_prompt_files_drop_a_byte_order_mark(tmp_path):
     assert read_text_lines(f, "--prompt-file") == ["a photo of a doctor", "a photo of a nurse"]
     with pytest.raises(ValueError, match="is a folder"):
         read_text_lines(tmp_path, "--prompt-file")
+
+
+def test_stale_generation_folders(tiny_sd, tmp_path, monkeypatch):
+    """A diff review: a resume of a generation that never finished a batch deleted an audit's images written into
+    the same folder before saying whose folder it was; a first batch cut off while its images were written blocked
+    the same command; an audit accepted a folder holding an unfinished generation."""
+    from fastfair.generation import generate_to_dir
+    from test_run_safety import GEN as G
+
+    out = tmp_path / "g"
+    (out / ".parts").mkdir(parents=True)
+    (out / ".parts" / "run.json").write_text("{}")
+    (out / "images").mkdir()
+    (out / "images" / "keep.png").write_bytes(b"an audit's image")
+    (out / "audit.json").write_text("{}")
+    with pytest.raises(ValueError, match="is an audit run"):
+        generate_to_dir(tiny_sd, PROMPT, out, settings={}, resume=True, batch_size=2, **G)
+    assert (out / "images" / "keep.png").read_bytes() == b"an audit's image"
+    (out / "audit.json").unlink()
+    with pytest.raises(fastfair.audit.RunDirError, match="unfinished generation"):
+        fastfair.audit("tiny-sd", "list:doctor", pipeline=tiny_sd, attributes="gender", classifier="none",
+                       seeds=1, steps=1, out=out, progress=False)
+    with pytest.raises(ValueError, match="holds an unfinished generation"):  # not only this run's files: refused
+        generate_to_dir(tiny_sd, PROMPT, out, settings={}, batch_size=2, **G)
+    (out / "images" / "keep.png").unlink()
+    (out / "images" / "0000_seed0.png").write_bytes(b"cut off")  # this run's own, from a batch that never finished
+    done = generate_to_dir(tiny_sd, PROMPT, out, settings={}, batch_size=2, **G)
+    assert len(done.seeds) == 3 and (out / "images" / "0000_seed0.png").read_bytes() != b"cut off"
+
+
+def test_a_write_failure_does_not_hide_the_error_that_stopped_the_run(tiny_sd, tmp_path, monkeypatch, capsys):
+    from fastfair import generation
+    from test_run_safety import GEN as G
+
+    real, calls = generation.generate, []
+
+    def gen(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    def full_disk(*a):
+        raise OSError(28, "No space left on device", "x.png")
+
+    monkeypatch.setattr(generation, "generate", gen)
+    monkeypatch.setattr(generation, "_write_part", full_disk)
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={}, batch_size=2, **G)
+    assert "also, writing the last batch failed" in capsys.readouterr().err
+
+
+def test_resume_that_makes_nothing_records_the_size_used(tiny_sd, tmp_path, monkeypatch):
+    from fastfair import generation
+    from test_run_safety import GEN as G
+
+    real = generation.Generation.save
+
+    def stop(self, *a, **k):  # every batch finished, killed before the final save
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation.Generation, "save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={}, batch_size=3, **G)
+    monkeypatch.setattr(generation.Generation, "save", real)
+    done = generation.generate_to_dir(tiny_sd, PROMPT, tmp_path / "g", settings={}, batch_size=1, resume=True, **G)
+    assert done.config["batch_size"] == 3 and "batch_sizes" not in done.config
+
+
+def test_relax_factors_above_one_are_kept():
+    from fastfair import dft
+
+    got = dft.relax_factors({"a": torch.tensor([True, False])}, 1.5)
+    assert got.tolist() == [1.5, 1.0]
