@@ -613,7 +613,7 @@ def _parse_words(maps, main: bool = True) -> list[str]:
             raise ValueError(f"maps must be non-blank words; got {bad!r} in {maps!r}")
         words = [w.strip() for w in maps]
     if len(set(words)) != len(words):
-        raise ValueError(f"duplicate words in maps={words}")
+        raise ValueError(f"duplicate words in maps={words} (--maps)")
     if main and "latents" in words:  # maps.safetensors keeps the final latents under that key
         raise ValueError("'latents' cannot be a map word: maps.safetensors stores the final latents under that name. "
                          "Map it through an attribution prompt with another spelling, or rename it in the prompt")
@@ -710,7 +710,7 @@ def generate(pipe, prompt: str | Sequence[str], *, seeds, maps: str | Sequence[s
         if len(attr) != len(prompts):
             raise ValueError(f"{len(attr)} attribution prompts for {len(prompts)} prompts; give one, or one per prompt")
         if not words:
-            raise ValueError("attribution_prompt given but no maps= words to map")
+            raise ValueError("attribution_prompt (--attribution-prompt) given but no maps= (--maps) words to map")
 
     device = pipe.device
     vsf = pipe.vae_scale_factor

@@ -249,9 +249,7 @@ def closed_form(W: torch.Tensor, K_e: torch.Tensor, V_e: torch.Tensor, K_p: torc
     ``W' = B A^-1`` with ``B = lam W + eta_e V_e^T K_e + eta_p W K_p^T K_p``, ``A`` as in
     ``normal_matrix``, solved as ``A W'^T = B^T`` (A is symmetric), never by inverting ``A``.
     """
-    if not (math.isfinite(lam) and lam > 0 and math.isfinite(eta_e) and eta_e >= 0 and math.isfinite(eta_p)
-            and eta_p >= 0):  # NaN / inf passed the comparisons and wrote an all-NaN edit
-        raise MistError(f"need finite lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
+    _check_weights(lam, eta_e, eta_p)
     W, K_e, V_e = W.double(), K_e.double(), V_e.double()
     Bt = lam * W.mT + eta_e * (K_e.mT @ V_e)                       # (..., d, out)
     if K_p is not None and K_p.shape[-2] and eta_p:
@@ -545,13 +543,25 @@ def _edited(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (original.float() + delta.to(original.device, torch.float32)).to(original.dtype)
 
 
+def _check_weights(lam: float, eta_e: float, eta_p: float) -> None:
+    """NaN / inf passed plain comparisons and wrote an all-NaN edit."""
+    if not (math.isfinite(lam) and lam > 0 and math.isfinite(eta_e) and eta_e >= 0 and math.isfinite(eta_p)
+            and eta_p >= 0):
+        raise MistError(f"need finite lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
+
+
 def load(path: str | os.PathLike) -> MistEdit:
     """Read an edit written by ``MistEdit.save``."""
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.exists() and path.suffix != ".safetensors" and path.with_name(path.name + ".safetensors").is_file():
+        path = path.with_name(path.name + ".safetensors")  # `edit mist --out o/e9` wrote o/e9.safetensors
     if not path.exists():
         raise MistError(f"no MIST edit at {str(path)!r}")
+    if path.is_dir() or path.suffix == ".json":
+        raise MistError(f"{str(path)!r} is not an edit file: give the .safetensors file `fastfair edit mist --out` "
+                        "wrote")
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
@@ -778,9 +788,7 @@ def mist(pipe, concepts: str | Sequence[str], attributes="gender", *, target="un
     for name, v in (("step", step), ("tol", tol)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise MistError(f"{name} must be a positive number, got {v!r}")
-    if not (math.isfinite(lam) and lam > 0 and math.isfinite(eta_e) and eta_e >= 0 and math.isfinite(eta_p)
-            and eta_p >= 0):  # NaN / inf passed the comparisons and wrote an all-NaN edit
-        raise MistError(f"need finite lam > 0 and eta_e, eta_p >= 0; got lam={lam}, eta_e={eta_e}, eta_p={eta_p}")
+    _check_weights(lam, eta_e, eta_p)
     if classifier is None and measured is None:
         raise MistError("MIST needs the attribute distribution: pass classifier=... (a callable images -> (N, K) "
                         "probabilities with .labels) or measured={concept: distribution} from an audit")

@@ -223,3 +223,15 @@ def test_relax_factors_above_one_are_kept():
 
     got = dft.relax_factors({"a": torch.tensor([True, False])}, 1.5)
     assert got.tolist() == [1.5, 1.0]
+
+
+def test_mist_edit_paths_as_the_command_wrote_them(tmp_path):
+    """`edit mist --out o/e9` writes o/e9.safetensors; `--edit o/e9` was refused ("no MIST edit"), a folder or the
+    .json sidecar gave the reader's errno text."""
+    from fastfair import mist
+
+    mist.MistEdit({"x": torch.ones(2)}, {"concepts": ["doctor"]}).save(tmp_path / "e9")
+    assert mist.load(tmp_path / "e9").meta == {"concepts": ["doctor"]}
+    for bad in (tmp_path, tmp_path / "e9.json"):
+        with pytest.raises(mist.MistError, match="not an edit file: give the .safetensors file"):
+            mist.load(bad)
