@@ -52,6 +52,27 @@ def try_flock(path: Path):
     return fh
 
 
+def flock_held(path) -> bool:
+    """Whether another process holds ``try_flock``'s lock on ``path`` now (a check before minutes of model loading;
+    the lock itself is still taken, race-free, when the work starts). Creates nothing."""
+    import fcntl
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        fh = open(path, "a+")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
+
+
 def release_flock(fh) -> None:
     import fcntl
 

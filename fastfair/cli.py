@@ -288,6 +288,11 @@ def _generate(args) -> int:
     edit_guidance = _edit_guidance(args)
     _check_finetuned_args(args, [*args.prompt, args.attribution_prompt or "",
                                  *(t for _, t, _ in (args.attribution or []))])
+    from ._io import flock_held
+
+    if flock_held(Path(args.out) / ".fastfair.lock"):  # said before loading the model, not after
+        raise RuntimeError(f"another fastfair generate process is writing to {args.out}; wait for it to finish, or "
+                           "use another output folder")
     pipe = load_pipeline(args.model, device=device, dtype=dtype)
     from .processors import guidance_scale_for
 

@@ -235,3 +235,24 @@ def test_mist_edit_paths_as_the_command_wrote_them(tmp_path):
     for bad in (tmp_path, tmp_path / "e9.json"):
         with pytest.raises(mist.MistError, match="not an edit file: give the .safetensors file"):
             mist.load(bad)
+
+
+def test_a_busy_folder_is_said_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A second process on a folder was refused only after loading its model (15-25 s here, minutes for SDXL)."""
+    from fastfair import pipelines
+    from fastfair._io import release_flock, try_flock
+
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    held = try_flock(tmp_path / "g" / ".fastfair.lock")  # as the first process holds it
+    try:
+        assert main(GEN + ["--out", str(tmp_path / "g"), "--resume"]) == 1
+        assert "another fastfair generate process is writing" in capsys.readouterr().err
+    finally:
+        release_flock(held)
+    held = try_flock(tmp_path / "a" / "locks" / "rank0.lock")
+    try:
+        with pytest.raises(fastfair.audit.RunDirError, match="another fastfair audit process"):
+            fastfair.audit("tiny-sd", "list:doctor", attributes="gender", classifier="none", seeds=1, steps=1,
+                           out=tmp_path / "a", progress=False)
+    finally:
+        release_flock(held)

@@ -393,7 +393,12 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
         except P.PromptSetError as e:
             raise AuditInputError(str(e)) from None
 
-        # ---- the pipeline
+        # ---- the pipeline (after a quick look whether another process works in --out: said before the loading)
+        from .._io import flock_held
+
+        if flock_held(Path(out) / "locks" / f"rank{rank}.lock"):
+            raise RunDirError(f"another fastfair audit process (rank {rank}) is working in {out}; wait for it to "
+                              "finish, or use another --out")
         if pipeline is None:
             from ..pipelines import load_pipeline
 
