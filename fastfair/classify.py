@@ -494,11 +494,11 @@ def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = D
         return ClipZeroShot.from_pretrained(model_id, attribute_sets, device=device)
     if spec.startswith("python:"):
         ref = spec[len("python:"):]
+        src = Path(ref.rsplit(":", 1)[0])
         factory = _import_factory(ref)
         try:
             obj = factory(attribute_sets=list(attribute_sets), device=device)
         except Exception as e:  # the user's factory failed: say whose
-            src = Path(ref.rsplit(":", 1)[0])
             raise ValueError(f"--classifier python:{ref}: the factory raised {_where(e, src)}") from e
         try:
             clf = as_classifier(obj)
@@ -506,7 +506,6 @@ def load_classifier(spec, attribute_sets=(), *, device=None, clip_model: str = D
             raise ClassifierMismatchError(f"--classifier python:{ref} returned {type(obj).__name__}: {e}") from None
         if isinstance(clf, ModuleClassifier) and clf.name.startswith("fastfair_user_classifier_"):
             clf.name = ref  # a file-loaded module's class path is a random module name: use the spec
-        src = Path(ref.rsplit(":", 1)[0])
         if src.suffix == ".py" and src.is_file():  # what the file hard-codes (thresholds, a weights path) counts too
             try:
                 clf.source_digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]

@@ -955,11 +955,12 @@ class DFTTrainer:
             self._identity = dict(base={k: base.get(k) for k in ("weights", "vae_weights", "adapters")},
                                   quality=[module_digest(e) if isinstance(e, torch.nn.Module) else type(e).__name__
                                            for e in self.quality])
-        if self.rank == 0 and self.face_embedder is not None:
-            self._identity["face_embedder"] = (module_digest(self.face_embedder)
-                                               if isinstance(self.face_embedder, torch.nn.Module) else None)
-            self._identity["face_bank"] = (hashlib.sha256(self.face_bank.detach().float().cpu().numpy().tobytes())
-                                           .hexdigest()[:16] if self.face_bank is not None else None)
+            if self.face_embedder is not None:
+                self._identity["face_embedder"] = (module_digest(self.face_embedder)
+                                                   if isinstance(self.face_embedder, torch.nn.Module) else None)
+                self._identity["face_bank"] = (
+                    hashlib.sha256(self.face_bank.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+                    if self.face_bank is not None else None)
         # rank 0's: processes on other GPUs could round a weight sum differently and refuse each other's checkpoints
         self._identity = _dist.broadcast(self._identity, self.world)
         torch.manual_seed(cfg.seed)  # adapter / token initialisation
@@ -1442,12 +1443,8 @@ class DFTTrainer:
         return F.normalize(e.flatten(1), dim=-1)
 
     def _relax_face_region(self, images, faces, ref_faces, factors) -> torch.Tensor:
-        """``images`` with the gradient scaled by ``factors`` (N,) (see relax_factors; a bool mask: by ``face_relax``
-        where True) inside the expanded (crop) face box (intersected with the frozen image's crop box where it has
-        one); images whose factor is 1 are untouched."""
-        if factors.dtype == torch.bool:
-            f = self.cfg.face_relax
-            factors = torch.where(factors, min(f.values()) if isinstance(f, Mapping) else f, 1.0)
+        """``images`` with the gradient scaled by ``factors`` (N,) (see relax_factors) inside the expanded (crop) face
+        box (intersected with the frozen image's crop box where it has one); images whose factor is 1 are untouched."""
         factors = factors.to(images.device, torch.float32)
         H, W = images.shape[-2:]
         mask = torch.zeros((len(images), 1, H, W), dtype=torch.bool, device=images.device)
@@ -1852,8 +1849,6 @@ class DFTTrainer:
                     identity=self._identity)
 
     def _training_fingerprint(self) -> dict:
-        import hashlib
-
         from .pipelines import module_digest
 
         cfg = self.cfg

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import concepts, metrics
 from ._env import add_environment, provenance
-from ._io import BackgroundWriter, FolderLock, atomic_write, check_not_foreign, encode_pngs, png_bytes
+from ._io import BackgroundWriter, FolderLock, atomic_write, check_not_foreign, encode_pngs
 from .maps import Aggregation, MapRecorder
 from .processors import (default_sample_size, denoiser, guidance_scale_for, is_flux, is_patched, patch,
                          unpatch)
@@ -68,9 +68,6 @@ def parse_seeds(seeds) -> list[int]:
     if dup is not None:
         raise ValueError(f"seed {dup} is given twice: every image would be generated twice; give each seed once")
     return seeds
-
-
-_png = png_bytes
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
@@ -997,7 +994,9 @@ def _call_settings(pipe, kwargs: dict) -> dict:
     if isinstance(out["aggregation"], Aggregation):
         out["aggregation"] = out["aggregation"].name
     # FASTFAIR_BACKEND overrides backend="auto": a resume under another value would mix backends (the flag is compared)
-    out["backend_env"] = os.environ.get("FASTFAIR_BACKEND", "").strip() or None
+    from .ops import backend_override
+
+    out["backend_env"] = backend_override()
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 

@@ -127,11 +127,16 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def backend_override() -> str | None:
+    """The FASTFAIR_BACKEND environment variable (stripped), which overrides ``backend="auto"``; None when unset."""
+    return os.environ.get("FASTFAIR_BACKEND", "").strip() or None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` (or the FASTFAIR_BACKEND override) to a concrete, usable backend name."""
     env = ""
     if backend == "auto":
-        backend = os.environ.get("FASTFAIR_BACKEND", "auto").strip() or "auto"
+        backend = backend_override() or "auto"
         env = "" if backend == "auto" else f" (from the environment variable FASTFAIR_BACKEND={backend}: unset it, or set auto)"
     if backend == "auto":
         if device.type == "cuda":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from ..classify import (AttributeClassifier, ClassifierMismatchError, check_labe
 from . import prompts as P
 from .attributes import AttributeSet, parse_attributes, slug
 from .._io import BackgroundWriter, atomic_write, encode_pngs
+from ..ops import backend_override
 from ..pipelines import pipeline_fingerprint
 from .store import RunDirError, RunStore
 
@@ -516,7 +516,7 @@ def audit(model=None, prompts="builtin:biasmap19", *, template: str = P.DEFAULT_
             "generation": {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                            "negative_prompt": negative_prompt, "aggregation": aggregation, "backend": backend,
                            # FASTFAIR_BACKEND overrides "auto": a resume under another value would mix backends
-                           "backend_env": os.environ.get("FASTFAIR_BACKEND", "").strip() or None,
+                           "backend_env": backend_override(),
                            **({} if edit_guidance is None else {"edit_guidance": edit_guidance.describe()}),
                            **({} if guide is None else {"guide": dict(attribute=guide, **{
                                k: (sorted(v) if k == "steps" and v is not None else v)

@@ -142,7 +142,7 @@ class RunStore:
         existing = self.read_config()
         from .._io import check_not_foreign
 
-        try:  # another command's run folder, or one inside it (an --overwrite would have deleted its files)
+        try:  # another command's run folder (an --overwrite would have deleted its files)
             check_not_foreign(self.root, "audit.json", "audit")
         except ValueError as e:
             raise RunDirError(str(e)) from None
